@@ -1,0 +1,119 @@
+//! Reference kernels, generic over [`Float`]: the slowest and the easiest to read.
+//!
+//! Run in `f64` on inputs widened from `f32` they are the oracle: the conformance suite
+//! compares every other kernel against them. Every reduction runs left to right in one
+//! accumulator, so results are bitwise reproducible.
+
+use num_traits::Float;
+
+use crate::{RopeLayout, RopeParams, SoftmaxParams};
+
+/// `y (m, n) = x (m, k) · W (n, k)ᵀ`: each output is the dot product of a row of `x` with a
+/// row of `W` (row-major, `n` rows of `k`, as GGUF stores a weight).
+pub fn matmul<T: Float>(x: &[T], w: &[T], y: &mut [T], m: usize, n: usize, k: usize) {
+    debug_assert!(x.len() == m * k && w.len() == n * k && y.len() == m * n);
+    debug_assert!(m > 0 && n > 0 && k > 0);
+    for (x_row, y_row) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+        for (w_row, out) in w.chunks_exact(k).zip(y_row.iter_mut()) {
+            let mut acc = T::zero();
+            for (&a, &b) in x_row.iter().zip(w_row) {
+                acc = acc + a * b;
+            }
+            *out = acc;
+        }
+    }
+}
+
+/// RMSNorm of rows: `y[r, i] = x[r, i] / sqrt(mean_i(x[r, ..]²) + eps) * weight[i]`.
+///
+/// `x`, `y`: `(rows, dim)`; `weight`: `(dim,)`.
+pub fn rmsnorm<T: Float>(x: &[T], weight: &[T], y: &mut [T], dim: usize, eps: T) {
+    debug_assert!(x.len() == y.len() && weight.len() == dim && x.len() % dim == 0);
+    for (x_row, y_row) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
+        let mut sum_sq = T::zero();
+        for &v in x_row {
+            sum_sq = sum_sq + v * v;
+        }
+        let mean = sum_sq / T::from(dim).unwrap();
+        let inv_rms = T::one() / (mean + eps).sqrt();
+        for ((out, &v), &g) in y_row.iter_mut().zip(x_row).zip(weight) {
+            *out = v * inv_rms * g;
+        }
+    }
+}
+
+/// Rotary position embedding, in place.
+///
+/// `x`: `(rows, n_heads * head_dim)`; row `r` holds the heads of the token at position
+/// `pos + r`. Each pair `i` of each head turns by `(pos + r) * theta^(-2i/head_dim)`:
+/// `(a, b) -> (a cos - b sin, a sin + b cos)`, pairs as [`RopeLayout`] says.
+pub fn rope<T: Float>(x: &mut [T], rows: usize, pos: usize, p: &RopeParams) {
+    let d = p.head_dim;
+    debug_assert!(d % 2 == 0 && rows > 0 && x.len() % (rows * d) == 0);
+    let half = d / 2;
+    let theta = T::from(p.theta).unwrap();
+    let row_len = x.len() / rows;
+    for (r, row) in x.chunks_exact_mut(row_len).enumerate() {
+        let position = T::from(pos + r).unwrap();
+        for head in row.chunks_exact_mut(d) {
+            for i in 0..half {
+                let exponent = -T::from(2 * i).unwrap() / T::from(d).unwrap();
+                let angle = position * theta.powf(exponent);
+                let (sin, cos) = angle.sin_cos();
+                let (ia, ib) = match p.layout {
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                    RopeLayout::Neox => (i, i + half),
+                };
+                let (a, b) = (head[ia], head[ib]);
+                head[ia] = a * cos - b * sin;
+                head[ib] = a * sin + b * cos;
+            }
+        }
+    }
+}
+
+/// Softmax over rows of `cols` entries, in place, with the scale and causal mask of
+/// [`SoftmaxParams`]. Subtracts the row maximum before exponentiating, so no finite input
+/// overflows.
+pub fn softmax<T: Float>(x: &mut [T], cols: usize, p: &SoftmaxParams) {
+    debug_assert!(cols > 0 && x.len() % cols == 0);
+    let scale = T::from(p.scale).unwrap();
+    for (r, row) in x.chunks_exact_mut(cols).enumerate() {
+        let (visible, masked) = row.split_at_mut(p.visible(r, cols));
+        masked.fill(T::zero());
+        let mut max = T::neg_infinity();
+        for v in visible.iter_mut() {
+            *v = *v * scale;
+            max = max.max(*v);
+        }
+        if max == T::neg_infinity() {
+            visible.fill(T::zero());
+            continue;
+        }
+        let mut sum = T::zero();
+        for v in visible.iter_mut() {
+            *v = (*v - max).exp();
+            sum = sum + *v;
+        }
+        let inv = T::one() / sum;
+        for v in visible.iter_mut() {
+            *v = *v * inv;
+        }
+    }
+}
+
+/// SwiGLU gate: `y[i] = silu(a[i]) * b[i]`, with `silu(a) = a / (1 + exp(-a))`.
+pub fn swiglu<T: Float>(a: &[T], b: &[T], y: &mut [T]) {
+    debug_assert!(a.len() == b.len() && a.len() == y.len());
+    for ((out, &g), &u) in y.iter_mut().zip(a).zip(b) {
+        *out = g / (T::one() + (-g).exp()) * u;
+    }
+}
+
+/// Residual add, in place: `y[i] += x[i]`.
+pub fn add<T: Float>(y: &mut [T], x: &[T]) {
+    debug_assert!(y.len() == x.len());
+    for (out, &v) in y.iter_mut().zip(x) {
+        *out = *out + v;
+    }
+}

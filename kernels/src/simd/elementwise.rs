@@ -1,0 +1,276 @@
+//! Per-row and per-element SIMD kernels: RMSNorm, RoPE, softmax, SwiGLU, add.
+//!
+//! Each body walks its rows in full vectors and finishes a row's tail through a padded
+//! register (`load_partial`/`store_partial`), so every element takes the same arithmetic.
+
+use super::stamp;
+use super::vec::{F32Vec, exp, load_partial, store_partial};
+use crate::{RopeLayout, RopeParams, SoftmaxParams};
+
+stamp! {
+    /// RMSNorm of rows, as [`crate::scalar::rmsnorm`]: `x`, `y` `(rows, dim)`, `weight (dim,)`.
+    /// The sum of squares runs in four vector accumulators, combined in a fixed order.
+    pub fn rmsnorm(x: &[f32], weight: &[f32], y: &mut [f32], dim: usize, eps: f32) = rmsnorm_body;
+}
+
+#[inline(always)]
+fn rmsnorm_body<V: F32Vec>(x: &[f32], weight: &[f32], y: &mut [f32], dim: usize, eps: f32) {
+    debug_assert!(x.len() == y.len() && weight.len() == dim && x.len() % dim == 0);
+    let l = V::LANES;
+    for (xr, yr) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
+        let mut acc = [V::zero(); 4];
+        let mut blocks = xr.chunks_exact(4 * l);
+        for b in &mut blocks {
+            for (u, a) in acc.iter_mut().enumerate() {
+                // SAFETY: `b` holds 4 * LANES values.
+                let v = unsafe { V::load(b.as_ptr().add(u * l)) };
+                *a = v.fma(v, *a);
+            }
+        }
+        let mut rest = blocks.remainder().chunks(l);
+        let mut a0 = acc[0];
+        for c in &mut rest {
+            let v: V = load_partial(c, 0.0);
+            a0 = v.fma(v, a0);
+        }
+        let sum = a0.add(acc[1]).add(acc[2].add(acc[3])).reduce_add();
+        let inv_rms = V::splat(1.0 / (sum / dim as f32 + eps).sqrt());
+        let mut outs = yr.chunks_exact_mut(l);
+        let mut ins = xr.chunks_exact(l).zip(weight.chunks_exact(l));
+        for (o, (xv, wv)) in (&mut outs).zip(&mut ins) {
+            // SAFETY: each chunk holds exactly LANES values.
+            unsafe {
+                V::load(xv.as_ptr())
+                    .mul(inv_rms)
+                    .mul(V::load(wv.as_ptr()))
+                    .store(o.as_mut_ptr())
+            };
+        }
+        let tail = outs.into_remainder();
+        if !tail.is_empty() {
+            let start = dim - tail.len();
+            let v: V = load_partial(&xr[start..], 0.0);
+            let g: V = load_partial(&weight[start..], 0.0);
+            store_partial(v.mul(inv_rms).mul(g), tail);
+        }
+    }
+}
+
+stamp! {
+    /// Softmax over rows of `cols`, in place, as [`crate::scalar::softmax`].
+    pub fn softmax(x: &mut [f32], cols: usize, p: &SoftmaxParams) = softmax_body;
+}
+
+#[inline(always)]
+fn softmax_body<V: F32Vec>(x: &mut [f32], cols: usize, p: &SoftmaxParams) {
+    debug_assert!(cols > 0 && x.len() % cols == 0);
+    let l = V::LANES;
+    let scale = V::splat(p.scale);
+    for (r, row) in x.chunks_exact_mut(cols).enumerate() {
+        let (visible, masked) = row.split_at_mut(p.visible(r, cols));
+        masked.fill(0.0);
+        // Pass 1: scale in place, running maximum.
+        let mut vmax = V::splat(f32::NEG_INFINITY);
+        let mut chunks = visible.chunks_exact_mut(l);
+        for c in &mut chunks {
+            // SAFETY: each chunk holds exactly LANES values.
+            unsafe {
+                let v = V::load(c.as_ptr()).mul(scale);
+                v.store(c.as_mut_ptr());
+                vmax = vmax.max(v);
+            }
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            let v = load_partial::<V>(tail, f32::NEG_INFINITY).mul(scale);
+            store_partial(v, tail);
+            vmax = vmax.max(v);
+        }
+        let max = vmax.reduce_max();
+        if max == f32::NEG_INFINITY {
+            visible.fill(0.0);
+            continue;
+        }
+        // Pass 2: exponentiate, sum.
+        let vm = V::splat(max);
+        let mut vsum = V::zero();
+        let mut chunks = visible.chunks_exact_mut(l);
+        for c in &mut chunks {
+            // SAFETY: each chunk holds exactly LANES values.
+            unsafe {
+                let e = exp(V::load(c.as_ptr()).sub(vm));
+                e.store(c.as_mut_ptr());
+                vsum = vsum.add(e);
+            }
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            // Missing lanes are -inf, so they exponentiate to 0 and add nothing.
+            let e = exp(load_partial::<V>(tail, f32::NEG_INFINITY).sub(vm));
+            store_partial(e, tail);
+            vsum = vsum.add(e);
+        }
+        // Pass 3: normalise.
+        let inv = V::splat(1.0 / vsum.reduce_add());
+        scale_in_place(visible, inv);
+    }
+}
+
+#[inline(always)]
+fn scale_in_place<V: F32Vec>(x: &mut [f32], s: V) {
+    let mut chunks = x.chunks_exact_mut(V::LANES);
+    for c in &mut chunks {
+        // SAFETY: each chunk holds exactly LANES values.
+        unsafe { V::load(c.as_ptr()).mul(s).store(c.as_mut_ptr()) };
+    }
+    let tail = chunks.into_remainder();
+    if !tail.is_empty() {
+        store_partial(load_partial::<V>(tail, 0.0).mul(s), tail);
+    }
+}
+
+/// Largest `head_dim` whose cos/sin tables the SIMD RoPE keeps on the stack; larger heads
+/// take the scalar kernel.
+const ROPE_MAX_HEAD_DIM: usize = 1024;
+
+stamp! {
+    /// Rotary embedding, in place, as [`crate::scalar::rope`]: `x (rows, n_heads * head_dim)`,
+    /// row `r` at position `pos + r`.
+    ///
+    /// The angles are computed once per row (not per head) in f64 and rounded, then every
+    /// head is rotated in vectors: `y = x * cos + swap(x) * (∓sin)`.
+    pub fn rope(x: &mut [f32], rows: usize, pos: usize, p: &RopeParams) = rope_body;
+}
+
+#[inline(always)]
+fn rope_body<V: F32Vec>(x: &mut [f32], rows: usize, pos: usize, p: &RopeParams) {
+    let d = p.head_dim;
+    debug_assert!(d % 2 == 0 && rows > 0 && x.len() % (rows * d) == 0);
+    if d > ROPE_MAX_HEAD_DIM {
+        return crate::scalar::rope(x, rows, pos, p);
+    }
+    let half = d / 2;
+    let row_len = x.len() / rows;
+    // Per row: `cos[j]` and `sin[j]` (sin signed for the lane's role) for every lane j of a head.
+    let mut cos = [0.0f32; ROPE_MAX_HEAD_DIM];
+    let mut sin = [0.0f32; ROPE_MAX_HEAD_DIM];
+    for (r, row) in x.chunks_exact_mut(row_len).enumerate() {
+        let position = (pos + r) as f64;
+        for i in 0..half {
+            let freq = (p.theta as f64).powf(-((2 * i) as f64) / d as f64);
+            let (s, c) = (position * freq).sin_cos();
+            let (ia, ib) = match p.layout {
+                RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                RopeLayout::Neox => (i, i + half),
+            };
+            (cos[ia], cos[ib]) = (c as f32, c as f32);
+            (sin[ia], sin[ib]) = (-s as f32, s as f32);
+        }
+        for head in row.chunks_exact_mut(d) {
+            match p.layout {
+                RopeLayout::Interleaved => rotate_interleaved::<V>(head, &cos[..d], &sin[..d]),
+                RopeLayout::Neox => rotate_neox::<V>(head, &cos[..d], &sin[..d]),
+            }
+        }
+    }
+}
+
+/// `head[j] = head[j] * cos[j] + head[j ^ 1] * sin[j]` (adjacent pairs).
+#[inline(always)]
+fn rotate_interleaved<V: F32Vec>(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let l = V::LANES;
+    let mut j = 0;
+    while j + l <= head.len() {
+        // SAFETY: `j + LANES <= len` for all three slices (same length).
+        unsafe {
+            let v = V::load(head.as_ptr().add(j));
+            let y = v
+                .mul(V::load(cos.as_ptr().add(j)))
+                .add(v.swap_pairs().mul(V::load(sin.as_ptr().add(j))));
+            y.store(head.as_mut_ptr().add(j));
+        }
+        j += l;
+    }
+    if j < head.len() {
+        // The tail is a whole number of pairs: LANES and the head size are both even.
+        let v: V = load_partial(&head[j..], 0.0);
+        let y = v
+            .mul(load_partial(&cos[j..], 0.0))
+            .add(v.swap_pairs().mul(load_partial(&sin[j..], 0.0)));
+        store_partial(y, &mut head[j..]);
+    }
+}
+
+/// `lo[i], hi[i] = lo[i] cos - hi[i] sin, lo[i] sin + hi[i] cos` (split halves).
+#[inline(always)]
+fn rotate_neox<V: F32Vec>(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = head.len() / 2;
+    let (lo, hi) = head.split_at_mut(half);
+    let (c, s_lo, s_hi) = (&cos[..half], &sin[..half], &sin[half..]);
+    let mut i = 0;
+    while i < half {
+        let n = V::LANES.min(half - i);
+        let a: V = load_partial(&lo[i..i + n], 0.0);
+        let b: V = load_partial(&hi[i..i + n], 0.0);
+        let cv: V = load_partial(&c[i..i + n], 0.0);
+        let y_lo = a.mul(cv).add(b.mul(load_partial(&s_lo[i..i + n], 0.0)));
+        let y_hi = b.mul(cv).add(a.mul(load_partial(&s_hi[i..i + n], 0.0)));
+        store_partial(y_lo, &mut lo[i..i + n]);
+        store_partial(y_hi, &mut hi[i..i + n]);
+        i += n;
+    }
+}
+
+stamp! {
+    /// SwiGLU gate, as [`crate::scalar::swiglu`]: `y[i] = a[i] / (1 + exp(-a[i])) * b[i]`.
+    pub fn swiglu(a: &[f32], b: &[f32], y: &mut [f32]) = swiglu_body;
+}
+
+#[inline(always)]
+fn swiglu_body<V: F32Vec>(a: &[f32], b: &[f32], y: &mut [f32]) {
+    debug_assert!(a.len() == b.len() && a.len() == y.len());
+    let one = V::splat(1.0);
+    let f = |g: V, u: V| g.div(one.add(exp(V::zero().sub(g)))).mul(u);
+    let l = V::LANES;
+    let mut outs = y.chunks_exact_mut(l);
+    for ((o, g), u) in (&mut outs).zip(a.chunks_exact(l)).zip(b.chunks_exact(l)) {
+        // SAFETY: each chunk holds exactly LANES values.
+        unsafe { f(V::load(g.as_ptr()), V::load(u.as_ptr())).store(o.as_mut_ptr()) };
+    }
+    let tail = outs.into_remainder();
+    if !tail.is_empty() {
+        let s = a.len() - tail.len();
+        store_partial(
+            f(load_partial(&a[s..], 0.0), load_partial(&b[s..], 0.0)),
+            tail,
+        );
+    }
+}
+
+stamp! {
+    /// Residual add, in place: `y[i] += x[i]`.
+    pub fn add(y: &mut [f32], x: &[f32]) = add_body;
+}
+
+#[inline(always)]
+fn add_body<V: F32Vec>(y: &mut [f32], x: &[f32]) {
+    debug_assert!(y.len() == x.len());
+    let l = V::LANES;
+    let mut outs = y.chunks_exact_mut(l);
+    for (o, v) in (&mut outs).zip(x.chunks_exact(l)) {
+        // SAFETY: each chunk holds exactly LANES values.
+        unsafe {
+            V::load(o.as_ptr())
+                .add(V::load(v.as_ptr()))
+                .store(o.as_mut_ptr())
+        };
+    }
+    let tail = outs.into_remainder();
+    if !tail.is_empty() {
+        let s = x.len() - tail.len();
+        store_partial(
+            load_partial::<V>(tail, 0.0).add(load_partial(&x[s..], 0.0)),
+            tail,
+        );
+    }
+}

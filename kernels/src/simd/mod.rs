@@ -1,0 +1,118 @@
+//! Explicit vector kernels, one generic body per op stamped out per instruction set.
+//!
+//! How a path is chosen: [`Isa::best`] asks the CPU once, at run time
+//! (`is_x86_feature_detected!`), and takes the widest level it runs: [`Level::Avx512`]
+//! (zmm, `avx512f`), then [`Level::Avx2`] (ymm with FMA), else [`Level::Portable`] (`wide`,
+//! whose width is fixed when the crate is compiled). Any level the CPU runs can be forced
+//! with [`Isa::new`]; a level it does not run cannot be constructed, so the unsafe
+//! `#[target_feature]` wrappers behind these functions are only ever entered on a CPU
+//! that has the features.
+
+mod elementwise;
+mod gemm;
+mod vec;
+
+pub use elementwise::{add, rmsnorm, rope, softmax, swiglu};
+pub use gemm::{GemmScratch, PackedWeight, matmul, pack_weight};
+
+/// A SIMD instruction-set level, widest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Level {
+    /// 512-bit vectors (`avx512f`, with AVX2 and FMA).
+    Avx512,
+    /// 256-bit vectors with fused multiply-add (`avx2`, `fma`).
+    Avx2,
+    /// `wide::f32x8`: SSE2 on the baseline x86-64 target, NEON on aarch64.
+    Portable,
+}
+
+impl Level {
+    /// Every level, widest first.
+    pub const ALL: [Level; 3] = [Level::Avx512, Level::Avx2, Level::Portable];
+
+    /// Short lower-case name, as the CLI and benchmark tables print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Avx512 => "avx512",
+            Level::Avx2 => "avx2",
+            Level::Portable => "portable",
+        }
+    }
+
+    /// Whether this CPU runs the level.
+    pub fn is_supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Level::Avx512 | Level::Avx2 => false,
+            Level::Portable => true,
+        }
+    }
+}
+
+/// A [`Level`] that this CPU has been checked to run: the token every SIMD kernel takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Isa(Level);
+
+impl Isa {
+    /// The widest level this CPU runs.
+    pub fn best() -> Isa {
+        Level::ALL
+            .into_iter()
+            .find(|l| l.is_supported())
+            .map(Isa)
+            .unwrap_or(Isa(Level::Portable))
+    }
+
+    /// `level`, if this CPU runs it.
+    pub fn new(level: Level) -> Option<Isa> {
+        level.is_supported().then_some(Isa(level))
+    }
+
+    /// Every level this CPU runs, widest first.
+    pub fn available() -> Vec<Isa> {
+        Level::ALL.into_iter().filter_map(Isa::new).collect()
+    }
+
+    /// The level.
+    pub fn level(self) -> Level {
+        self.0
+    }
+}
+
+/// Writes `pub fn $name(isa: Isa, args...)` that runs `$body::<V>(args...)` with the
+/// vector type of `isa`, inside a wrapper compiled for that instruction set.
+macro_rules! stamp {
+    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident : $ty:ty),* $(,)?) = $body:ident;) => {
+        $(#[$meta])*
+        pub fn $name(isa: $crate::simd::Isa, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            fn avx512($($arg: $ty),*) {
+                $body::<$crate::simd::vec::Avx512>($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) {
+                $body::<$crate::simd::vec::Avx2>($($arg),*)
+            }
+            match isa.level() {
+                // SAFETY: an `Isa` holding this level exists only if the CPU runs it.
+                #[cfg(target_arch = "x86_64")]
+                $crate::simd::Level::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                $crate::simd::Level::Avx2 => unsafe { avx2($($arg),*) },
+                _ => $body::<$crate::simd::vec::Portable>($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use stamp;

@@ -1,0 +1,143 @@
+//! Shape and parameter checks at the library boundary: one function per op, each returning
+//! an [`Error`] that names the op and the shapes it was given.
+
+use super::{Error, RopeParams, SoftmaxParams};
+
+fn shape(op: &'static str, detail: String) -> Error {
+    Error::Shape { op, detail }
+}
+
+fn param(op: &'static str, detail: String) -> Error {
+    Error::Param { op, detail }
+}
+
+/// `x (m, k) · W (n, k)ᵀ -> y (m, n)`, with `(n, k) = w_dims`.
+pub fn matmul(x: usize, w_dims: (usize, usize), y: usize, m: usize) -> Result<(), Error> {
+    let (n, k) = w_dims;
+    if m == 0 || n == 0 || k == 0 {
+        return Err(shape(
+            "matmul",
+            format!("empty dimension: m = {m}, W is {n} × {k}"),
+        ));
+    }
+    if m.checked_mul(k) != Some(x) {
+        return Err(shape(
+            "matmul",
+            format!("x has {x} values, expected m × k = {m} × {k} (W is {n} × {k})"),
+        ));
+    }
+    if m.checked_mul(n) != Some(y) {
+        return Err(shape(
+            "matmul",
+            format!("y has {y} values, expected m × n = {m} × {n} (W is {n} × {k})"),
+        ));
+    }
+    Ok(())
+}
+
+/// `x (rows, dim)`, `weight (dim,)`, `y (rows, dim)`, finite non-negative `eps`.
+pub fn rmsnorm(x: usize, weight: usize, y: usize, eps: f32) -> Result<(), Error> {
+    if weight == 0 || x == 0 || x % weight != 0 {
+        return Err(shape(
+            "rmsnorm",
+            format!("x has {x} values, not a positive multiple of the weight's {weight}"),
+        ));
+    }
+    if y != x {
+        return Err(shape("rmsnorm", format!("y has {y} values, x has {x}")));
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(param(
+            "rmsnorm",
+            format!("eps = {eps}, expected a finite value >= 0"),
+        ));
+    }
+    Ok(())
+}
+
+/// `x (rows, n_heads * head_dim)` with an even `head_dim`, positions that fit in f32 exactly.
+pub fn rope(x: usize, rows: usize, pos: usize, p: &RopeParams) -> Result<(), Error> {
+    let d = p.head_dim;
+    if d == 0 || d % 2 != 0 {
+        return Err(param(
+            "rope",
+            format!("head_dim = {d}, expected a positive even number"),
+        ));
+    }
+    if !(p.theta.is_finite() && p.theta > 1.0) {
+        return Err(param(
+            "rope",
+            format!("theta = {}, expected a finite value > 1", p.theta),
+        ));
+    }
+    if rows == 0 || x == 0 || rows.checked_mul(d).is_none_or(|rd| x % rd != 0) {
+        return Err(shape(
+            "rope",
+            format!("x has {x} values, not {rows} rows of whole heads of {d}"),
+        ));
+    }
+    if pos.checked_add(rows).is_none_or(|end| end > 1 << 24) {
+        return Err(param(
+            "rope",
+            format!("positions {pos}..{pos}+{rows} exceed 2^24"),
+        ));
+    }
+    Ok(())
+}
+
+/// `x (rows, cols)`, finite positive scale.
+pub fn softmax(x: usize, cols: usize, p: &SoftmaxParams) -> Result<(), Error> {
+    if cols == 0 || x == 0 || x % cols != 0 {
+        return Err(shape(
+            "softmax",
+            format!("x has {x} values, not a positive number of rows of {cols}"),
+        ));
+    }
+    if !(p.scale.is_finite() && p.scale > 0.0) {
+        return Err(param(
+            "softmax",
+            format!("scale = {}, expected a finite value > 0", p.scale),
+        ));
+    }
+    Ok(())
+}
+
+/// `a`, `b`, `y` of one length.
+pub fn swiglu(a: usize, b: usize, y: usize) -> Result<(), Error> {
+    if a != b || a != y {
+        return Err(shape(
+            "swiglu",
+            format!("a has {a} values, b {b}, y {y}; expected equal lengths"),
+        ));
+    }
+    Ok(())
+}
+
+/// `y`, `x` of one length.
+pub fn add(y: usize, x: usize) -> Result<(), Error> {
+    if y != x {
+        return Err(shape(
+            "add",
+            format!("y has {y} values, x {x}; expected equal lengths"),
+        ));
+    }
+    Ok(())
+}
+
+/// Row `token` of a `(vocab, dim)` table into `y (dim,)`.
+pub fn embedding(table: (usize, usize), token: usize, y: usize) -> Result<(), Error> {
+    let (vocab, dim) = table;
+    if token >= vocab {
+        return Err(shape(
+            "embedding",
+            format!("token {token} is outside the table's {vocab} rows"),
+        ));
+    }
+    if y != dim {
+        return Err(shape(
+            "embedding",
+            format!("y has {y} values, the table's rows have {dim}"),
+        ));
+    }
+    Ok(())
+}

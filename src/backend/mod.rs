@@ -1,0 +1,189 @@
+//! The [`Backend`] trait and the built-in CPU backends.
+//!
+//! A backend owns its thread pool, scratch space and kernel variant; every op is a method
+//! on `&self` that reads caller-owned f32 slices and writes into caller-owned, preallocated
+//! ones. Weights arrive as GGUF stores them ([`WeightView`]) and are turned once into the
+//! backend's own prepared type ([`Backend::Weight`]).
+//!
+//! Every built-in op validates its shapes with the functions of [`check`] before calling a
+//! kernel, and returns [`Error::Shape`] naming the op and the shapes on a mismatch. A backend
+//! written outside this crate should call them too; the conformance suite checks that it does.
+
+mod blocked;
+pub mod check;
+mod scalar;
+mod simd;
+mod variant;
+mod weight;
+
+pub use blocked::BlockedBackend;
+pub use chord_kernels::{RopeLayout, RopeParams, SoftmaxParams};
+pub use scalar::ScalarBackend;
+pub use simd::SimdBackend;
+pub use variant::Variant;
+pub use weight::{DType, F32Weight, WeightView};
+
+/// An error from a backend op or from building a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Slice lengths or dimensions that do not fit together.
+    #[error("{op}: shape mismatch: {detail}")]
+    Shape { op: &'static str, detail: String },
+    /// A parameter outside its domain (an odd head size, a non-positive scale...).
+    #[error("{op}: invalid parameter: {detail}")]
+    Param { op: &'static str, detail: String },
+    /// A weight format this backend cannot compute on.
+    #[error("{backend}: {op} does not support {dtype:?} weights")]
+    Unsupported {
+        backend: String,
+        op: Op,
+        dtype: DType,
+    },
+    /// A backend that cannot be built here (a SIMD level this CPU lacks, no thread pool).
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The ops of the [`Backend`] trait, for [`Backend::supports`] and for labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Matmul,
+    RmsNorm,
+    Rope,
+    Softmax,
+    SwiGlu,
+    Add,
+    Embedding,
+}
+
+impl Op {
+    /// Every op, in the order benchmark tables list them.
+    pub const ALL: [Op; 7] = [
+        Op::Matmul,
+        Op::RmsNorm,
+        Op::Rope,
+        Op::Softmax,
+        Op::SwiGlu,
+        Op::Add,
+        Op::Embedding,
+    ];
+
+    /// Lower-case name as the CLI takes and prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Matmul => "matmul",
+            Op::RmsNorm => "rmsnorm",
+            Op::Rope => "rope",
+            Op::Softmax => "softmax",
+            Op::SwiGlu => "swiglu",
+            Op::Add => "add",
+            Op::Embedding => "embedding",
+        }
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a backend runs an op on weights of a dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Support {
+    /// A kernel computes on this format directly.
+    Native,
+    /// The weights are dequantized to f32 when prepared, then computed on in f32.
+    Dequantized,
+    /// The backend cannot run this op on this format.
+    No,
+}
+
+/// A compute backend: the ops a llama-family block needs, on host f32 activations.
+///
+/// Conventions shared by every method:
+/// - matrices are row-major; `x (m, k)` means `m` rows of `k` contiguous values;
+/// - outputs are caller-owned and preallocated; ops never allocate per call;
+/// - shapes are validated on entry (see [`check`]) and a mismatch is an [`Error::Shape`].
+///
+/// The required core is [`matmul`](Backend::matmul), [`rmsnorm`](Backend::rmsnorm),
+/// [`rope`](Backend::rope), [`softmax`](Backend::softmax), [`swiglu`](Backend::swiglu),
+/// [`add`](Backend::add) and [`embedding`](Backend::embedding); composites such as
+/// [`rmsnorm_matmul`](Backend::rmsnorm_matmul) have default bodies built from the core that a
+/// backend overrides only where fusing pays.
+pub trait Backend: Send + Sync {
+    /// A weight matrix prepared for this backend's kernels: borrowed from the file where the
+    /// layout allows, repacked or dequantized where the kernels need it.
+    type Weight<'w>: Send + Sync
+    where
+        Self: 'w;
+
+    /// The name of the backend and the kernel variant it runs, e.g. `simd-avx512`.
+    fn name(&self) -> String;
+
+    /// Threads the backend's ops may use.
+    fn threads(&self) -> usize;
+
+    /// Whether `op` runs natively on `dtype` weights, after dequantization, or not at all.
+    fn supports(&self, op: Op, dtype: DType) -> Support;
+
+    /// Prepares a weight `(rows, cols)` for [`matmul`](Backend::matmul) and
+    /// [`embedding`](Backend::embedding).
+    fn prepare<'w>(&self, w: WeightView<'w>) -> Result<Self::Weight<'w>, Error>;
+
+    /// `(rows, cols)` of a prepared weight: `(n, k)` of a matmul, `(vocab, dim)` of a table.
+    fn weight_dims(&self, w: &Self::Weight<'_>) -> (usize, usize);
+
+    /// `y (m, n) = x (m, k) · Wᵀ`, `W (n, k)`.
+    fn matmul(&self, x: &[f32], w: &Self::Weight<'_>, y: &mut [f32], m: usize)
+    -> Result<(), Error>;
+
+    /// RMSNorm of each row of `x (rows, dim)` into `y (rows, dim)`, `weight (dim,)`:
+    /// `y = x / sqrt(mean(x²) + eps) * weight`.
+    fn rmsnorm(&self, x: &[f32], weight: &[f32], y: &mut [f32], eps: f32) -> Result<(), Error>;
+
+    /// Rotary embedding in place of `x (rows, n_heads * head_dim)`, row `r` at position `pos + r`.
+    fn rope(&self, x: &mut [f32], rows: usize, pos: usize, p: &RopeParams) -> Result<(), Error>;
+
+    /// Softmax in place of each row of `cols` values of `x`, scaled and masked as `p` says.
+    fn softmax(&self, x: &mut [f32], cols: usize, p: &SoftmaxParams) -> Result<(), Error>;
+
+    /// `y = silu(a) * b`, elementwise.
+    fn swiglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error>;
+
+    /// `y += x`, elementwise (the residual connection).
+    fn add(&self, y: &mut [f32], x: &[f32]) -> Result<(), Error>;
+
+    /// Copies row `token` of the table `(vocab, dim)` into `y (dim,)` as f32.
+    fn embedding(&self, table: &Self::Weight<'_>, token: usize, y: &mut [f32])
+    -> Result<(), Error>;
+
+    /// `y (m, n) = rmsnorm(x (m, k), norm (k,)) · Wᵀ`, with `normed (m, k)` as scratch.
+    fn rmsnorm_matmul(
+        &self,
+        x: &[f32],
+        norm: &[f32],
+        eps: f32,
+        w: &Self::Weight<'_>,
+        normed: &mut [f32],
+        y: &mut [f32],
+        m: usize,
+    ) -> Result<(), Error> {
+        self.rmsnorm(x, norm, normed, eps)?;
+        self.matmul(normed, w, y, m)
+    }
+}
+
+/// Builds the rayon pool a backend owns.
+pub(crate) fn thread_pool(threads: usize) -> Result<rayon::ThreadPool, Error> {
+    if threads == 0 {
+        return Err(Error::Unavailable(
+            "a backend needs at least one thread".into(),
+        ));
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("chord-{i}"))
+        .build()
+        .map_err(|e| Error::Unavailable(format!("cannot start {threads} threads: {e}")))
+}

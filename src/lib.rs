@@ -1,0 +1,15 @@
+//! chord: transformer inference on the CPU, built around one [`Backend`] trait.
+//!
+//! - [`backend`]: the trait, shape checks, and the built-in backends (scalar, blocked, SIMD);
+//! - [`conformance`]: the suite any backend runs to prove it matches the f64 reference;
+//! - [`bench`]: the measurements behind `chord bench kernels`, roofs included.
+//!
+//! The kernels themselves live in the `chord-kernels` crate, re-exported as [`kernels`].
+
+pub mod backend;
+pub mod bench;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use backend::{Backend, BlockedBackend, Error, ScalarBackend, SimdBackend, Variant};
+pub use chord_kernels as kernels;
