@@ -1,1 +1,819 @@
-//! conf
+//! The conformance suite: checks any [`Backend`] against the scalar kernels run in f64.
+//!
+//! Call [`assert_conforms`] from a test (or [`check`] for a `Result`): for every op it draws
+//! random cases with proptest (shapes including 1, primes and sizes that are no multiple of
+//! any tile or lane width; values from 1e-3 up to large magnitudes; positions, scales, masks
+//! and `-inf` entries), runs the backend, and compares every output element with the f64
+//! oracle under the op's tolerance from [`tolerance`]. It also checks that shape mismatches
+//! come back as errors, not panics. A failure names the op, the backend, the (shrunk) case
+//! and the worst element.
+//!
+//! ```no_run
+//! # use chord::{ScalarBackend, conformance};
+//! conformance::assert_conforms(&ScalarBackend::new());
+//! ```
+//!
+//! Runs are reproducible: the case generator is seeded deterministically (ChaCha), and the
+//! values of a case come from the case's own seed.
+
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use proptest::prelude::*;
+use proptest::sample::select;
+use proptest::test_runner::{Config as RunnerConfig, RngAlgorithm, TestError, TestRng, TestRunner};
+
+use crate::backend::{Backend, Op, RopeLayout, RopeParams, SoftmaxParams, WeightView};
+use chord_kernels::scalar;
+
+/// How hard to test.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Random cases per op.
+    pub cases: u32,
+    /// Largest `m * n * k` of a matmul case (the f64 oracle's cost).
+    pub max_matmul_work: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cases: 64,
+            max_matmul_work: 6_000_000,
+        }
+    }
+}
+
+/// The first op a backend got wrong, with the smallest failing case proptest found.
+#[derive(Debug)]
+pub struct Failure {
+    /// The backend's [`Backend::name`].
+    pub backend: String,
+    /// The op that failed.
+    pub op: Op,
+    /// The case: shapes, parameters and the seed of its values.
+    pub case: String,
+    /// What went wrong: the worst element against its tolerance, an error, or a panic.
+    pub detail: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} on {}: {}\n  case: {}",
+            self.op, self.backend, self.detail, self.case
+        )
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Runs every op's checks with the default [`Config`] and panics with the failure's message.
+pub fn assert_conforms<B: Backend>(backend: &B) {
+    if let Err(f) = check(backend, &Config::default()) {
+        panic!("conformance failure: {f}");
+    }
+}
+
+/// Runs every op's checks; the first failing op is returned.
+pub fn check<B: Backend>(backend: &B, cfg: &Config) -> Result<(), Failure> {
+    check_shape_errors(backend)?;
+    for op in Op::ALL {
+        check_op(backend, op, cfg)?;
+    }
+    Ok(())
+}
+
+/// Runs the random cases of one op.
+pub fn check_op<B: Backend>(backend: &B, op: Op, cfg: &Config) -> Result<(), Failure> {
+    match op {
+        Op::Matmul => run(backend, op, cfg, matmul_cases(cfg.max_matmul_work), |c| {
+            matmul_case(backend, c)
+        }),
+        Op::RmsNorm => run(backend, op, cfg, rmsnorm_cases(), |c| {
+            rmsnorm_case(backend, c)
+        }),
+        Op::Rope => run(backend, op, cfg, rope_cases(), |c| rope_case(backend, c)),
+        Op::Softmax => run(backend, op, cfg, softmax_cases(), |c| {
+            softmax_case(backend, c)
+        }),
+        Op::SwiGlu => run(backend, op, cfg, swiglu_cases(), |c| {
+            swiglu_case(backend, c)
+        }),
+        Op::Add => run(backend, op, cfg, add_cases(), |c| add_case(backend, c)),
+        Op::Embedding => run(backend, op, cfg, embedding_cases(), |c| {
+            embedding_case(backend, c)
+        }),
+    }
+}
+
+/// Tolerances against the f64 oracle, per op. `U = 2^-24` is the unit roundoff of f32 and
+/// `gamma(n) = n U / (1 - n U)` bounds the relative error of `n` chained roundings
+/// (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1). Every bound holds for
+/// any summation order, so it is the same for every backend; none is tuned to pass.
+pub mod tolerance {
+    /// Unit roundoff of f32.
+    pub const U: f64 = f32::EPSILON as f64 / 2.0;
+
+    /// `n U / (1 - n U)`.
+    pub fn gamma(n: usize) -> f64 {
+        let nu = n as f64 * U;
+        nu / (1.0 - nu)
+    }
+
+    /// Matmul output with `k` terms and `abs_dot = Σ_p |x_p w_p|`: any order of summing `k`
+    /// rounded (or fused) products is within `gamma(k) * abs_dot`; two more roundings cover
+    /// the blocked kernels' final add of a partial sum into the output.
+    pub fn matmul(k: usize, abs_dot: f64) -> f64 {
+        gamma(k + 2) * abs_dot
+    }
+
+    /// RMSNorm output `y` of a row of `dim`: the sum of squares is within `gamma(dim)`
+    /// (relative: every term is positive), the square root halves it, and the division by
+    /// `dim`, the `+ eps`, the square root, the reciprocal and two products add one
+    /// rounding each (8 with margin for second-order terms).
+    pub fn rmsnorm(dim: usize, y: f64) -> f64 {
+        (gamma(dim) / 2.0 + 8.0 * U) * y.abs()
+    }
+
+    /// RoPE output of a pair `(a, b)` turned by `angle` radians with base `theta`.
+    ///
+    /// An f32 kernel computes the angle `pos * theta^(-2i/d)` with a relative error of about
+    /// `(ln theta + 4) U` (the rounded exponent is amplified by `ln theta` through the power),
+    /// so outputs move by `angle * (ln theta + 6) U` times `|a| + |b|`; sine, cosine and the
+    /// rotation add `6 U`. At large positions this is large by nature: the f32 angle itself
+    /// is only known to `angle * U`.
+    pub fn rope(a: f64, b: f64, angle: f64, theta: f64) -> f64 {
+        (a.abs() + b.abs()) * U * (angle.abs() * (theta.ln() + 6.0) + 6.0)
+    }
+
+    /// Softmax entry `p` whose scaled logit is `s`, in a row with maximum `m`: scaling,
+    /// taking the maximum and subtracting round `s`, `m` and `s - m` by `U` each (relative),
+    /// which `exp` turns into a relative error of `expm1(U (|s| + |m| + |s - m|))`, plus 4 U for
+    /// `exp` itself (the SIMD polynomial is within 2 ulp).
+    pub fn softmax_term(s: f64, m: f64) -> f64 {
+        (U * (s.abs() + m.abs() + (s - m).abs())).exp_m1() + 4.0 * U
+    }
+
+    /// Softmax output `p` given its term's relative error `term` (see [`softmax_term`]) and
+    /// the row's weighted mean term error `row` (`Σ e_j term_j / Σ e_j`): the sum of `n`
+    /// terms adds `gamma(n)`, the reciprocal and the product 3 U. Below 1e-37 an f32 kernel may
+    /// flush to zero.
+    pub fn softmax(p: f64, term: f64, row: f64, n: usize) -> f64 {
+        p * (term + row + gamma(n) + 3.0 * U) + 1e-37
+    }
+
+    /// SwiGLU output `y = a b / (1 + exp(-a))`: `exp` (2 ulp), the add, the division and the
+    /// product, with margin: 10 U relative. When `exp(-a)` overflows f32 (a < -88.7) a kernel
+    /// returns about 0 for a true value below `|a b| 1e-38`.
+    pub fn swiglu(a: f64, b: f64, y: f64) -> f64 {
+        10.0 * U * y.abs() + (a * b).abs() * 1e-37 + 1e-37
+    }
+
+    /// Residual add: one rounding of the exact sum.
+    pub fn add(y: f64) -> f64 {
+        U * y.abs()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Case generation.
+
+/// Sizes that catch tiling and lane bugs: 1, primes, powers of two and their neighbours,
+/// and the blocking constants' neighbours; plus anything up to 600.
+fn dim() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        3 => select(vec![1usize, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 191, 192, 193, 577]),
+        1 => 1usize..=600,
+    ]
+}
+
+/// Values of a case: uniform in `[-mag, mag]` from the case's own seed (SplitMix64).
+struct Values(u64);
+
+impl Values {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn vec(&mut self, n: usize, mag: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next() * mag).collect()
+    }
+}
+
+fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Compares `got` with `want` element by element; on failure reports the element with the
+/// largest error-to-tolerance ratio.
+fn compare(
+    name: &str,
+    got: &[f32],
+    want: &[f64],
+    tol: impl Fn(usize) -> f64,
+    index: impl Fn(usize) -> String,
+) -> Result<(), TestCaseError> {
+    let mut worst: Option<(usize, f64)> = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let t = tol(i);
+        let err = (g as f64 - w).abs();
+        let ratio = if err <= t {
+            continue;
+        } else if t > 0.0 {
+            err / t
+        } else {
+            f64::INFINITY
+        };
+        let ratio = if ratio.is_nan() { f64::INFINITY } else { ratio };
+        if worst.is_none_or(|(_, r)| ratio > r) {
+            worst = Some((i, ratio));
+        }
+    }
+    match worst {
+        None => Ok(()),
+        Some((i, _)) => Err(TestCaseError::fail(format!(
+            "worst element {name}{} = {:e}, expected {:e} (error {:e}, tolerance {:e})",
+            index(i),
+            got[i],
+            want[i],
+            (got[i] as f64 - want[i]).abs(),
+            tol(i)
+        ))),
+    }
+}
+
+fn op_error(e: crate::Error) -> TestCaseError {
+    TestCaseError::fail(format!("returned an error on valid input: {e}"))
+}
+
+fn run<B, S, F>(backend: &B, op: Op, cfg: &Config, strategy: S, test: F) -> Result<(), Failure>
+where
+    B: Backend,
+    S: Strategy,
+    S::Value: fmt::Debug,
+    F: Fn(S::Value) -> Result<(), TestCaseError>,
+{
+    let config = RunnerConfig {
+        cases: cfg.cases,
+        failure_persistence: None,
+        max_shrink_iters: 256,
+        ..RunnerConfig::default()
+    };
+    let mut runner =
+        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    match runner.run(&strategy, test) {
+        Ok(()) => Ok(()),
+        Err(TestError::Fail(reason, case)) => Err(Failure {
+            backend: backend.name(),
+            op,
+            case: format!("{case:?}"),
+            detail: reason.to_string(),
+        }),
+        Err(TestError::Abort(reason)) => Err(Failure {
+            backend: backend.name(),
+            op,
+            case: String::new(),
+            detail: format!("aborted: {reason}"),
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Matmul.
+
+#[derive(Clone, Debug)]
+struct MatmulCase {
+    m: usize,
+    n: usize,
+    k: usize,
+    mag_x: f32,
+    mag_w: f32,
+    seed: u64,
+}
+
+fn matmul_cases(max_work: usize) -> impl Strategy<Value = MatmulCase> {
+    let m = prop_oneof![
+        2 => Just(1usize),
+        3 => select(vec![2usize, 3, 5, 6, 7, 11, 12, 13, 17, 24, 25, 63, 120, 121, 130]),
+        1 => 1usize..=200,
+    ];
+    let mag = select(vec![1e-3f32, 1.0, 1e3, 1e5]);
+    (m, dim(), dim(), mag.clone(), mag, any::<u64>()).prop_map(
+        move |(m, n, k, mag_x, mag_w, seed)| {
+            let m = m.min((max_work / (n * k)).max(1));
+            MatmulCase {
+                m,
+                n,
+                k,
+                mag_x,
+                mag_w,
+                seed,
+            }
+        },
+    )
+}
+
+fn matmul_case<B: Backend>(backend: &B, c: MatmulCase) -> Result<(), TestCaseError> {
+    let MatmulCase { m, n, k, .. } = c;
+    let mut vals = Values(c.seed);
+    let x = vals.vec(m * k, c.mag_x);
+    let w = vals.vec(n * k, c.mag_w);
+    let prepared = backend
+        .prepare(WeightView::f32(&w, n, k).map_err(op_error)?)
+        .map_err(op_error)?;
+    let mut y = vec![f32::NAN; m * n];
+    backend.matmul(&x, &prepared, &mut y, m).map_err(op_error)?;
+
+    let (xd, wd) = (widen(&x), widen(&w));
+    let mut want = vec![0.0f64; m * n];
+    scalar::matmul(&xd, &wd, &mut want, m, n, k);
+    let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
+    let mut abs_dot = vec![0.0f64; m * n];
+    scalar::matmul(&abs(&xd), &abs(&wd), &mut abs_dot, m, n, k);
+    compare(
+        "y",
+        &y,
+        &want,
+        |i| tolerance::matmul(k, abs_dot[i]),
+        |i| format!("[{}, {}]", i / n, i % n),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm.
+
+#[derive(Clone, Debug)]
+struct RmsNormCase {
+    rows: usize,
+    dim: usize,
+    eps: f32,
+    mag: f32,
+    seed: u64,
+}
+
+fn rmsnorm_cases() -> impl Strategy<Value = RmsNormCase> {
+    (
+        1usize..=5,
+        dim(),
+        select(vec![1e-5f32, 1e-6, 0.0]),
+        select(vec![1e-3f32, 1.0, 1e3, 1e5, 1e15]),
+        any::<u64>(),
+    )
+        .prop_map(|(rows, dim, eps, mag, seed)| RmsNormCase {
+            rows,
+            dim,
+            eps,
+            mag,
+            seed,
+        })
+}
+
+fn rmsnorm_case<B: Backend>(backend: &B, c: RmsNormCase) -> Result<(), TestCaseError> {
+    let mut vals = Values(c.seed);
+    let x = vals.vec(c.rows * c.dim, c.mag);
+    let g = vals.vec(c.dim, 2.0);
+    let mut y = vec![f32::NAN; x.len()];
+    backend.rmsnorm(&x, &g, &mut y, c.eps).map_err(op_error)?;
+    let mut want = vec![0.0f64; x.len()];
+    scalar::rmsnorm(&widen(&x), &widen(&g), &mut want, c.dim, c.eps as f64);
+    let d = c.dim;
+    compare(
+        "y",
+        &y,
+        &want,
+        |i| tolerance::rmsnorm(d, want[i]),
+        |i| format!("[{}, {}]", i / d, i % d),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// RoPE.
+
+#[derive(Clone, Debug)]
+struct RopeCase {
+    rows: usize,
+    heads: usize,
+    head_dim: usize,
+    pos: usize,
+    theta: f32,
+    layout: RopeLayout,
+    mag: f32,
+    seed: u64,
+}
+
+fn rope_cases() -> impl Strategy<Value = RopeCase> {
+    let head_dim = prop_oneof![
+        3 => select(vec![2usize, 4, 6, 8, 14, 16, 18, 30, 32, 34, 62, 64, 66, 80, 96, 128, 130, 256]),
+        1 => (1usize..=160).prop_map(|h| 2 * h),
+    ];
+    let pos = prop_oneof![
+        select(vec![0usize, 1, 7, 100, 511, 4095, 65535]),
+        0usize..=200_000
+    ];
+    let theta = select(vec![10_000.0f32, 100_000.0, 500_000.0, 1_000_000.0]);
+    let layout = select(vec![RopeLayout::Interleaved, RopeLayout::Neox]);
+    let mag = select(vec![1e-3f32, 1.0, 1e3, 1e5]);
+    (
+        1usize..=4,
+        1usize..=9,
+        head_dim,
+        pos,
+        theta,
+        layout,
+        mag,
+        any::<u64>(),
+    )
+        .prop_map(
+            |(rows, heads, head_dim, pos, theta, layout, mag, seed)| RopeCase {
+                rows,
+                heads,
+                head_dim,
+                pos,
+                theta,
+                layout,
+                mag,
+                seed,
+            },
+        )
+}
+
+fn rope_case<B: Backend>(backend: &B, c: RopeCase) -> Result<(), TestCaseError> {
+    let mut vals = Values(c.seed);
+    let (d, row_len) = (c.head_dim, c.heads * c.head_dim);
+    let x = vals.vec(c.rows * row_len, c.mag);
+    let p = RopeParams {
+        head_dim: d,
+        theta: c.theta,
+        layout: c.layout,
+    };
+    let mut y = x.clone();
+    backend.rope(&mut y, c.rows, c.pos, &p).map_err(op_error)?;
+    let mut want = widen(&x);
+    scalar::rope(&mut want, c.rows, c.pos, &p);
+    // Element i of a head belongs to pair `pair(i)` (whose frequency index it is) and has
+    // partner `partner(i)`.
+    let half = d / 2;
+    type IndexMap = fn(usize, usize) -> usize;
+    let (pair, partner): (IndexMap, IndexMap) = match c.layout {
+        RopeLayout::Interleaved => (|i, _| i / 2, |i, _| i ^ 1),
+        RopeLayout::Neox => (|i, h| i % h, |i, h| if i < h { i + h } else { i - h }),
+    };
+    let tol = |i: usize| {
+        let (row, j) = (i / row_len, i % d);
+        let base = i - j;
+        let freq = (c.theta as f64).powf(-((2 * pair(j, half)) as f64) / d as f64);
+        let angle = (c.pos + row) as f64 * freq;
+        tolerance::rope(
+            x[i] as f64,
+            x[base + partner(j, half)] as f64,
+            angle,
+            c.theta as f64,
+        )
+    };
+    compare("x", &y, &want, tol, |i| {
+        format!(
+            "[row {}, head {}, {}]",
+            i / row_len,
+            (i % row_len) / d,
+            i % d
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Softmax.
+
+#[derive(Clone, Debug)]
+struct SoftmaxCase {
+    rows: usize,
+    cols: usize,
+    scale: f32,
+    causal: Option<usize>,
+    mag: f32,
+    neg_inf_every: usize,
+    seed: u64,
+}
+
+fn softmax_cases() -> impl Strategy<Value = SoftmaxCase> {
+    let scale = select(vec![1.0f32, 0.125, 0.088_388_35, 2.0]);
+    let mag = select(vec![1e-3f32, 1.0, 10.0, 1e3, 1e5]);
+    // 0: no -inf; 1: every entry -inf; k: every k-th entry.
+    let neg_inf = select(vec![0usize, 0, 0, 1, 2, 7]);
+    (
+        1usize..=9,
+        dim(),
+        scale,
+        proptest::option::of(0usize..700),
+        mag,
+        neg_inf,
+        any::<u64>(),
+    )
+        .prop_map(
+            |(rows, cols, scale, causal, mag, neg_inf_every, seed)| SoftmaxCase {
+                rows,
+                cols,
+                scale,
+                causal,
+                mag,
+                neg_inf_every,
+                seed,
+            },
+        )
+}
+
+fn softmax_case<B: Backend>(backend: &B, c: SoftmaxCase) -> Result<(), TestCaseError> {
+    let mut vals = Values(c.seed);
+    let mut x = vals.vec(c.rows * c.cols, c.mag);
+    if c.neg_inf_every > 0 {
+        x.iter_mut()
+            .step_by(c.neg_inf_every)
+            .for_each(|v| *v = f32::NEG_INFINITY);
+    }
+    let p = SoftmaxParams {
+        scale: c.scale,
+        causal: c.causal,
+    };
+    let mut y = x.clone();
+    backend.softmax(&mut y, c.cols, &p).map_err(op_error)?;
+    let mut want = widen(&x);
+    scalar::softmax(&mut want, c.cols, &p);
+
+    // Per-entry tolerances from the oracle's own quantities (see `tolerance::softmax`).
+    let mut tol = vec![0.0f64; x.len()];
+    for (r, (xr, tr)) in x.chunks(c.cols).zip(tol.chunks_mut(c.cols)).enumerate() {
+        let visible = p.visible(r, c.cols);
+        let s: Vec<f64> = xr[..visible]
+            .iter()
+            .map(|&v| v as f64 * c.scale as f64)
+            .collect();
+        let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if m == f64::NEG_INFINITY {
+            continue; // the whole row must be exactly 0
+        }
+        let terms: Vec<f64> = s
+            .iter()
+            .map(|&sj| {
+                if sj == f64::NEG_INFINITY {
+                    0.0
+                } else {
+                    tolerance::softmax_term(sj, m)
+                }
+            })
+            .collect();
+        let e: Vec<f64> = s.iter().map(|&sj| (sj - m).exp()).collect();
+        let row = e.iter().zip(&terms).map(|(e, t)| e * t).sum::<f64>() / e.iter().sum::<f64>();
+        let base = r * c.cols;
+        for j in 0..visible {
+            if s[j] != f64::NEG_INFINITY {
+                tr[j] = tolerance::softmax(want[base + j], terms[j], row, visible);
+            }
+        }
+    }
+    let cols = c.cols;
+    compare(
+        "p",
+        &y,
+        &want,
+        |i| tol[i],
+        |i| format!("[{}, {}]", i / cols, i % cols),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU, add, embedding.
+
+#[derive(Clone, Debug)]
+struct EltCase {
+    len: usize,
+    mag_a: f32,
+    mag_b: f32,
+    seed: u64,
+}
+
+fn swiglu_cases() -> impl Strategy<Value = EltCase> {
+    let mag = select(vec![1e-3f32, 1.0, 10.0, 100.0, 1e4]);
+    (dim(), 1usize..=3, mag.clone(), mag, any::<u64>()).prop_map(|(d, r, mag_a, mag_b, seed)| {
+        EltCase {
+            len: d * r,
+            mag_a,
+            mag_b,
+            seed,
+        }
+    })
+}
+
+fn swiglu_case<B: Backend>(backend: &B, c: EltCase) -> Result<(), TestCaseError> {
+    let mut vals = Values(c.seed);
+    let a = vals.vec(c.len, c.mag_a);
+    let b = vals.vec(c.len, c.mag_b);
+    let mut y = vec![f32::NAN; c.len];
+    backend.swiglu(&a, &b, &mut y).map_err(op_error)?;
+    let mut want = vec![0.0f64; c.len];
+    scalar::swiglu(&widen(&a), &widen(&b), &mut want);
+    compare(
+        "y",
+        &y,
+        &want,
+        |i| tolerance::swiglu(a[i] as f64, b[i] as f64, want[i]),
+        |i| format!("[{i}]"),
+    )
+}
+
+fn add_cases() -> impl Strategy<Value = EltCase> {
+    let mag = select(vec![1e-3f32, 1.0, 1e5, 1e30]);
+    (dim(), 1usize..=3, mag.clone(), mag, any::<u64>()).prop_map(|(d, r, mag_a, mag_b, seed)| {
+        EltCase {
+            len: d * r,
+            mag_a,
+            mag_b,
+            seed,
+        }
+    })
+}
+
+fn add_case<B: Backend>(backend: &B, c: EltCase) -> Result<(), TestCaseError> {
+    let mut vals = Values(c.seed);
+    let y0 = vals.vec(c.len, c.mag_a);
+    let x = vals.vec(c.len, c.mag_b);
+    let mut y = y0.clone();
+    backend.add(&mut y, &x).map_err(op_error)?;
+    let want: Vec<f64> = y0
+        .iter()
+        .zip(&x)
+        .map(|(&a, &b)| a as f64 + b as f64)
+        .collect();
+    compare(
+        "y",
+        &y,
+        &want,
+        |i| tolerance::add(want[i]),
+        |i| format!("[{i}]"),
+    )
+}
+
+#[derive(Clone, Debug)]
+struct EmbeddingCase {
+    vocab: usize,
+    dim: usize,
+    token: usize,
+    seed: u64,
+}
+
+fn embedding_cases() -> impl Strategy<Value = EmbeddingCase> {
+    (
+        1usize..=300,
+        dim(),
+        any::<prop::sample::Index>(),
+        any::<u64>(),
+    )
+        .prop_map(|(vocab, dim, t, seed)| EmbeddingCase {
+            vocab,
+            dim,
+            token: t.index(vocab),
+            seed,
+        })
+}
+
+fn embedding_case<B: Backend>(backend: &B, c: EmbeddingCase) -> Result<(), TestCaseError> {
+    let table = Values(c.seed).vec(c.vocab * c.dim, 1.0);
+    let prepared = backend
+        .prepare(WeightView::f32(&table, c.vocab, c.dim).map_err(op_error)?)
+        .map_err(op_error)?;
+    let mut y = vec![f32::NAN; c.dim];
+    backend
+        .embedding(&prepared, c.token, &mut y)
+        .map_err(op_error)?;
+    let want = widen(&table[c.token * c.dim..][..c.dim]);
+    compare("y", &y, &want, |_| 0.0, |i| format!("[{i}]"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Shape errors.
+
+/// Calls every op with mismatched shapes or invalid parameters and requires an `Err` (a
+/// panic or an `Ok` fails).
+pub fn check_shape_errors<B: Backend>(backend: &B) -> Result<(), Failure> {
+    let w_vals = vec![0.5f32; 4 * 6];
+    let fail = |op: Op, case: &str, detail: String| Failure {
+        backend: backend.name(),
+        op,
+        case: case.into(),
+        detail,
+    };
+    let w = backend
+        .prepare(
+            WeightView::f32(&w_vals, 4, 6)
+                .map_err(|e| fail(Op::Matmul, "W 4 × 6", e.to_string()))?,
+        )
+        .map_err(|e| fail(Op::Matmul, "prepare W 4 × 6", e.to_string()))?;
+    let rope = |d| RopeParams {
+        head_dim: d,
+        theta: 10_000.0,
+        layout: RopeLayout::Interleaved,
+    };
+    let v = |n: usize| vec![1.0f32; n];
+    #[allow(clippy::type_complexity)]
+    let cases: Vec<(Op, &str, Box<dyn Fn() -> Result<(), crate::Error> + '_>)> = vec![
+        (
+            Op::Matmul,
+            "x 2 × 5 (k should be 6), W 4 × 6, m 2",
+            Box::new(|| backend.matmul(&v(10), &w, &mut v(8), 2)),
+        ),
+        (
+            Op::Matmul,
+            "x 2 × 6, W 4 × 6, y of 7 (should be 8)",
+            Box::new(|| backend.matmul(&v(12), &w, &mut v(7), 2)),
+        ),
+        (
+            Op::Matmul,
+            "m = 0",
+            Box::new(|| backend.matmul(&[], &w, &mut [], 0)),
+        ),
+        (
+            Op::RmsNorm,
+            "x of 10, weight of 4",
+            Box::new(|| backend.rmsnorm(&v(10), &v(4), &mut v(10), 1e-5)),
+        ),
+        (
+            Op::RmsNorm,
+            "x of 8, y of 4",
+            Box::new(|| backend.rmsnorm(&v(8), &v(4), &mut v(4), 1e-5)),
+        ),
+        (
+            Op::Rope,
+            "odd head_dim 3",
+            Box::new(|| backend.rope(&mut v(6), 1, 0, &rope(3))),
+        ),
+        (
+            Op::Rope,
+            "x of 10, 1 row of heads of 4",
+            Box::new(|| backend.rope(&mut v(10), 1, 0, &rope(4))),
+        ),
+        (
+            Op::Softmax,
+            "x of 10, cols 4",
+            Box::new(|| backend.softmax(&mut v(10), 4, &SoftmaxParams::PLAIN)),
+        ),
+        (
+            Op::Softmax,
+            "scale 0",
+            Box::new(|| {
+                backend.softmax(
+                    &mut v(4),
+                    4,
+                    &SoftmaxParams {
+                        scale: 0.0,
+                        causal: None,
+                    },
+                )
+            }),
+        ),
+        (
+            Op::SwiGlu,
+            "a of 5, b of 4",
+            Box::new(|| backend.swiglu(&v(5), &v(4), &mut v(5))),
+        ),
+        (
+            Op::Add,
+            "y of 5, x of 4",
+            Box::new(|| backend.add(&mut v(5), &v(4))),
+        ),
+        (
+            Op::Embedding,
+            "token 4 of a 4-row table",
+            Box::new(|| backend.embedding(&w, 4, &mut v(6))),
+        ),
+        (
+            Op::Embedding,
+            "y of 5, rows of 6",
+            Box::new(|| backend.embedding(&w, 0, &mut v(5))),
+        ),
+    ];
+    for (op, case, call) in &cases {
+        match catch_unwind(AssertUnwindSafe(call)) {
+            Ok(Err(_)) => {}
+            Ok(Ok(())) => {
+                return Err(fail(
+                    *op,
+                    case,
+                    "accepted invalid input instead of returning an error".into(),
+                ));
+            }
+            Err(_) => {
+                return Err(fail(
+                    *op,
+                    case,
+                    "panicked on invalid input instead of returning an error".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

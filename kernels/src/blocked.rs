@@ -198,7 +198,7 @@ where
 
 /// RMSNorm of rows, as [`scalar::rmsnorm`]; the sum of squares in lane-parallel partial sums.
 pub fn rmsnorm(pool: &ThreadPool, x: &[f32], weight: &[f32], y: &mut [f32], dim: usize, eps: f32) {
-    debug_assert!(x.len() == y.len() && weight.len() == dim && x.len() % dim == 0);
+    debug_assert!(x.len() == y.len() && weight.len() == dim && x.len().is_multiple_of(dim));
     rows_par(pool, x, y, dim, |xr, yr| {
         let inv_rms = 1.0 / (dot(xr, xr) / dim as f32 + eps).sqrt();
         for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(weight) {
@@ -211,7 +211,7 @@ pub fn rmsnorm(pool: &ThreadPool, x: &[f32], weight: &[f32], y: &mut [f32], dim:
 /// a row are computed once and shared by its heads.
 pub fn rope(pool: &ThreadPool, x: &mut [f32], rows: usize, pos: usize, p: &RopeParams) {
     let d = p.head_dim;
-    debug_assert!(d % 2 == 0 && rows > 0 && x.len() % (rows * d) == 0);
+    debug_assert!(d.is_multiple_of(2) && rows > 0 && x.len().is_multiple_of(rows * d));
     let row_len = x.len() / rows;
     rows_par_mut(pool, x, row_len, |r, row| {
         let position = (pos + r) as f32;
@@ -233,7 +233,7 @@ pub fn rope(pool: &ThreadPool, x: &mut [f32], rows: usize, pos: usize, p: &RopeP
 
 /// Softmax over rows, in place, as [`scalar::softmax`], rows split over the pool.
 pub fn softmax(pool: &ThreadPool, x: &mut [f32], cols: usize, p: &SoftmaxParams) {
-    debug_assert!(cols > 0 && x.len() % cols == 0);
+    debug_assert!(cols > 0 && x.len().is_multiple_of(cols));
     let p0 = *p;
     rows_par_mut(pool, x, cols, |r, row| {
         // One row at a time through the reference, with the row's own mask offset.

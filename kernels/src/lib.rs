@@ -17,6 +17,9 @@
 //! Kernels assume valid shapes (checked by `debug_assert!`); callers validate them once,
 //! at the library boundary (`chord::backend::check`).
 
+// Kernels index lanes, tiles and accumulator sets by number: the loops say which.
+#![allow(clippy::needless_range_loop)]
+
 pub mod blocked;
 mod params;
 pub mod scalar;

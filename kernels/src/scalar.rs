@@ -28,7 +28,7 @@ pub fn matmul<T: Float>(x: &[T], w: &[T], y: &mut [T], m: usize, n: usize, k: us
 ///
 /// `x`, `y`: `(rows, dim)`; `weight`: `(dim,)`.
 pub fn rmsnorm<T: Float>(x: &[T], weight: &[T], y: &mut [T], dim: usize, eps: T) {
-    debug_assert!(x.len() == y.len() && weight.len() == dim && x.len() % dim == 0);
+    debug_assert!(x.len() == y.len() && weight.len() == dim && x.len().is_multiple_of(dim));
     for (x_row, y_row) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
         let mut sum_sq = T::zero();
         for &v in x_row {
@@ -49,7 +49,7 @@ pub fn rmsnorm<T: Float>(x: &[T], weight: &[T], y: &mut [T], dim: usize, eps: T)
 /// `(a, b) -> (a cos - b sin, a sin + b cos)`, pairs as [`RopeLayout`] says.
 pub fn rope<T: Float>(x: &mut [T], rows: usize, pos: usize, p: &RopeParams) {
     let d = p.head_dim;
-    debug_assert!(d % 2 == 0 && rows > 0 && x.len() % (rows * d) == 0);
+    debug_assert!(d.is_multiple_of(2) && rows > 0 && x.len().is_multiple_of(rows * d));
     let half = d / 2;
     let theta = T::from(p.theta).unwrap();
     let row_len = x.len() / rows;
@@ -76,7 +76,7 @@ pub fn rope<T: Float>(x: &mut [T], rows: usize, pos: usize, p: &RopeParams) {
 /// [`SoftmaxParams`]. Subtracts the row maximum before exponentiating, so no finite input
 /// overflows.
 pub fn softmax<T: Float>(x: &mut [T], cols: usize, p: &SoftmaxParams) {
-    debug_assert!(cols > 0 && x.len() % cols == 0);
+    debug_assert!(cols > 0 && x.len().is_multiple_of(cols));
     let scale = T::from(p.scale).unwrap();
     for (r, row) in x.chunks_exact_mut(cols).enumerate() {
         let (visible, masked) = row.split_at_mut(p.visible(r, cols));

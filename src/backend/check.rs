@@ -37,7 +37,7 @@ pub fn matmul(x: usize, w_dims: (usize, usize), y: usize, m: usize) -> Result<()
 
 /// `x (rows, dim)`, `weight (dim,)`, `y (rows, dim)`, finite non-negative `eps`.
 pub fn rmsnorm(x: usize, weight: usize, y: usize, eps: f32) -> Result<(), Error> {
-    if weight == 0 || x == 0 || x % weight != 0 {
+    if weight == 0 || x == 0 || !x.is_multiple_of(weight) {
         return Err(shape(
             "rmsnorm",
             format!("x has {x} values, not a positive multiple of the weight's {weight}"),
@@ -58,7 +58,7 @@ pub fn rmsnorm(x: usize, weight: usize, y: usize, eps: f32) -> Result<(), Error>
 /// `x (rows, n_heads * head_dim)` with an even `head_dim`, positions that fit in f32 exactly.
 pub fn rope(x: usize, rows: usize, pos: usize, p: &RopeParams) -> Result<(), Error> {
     let d = p.head_dim;
-    if d == 0 || d % 2 != 0 {
+    if d == 0 || !d.is_multiple_of(2) {
         return Err(param(
             "rope",
             format!("head_dim = {d}, expected a positive even number"),
@@ -70,7 +70,7 @@ pub fn rope(x: usize, rows: usize, pos: usize, p: &RopeParams) -> Result<(), Err
             format!("theta = {}, expected a finite value > 1", p.theta),
         ));
     }
-    if rows == 0 || x == 0 || rows.checked_mul(d).is_none_or(|rd| x % rd != 0) {
+    if rows == 0 || x == 0 || rows.checked_mul(d).is_none_or(|rd| !x.is_multiple_of(rd)) {
         return Err(shape(
             "rope",
             format!("x has {x} values, not {rows} rows of whole heads of {d}"),
@@ -87,7 +87,7 @@ pub fn rope(x: usize, rows: usize, pos: usize, p: &RopeParams) -> Result<(), Err
 
 /// `x (rows, cols)`, finite positive scale.
 pub fn softmax(x: usize, cols: usize, p: &SoftmaxParams) -> Result<(), Error> {
-    if cols == 0 || x == 0 || x % cols != 0 {
+    if cols == 0 || x == 0 || !x.is_multiple_of(cols) {
         return Err(shape(
             "softmax",
             format!("x has {x} values, not a positive number of rows of {cols}"),

@@ -158,7 +158,8 @@ pub trait Backend: Send + Sync {
     fn embedding(&self, table: &Self::Weight<'_>, token: usize, y: &mut [f32])
     -> Result<(), Error>;
 
-    /// `y (m, n) = rmsnorm(x (m, k), norm (k,)) · Wᵀ`, with `normed (m, k)` as scratch.
+    /// `y (m, n) = rmsnorm(x (m, k), norm (k,), eps) · Wᵀ`, with `normed (m, k)` as scratch.
+    #[allow(clippy::too_many_arguments)] // the two ops' arguments, side by side
     fn rmsnorm_matmul(
         &self,
         x: &[f32],

@@ -15,7 +15,7 @@ stamp! {
 
 #[inline(always)]
 fn rmsnorm_body<V: F32Vec>(x: &[f32], weight: &[f32], y: &mut [f32], dim: usize, eps: f32) {
-    debug_assert!(x.len() == y.len() && weight.len() == dim && x.len() % dim == 0);
+    debug_assert!(x.len() == y.len() && weight.len() == dim && x.len().is_multiple_of(dim));
     let l = V::LANES;
     for (xr, yr) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
         let mut acc = [V::zero(); 4];
@@ -63,7 +63,7 @@ stamp! {
 
 #[inline(always)]
 fn softmax_body<V: F32Vec>(x: &mut [f32], cols: usize, p: &SoftmaxParams) {
-    debug_assert!(cols > 0 && x.len() % cols == 0);
+    debug_assert!(cols > 0 && x.len().is_multiple_of(cols));
     let l = V::LANES;
     let scale = V::splat(p.scale);
     for (r, row) in x.chunks_exact_mut(cols).enumerate() {
@@ -145,7 +145,7 @@ stamp! {
 #[inline(always)]
 fn rope_body<V: F32Vec>(x: &mut [f32], rows: usize, pos: usize, p: &RopeParams) {
     let d = p.head_dim;
-    debug_assert!(d % 2 == 0 && rows > 0 && x.len() % (rows * d) == 0);
+    debug_assert!(d.is_multiple_of(2) && rows > 0 && x.len().is_multiple_of(rows * d));
     if d > ROPE_MAX_HEAD_DIM {
         return crate::scalar::rope(x, rows, pos, p);
     }

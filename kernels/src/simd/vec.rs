@@ -87,7 +87,7 @@ pub(crate) fn exp<V: F32Vec>(x: V) -> V {
     p = p.fma(r, V::splat(8.333_452e-3));
     p = p.fma(r, V::splat(4.166_579_6e-2));
     p = p.fma(r, V::splat(1.666_666_5e-1));
-    p = p.fma(r, V::splat(5.000_000_1e-1));
+    p = p.fma(r, V::splat(5e-1));
     let r2 = r.mul(r);
     let y = p.fma(r2, r).add(V::splat(1.0));
     y.mul(n.pow2i()).zero_where_below(x, -87.3)

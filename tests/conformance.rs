@@ -1,0 +1,236 @@
+//! The conformance suite run against every built-in backend and every kernel variant this
+//! CPU supports, at several thread counts.
+
+use chord::backend::{Backend, Variant, WeightView};
+use chord::conformance::assert_conforms;
+use chord::kernels::simd::Level;
+use chord::{BlockedBackend, ScalarBackend, SimdBackend};
+
+#[test]
+fn scalar_backend_conforms() {
+    assert_conforms(&ScalarBackend::new());
+}
+
+#[test]
+fn blocked_backend_conforms_on_1_2_and_3_threads() {
+    for threads in [1, 2, 3] {
+        assert_conforms(&BlockedBackend::new(threads).unwrap());
+    }
+}
+
+#[test]
+fn simd_backend_conforms_at_every_level_this_cpu_runs() {
+    let levels: Vec<Level> = Level::ALL
+        .into_iter()
+        .filter(|l| l.is_supported())
+        .collect();
+    assert!(
+        levels.contains(&Level::Portable),
+        "the portable level runs everywhere"
+    );
+    for level in levels {
+        for threads in [1, 2, 3] {
+            eprintln!("conformance: simd-{} on {threads} threads", level.name());
+            assert_conforms(&SimdBackend::with_level(level, threads).unwrap());
+        }
+    }
+}
+
+#[test]
+fn every_variant_name_round_trips_and_unknown_names_are_errors() {
+    for v in Variant::available() {
+        assert_eq!(v.to_string().parse::<Variant>(), Ok(v));
+    }
+    let err = "simd-neon".parse::<Variant>().unwrap_err();
+    assert!(err.contains("unknown backend 'simd-neon'"), "{err}");
+}
+
+#[test]
+fn forcing_a_level_the_cpu_lacks_is_an_error() {
+    for level in Level::ALL.into_iter().filter(|l| !l.is_supported()) {
+        let err = SimdBackend::with_level(level, 1).unwrap_err();
+        assert!(err.to_string().contains(level.name()), "{err}");
+    }
+}
+
+/// Matmul results must not depend on the thread count: each output element is summed by
+/// one task in an order fixed by the blocking constants alone.
+#[test]
+fn matmul_is_bitwise_identical_for_any_thread_count() {
+    let (m, n, k) = (37, 301, 419);
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
+        .collect();
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 104_729) % 2011) as f32 / 2011.0 - 0.5)
+        .collect();
+    let view = WeightView::f32(&w, n, k).unwrap();
+    fn run<B: Backend>(b: &B, view: WeightView<'_>, x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let w = b.prepare(view).unwrap();
+        [1, m]
+            .iter()
+            .map(|&rows| {
+                let (n, k) = b.weight_dims(&w);
+                let mut y = vec![0.0; rows * n];
+                b.matmul(&x[..rows * k], &w, &mut y, rows).unwrap();
+                y
+            })
+            .collect()
+    }
+    for level in Level::ALL.into_iter().filter(|l| l.is_supported()) {
+        let one = run(&SimdBackend::with_level(level, 1).unwrap(), view, &x, m);
+        for threads in [2, 3] {
+            assert_eq!(
+                one,
+                run(
+                    &SimdBackend::with_level(level, threads).unwrap(),
+                    view,
+                    &x,
+                    m
+                ),
+                "simd-{} on {threads} threads",
+                level.name()
+            );
+        }
+    }
+    let one = run(&BlockedBackend::new(1).unwrap(), view, &x, m);
+    assert_eq!(
+        one,
+        run(&BlockedBackend::new(2).unwrap(), view, &x, m),
+        "blocked on 2 threads"
+    );
+}
+
+/// A backend that is wrong in one op, by a little: the suite must catch it and say where.
+mod broken {
+    use chord::backend::{
+        Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support, WeightView,
+    };
+    use chord::conformance::{Config, check};
+    use chord::{ScalarBackend, SimdBackend};
+
+    /// Delegates to `inner`, but perturbs one output element of `op` by `rel` (relative).
+    struct Broken<B> {
+        inner: B,
+        op: Op,
+        rel: f32,
+    }
+
+    impl<B: Backend> Broken<B> {
+        fn spoil(&self, op: Op, y: &mut [f32]) {
+            if op == self.op
+                && let Some(v) = y.last_mut()
+            {
+                *v += v.abs().max(1e-30) * self.rel;
+            }
+        }
+    }
+
+    impl<B: Backend> Backend for Broken<B> {
+        type Weight<'w>
+            = B::Weight<'w>
+        where
+            Self: 'w;
+        fn name(&self) -> String {
+            format!("broken-{}", self.inner.name())
+        }
+        fn threads(&self) -> usize {
+            self.inner.threads()
+        }
+        fn supports(&self, op: Op, dtype: DType) -> Support {
+            self.inner.supports(op, dtype)
+        }
+        fn prepare<'w>(&self, w: WeightView<'w>) -> Result<Self::Weight<'w>, Error> {
+            self.inner.prepare(w)
+        }
+        fn weight_dims(&self, w: &Self::Weight<'_>) -> (usize, usize) {
+            self.inner.weight_dims(w)
+        }
+        fn matmul(
+            &self,
+            x: &[f32],
+            w: &Self::Weight<'_>,
+            y: &mut [f32],
+            m: usize,
+        ) -> Result<(), Error> {
+            self.inner.matmul(x, w, y, m)?;
+            self.spoil(Op::Matmul, y);
+            Ok(())
+        }
+        fn rmsnorm(&self, x: &[f32], g: &[f32], y: &mut [f32], eps: f32) -> Result<(), Error> {
+            self.inner.rmsnorm(x, g, y, eps)?;
+            self.spoil(Op::RmsNorm, y);
+            Ok(())
+        }
+        fn rope(
+            &self,
+            x: &mut [f32],
+            rows: usize,
+            pos: usize,
+            p: &RopeParams,
+        ) -> Result<(), Error> {
+            self.inner.rope(x, rows, pos, p)?;
+            self.spoil(Op::Rope, x);
+            Ok(())
+        }
+        fn softmax(&self, x: &mut [f32], cols: usize, p: &SoftmaxParams) -> Result<(), Error> {
+            self.inner.softmax(x, cols, p)?;
+            self.spoil(Op::Softmax, x);
+            Ok(())
+        }
+        fn swiglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
+            self.inner.swiglu(a, b, y)?;
+            self.spoil(Op::SwiGlu, y);
+            Ok(())
+        }
+        fn add(&self, y: &mut [f32], x: &[f32]) -> Result<(), Error> {
+            self.inner.add(y, x)?;
+            self.spoil(Op::Add, y);
+            Ok(())
+        }
+        fn embedding(
+            &self,
+            t: &Self::Weight<'_>,
+            token: usize,
+            y: &mut [f32],
+        ) -> Result<(), Error> {
+            self.inner.embedding(t, token, y)?;
+            self.spoil(Op::Embedding, y);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_small_error_in_any_op_is_caught_and_located() {
+        let cfg = Config::default();
+        for op in Op::ALL {
+            // 1e-3 relative: well above every tolerance except RoPE's at huge positions, which
+            // the suite also draws small positions for.
+            let b = Broken {
+                inner: SimdBackend::new(2).unwrap(),
+                op,
+                rel: 1e-3,
+            };
+            let f = check(&b, &cfg).expect_err(&format!("a wrong {op} must fail"));
+            assert_eq!(f.op, op, "{f}");
+            let msg = f.to_string();
+            assert!(
+                msg.contains("worst element") && msg.contains("tolerance"),
+                "{msg}"
+            );
+            assert!(msg.contains(&format!("broken-{}", b.inner.name())), "{msg}");
+        }
+    }
+
+    #[test]
+    fn the_reference_itself_passes_while_a_one_ulp_nudge_to_embedding_fails() {
+        // Embedding is a copy: exact, no tolerance at all.
+        let b = Broken {
+            inner: ScalarBackend::new(),
+            op: Op::Embedding,
+            rel: f32::EPSILON,
+        };
+        let f = check(&b, &Config::default()).unwrap_err();
+        assert_eq!(f.op, Op::Embedding, "{f}");
+    }
+}
