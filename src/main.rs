@@ -1,1 +1,101 @@
-fn main() {}
+//! The `chord` command line.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use chord::backend::Op;
+use chord::bench::{self, kernels};
+
+#[derive(Parser)]
+#[command(name = "chord", version, about = "Transformer inference on the CPU, built around one Backend trait")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure kernels against the machine's own roofs.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Every op × backend × shape × thread count, with the roofs measured in the same run.
+    Kernels(KernelArgs),
+}
+
+#[derive(Args)]
+struct KernelArgs {
+    /// Ops to time (comma-separated): matmul, rmsnorm, rope, softmax, swiglu, add.
+    #[arg(long, value_delimiter = ',', default_value = "matmul,rmsnorm,rope,softmax,swiglu,add")]
+    ops: Vec<Op>,
+    /// Backends (comma-separated): scalar, blocked, simd, simd-avx512, simd-avx2,
+    /// simd-portable, matrixmultiply. Default: every variant this CPU runs, and matrixmultiply.
+    #[arg(long, value_delimiter = ',')]
+    backends: Vec<kernels::Contender>,
+    /// Shape sets (comma-separated): smollm, tinyllama, square.
+    #[arg(long, value_delimiter = ',', default_value = "smollm,tinyllama,square")]
+    shapes: Vec<kernels::ShapeSet>,
+    /// Thread counts (comma-separated). Scalar and matrixmultiply run on 1 only.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Milliseconds spent timing each row, after one warm-up call.
+    #[arg(long, default_value_t = 300)]
+    budget_ms: u64,
+    /// Print one JSON object (roofs and rows) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(BenchCommand::Kernels(args)) => bench_kernels(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chord: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench_kernels(args: KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.ops.contains(&Op::Embedding) {
+        return Err("bench kernels: embedding is a row copy and has no benchmark".into());
+    }
+    if let Some(&t) = args.threads.iter().find(|&&t| t == 0) {
+        return Err(format!("bench kernels: --threads {t}: a thread count must be at least 1").into());
+    }
+    let cfg = kernels::Config {
+        ops: args.ops,
+        contenders: if args.backends.is_empty() { kernels::Contender::all() } else { args.backends },
+        shapes: args.shapes,
+        threads: args.threads,
+        budget: Duration::from_millis(args.budget_ms),
+    };
+    eprintln!("measuring roofs on {:?} threads...", cfg.threads);
+    let roofs = bench::measure_roofs(&cfg.threads);
+    if !args.json {
+        println!("roofs, measured in this run (f32 FMA peak; streaming read of 1 GiB):");
+        for r in &roofs {
+            println!("  {} thread(s): {:.1} GFLOP/s ({}), {:.1} GB/s", r.threads, r.fma_gflops, r.fma_level, r.read_gbs);
+        }
+        println!("{}", kernels::header());
+    }
+    let json = args.json;
+    let rows = kernels::run(&cfg, &roofs, |row| {
+        if !json {
+            println!("{}", kernels::format_row(row));
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::json!({ "roofs": roofs, "rows": rows }));
+    }
+    Ok(())
+}

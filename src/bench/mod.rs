@@ -1,1 +1,100 @@
-//! bench
+//! The measurements behind `chord bench`: the machine's roofs, a timer that reports
+//! medians, and the kernel table ([`kernels`]).
+//!
+//! Every figure is measured in the same process and run as the figures it is compared with:
+//! on a shared, noisy machine only ratios measured together mean anything.
+
+pub mod kernels;
+
+use std::time::{Duration, Instant};
+
+use chord_kernels::simd::{Isa, probe};
+use rayon::prelude::*;
+use serde::Serialize;
+
+/// The roofs at one thread count.
+#[derive(Clone, Debug, Serialize)]
+pub struct Roof {
+    /// Threads the probes ran on, one probe per thread.
+    pub threads: usize,
+    /// Peak f32 FMA throughput, GFLOP/s (2 FLOP per lane per FMA).
+    pub fma_gflops: f64,
+    /// The SIMD level of the FMA probe.
+    pub fma_level: &'static str,
+    /// Streaming read bandwidth (a sum over a buffer far larger than the caches), GB/s.
+    pub read_gbs: f64,
+}
+
+/// Measures the roofs at each thread count: the best of five FMA probe runs and the best of
+/// ten streaming reads of a 1 GiB buffer split over the threads. A roof is a ceiling, so
+/// the quietest moment of a shared machine sets it.
+pub fn measure_roofs(thread_counts: &[usize]) -> Vec<Roof> {
+    let isa = Isa::best();
+    let buf = vec![1.0f32; (1 << 30) / 4];
+    thread_counts
+        .iter()
+        .map(|&threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("roof probe thread pool");
+            let iters = 20_000_000;
+            let flops = (probe::fma_probe_flops_per_iter(isa) * iters * threads) as f64;
+            let fma_gflops = (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    pool.install(|| {
+                        (0..threads).into_par_iter().for_each(|_| {
+                            let mut out = [0.0f32];
+                            probe::fma_probe(isa, iters, &mut out);
+                            std::hint::black_box(out);
+                        })
+                    });
+                    flops / t.elapsed().as_secs_f64() / 1e9
+                })
+                .fold(0.0, f64::max);
+            let chunk = buf.len().div_ceil(threads);
+            let read_gbs = (0..10)
+                .map(|_| {
+                    let t = Instant::now();
+                    pool.install(|| {
+                        buf.par_chunks(chunk).for_each(|c| {
+                            let mut out = [0.0f32];
+                            probe::sum_probe(isa, c, &mut out);
+                            std::hint::black_box(out);
+                        })
+                    });
+                    (buf.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
+                })
+                .fold(0.0, f64::max);
+            Roof { threads, fma_gflops, fma_level: isa.level().name(), read_gbs }
+        })
+        .collect()
+}
+
+/// The timing of one benchmark row.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Timing {
+    /// Median seconds per call.
+    pub median_s: f64,
+    /// Timed calls behind the median.
+    pub samples: usize,
+}
+
+/// Times `f`: one warm-up call, then timed calls until `budget` has passed and at least
+/// `min_samples` were taken. A call slower than the whole budget is timed once, and that
+/// warm-up call is the sample (say so: `samples` is 1).
+pub fn time(budget: Duration, min_samples: usize, mut f: impl FnMut()) -> Timing {
+    let t = Instant::now();
+    f();
+    let first = t.elapsed();
+    if first > budget {
+        return Timing { median_s: first.as_secs_f64(), samples: 1 };
+    }
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < min_samples || (start.elapsed() < budget && samples.len() < 10_000) {
+        let t = Instant::now();
+        f();
+        samples.push(t.elapsed().as_secs_f64());
+    }
+    samples.sort_by(f64::total_cmp);
+    Timing { median_s: samples[samples.len() / 2], samples: samples.len() }
+}

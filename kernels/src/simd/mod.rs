@@ -10,6 +10,7 @@
 
 mod elementwise;
 mod gemm;
+pub mod probe;
 mod vec;
 
 pub use elementwise::{add, rmsnorm, rope, softmax, swiglu};
