@@ -9,7 +9,11 @@ use chord::backend::Op;
 use chord::bench::{self, kernels};
 
 #[derive(Parser)]
-#[command(name = "chord", version, about = "Transformer inference on the CPU, built around one Backend trait")]
+#[command(
+    name = "chord",
+    version,
+    about = "Transformer inference on the CPU, built around one Backend trait"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,7 +35,11 @@ enum BenchCommand {
 #[derive(Args)]
 struct KernelArgs {
     /// Ops to time (comma-separated): matmul, rmsnorm, rope, softmax, swiglu, add.
-    #[arg(long, value_delimiter = ',', default_value = "matmul,rmsnorm,rope,softmax,swiglu,add")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "matmul,rmsnorm,rope,softmax,swiglu,add"
+    )]
     ops: Vec<Op>,
     /// Backends (comma-separated): scalar, blocked, simd, simd-avx512, simd-avx2,
     /// simd-portable, matrixmultiply. Default: every variant this CPU runs, and matrixmultiply.
@@ -70,11 +78,17 @@ fn bench_kernels(args: KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Err("bench kernels: embedding is a row copy and has no benchmark".into());
     }
     if let Some(&t) = args.threads.iter().find(|&&t| t == 0) {
-        return Err(format!("bench kernels: --threads {t}: a thread count must be at least 1").into());
+        return Err(
+            format!("bench kernels: --threads {t}: a thread count must be at least 1").into(),
+        );
     }
     let cfg = kernels::Config {
         ops: args.ops,
-        contenders: if args.backends.is_empty() { kernels::Contender::all() } else { args.backends },
+        contenders: if args.backends.is_empty() {
+            kernels::Contender::all()
+        } else {
+            args.backends
+        },
         shapes: args.shapes,
         threads: args.threads,
         budget: Duration::from_millis(args.budget_ms),
@@ -84,7 +98,10 @@ fn bench_kernels(args: KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
     if !args.json {
         println!("roofs, measured in this run (f32 FMA peak; streaming read of 1 GiB):");
         for r in &roofs {
-            println!("  {} thread(s): {:.1} GFLOP/s ({}), {:.1} GB/s", r.threads, r.fma_gflops, r.fma_level, r.read_gbs);
+            println!(
+                "  {} thread(s): {:.1} GFLOP/s ({}), {:.1} GB/s",
+                r.threads, r.fma_gflops, r.fma_level, r.read_gbs
+            );
         }
         println!("{}", kernels::header());
     }

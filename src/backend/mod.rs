@@ -45,7 +45,7 @@ pub enum Error {
 }
 
 /// The ops of the [`Backend`] trait, for [`Backend::supports`] and for labels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
     Matmul,
     RmsNorm,
@@ -85,16 +85,19 @@ impl Op {
 impl std::str::FromStr for Op {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Op::ALL.into_iter().find(|op| op.name() == s).ok_or_else(|| {
-            let names: Vec<&str> = Op::ALL.iter().map(|op| op.name()).collect();
-            format!("unknown op '{s}': expected one of {}", names.join(", "))
-        })
+        Op::ALL
+            .into_iter()
+            .find(|op| op.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Op::ALL.iter().map(|op| op.name()).collect();
+                format!("unknown op '{s}': expected one of {}", names.join(", "))
+            })
     }
 }
 
 impl std::fmt::Display for Op {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 

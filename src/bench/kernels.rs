@@ -16,7 +16,8 @@ use serde::Serialize;
 
 use super::{Roof, Timing, time};
 use crate::backend::{
-    Backend, BlockedBackend, Op, RopeLayout, RopeParams, ScalarBackend, SimdBackend, SoftmaxParams, Variant, WeightView,
+    Backend, BlockedBackend, Op, RopeLayout, RopeParams, ScalarBackend, SimdBackend, SoftmaxParams,
+    Variant, WeightView,
 };
 
 /// Weight bytes a cold decode row cycles through: as much as the read roof streams. The
@@ -37,7 +38,11 @@ pub enum Contender {
 impl Contender {
     /// Every variant this CPU runs, then the baseline.
     pub fn all() -> Vec<Contender> {
-        Variant::available().into_iter().map(Contender::Chord).chain([Contender::MatrixMultiply]).collect()
+        Variant::available()
+            .into_iter()
+            .map(Contender::Chord)
+            .chain([Contender::MatrixMultiply])
+            .collect()
     }
 }
 
@@ -56,7 +61,9 @@ impl FromStr for Contender {
         if s == "matrixmultiply" {
             return Ok(Contender::MatrixMultiply);
         }
-        let v: Variant = s.parse().map_err(|e: String| format!("{e}, or matrixmultiply"))?;
+        let v: Variant = s
+            .parse()
+            .map_err(|e: String| format!("{e}, or matrixmultiply"))?;
         if !v.is_supported() {
             return Err(format!("this CPU does not run the {v} kernels"));
         }
@@ -162,12 +169,30 @@ struct Case {
 }
 
 enum Kind {
-    Matmul { m: usize, n: usize, k: usize },
-    RmsNorm { rows: usize, dim: usize },
-    Rope { rows: usize, heads: usize, head_dim: usize },
-    Softmax { rows: usize, cols: usize },
-    SwiGlu { len: usize },
-    Add { len: usize },
+    Matmul {
+        m: usize,
+        n: usize,
+        k: usize,
+    },
+    RmsNorm {
+        rows: usize,
+        dim: usize,
+    },
+    Rope {
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+    },
+    Softmax {
+        rows: usize,
+        cols: usize,
+    },
+    SwiGlu {
+        len: usize,
+    },
+    Add {
+        len: usize,
+    },
 }
 
 fn cases(ops: &[Op], sets: &[ShapeSet]) -> Vec<Case> {
@@ -177,9 +202,24 @@ fn cases(ops: &[Op], sets: &[ShapeSet]) -> Vec<Case> {
         let name = set.name();
         if has(Op::Matmul) {
             let mut mm = |label: &str, m: usize, n: usize, k: usize| {
-                let (work, unit) = if m == 1 { ((n * k * 4) as f64, Unit::Gbs) } else { ((2 * m * n * k) as f64, Unit::Gflops) };
-                let shape = [name, label, &format!("m={m} n={n} k={k}")].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(" ");
-                out.push(Case { op: Op::Matmul, shape, work, unit, kind: Kind::Matmul { m, n, k } });
+                let (work, unit) = if m == 1 {
+                    ((n * k * 4) as f64, Unit::Gbs)
+                } else {
+                    ((2 * m * n * k) as f64, Unit::Gflops)
+                };
+                let shape = [name, label, &format!("m={m} n={n} k={k}")]
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                out.push(Case {
+                    op: Op::Matmul,
+                    shape,
+                    work,
+                    unit,
+                    kind: Kind::Matmul { m, n, k },
+                });
             };
             match set.model() {
                 Some((dim, ffn, _, _, vocab)) => {
@@ -196,32 +236,68 @@ fn cases(ops: &[Op], sets: &[ShapeSet]) -> Vec<Case> {
                 }
             }
         }
-        let Some((dim, ffn, heads, head_dim, _)) = set.model() else { continue };
+        let Some((dim, ffn, heads, head_dim, _)) = set.model() else {
+            continue;
+        };
         for rows in [1, 512] {
             let f = |bytes: usize| (bytes * 4) as f64;
             if has(Op::RmsNorm) {
                 let kind = Kind::RmsNorm { rows, dim };
-                out.push(Case { op: Op::RmsNorm, shape: format!("{name} rows={rows} dim={dim}"), work: f(2 * rows * dim + dim), unit: Unit::Gbs, kind });
+                out.push(Case {
+                    op: Op::RmsNorm,
+                    shape: format!("{name} rows={rows} dim={dim}"),
+                    work: f(2 * rows * dim + dim),
+                    unit: Unit::Gbs,
+                    kind,
+                });
             }
             if has(Op::Rope) {
-                let kind = Kind::Rope { rows, heads, head_dim };
+                let kind = Kind::Rope {
+                    rows,
+                    heads,
+                    head_dim,
+                };
                 let shape = format!("{name} rows={rows} heads={heads}x{head_dim}");
-                out.push(Case { op: Op::Rope, shape, work: f(2 * rows * heads * head_dim), unit: Unit::Gbs, kind });
+                out.push(Case {
+                    op: Op::Rope,
+                    shape,
+                    work: f(2 * rows * heads * head_dim),
+                    unit: Unit::Gbs,
+                    kind,
+                });
             }
             if has(Op::SwiGlu) {
                 let len = rows * ffn;
-                out.push(Case { op: Op::SwiGlu, shape: format!("{name} rows={rows} ffn={ffn}"), work: f(3 * len), unit: Unit::Gbs, kind: Kind::SwiGlu { len } });
+                out.push(Case {
+                    op: Op::SwiGlu,
+                    shape: format!("{name} rows={rows} ffn={ffn}"),
+                    work: f(3 * len),
+                    unit: Unit::Gbs,
+                    kind: Kind::SwiGlu { len },
+                });
             }
             if has(Op::Add) {
                 let len = rows * dim;
-                out.push(Case { op: Op::Add, shape: format!("{name} rows={rows} dim={dim}"), work: f(3 * len), unit: Unit::Gbs, kind: Kind::Add { len } });
+                out.push(Case {
+                    op: Op::Add,
+                    shape: format!("{name} rows={rows} dim={dim}"),
+                    work: f(3 * len),
+                    unit: Unit::Gbs,
+                    kind: Kind::Add { len },
+                });
             }
         }
         if has(Op::Softmax) {
             // One row of `dim` scores, and decode attention: every head over a context of `dim`.
             for rows in [1, heads] {
                 let kind = Kind::Softmax { rows, cols: dim };
-                out.push(Case { op: Op::Softmax, shape: format!("{name} rows={rows} cols={dim}"), work: (2 * rows * dim * 4) as f64, unit: Unit::Gbs, kind });
+                out.push(Case {
+                    op: Op::Softmax,
+                    shape: format!("{name} rows={rows} cols={dim}"),
+                    work: (2 * rows * dim * 4) as f64,
+                    unit: Unit::Gbs,
+                    kind,
+                });
             }
         }
     }
@@ -230,7 +306,12 @@ fn cases(ops: &[Op], sets: &[ShapeSet]) -> Vec<Case> {
 
 /// Deterministic values in `[-1, 1)`.
 fn values(n: usize, seed: usize) -> Vec<f32> {
-    (0..n).map(|i| ((i.wrapping_mul(2_654_435_761).wrapping_add(seed * 40_503)) % 65_521) as f32 / 32_760.5 - 1.0).collect()
+    (0..n)
+        .map(|i| {
+            ((i.wrapping_mul(2_654_435_761).wrapping_add(seed * 40_503)) % 65_521) as f32 / 32_760.5
+                - 1.0
+        })
+        .collect()
 }
 
 /// Copies of a weight `(n, k)` needed to keep a decode row cold.
@@ -244,32 +325,55 @@ fn time_case<B: Backend>(b: &B, case: &Case, budget: Duration) -> Result<Timing,
         Kind::Matmul { m, n, k } => {
             let copies = if m == 1 { cold_copies(n, k) } else { 1 };
             let raw: Vec<Vec<f32>> = (0..copies).map(|c| values(n * k, c)).collect();
-            let ws = raw.iter().map(|w| b.prepare(WeightView::f32(w, n, k)?)).collect::<Result<Vec<_>, _>>()?;
+            let ws = raw
+                .iter()
+                .map(|w| b.prepare(WeightView::f32(w, n, k)?))
+                .collect::<Result<Vec<_>, _>>()?;
             let x = values(m * k, 99);
             let mut y = vec![0.0; m * n];
             let mut i = 0;
             time(budget, MIN, || {
-                b.matmul(&x, &ws[i % copies], &mut y, m).expect("shapes checked");
+                b.matmul(&x, &ws[i % copies], &mut y, m)
+                    .expect("shapes checked");
                 i += 1;
             })
         }
         Kind::RmsNorm { rows, dim } => {
             let (x, g, mut y) = (values(rows * dim, 1), values(dim, 2), vec![0.0; rows * dim]);
-            time(budget, MIN, || b.rmsnorm(&x, &g, &mut y, 1e-5).expect("shapes checked"))
+            time(budget, MIN, || {
+                b.rmsnorm(&x, &g, &mut y, 1e-5).expect("shapes checked")
+            })
         }
-        Kind::Rope { rows, heads, head_dim } => {
+        Kind::Rope {
+            rows,
+            heads,
+            head_dim,
+        } => {
             let mut x = values(rows * heads * head_dim, 3);
-            let p = RopeParams { head_dim, theta: 10_000.0, layout: RopeLayout::Interleaved };
-            time(budget, MIN, || b.rope(&mut x, rows, 100, &p).expect("shapes checked"))
+            let p = RopeParams {
+                head_dim,
+                theta: 10_000.0,
+                layout: RopeLayout::Interleaved,
+            };
+            time(budget, MIN, || {
+                b.rope(&mut x, rows, 100, &p).expect("shapes checked")
+            })
         }
         Kind::Softmax { rows, cols } => {
             let mut x = values(rows * cols, 4);
-            let p = SoftmaxParams { scale: 0.125, causal: None };
-            time(budget, MIN, || b.softmax(&mut x, cols, &p).expect("shapes checked"))
+            let p = SoftmaxParams {
+                scale: 0.125,
+                causal: None,
+            };
+            time(budget, MIN, || {
+                b.softmax(&mut x, cols, &p).expect("shapes checked")
+            })
         }
         Kind::SwiGlu { len } => {
             let (a, g, mut y) = (values(len, 5), values(len, 6), vec![0.0; len]);
-            time(budget, MIN, || b.swiglu(&a, &g, &mut y).expect("shapes checked"))
+            time(budget, MIN, || {
+                b.swiglu(&a, &g, &mut y).expect("shapes checked")
+            })
         }
         Kind::Add { len } => {
             let (x, mut y) = (values(len, 7), values(len, 8));
@@ -292,7 +396,20 @@ fn time_matrixmultiply(m: usize, n: usize, k: usize, budget: Duration) -> Timing
         // column stride k (W is n rows of k), y is m × n (row stride n); all in bounds.
         unsafe {
             matrixmultiply::sgemm(
-                m, k, n, 1.0, x.as_ptr(), k as isize, 1, w.as_ptr(), 1, k as isize, 0.0, y.as_mut_ptr(), n as isize, 1,
+                m,
+                k,
+                n,
+                1.0,
+                x.as_ptr(),
+                k as isize,
+                1,
+                w.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                y.as_mut_ptr(),
+                n as isize,
+                1,
             );
         }
         i += 1;
@@ -301,22 +418,38 @@ fn time_matrixmultiply(m: usize, n: usize, k: usize, budget: Duration) -> Timing
 
 /// Runs the table. `roofs` must hold a roof for every thread count in `cfg.threads`;
 /// `on_row` sees each row as it is measured (for progress output).
-pub fn run(cfg: &Config, roofs: &[Roof], mut on_row: impl FnMut(&Row)) -> Result<Vec<Row>, crate::Error> {
+pub fn run(
+    cfg: &Config,
+    roofs: &[Roof],
+    mut on_row: impl FnMut(&Row),
+) -> Result<Vec<Row>, crate::Error> {
     let cases = cases(&cfg.ops, &cfg.shapes);
     let mut rows = Vec::new();
     for &threads in &cfg.threads {
-        let roof = roofs.iter().find(|r| r.threads == threads).expect("a roof per thread count");
+        let roof = roofs
+            .iter()
+            .find(|r| r.threads == threads)
+            .expect("a roof per thread count");
         for &contender in &cfg.contenders {
             // The scalar backend and the baseline run on one thread only.
-            let single = matches!(contender, Contender::Chord(Variant::Scalar) | Contender::MatrixMultiply);
+            let single = matches!(
+                contender,
+                Contender::Chord(Variant::Scalar) | Contender::MatrixMultiply
+            );
             if single && threads != 1 {
                 continue;
             }
             for case in &cases {
                 let timing = match contender {
-                    Contender::Chord(Variant::Scalar) => time_case(&ScalarBackend::new(), case, cfg.budget)?,
-                    Contender::Chord(Variant::Blocked) => time_case(&BlockedBackend::new(threads)?, case, cfg.budget)?,
-                    Contender::Chord(Variant::Simd(level)) => time_case(&SimdBackend::with_level(level, threads)?, case, cfg.budget)?,
+                    Contender::Chord(Variant::Scalar) => {
+                        time_case(&ScalarBackend::new(), case, cfg.budget)?
+                    }
+                    Contender::Chord(Variant::Blocked) => {
+                        time_case(&BlockedBackend::new(threads)?, case, cfg.budget)?
+                    }
+                    Contender::Chord(Variant::Simd(level)) => {
+                        time_case(&SimdBackend::with_level(level, threads)?, case, cfg.budget)?
+                    }
                     Contender::MatrixMultiply => match case.kind {
                         Kind::Matmul { m, n, k } => time_matrixmultiply(m, n, k, cfg.budget),
                         _ => continue,
@@ -356,7 +489,10 @@ pub fn fmt_seconds(s: f64) -> String {
 
 /// The header line of the table.
 pub fn header() -> String {
-    format!("{:<9} {:<15} {:<42} {:>3} {:>10} {:>7} {:>16} {:>7}", "op", "backend", "shape", "thr", "median", "samples", "rate", "% roof")
+    format!(
+        "{:<9} {:<15} {:<42} {:>3} {:>10} {:>7} {:>16} {:>7}",
+        "op", "backend", "shape", "thr", "median", "samples", "rate", "% roof"
+    )
 }
 
 /// One line of the table.

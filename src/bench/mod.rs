@@ -34,7 +34,10 @@ pub fn measure_roofs(thread_counts: &[usize]) -> Vec<Roof> {
     thread_counts
         .iter()
         .map(|&threads| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("roof probe thread pool");
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("roof probe thread pool");
             let iters = 20_000_000;
             let flops = (probe::fma_probe_flops_per_iter(isa) * iters * threads) as f64;
             let fma_gflops = (0..5)
@@ -64,7 +67,12 @@ pub fn measure_roofs(thread_counts: &[usize]) -> Vec<Roof> {
                     (buf.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
                 })
                 .fold(0.0, f64::max);
-            Roof { threads, fma_gflops, fma_level: isa.level().name(), read_gbs }
+            Roof {
+                threads,
+                fma_gflops,
+                fma_level: isa.level().name(),
+                read_gbs,
+            }
         })
         .collect()
 }
@@ -86,7 +94,10 @@ pub fn time(budget: Duration, min_samples: usize, mut f: impl FnMut()) -> Timing
     f();
     let first = t.elapsed();
     if first > budget {
-        return Timing { median_s: first.as_secs_f64(), samples: 1 };
+        return Timing {
+            median_s: first.as_secs_f64(),
+            samples: 1,
+        };
     }
     let start = Instant::now();
     let mut samples = Vec::new();
@@ -96,5 +107,8 @@ pub fn time(budget: Duration, min_samples: usize, mut f: impl FnMut()) -> Timing
         samples.push(t.elapsed().as_secs_f64());
     }
     samples.sort_by(f64::total_cmp);
-    Timing { median_s: samples[samples.len() / 2], samples: samples.len() }
+    Timing {
+        median_s: samples[samples.len() / 2],
+        samples: samples.len(),
+    }
 }

@@ -151,7 +151,11 @@ pub fn matmul(
     // Units of work: panels, or strips of panels when decoding.
     let strips = if m == 1 { tile(w.isa.level()).1 } else { 1 };
     let units = w.n.div_ceil(w.nr) * strips;
-    let tasks = pool.current_num_threads().min(scratch.slots.len()).min(units).max(1);
+    let tasks = pool
+        .current_num_threads()
+        .min(scratch.slots.len())
+        .min(units)
+        .max(1);
     let out = OutPtr(y.as_mut_ptr());
     let task = |t: usize| {
         let (p0, p1) = (units * t / tasks, units * (t + 1) / tasks);
@@ -280,14 +284,28 @@ unsafe fn body<V: F32Vec, const MR: usize, const NV: usize, const SV: usize>(
 /// each `k`-major (`buf[panel][p][i]`), zero-padding rows past `mc`. Reads `MR` row streams
 /// and writes one contiguous stream.
 #[inline(always)]
-fn pack_x<const MR: usize>(x: &[f32], k: usize, ic: usize, mc: usize, pc: usize, kc: usize, buf: &mut [f32]) {
+fn pack_x<const MR: usize>(
+    x: &[f32],
+    k: usize,
+    ic: usize,
+    mc: usize,
+    pc: usize,
+    kc: usize,
+    buf: &mut [f32],
+) {
     for (panel, ir) in (0..mc).step_by(MR).enumerate() {
         let dst = &mut buf[panel * MR * kc..][..MR * kc];
         let rows = MR.min(mc - ir);
         if rows < MR {
             dst.fill(0.0);
         }
-        let src: [&[f32]; MR] = std::array::from_fn(|i| if i < rows { &x[(ic + ir + i) * k + pc..][..kc] } else { &[] });
+        let src: [&[f32]; MR] = std::array::from_fn(|i| {
+            if i < rows {
+                &x[(ic + ir + i) * k + pc..][..kc]
+            } else {
+                &[]
+            }
+        });
         for (p, out) in dst.chunks_exact_mut(MR).enumerate() {
             for i in 0..rows {
                 out[i] = src[i][p];
@@ -374,7 +392,14 @@ unsafe fn microkernel<V: F32Vec, const MR: usize, const NV: usize>(
 /// # Safety
 /// `b` is valid for `k` rows of `SV * LANES` values at stride `nr`; `y` for `cols` writes.
 #[inline(always)]
-unsafe fn gemv_strip<V: F32Vec, const SV: usize>(x: &[f32], b: *const f32, k: usize, nr: usize, y: *mut f32, cols: usize) {
+unsafe fn gemv_strip<V: F32Vec, const SV: usize>(
+    x: &[f32],
+    b: *const f32,
+    k: usize,
+    nr: usize,
+    y: *mut f32,
+    cols: usize,
+) {
     // Independent accumulator sets, to cover the FMA latency.
     const U: usize = 4;
     let l = V::LANES;
