@@ -57,13 +57,16 @@ pub fn measure_roofs(thread_counts: &[usize]) -> Vec<Roof> {
             let read_gbs = (0..10)
                 .map(|_| {
                     let t = Instant::now();
-                    pool.install(|| {
-                        buf.par_chunks(chunk).for_each(|c| {
-                            let mut out = [0.0f32];
-                            probe::sum_probe(isa, c, &mut out);
-                            std::hint::black_box(out);
-                        })
-                    });
+                    let read = |c: &[f32]| {
+                        let mut out = [0.0f32];
+                        probe::sum_probe(isa, c, &mut out);
+                        std::hint::black_box(out);
+                    };
+                    if threads == 1 {
+                        read(&buf);
+                    } else {
+                        pool.install(|| buf.par_chunks(chunk).for_each(read));
+                    }
                     (buf.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
                 })
                 .fold(0.0, f64::max);
