@@ -2,6 +2,7 @@
 //!
 //! - [`backend`]: the trait, shape checks, and the built-in backends (scalar, blocked, SIMD);
 //! - [`conformance`]: the suite any backend runs to prove it matches the f64 reference;
+//! - [`gguf`]: the GGUF reader (memory-mapped, hostile-file safe) and writer;
 //! - [`bench`]: the measurements behind `chord bench kernels`, roofs included.
 //!
 //! The kernels themselves live in the `chord-kernels` crate, re-exported as [`kernels`].
@@ -10,6 +11,7 @@ pub mod backend;
 pub mod bench;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod gguf;
 
 pub use backend::{Backend, BlockedBackend, Error, ScalarBackend, SimdBackend, Variant};
 pub use chord_kernels as kernels;

@@ -24,6 +24,11 @@ enum Command {
     /// Measure kernels against the machine's own roofs.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Print a GGUF file's metadata and tensor table.
+    Inspect {
+        /// The GGUF file.
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -59,13 +64,29 @@ struct KernelArgs {
     json: bool,
 }
 
+/// `println!` that returns the write error (a closed pipe) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(BenchCommand::Kernels(args)) => bench_kernels(args),
+        Command::Inspect { file } => inspect(&file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`chord inspect m.gguf | head`): not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("chord: {e}");
             ExitCode::FAILURE
@@ -96,23 +117,80 @@ fn bench_kernels(args: KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("measuring roofs on {:?} threads...", cfg.threads);
     let roofs = bench::measure_roofs(&cfg.threads);
     if !args.json {
-        println!("roofs, measured in this run (f32 FMA peak; streaming read of 1 GiB):");
+        out!("roofs, measured in this run (f32 FMA peak; streaming read of 1 GiB):")?;
         for r in &roofs {
-            println!(
+            out!(
                 "  {} thread(s): {:.1} GFLOP/s ({}), {:.1} GB/s",
-                r.threads, r.fma_gflops, r.fma_level, r.read_gbs
-            );
+                r.threads,
+                r.fma_gflops,
+                r.fma_level,
+                r.read_gbs
+            )?;
         }
-        println!("{}", kernels::header());
+        out!("{}", kernels::header())?;
     }
     let json = args.json;
     let rows = kernels::run(&cfg, &roofs, |row| {
         if !json {
-            println!("{}", kernels::format_row(row));
+            // A closed pipe shows at the next write after the table.
+            let _ = out!("{}", kernels::format_row(row));
         }
     })?;
     if json {
-        println!("{}", serde_json::json!({ "roofs": roofs, "rows": rows }));
+        out!("{}", serde_json::json!({ "roofs": roofs, "rows": rows }))?;
+    }
+    Ok(())
+}
+
+fn inspect(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    use chord::gguf::{Array, GgufFile, Value};
+    let file = GgufFile::open(path)?;
+    let g = file.gguf();
+    out!(
+        "{}: GGUF v{}, {} metadata entries, {} tensors, alignment {}",
+        path.display(),
+        g.version,
+        g.metadata.len(),
+        g.tensors.len(),
+        g.alignment
+    )?;
+    out!("\nmetadata:")?;
+    for (key, value) in &g.metadata {
+        let shown = match value {
+            Value::String(s) if s.len() > 80 => format!(
+                "{:?}... ({} bytes)",
+                &s[..s.floor_char_boundary(80)],
+                s.len()
+            ),
+            Value::String(s) => format!("{s:?}"),
+            Value::Array(Array::String(v)) => {
+                let head: Vec<&String> = v.iter().take(4).collect();
+                format!("[{} strings] {head:?}...", v.len())
+            }
+            Value::Array(a) if a.len() > 8 => format!("[{} × {:?}]", a.len(), a.element_type()),
+            Value::Array(a) => format!("{a:?}"),
+            other => format!("{other:?}"),
+        };
+        out!("  {key:<40} {shown}")?;
+    }
+    out!("\ntensors:")?;
+    out!(
+        "  {:<32} {:<6} {:<18} {:>12} {:>12}",
+        "name",
+        "type",
+        "dims",
+        "offset",
+        "bytes"
+    )?;
+    for t in &g.tensors {
+        out!(
+            "  {:<32} {:<6} {:<18} {:>12} {:>12}",
+            t.name,
+            t.dtype.name(),
+            format!("{:?}", t.dims),
+            t.offset,
+            t.size
+        )?;
     }
     Ok(())
 }

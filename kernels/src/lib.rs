@@ -22,6 +22,7 @@
 
 pub mod blocked;
 mod params;
+pub mod quant;
 pub mod scalar;
 pub mod simd;
 

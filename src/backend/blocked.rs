@@ -36,6 +36,7 @@ impl Backend for BlockedBackend {
     fn supports(&self, _op: Op, dtype: DType) -> Support {
         match dtype {
             DType::F32 => Support::Native,
+            _ => Support::Dequantized,
         }
     }
 

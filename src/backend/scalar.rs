@@ -32,6 +32,7 @@ impl Backend for ScalarBackend {
     fn supports(&self, _op: Op, dtype: DType) -> Support {
         match dtype {
             DType::F32 => Support::Native,
+            _ => Support::Dequantized,
         }
     }
 

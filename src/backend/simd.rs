@@ -61,6 +61,7 @@ impl Backend for SimdBackend {
     fn supports(&self, _op: Op, dtype: DType) -> Support {
         match dtype {
             DType::F32 => Support::Native,
+            _ => Support::Dequantized,
         }
     }
 

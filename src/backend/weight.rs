@@ -4,24 +4,7 @@ use std::borrow::Cow;
 
 use super::Error;
 
-/// The storage format of a weight tensor.
-///
-/// chord computes on f32 weights today; quantized GGUF formats join this list with the
-/// GGUF reader, each with its dequantization kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DType {
-    /// IEEE 754 single precision, little-endian.
-    F32,
-}
-
-impl DType {
-    /// Bytes of a `rows × cols` tensor of this type.
-    pub fn bytes_for(self, rows: usize, cols: usize) -> Option<usize> {
-        match self {
-            DType::F32 => rows.checked_mul(cols)?.checked_mul(4),
-        }
-    }
-}
+pub use chord_kernels::quant::DType;
 
 /// A weight `(rows, cols)`, row-major, as stored: its format and its bytes (typically a view
 /// into a memory-mapped file).
@@ -34,14 +17,23 @@ pub struct WeightView<'w> {
 }
 
 impl<'w> WeightView<'w> {
-    /// A view of `bytes` as a `(rows, cols)` tensor of `dtype`; the length must match exactly.
+    /// A view of `bytes` as a `(rows, cols)` tensor of `dtype`: each row a whole number of
+    /// blocks, the length exactly `rows` such rows.
     pub fn new(dtype: DType, rows: usize, cols: usize, bytes: &'w [u8]) -> Result<Self, Error> {
-        let expected = dtype.bytes_for(rows, cols).filter(|_| rows > 0 && cols > 0);
-        if expected != Some(bytes.len()) {
+        let Some(row_bytes) = dtype.bytes_for(cols).filter(|_| rows > 0 && cols > 0) else {
             return Err(Error::Shape {
                 op: "weight",
                 detail: format!(
-                    "{dtype:?} {rows} × {cols} needs {expected:?} bytes, got {}",
+                    "{dtype} rows of {cols} values are not whole blocks of {}",
+                    dtype.block_len()
+                ),
+            });
+        };
+        if row_bytes.checked_mul(rows) != Some(bytes.len()) {
+            return Err(Error::Shape {
+                op: "weight",
+                detail: format!(
+                    "{dtype} {rows} × {cols} needs {rows} × {row_bytes} bytes, got {}",
                     bytes.len()
                 ),
             });
@@ -74,19 +66,22 @@ impl<'w> WeightView<'w> {
         self.bytes
     }
 
-    /// The values as f32: borrowed when the bytes are 4-aligned, copied otherwise.
+    /// The values as f32: borrowed when the weight is f32 and 4-aligned, dequantized or
+    /// copied otherwise.
     pub fn to_f32(&self) -> Cow<'w, [f32]> {
-        match self.dtype {
-            DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(self.bytes) {
-                Ok(v) => Cow::Borrowed(v),
-                Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(self.bytes)),
-            },
+        if self.dtype == DType::F32
+            && let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(self.bytes)
+        {
+            return Cow::Borrowed(v);
         }
+        let mut out = vec![0.0f32; self.rows * self.cols];
+        chord_kernels::quant::dequantize(self.dtype, self.bytes, &mut out);
+        Cow::Owned(out)
     }
 }
 
-/// A row-major f32 weight `(rows, cols)`, borrowed from the file where it is aligned: the
-/// prepared weight of the scalar and blocked backends.
+/// A row-major f32 weight `(rows, cols)`, borrowed from the file where it is aligned f32,
+/// dequantized once otherwise: the prepared weight of the scalar and blocked backends.
 #[derive(Clone, Debug)]
 pub struct F32Weight<'w> {
     /// `n`: rows.

@@ -1,0 +1,368 @@
+//! GGUF files: the reader (over a memory map, no copies) and the writer.
+//!
+//! Layout (versions 2 and 3, little-endian): the magic `GGUF`, a `u32` version, `u64` tensor
+//! and metadata counts; the metadata (`string` key, `u32` type, value); the tensor infos
+//! (`string` name, `u32` dimension count, `u64` dimensions with the contiguous one first,
+//! `u32` ggml type, `u64` offset into the data section); padding to `general.alignment`
+//! (default 32); the tensor data. A string is a `u64` byte length and UTF-8 bytes.
+//!
+//! The reader trusts nothing: every count, length, offset and dimension is checked against
+//! the bytes left and for overflow before anything is allocated or read, and an error names
+//! the field and its byte offset.
+
+mod read;
+mod write;
+
+use std::path::Path;
+
+pub use chord_kernels::quant::DType;
+pub use write::Writer;
+
+use crate::backend::WeightView;
+
+/// A malformed file, or one that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// The file could not be opened or mapped.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The bytes break the format: `field` names what, `offset` where.
+    #[error("GGUF {field} at byte {offset}: {problem}")]
+    Format {
+        field: String,
+        offset: u64,
+        problem: String,
+    },
+    /// A key the caller needs is missing or has another type.
+    #[error("GGUF metadata '{key}': {problem}")]
+    Metadata { key: String, problem: String },
+    /// A tensor the caller needs is missing or has another shape.
+    #[error("GGUF tensor '{name}': {problem}")]
+    Tensor { name: String, problem: String },
+}
+
+/// The type tag of a metadata value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueType {
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    F32,
+    Bool,
+    String,
+    Array,
+    U64,
+    I64,
+    F64,
+}
+
+impl ValueType {
+    /// The type with GGUF tag `tag`.
+    pub fn from_tag(tag: u32) -> Option<ValueType> {
+        use ValueType::*;
+        [
+            U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64,
+        ]
+        .get(tag as usize)
+        .copied()
+    }
+
+    /// The GGUF tag.
+    pub fn tag(self) -> u32 {
+        self as u32
+    }
+
+    /// The fewest bytes a value of this type takes in a file (a string's or an array's
+    /// header without contents).
+    pub fn min_size(self) -> usize {
+        use ValueType::*;
+        match self {
+            U8 | I8 | Bool => 1,
+            U16 | I16 => 2,
+            U32 | I32 | F32 => 4,
+            U64 | I64 | F64 | String => 8,
+            Array => 12,
+        }
+    }
+}
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    Array(Array),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+/// A metadata array: one element type, stored as a typed vector.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Array {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    Bool(Vec<bool>),
+    String(Vec<String>),
+    Array(Vec<Array>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F64(Vec<f64>),
+}
+
+impl Array {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Array::U8(v) => v.len(),
+            Array::I8(v) => v.len(),
+            Array::U16(v) => v.len(),
+            Array::I16(v) => v.len(),
+            Array::U32(v) => v.len(),
+            Array::I32(v) => v.len(),
+            Array::F32(v) => v.len(),
+            Array::Bool(v) => v.len(),
+            Array::String(v) => v.len(),
+            Array::Array(v) => v.len(),
+            Array::U64(v) => v.len(),
+            Array::I64(v) => v.len(),
+            Array::F64(v) => v.len(),
+        }
+    }
+
+    /// Whether the array has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element type.
+    pub fn element_type(&self) -> ValueType {
+        match self {
+            Array::U8(_) => ValueType::U8,
+            Array::I8(_) => ValueType::I8,
+            Array::U16(_) => ValueType::U16,
+            Array::I16(_) => ValueType::I16,
+            Array::U32(_) => ValueType::U32,
+            Array::I32(_) => ValueType::I32,
+            Array::F32(_) => ValueType::F32,
+            Array::Bool(_) => ValueType::Bool,
+            Array::String(_) => ValueType::String,
+            Array::Array(_) => ValueType::Array,
+            Array::U64(_) => ValueType::U64,
+            Array::I64(_) => ValueType::I64,
+            Array::F64(_) => ValueType::F64,
+        }
+    }
+}
+
+impl Value {
+    /// The type tag.
+    pub fn value_type(&self) -> ValueType {
+        match self {
+            Value::U8(_) => ValueType::U8,
+            Value::I8(_) => ValueType::I8,
+            Value::U16(_) => ValueType::U16,
+            Value::I16(_) => ValueType::I16,
+            Value::U32(_) => ValueType::U32,
+            Value::I32(_) => ValueType::I32,
+            Value::F32(_) => ValueType::F32,
+            Value::Bool(_) => ValueType::Bool,
+            Value::String(_) => ValueType::String,
+            Value::Array(_) => ValueType::Array,
+            Value::U64(_) => ValueType::U64,
+            Value::I64(_) => ValueType::I64,
+            Value::F64(_) => ValueType::F64,
+        }
+    }
+
+    /// The value as a non-negative integer, whatever its integer type.
+    pub fn as_usize(&self) -> Option<usize> {
+        match *self {
+            Value::U8(v) => Some(v as usize),
+            Value::U16(v) => Some(v as usize),
+            Value::U32(v) => usize::try_from(v).ok(),
+            Value::U64(v) => usize::try_from(v).ok(),
+            Value::I8(v) => usize::try_from(v).ok(),
+            Value::I16(v) => usize::try_from(v).ok(),
+            Value::I32(v) => usize::try_from(v).ok(),
+            Value::I64(v) => usize::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as f32, from either float type.
+    pub fn as_f32(&self) -> Option<f32> {
+        match *self {
+            Value::F32(v) => Some(v),
+            Value::F64(v) => Some(v as f32),
+            _ => None,
+        }
+    }
+}
+
+/// Where a tensor lies in the file and what it holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// Dimensions, the contiguous one first (ggml's `ne`): a weight `W (n, k)` is `[k, n]`.
+    pub dims: Vec<usize>,
+    pub dtype: DType,
+    /// Byte offset of the data from the start of the file.
+    pub offset: usize,
+    /// Bytes of data.
+    pub size: usize,
+}
+
+impl TensorInfo {
+    /// Values per row: the first dimension.
+    pub fn cols(&self) -> usize {
+        self.dims[0]
+    }
+
+    /// Rows: the product of the other dimensions.
+    pub fn rows(&self) -> usize {
+        self.dims[1..].iter().product()
+    }
+}
+
+/// A parsed GGUF header: metadata and tensor table, without the data.
+#[derive(Clone, Debug)]
+pub struct Gguf {
+    pub version: u32,
+    /// Metadata in file order.
+    pub metadata: Vec<(String, Value)>,
+    /// Tensors in file order.
+    pub tensors: Vec<TensorInfo>,
+    /// Alignment of the data section and of every tensor in it.
+    pub alignment: usize,
+    /// Byte offset of the data section.
+    pub data_start: usize,
+}
+
+impl Gguf {
+    /// Parses and validates a whole file's bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
+        read::parse(bytes)
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// The tensor named `name`.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    fn metadata_error(key: &str, problem: impl Into<String>) -> GgufError {
+        GgufError::Metadata {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// `key` as a non-negative integer; an error if absent or of another type.
+    pub fn usize(&self, key: &str) -> Result<usize, GgufError> {
+        let v = self
+            .get(key)
+            .ok_or_else(|| Self::metadata_error(key, "missing"))?;
+        v.as_usize().ok_or_else(|| {
+            Self::metadata_error(
+                key,
+                format!(
+                    "expected a non-negative integer, found {:?}",
+                    v.value_type()
+                ),
+            )
+        })
+    }
+
+    /// `key` as f32; an error if absent or not a float.
+    pub fn f32(&self, key: &str) -> Result<f32, GgufError> {
+        let v = self
+            .get(key)
+            .ok_or_else(|| Self::metadata_error(key, "missing"))?;
+        v.as_f32().ok_or_else(|| {
+            Self::metadata_error(key, format!("expected a float, found {:?}", v.value_type()))
+        })
+    }
+
+    /// `key` as a string; an error if absent or not a string.
+    pub fn str(&self, key: &str) -> Result<&str, GgufError> {
+        match self.get(key) {
+            Some(Value::String(s)) => Ok(s),
+            Some(v) => Err(Self::metadata_error(
+                key,
+                format!("expected a string, found {:?}", v.value_type()),
+            )),
+            None => Err(Self::metadata_error(key, "missing")),
+        }
+    }
+}
+
+/// A GGUF file mapped into memory: its parsed header and views of its tensors.
+pub struct GgufFile {
+    map: memmap2::Mmap,
+    gguf: Gguf,
+}
+
+impl GgufFile {
+    /// Maps and parses `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
+        let path = path.as_ref();
+        let io = |source| GgufError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only and private to this value. Another process truncating
+        // or rewriting the file while it is mapped would change what is read: chord opens model
+        // files it does not write to.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let gguf = Gguf::parse(&map)?;
+        Ok(GgufFile { map, gguf })
+    }
+
+    /// The parsed header.
+    pub fn gguf(&self) -> &Gguf {
+        &self.gguf
+    }
+
+    /// The bytes of a tensor of this file (bounds checked when parsed).
+    pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
+        &self.map[t.offset..t.offset + t.size]
+    }
+
+    /// The tensor `name` as a weight view `(rows, cols)`, borrowed from the map.
+    pub fn weight(&self, name: &str) -> Result<WeightView<'_>, GgufError> {
+        let t = self.gguf.tensor(name).ok_or_else(|| GgufError::Tensor {
+            name: name.into(),
+            problem: "missing".into(),
+        })?;
+        WeightView::new(t.dtype, t.rows(), t.cols(), self.tensor_bytes(t)).map_err(|e| {
+            GgufError::Tensor {
+                name: name.into(),
+                problem: e.to_string(),
+            }
+        })
+    }
+}

@@ -1,0 +1,199 @@
+//! The GGUF reader against hostile files, and the writer against the reader.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+
+use chord::gguf::{Array, DType, Gguf, GgufFile, Value, Writer};
+
+const MALFORMED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/gguf/malformed");
+
+/// Every file of the malformed corpus (made by tests/data/gguf/make_malformed.py) is refused
+/// with an error that names the field its manifest gives, from bytes and from a mapped file.
+#[test]
+fn every_malformed_file_is_refused_with_an_error_naming_the_field() {
+    let manifest = std::fs::read_to_string(Path::new(MALFORMED).join("manifest.tsv")).unwrap();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for line in manifest.lines().skip(1) {
+        let (file, field) = line.split_once('\t').unwrap();
+        let path = Path::new(MALFORMED).join(file);
+        let bytes = std::fs::read(&path).unwrap();
+        for (how, result) in [
+            ("parse", catch_unwind(|| Gguf::parse(&bytes).map(|_| ()))),
+            (
+                "open",
+                catch_unwind(AssertUnwindSafe(|| GgufFile::open(&path).map(|_| ()))),
+            ),
+        ] {
+            match result {
+                Err(_) => failures.push(format!("{file} ({how}): panicked")),
+                Ok(Ok(())) => failures.push(format!("{file} ({how}): accepted")),
+                Ok(Err(e))
+                    if !e.to_string().contains(field) || !e.to_string().contains("at byte") =>
+                {
+                    failures.push(format!(
+                        "{file} ({how}): error does not name '{field}' and a byte offset: {e}"
+                    ))
+                }
+                Ok(Err(_)) => {}
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked >= 30, "the corpus has {checked} files");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_truncation_of_a_valid_file_is_an_error_never_a_panic() {
+    let bytes = sample().to_bytes();
+    Gguf::parse(&bytes).expect("the whole file parses");
+    for len in 0..bytes.len() {
+        let r = catch_unwind(|| Gguf::parse(&bytes[..len]));
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "truncated to {len} of {} bytes: {r:?}",
+            bytes.len()
+        );
+    }
+}
+
+/// A file with every metadata type, a nested array and tensors of every format.
+fn sample() -> Writer {
+    let mut w = Writer::new();
+    w.metadata("general.architecture", Value::String("llama".into()))
+        .metadata("u8", Value::U8(7))
+        .metadata("i8", Value::I8(-7))
+        .metadata("u16", Value::U16(65_000))
+        .metadata("i16", Value::I16(-32_000))
+        .metadata("u32", Value::U32(4_000_000_000))
+        .metadata("i32", Value::I32(-2_000_000_000))
+        .metadata("f32", Value::F32(1.5e-5))
+        .metadata("bool", Value::Bool(true))
+        .metadata("u64", Value::U64(1 << 60))
+        .metadata("i64", Value::I64(-(1 << 60)))
+        .metadata("f64", Value::F64(-2.5e300))
+        .metadata(
+            "strings",
+            Value::Array(Array::String(vec![
+                "<s>".into(),
+                "Ġthe".into(),
+                "日本".into(),
+                String::new(),
+            ])),
+        )
+        .metadata("i32s", Value::Array(Array::I32(vec![1, -2, 3])))
+        .metadata(
+            "nested",
+            Value::Array(Array::Array(vec![
+                Array::U8(vec![1, 2]),
+                Array::F64(vec![0.5]),
+                Array::Bool(vec![]),
+            ])),
+        );
+    for (i, dtype) in DType::ALL.into_iter().enumerate() {
+        let cols = dtype.block_len().max(8);
+        let rows = 3;
+        let bytes: Vec<u8> = (0..dtype.bytes_for(rows * cols).unwrap())
+            .map(|b| (b * 31 + i) as u8)
+            .collect();
+        w.tensor(format!("t.{}", dtype.name()), &[cols, rows], dtype, bytes)
+            .unwrap();
+    }
+    w
+}
+
+#[test]
+fn the_writer_round_trips_every_value_type_and_every_format() {
+    let w = sample();
+    let bytes = w.to_bytes();
+    let g = Gguf::parse(&bytes).unwrap();
+    assert_eq!(g.version, 3);
+    assert_eq!(g.get("u32"), Some(&Value::U32(4_000_000_000)));
+    assert_eq!(g.get("f64"), Some(&Value::F64(-2.5e300)));
+    assert_eq!(g.get("i64"), Some(&Value::I64(-(1 << 60))));
+    assert_eq!(g.str("general.architecture").unwrap(), "llama");
+    assert_eq!(
+        g.get("nested"),
+        Some(&Value::Array(Array::Array(vec![
+            Array::U8(vec![1, 2]),
+            Array::F64(vec![0.5]),
+            Array::Bool(vec![])
+        ])))
+    );
+    assert_eq!(
+        g.get("strings"),
+        Some(&Value::Array(Array::String(vec![
+            "<s>".into(),
+            "Ġthe".into(),
+            "日本".into(),
+            String::new()
+        ])))
+    );
+    assert_eq!(g.metadata.len(), 15);
+    assert_eq!(g.tensors.len(), DType::ALL.len());
+    for (i, dtype) in DType::ALL.into_iter().enumerate() {
+        let t = g.tensor(&format!("t.{}", dtype.name())).unwrap();
+        assert_eq!((t.dtype, t.rows()), (dtype, 3));
+        assert_eq!(t.offset % g.alignment, 0);
+        let expected: Vec<u8> = (0..t.size).map(|b| (b * 31 + i) as u8).collect();
+        assert_eq!(
+            &bytes[t.offset..t.offset + t.size],
+            &expected[..],
+            "{dtype}"
+        );
+    }
+    // Written again from what was read: the same bytes.
+    let mut again = Writer::new();
+    for (k, v) in &g.metadata {
+        again.metadata(k.clone(), v.clone());
+    }
+    for t in &g.tensors {
+        again
+            .tensor(
+                t.name.clone(),
+                &t.dims,
+                t.dtype,
+                bytes[t.offset..t.offset + t.size].to_vec(),
+            )
+            .unwrap();
+    }
+    assert_eq!(again.to_bytes(), bytes);
+}
+
+#[test]
+fn a_custom_alignment_is_honoured() {
+    let mut w = Writer::new();
+    w.metadata("general.alignment", Value::U32(256));
+    w.tensor("a", &[3], DType::F32, vec![1; 12])
+        .unwrap()
+        .tensor("b", &[5], DType::F32, vec![2; 20])
+        .unwrap();
+    let bytes = w.to_bytes();
+    let g = Gguf::parse(&bytes).unwrap();
+    assert_eq!(g.alignment, 256);
+    assert!(
+        g.tensors.iter().all(|t| t.offset % 256 == 0),
+        "{:?}",
+        g.tensors
+    );
+    assert_eq!(bytes[g.tensor("b").unwrap().offset], 2);
+}
+
+#[test]
+fn the_writer_refuses_tensors_whose_bytes_do_not_match_their_shape() {
+    let mut w = Writer::new();
+    assert!(
+        w.tensor("a", &[33], DType::Q4_0, vec![0; 36]).is_err(),
+        "33 is not whole blocks of 32"
+    );
+    assert!(
+        w.tensor("a", &[32], DType::Q4_0, vec![0; 17]).is_err(),
+        "one Q4_0 block is 18 bytes"
+    );
+    assert!(w.tensor("a", &[32], DType::Q4_0, vec![0; 18]).is_ok());
+    assert!(
+        w.tensor("a", &[32], DType::Q4_0, vec![0; 18]).is_err(),
+        "added twice"
+    );
+}
