@@ -3,6 +3,7 @@
 //! - [`backend`]: the trait, shape checks, and the built-in backends (scalar, blocked, SIMD);
 //! - [`conformance`]: the suite any backend runs to prove it matches the f64 reference;
 //! - [`gguf`]: the GGUF reader (memory-mapped, hostile-file safe) and writer;
+//! - [`model`]: the llama-family transformer, generic over the backend;
 //! - [`bench`]: the measurements behind `chord bench kernels`, roofs included.
 //!
 //! The kernels themselves live in the `chord-kernels` crate, re-exported as [`kernels`].
@@ -12,6 +13,8 @@ pub mod bench;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod gguf;
+pub mod model;
+pub mod pull;
 
 pub use backend::{Backend, BlockedBackend, Error, ScalarBackend, SimdBackend, Variant};
 pub use chord_kernels as kernels;

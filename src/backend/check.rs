@@ -1,7 +1,7 @@
 //! Shape and parameter checks at the library boundary: one function per op, each returning
 //! an [`Error`] that names the op and the shapes it was given.
 
-use super::{Error, RopeParams, SoftmaxParams};
+use super::{AttentionParams, Error, RopeParams, SoftmaxParams};
 
 fn shape(op: &'static str, detail: String) -> Error {
     Error::Shape { op, detail }
@@ -137,6 +137,64 @@ pub fn embedding(table: (usize, usize), token: usize, y: usize) -> Result<(), Er
         return Err(shape(
             "embedding",
             format!("y has {y} values, the table's rows have {dim}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `q`, `out (m, n_heads * head_dim)`; caches of at least `pos + m` rows of
+/// `n_kv_heads * head_dim`; `scores` of at least `pos + m`.
+pub fn attention(
+    q: usize,
+    k_cache: usize,
+    v_cache: usize,
+    out: usize,
+    scores: usize,
+    p: &AttentionParams,
+) -> Result<(), Error> {
+    let op = "attention";
+    if p.m == 0
+        || p.n_heads == 0
+        || p.n_kv_heads == 0
+        || p.head_dim == 0
+        || !p.n_heads.is_multiple_of(p.n_kv_heads)
+    {
+        return Err(param(
+            op,
+            format!(
+                "m = {}, {} heads over {} kv heads of {}: expected positive sizes, kv heads dividing heads",
+                p.m, p.n_heads, p.n_kv_heads, p.head_dim
+            ),
+        ));
+    }
+    let t_len = p
+        .pos
+        .checked_add(p.m)
+        .ok_or_else(|| param(op, "position overflows".into()))?;
+    let q_len = p.m.checked_mul(p.n_heads * p.head_dim);
+    if q_len != Some(q) || q_len != Some(out) {
+        return Err(shape(
+            op,
+            format!(
+                "q has {q} values, out {out}; expected m × n_heads × head_dim = {} × {} × {}",
+                p.m, p.n_heads, p.head_dim
+            ),
+        ));
+    }
+    let cache = t_len.checked_mul(p.n_kv_heads * p.head_dim);
+    if cache.is_none_or(|c| k_cache < c || v_cache < c) {
+        return Err(shape(
+            op,
+            format!(
+                "caches of {k_cache} and {v_cache} values cannot hold {t_len} positions of {} kv heads × {}",
+                p.n_kv_heads, p.head_dim
+            ),
+        ));
+    }
+    if scores < t_len {
+        return Err(shape(
+            op,
+            format!("scores has {scores} values, needs {t_len}"),
         ));
     }
     Ok(())

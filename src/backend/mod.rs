@@ -171,6 +171,64 @@ pub trait Backend: Send + Sync {
     fn embedding(&self, table: &Self::Weight<'_>, token: usize, y: &mut [f32])
     -> Result<(), Error>;
 
+    /// Causal grouped-query attention of `m` query rows over a KV cache.
+    ///
+    /// `q (m, n_heads * head_dim)`: row `i` is the query at position `p.pos + i`.
+    /// `k_cache`, `v_cache`: `(≥ p.pos + m, n_kv_heads * head_dim)`, rows by position, holding
+    /// the keys and values of positions `0 .. p.pos + m`. Query head `h` reads kv head
+    /// `h / (n_heads / n_kv_heads)`. `out (m, n_heads * head_dim)` receives
+    /// `softmax(q·kᵀ / sqrt(head_dim)) · v` per row and head; `scores (p.pos + m,)` is scratch.
+    ///
+    /// The default body uses [`softmax`](Backend::softmax) and plain dot products.
+    fn attention(
+        &self,
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        out: &mut [f32],
+        scores: &mut [f32],
+        p: &AttentionParams,
+    ) -> Result<(), Error> {
+        check::attention(
+            q.len(),
+            k_cache.len(),
+            v_cache.len(),
+            out.len(),
+            scores.len(),
+            p,
+        )?;
+        let (hd, kv_dim) = (p.head_dim, p.n_kv_heads * p.head_dim);
+        let group = p.n_heads / p.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for i in 0..p.m {
+            let t_len = p.pos + i + 1;
+            for h in 0..p.n_heads {
+                let qh = &q[(i * p.n_heads + h) * hd..][..hd];
+                let kv_off = (h / group) * hd;
+                let s = &mut scores[..t_len];
+                for (t, sc) in s.iter_mut().enumerate() {
+                    *sc = dot(qh, &k_cache[t * kv_dim + kv_off..][..hd]);
+                }
+                self.softmax(
+                    s,
+                    t_len,
+                    &SoftmaxParams {
+                        scale,
+                        causal: None,
+                    },
+                )?;
+                let o = &mut out[(i * p.n_heads + h) * hd..][..hd];
+                o.fill(0.0);
+                for (t, &w) in s.iter().enumerate() {
+                    for (oj, &vj) in o.iter_mut().zip(&v_cache[t * kv_dim + kv_off..][..hd]) {
+                        *oj += w * vj;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `y (m, n) = rmsnorm(x (m, k), norm (k,), eps) · Wᵀ`, with `normed (m, k)` as scratch.
     #[allow(clippy::too_many_arguments)] // the two ops' arguments, side by side
     fn rmsnorm_matmul(
@@ -186,6 +244,39 @@ pub trait Backend: Send + Sync {
         self.rmsnorm(x, norm, normed, eps)?;
         self.matmul(normed, w, y, m)
     }
+}
+
+/// The shape of an [`Backend::attention`] call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionParams {
+    /// Query rows.
+    pub m: usize,
+    /// Position of the first query row; the cache holds positions `0 .. pos + m`.
+    pub pos: usize,
+    pub n_heads: usize,
+    /// Divides `n_heads`.
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Dot product in eight lane-parallel partial sums (which the compiler vectorises), combined
+/// in a fixed order.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// Builds the rayon pool a backend owns.

