@@ -15,6 +15,7 @@ pub mod conformance;
 pub mod gguf;
 pub mod model;
 pub mod pull;
+pub mod tokenizer;
 
 pub use backend::{Backend, BlockedBackend, Error, ScalarBackend, SimdBackend, Variant};
 pub use chord_kernels as kernels;

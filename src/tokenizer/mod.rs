@@ -1,0 +1,388 @@
+//! Tokenizers read from GGUF metadata: GPT-2 byte-level BPE with the pre-tokenizer that
+//! `tokenizer.ggml.pre` names, matching llama.cpp's ids exactly.
+//!
+//! Encoding: special tokens are split out first (control tokens only on request, as
+//! llama.cpp does; user-defined tokens always); each remaining fragment is cut into pieces
+//! by the pre-tokenizer's expressions, each piece's UTF-8 bytes are mapped to GPT-2's
+//! printable byte alphabet, and merges are applied lowest rank first.
+
+mod pretok;
+
+use std::collections::HashMap;
+
+use crate::gguf::{Array, Gguf, Value};
+pub use pretok::PreTokenizer;
+
+/// An error building a tokenizer or decoding ids.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("tokenizer metadata: {0}")]
+    Metadata(String),
+    #[error("unsupported tokenizer: {0}")]
+    Unsupported(String),
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    UnknownId { id: u32, vocab: usize },
+}
+
+/// What a vocabulary entry is (`tokenizer.ggml.token_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenType {
+    Normal,
+    Unknown,
+    /// `<|im_start|>` and the like: parsed only on request, rendered only on request.
+    Control,
+    /// Added by the model's authors: always parsed, rendered as written.
+    UserDefined,
+    Unused,
+    /// `<0x0A>`-style byte tokens (SentencePiece vocabularies).
+    Byte,
+}
+
+impl TokenType {
+    fn from_code(code: i64) -> TokenType {
+        match code {
+            2 => TokenType::Unknown,
+            3 => TokenType::Control,
+            4 => TokenType::UserDefined,
+            5 => TokenType::Unused,
+            6 => TokenType::Byte,
+            _ => TokenType::Normal,
+        }
+    }
+}
+
+/// A byte-level BPE tokenizer.
+pub struct Tokenizer {
+    tokens: Vec<String>,
+    types: Vec<TokenType>,
+    ids: HashMap<String, u32>,
+    /// Merge rank of each pair of symbols (lower merges first).
+    ranks: HashMap<(String, String), usize>,
+    /// Tokens split out before pre-tokenization, longest first, with whether they need
+    /// `parse_special`.
+    specials: Vec<(String, u32, bool)>,
+    pre: PreTokenizer,
+    /// GPT-2's byte-to-character table and its inverse.
+    byte_char: [char; 256],
+    char_byte: HashMap<char, u8>,
+    /// `tokenizer.ggml.add_bos_token`.
+    pub add_bos: bool,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Tokens that end a reply: eos, and end-of-turn tokens such as `<|im_end|>`.
+    pub end_tokens: Vec<u32>,
+}
+
+/// GPT-2's table: printable bytes map to themselves, the others to U+0100 onwards.
+fn byte_alphabet() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut next = 256u32;
+    for b in 0..256u32 {
+        let printable =
+            (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+        table[b as usize] = if printable {
+            char::from_u32(b).expect("a Latin-1 code point")
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("U+0100..U+0143")
+        };
+    }
+    table
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer a GGUF file describes.
+    pub fn from_gguf(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
+        let meta = |m: String| TokenizerError::Metadata(m);
+        let model = g
+            .str("tokenizer.ggml.model")
+            .map_err(|e| meta(e.to_string()))?;
+        if model != "gpt2" {
+            return Err(TokenizerError::Unsupported(format!(
+                "tokenizer.ggml.model '{model}' (chord reads gpt2 byte-level BPE)"
+            )));
+        }
+        let pre_name = g.str("tokenizer.ggml.pre").unwrap_or("default");
+        let pre = PreTokenizer::named(pre_name).ok_or_else(|| {
+            TokenizerError::Unsupported(format!("tokenizer.ggml.pre '{pre_name}'"))
+        })?;
+        let tokens = match g.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(Array::String(t))) => t.clone(),
+            _ => {
+                return Err(meta(
+                    "tokenizer.ggml.tokens: missing or not an array of strings".into(),
+                ));
+            }
+        };
+        let types: Vec<TokenType> = match g.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(Array::I32(t))) if t.len() == tokens.len() => {
+                t.iter().map(|&c| TokenType::from_code(c as i64)).collect()
+            }
+            Some(_) => {
+                return Err(meta(
+                    "tokenizer.ggml.token_type: not one i32 per token".into(),
+                ));
+            }
+            None => vec![TokenType::Normal; tokens.len()],
+        };
+        let merges = match g.get("tokenizer.ggml.merges") {
+            Some(Value::Array(Array::String(m))) => m,
+            _ => {
+                return Err(meta(
+                    "tokenizer.ggml.merges: missing or not an array of strings".into(),
+                ));
+            }
+        };
+        let mut ranks = HashMap::with_capacity(merges.len());
+        for (rank, m) in merges.iter().enumerate() {
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| meta(format!("merge {rank} '{m}' is not two symbols")))?;
+            ranks.entry((a.to_string(), b.to_string())).or_insert(rank);
+        }
+        let ids: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let mut specials: Vec<(String, u32, bool)> = types
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| match t {
+                TokenType::Control | TokenType::Unknown => {
+                    Some((tokens[i].clone(), i as u32, true))
+                }
+                TokenType::UserDefined => Some((tokens[i].clone(), i as u32, false)),
+                _ => None,
+            })
+            .filter(|(s, ..)| !s.is_empty())
+            .collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let id_key = |k: &str| -> Result<Option<u32>, TokenizerError> {
+            match g.get(k) {
+                None => Ok(None),
+                Some(v) => match v.as_usize() {
+                    Some(id) if id < tokens.len() => Ok(Some(id as u32)),
+                    _ => Err(meta(format!("{k} = {v:?} is not a token id"))),
+                },
+            }
+        };
+        let (bos, eos) = (
+            id_key("tokenizer.ggml.bos_token_id")?,
+            id_key("tokenizer.ggml.eos_token_id")?,
+        );
+        let mut end_tokens: Vec<u32> = eos.into_iter().collect();
+        for k in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            end_tokens.extend(id_key(k)?);
+        }
+        // End-of-turn markers by name, as llama.cpp recognises them.
+        for name in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "</s>",
+        ] {
+            if let Some(&id) = ids.get(name)
+                && types[id as usize] == TokenType::Control
+            {
+                end_tokens.push(id);
+            }
+        }
+        end_tokens.sort_unstable();
+        end_tokens.dedup();
+        let add_bos = matches!(
+            g.get("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
+        );
+        let byte_char = byte_alphabet();
+        let char_byte = byte_char
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
+        Ok(Tokenizer {
+            tokens,
+            types,
+            ids,
+            ranks,
+            specials,
+            pre,
+            byte_char,
+            char_byte,
+            add_bos,
+            bos,
+            eos,
+            end_tokens,
+        })
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The token's text as the vocabulary stores it.
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    /// Token ids of `text`. With `parse_special`, control tokens written in the text (such as
+    /// `<|im_start|>`) become their ids; without it they are tokenized as plain text.
+    pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
+        let mut out = Vec::new();
+        if self.add_bos
+            && let Some(b) = self.bos
+        {
+            out.push(b);
+        }
+        // Fragments: Ok(raw text) or Err(special id), in order.
+        let mut fragments: Vec<Result<&str, u32>> = vec![Ok(text)];
+        for (special, id, needs_flag) in &self.specials {
+            if *needs_flag && !parse_special {
+                continue;
+            }
+            let mut next = Vec::with_capacity(fragments.len());
+            for f in fragments {
+                match f {
+                    Ok(raw) => {
+                        let mut rest = raw;
+                        while let Some(at) = rest.find(special.as_str()) {
+                            if at > 0 {
+                                next.push(Ok(&rest[..at]));
+                            }
+                            next.push(Err(*id));
+                            rest = &rest[at + special.len()..];
+                        }
+                        if !rest.is_empty() {
+                            next.push(Ok(rest));
+                        }
+                    }
+                    special => next.push(special),
+                }
+            }
+            fragments = next;
+        }
+        for f in fragments {
+            match f {
+                Err(id) => out.push(id),
+                Ok(raw) => {
+                    for piece in self.pre.split(raw) {
+                        self.bpe(piece, &mut out);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Byte-level BPE of one pre-tokenized piece, appending ids to `out`.
+    fn bpe(&self, piece: &str, out: &mut Vec<u32>) {
+        let mut symbols: Vec<String> = piece
+            .bytes()
+            .map(|b| self.byte_char[b as usize].to_string())
+            .collect();
+        if symbols.is_empty() {
+            return;
+        }
+        loop {
+            let best = symbols
+                .windows(2)
+                .enumerate()
+                .filter_map(|(i, w)| {
+                    self.ranks
+                        .get(&(w[0].clone(), w[1].clone()))
+                        .map(|&r| (r, i))
+                })
+                .min();
+            let Some((_, i)) = best else { break };
+            let right = symbols.remove(i + 1);
+            symbols[i].push_str(&right);
+        }
+        for s in symbols {
+            match self.ids.get(&s) {
+                Some(&id) => out.push(id),
+                // A symbol outside the vocabulary: fall back to its single-byte symbols.
+                None => out.extend(
+                    s.chars()
+                        .filter_map(|c| self.ids.get(&c.to_string()).copied()),
+                ),
+            }
+        }
+    }
+
+    /// The bytes of one token: byte-level symbols decoded; control tokens only with
+    /// `special`.
+    pub fn token_bytes(&self, id: u32, special: bool) -> Result<Vec<u8>, TokenizerError> {
+        let i = id as usize;
+        let text = self.tokens.get(i).ok_or(TokenizerError::UnknownId {
+            id,
+            vocab: self.tokens.len(),
+        })?;
+        Ok(match self.types[i] {
+            TokenType::Normal => {
+                let mut bytes = Vec::with_capacity(text.len());
+                for c in text.chars() {
+                    match self.char_byte.get(&c) {
+                        Some(&b) => bytes.push(b),
+                        // A character outside the byte alphabet: its own UTF-8.
+                        None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                    }
+                }
+                bytes
+            }
+            TokenType::UserDefined => text.as_bytes().to_vec(),
+            TokenType::Control | TokenType::Unknown if special => text.as_bytes().to_vec(),
+            _ => Vec::new(),
+        })
+    }
+
+    /// The bytes of a sequence of ids (which may not be valid UTF-8 on their own).
+    pub fn decode(&self, ids: &[u32], special: bool) -> Result<Vec<u8>, TokenizerError> {
+        let mut out = Vec::new();
+        for &id in ids {
+            out.extend(self.token_bytes(id, special)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Turns a stream of token ids into text, emitting only whole UTF-8 characters: the bytes of
+/// a character split across tokens are held until it is complete.
+pub struct IncrementalDecoder<'t> {
+    tokenizer: &'t Tokenizer,
+    special: bool,
+    pending: Vec<u8>,
+}
+
+impl<'t> IncrementalDecoder<'t> {
+    /// A decoder rendering control tokens when `special` is set.
+    pub fn new(tokenizer: &'t Tokenizer, special: bool) -> Self {
+        IncrementalDecoder {
+            tokenizer,
+            special,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Adds one token; returns the text that is now complete (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+        self.pending
+            .extend(self.tokenizer.token_bytes(id, self.special)?);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(s) => s.len(),
+            // An invalid sequence (not merely incomplete) is emitted as U+FFFD at once.
+            Err(e) if e.error_len().is_some() => self.pending.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        let done: Vec<u8> = self.pending.drain(..valid).collect();
+        Ok(String::from_utf8_lossy(&done).into_owned())
+    }
+
+    /// The bytes still held at the end of a stream, as text with U+FFFD for what is incomplete.
+    pub fn finish(&mut self) -> String {
+        let rest = std::mem::take(&mut self.pending);
+        String::from_utf8_lossy(&rest).into_owned()
+    }
+}
