@@ -17,6 +17,7 @@ pub mod conformance;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod perplexity;
 pub mod pull;
 pub mod tokenizer;
 

@@ -29,6 +29,30 @@ enum Command {
     Pull,
     /// Generate text from a prompt (greedy), streaming it, or as one JSON object.
     Generate(GenerateArgs),
+    /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity {
+        /// The GGUF model (default: the default model, fetched if absent).
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// The text file to score.
+        #[arg(long)]
+        file: std::path::PathBuf,
+        /// Tokens per chunk; each chunk is scored on its second half.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Backend (as for generate).
+        #[arg(long, default_value = "simd")]
+        backend: chord::Variant,
+        /// Threads for the backend.
+        #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+        threads: usize,
+        /// exact or fast, as for generate.
+        #[arg(long, default_value = "exact")]
+        mode: chord::backend::Mode,
+        /// Print one JSON object instead of the summary line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the token ids of TEXT as one JSON array.
     Tokenize {
         /// The GGUF file whose tokenizer to use (default: the default model).
@@ -83,6 +107,10 @@ struct GenerateArgs {
     /// Context length in tokens (at most the model's).
     #[arg(long, default_value_t = 2048)]
     ctx: usize,
+    /// How quantized weights are computed on: exact (dequantize, f32 math) or fast (8-bit
+    /// activations and integer dot products, as ggml; simd backend only).
+    #[arg(long, default_value = "exact")]
+    mode: chord::backend::Mode,
     /// Print one JSON object (ids, text, tokens/s) instead of streaming the text.
     #[arg(long)]
     json: bool,
@@ -130,6 +158,15 @@ fn main() -> ExitCode {
         Command::Inspect { file } => inspect(&file),
         Command::Pull => pull(),
         Command::Generate(args) => generate(args),
+        Command::Perplexity {
+            model,
+            file,
+            ctx,
+            backend,
+            threads,
+            mode,
+            json,
+        } => perplexity(model, &file, ctx, backend, threads, mode, json),
         Command::Tokenize {
             model,
             parse_special,
@@ -308,13 +345,14 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.threads == 0 {
         return Err("--threads 0: a thread count must be at least 1".into());
     }
+    check_mode(args.backend, args.mode)?;
     let path = model_path(args.model.clone())?;
     let file = chord::gguf::GgufFile::open(&path)?;
     match args.backend {
         Variant::Scalar => generate_on(chord::ScalarBackend::new(), &file, &args),
         Variant::Blocked => generate_on(chord::BlockedBackend::new(args.threads)?, &file, &args),
         Variant::Simd(level) => generate_on(
-            chord::SimdBackend::with_level(level, args.threads)?,
+            chord::SimdBackend::with_level(level, args.threads)?.with_mode(args.mode),
             &file,
             &args,
         ),
@@ -375,7 +413,7 @@ fn generate_on<B: chord::Backend>(
             "model": file_label(args),
             "backend": backend,
             "threads": model.backend().threads(),
-            "mode": "exact",
+            "mode": args.mode.name(),
             "prompt_ids": g.prompt_ids,
             "generated_ids": g.generated_ids,
             "text": g.text,
@@ -387,11 +425,12 @@ fn generate_on<B: chord::Backend>(
     } else {
         out!()?;
         eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s; {backend}, exact mode, stop: {}]",
+            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s; {backend}, {} mode, stop: {}]",
             g.prompt_ids.len(),
             g.prompt_tokens_per_second(),
             g.generated_ids.len(),
             g.generation_tokens_per_second(),
+            args.mode.name(),
             g.stop_reason
         );
     }
@@ -403,4 +442,101 @@ fn file_label(args: &GenerateArgs) -> String {
         || chord::pull::FILE_NAME.to_string(),
         |p| p.display().to_string(),
     )
+}
+
+fn perplexity(
+    model: Option<std::path::PathBuf>,
+    text_file: &std::path::Path,
+    ctx: usize,
+    backend: chord::Variant,
+    threads: usize,
+    mode: chord::backend::Mode,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use chord::backend::Variant;
+    check_mode(backend, mode)?;
+    if threads == 0 {
+        return Err("--threads 0: a thread count must be at least 1".into());
+    }
+    let text =
+        std::fs::read_to_string(text_file).map_err(|e| format!("{}: {e}", text_file.display()))?;
+    let file = chord::gguf::GgufFile::open(model_path(model)?)?;
+    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
+    let result = match backend {
+        Variant::Scalar => perplexity_on(chord::ScalarBackend::new(), &file, &tok, &text, ctx)?,
+        Variant::Blocked => perplexity_on(
+            chord::BlockedBackend::new(threads)?,
+            &file,
+            &tok,
+            &text,
+            ctx,
+        )?,
+        Variant::Simd(level) => perplexity_on(
+            chord::SimdBackend::with_level(level, threads)?.with_mode(mode),
+            &file,
+            &tok,
+            &text,
+            ctx,
+        )?,
+    };
+    if json {
+        let mut v = serde_json::to_value(&result)?;
+        v["mode"] = mode.name().into();
+        out!("{v}")?;
+    } else {
+        let (ppl, se, n, c, t) = (
+            result.ppl,
+            result.stderr,
+            result.chunks,
+            result.ctx,
+            result.tokens_scored,
+        );
+        out!(
+            "PPL = {ppl:.4} +/- {se:.5} ({n} chunks of {c}, {t} tokens scored, {} mode)",
+            mode.name()
+        )?;
+    }
+    Ok(())
+}
+
+fn perplexity_on<B: chord::Backend>(
+    backend: B,
+    file: &chord::gguf::GgufFile,
+    tok: &chord::tokenizer::Tokenizer,
+    text: &str,
+    ctx: usize,
+) -> Result<chord::perplexity::Perplexity, Box<dyn std::error::Error>> {
+    let model = chord::model::Model::load(file, backend)?;
+    if ctx > model.config.ctx_len {
+        return Err(format!(
+            "--ctx {ctx} exceeds the model's context of {}",
+            model.config.ctx_len
+        )
+        .into());
+    }
+    let result = chord::perplexity::perplexity(&model, tok, text, ctx, |done, of, ppl| {
+        // A progress bar on stderr, redrawn in place.
+        let width = 30;
+        let filled = done * width / of;
+        eprint!(
+            "\r[{}{}] chunk {done}/{of}, PPL so far {ppl:.4}",
+            "#".repeat(filled),
+            ".".repeat(width - filled)
+        );
+        if done == of {
+            eprintln!();
+        }
+    })?;
+    Ok(result)
+}
+
+/// Fast mode is the simd backend's: refuse it elsewhere rather than silently run exact math.
+fn check_mode(
+    backend: chord::Variant,
+    mode: chord::backend::Mode,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if mode == chord::backend::Mode::Fast && !matches!(backend, chord::Variant::Simd(_)) {
+        return Err(format!("--mode fast runs on the simd backend, not {backend} (use --backend simd or --mode exact)").into());
+    }
+    Ok(())
 }

@@ -150,3 +150,116 @@ fn q4_1_exact_mode_on_scalar_matches_llama_cpp_f32_logits_and_all_greedy_tokens(
         64,
     );
 }
+
+/// Perplexity over the GPL-3 text at ctx 512, as llama-perplexity computes it: in exact
+/// mode the shipped Q4_1 model is the F32 model, whose llama.cpp figure is 18.2994
+/// (../shared/ANCHORS.md). Within 1%.
+#[test]
+fn perplexity_on_gpl3_matches_llama_cpp_f32_within_1_percent() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/GPL-3.txt"))
+            .unwrap();
+    let file = GgufFile::open(model_path()).unwrap();
+    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf()).unwrap();
+    let model = Model::load(&file, SimdBackend::new(2).unwrap()).unwrap();
+    let r = chord::perplexity::perplexity(&model, &tok, &text, 512, |_, _, _| {}).unwrap();
+    eprintln!(
+        "PPL = {:.4} +/- {:.5} over {} chunks",
+        r.ppl, r.stderr, r.chunks
+    );
+    assert_eq!(r.chunks, 14);
+    assert_eq!(r.tokens_scored, 14 * 255);
+    let reference = 18.2994;
+    assert!(
+        (r.ppl / reference - 1.0).abs() <= 0.01,
+        "PPL {:.4}, llama.cpp {reference}",
+        r.ppl
+    );
+    assert!(
+        (r.stderr / 0.85945 - 1.0).abs() <= 0.05,
+        "standard error {:.5}, llama.cpp 0.85945",
+        r.stderr
+    );
+}
+
+/// Fast mode (8-bit activations, integer dots) against llama.cpp's own Q4_1 outputs, which
+/// come from the same kind of arithmetic: last logits within max-abs 1.0, and the top-1 token
+/// at 95% or more of the positions of `logits_top20_q4_1_*.jsonl`.
+#[test]
+fn q4_1_fast_mode_agrees_with_llama_cpp_q4_1() {
+    use chord::backend::Mode;
+    let file = GgufFile::open(model_path()).unwrap();
+    let model = Model::load(&file, SimdBackend::new(2).unwrap().with_mode(Mode::Fast)).unwrap();
+    let vocab = model.config.vocab;
+    let mut state = State::new(&model.config, 512, 512);
+    let (mut agree, mut total) = (0, 0);
+    for name in [
+        "capital_france",
+        "fibonacci_py",
+        "long_paragraph",
+        "unicode_mix",
+    ] {
+        let text = std::fs::read_to_string(
+            Path::new(REFERENCE).join(format!("logits_top20_q4_1_{name}.jsonl")),
+        )
+        .unwrap();
+        let rows: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let tokens: Vec<u32> = rows
+            .iter()
+            .map(|r| r["token_id"].as_u64().unwrap() as u32)
+            .collect();
+        state.reset();
+        let logits = model.forward_all(&mut state, &tokens).unwrap();
+        for (p, r) in rows.iter().enumerate() {
+            let want = r["top20"][0][0].as_u64().unwrap() as u32;
+            agree += (argmax(&logits[p * vocab..(p + 1) * vocab]) == want) as usize;
+            total += 1;
+        }
+        let last = &logits[(tokens.len() - 1) * vocab..];
+        let diff = max_abs_diff(
+            last,
+            &reference_logits(&format!("logits_last_q4_1_{name}.bin")).unwrap(),
+        );
+        eprintln!("{name}: fast-mode last logits within {diff:.3} of llama.cpp's Q4_1");
+        assert!(
+            diff <= 1.0,
+            "{name}: last logits differ by {diff} (max abs), tolerance 1.0"
+        );
+    }
+    let share = agree as f64 / total as f64;
+    eprintln!(
+        "top-1 agreement: {agree} of {total} positions ({:.1}%)",
+        100.0 * share
+    );
+    assert!(
+        share >= 0.95,
+        "top-1 agreement {agree}/{total} is below 95%"
+    );
+}
+
+/// Fast-mode perplexity over the GPL-3 text at ctx 512 against llama.cpp's generic Q4_1 path
+/// (8-bit activations): 18.3914 (../shared/ANCHORS.md). Within 1%.
+#[test]
+fn fast_mode_perplexity_on_gpl3_matches_llama_cpp_q4_1_within_1_percent() {
+    use chord::backend::Mode;
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/GPL-3.txt"))
+            .unwrap();
+    let file = GgufFile::open(model_path()).unwrap();
+    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf()).unwrap();
+    let model = Model::load(&file, SimdBackend::new(2).unwrap().with_mode(Mode::Fast)).unwrap();
+    let r = chord::perplexity::perplexity(&model, &tok, &text, 512, |_, _, _| {}).unwrap();
+    eprintln!(
+        "fast mode: PPL = {:.4} +/- {:.5} over {} chunks",
+        r.ppl, r.stderr, r.chunks
+    );
+    let reference = 18.3914;
+    assert!(
+        (r.ppl / reference - 1.0).abs() <= 0.01,
+        "PPL {:.4}, llama.cpp {reference}",
+        r.ppl
+    );
+}

@@ -254,7 +254,18 @@ pub struct BlockQ6K {
     pub d: [u8; 2],
 }
 
+/// `Q8_1`: 32 values `q * d`, with `s = d * Σq` kept for the `m` term of `Q4_1` dots. The
+/// activation format of fast mode against `Q4_1` weights.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ8_1 {
+    pub d: [u8; 2],
+    pub s: [u8; 2],
+    pub qs: [i8; 32],
+}
+
 const _: () = {
+    assert!(size_of::<BlockQ8_1>() == 36);
     assert!(size_of::<BlockQ4_0>() == 18);
     assert!(size_of::<BlockQ4_1>() == 20);
     assert!(size_of::<BlockQ5_0>() == 22);
@@ -420,6 +431,85 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) {
             }
         }
     }
+}
+
+/// Quantizes 32-value blocks of `x` to `Q8_0` as ggml's reference does: `d = max|x| / 127`,
+/// `q = round(x / d)` (halves away from zero).
+///
+/// ggml's x86 path multiplies by `127 / max|x|` and rounds ties to even instead; against
+/// llama.cpp's Q4_1 reference outputs that variant measured further off (top-1 agreement
+/// 94.5% against 95.4%, last logits within 0.91 against 0.83), so chord keeps this one.
+pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    debug_assert_eq!(x.len(), out.len() * 32);
+    for (xb, b) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f32_to_f16(d);
+        for (q, &v) in b.qs.iter_mut().zip(xb) {
+            *q = (v * id).round() as i8;
+        }
+    }
+}
+
+/// Quantizes 32-value blocks of `x` to `Q8_1` as [`quantize_q8_0`] does, with `s = d · Σq`.
+pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    debug_assert_eq!(x.len(), out.len() * 32);
+    for (xb, b) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f32_to_f16(d);
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(xb) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        b.s = f32_to_f16(sum as f32 * d);
+    }
+}
+
+/// `Σ w·x` of a `Q4_1` row and a `Q8_1` row, block by block in integers:
+/// `d_w d_x Σ q_w q_x + m_w s_x` per block, summed in f32 (the scalar reference).
+pub fn dot_q4_1_q8_1(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+    let mut sum = 0.0f32;
+    for (a, b) in w.iter().zip(x) {
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            sumi += (a.qs[j] & 0xf) as i32 * b.qs[j] as i32
+                + (a.qs[j] >> 4) as i32 * b.qs[j + 16] as i32;
+        }
+        sum += f16_to_f32(a.d) * f16_to_f32(b.d) * sumi as f32 + f16_to_f32(a.m) * f16_to_f32(b.s);
+    }
+    sum
+}
+
+/// `Σ w·x` of a `Q4_0` row and a `Q8_0` row: `d_w d_x Σ (q_w - 8) q_x` per block.
+pub fn dot_q4_0_q8_0(w: &[BlockQ4_0], x: &[BlockQ8_0]) -> f32 {
+    let mut sum = 0.0f32;
+    for (a, b) in w.iter().zip(x) {
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            sumi += ((a.qs[j] & 0xf) as i32 - 8) * b.qs[j] as i32
+                + ((a.qs[j] >> 4) as i32 - 8) * b.qs[j + 16] as i32;
+        }
+        sum += f16_to_f32(a.d) * f16_to_f32(b.d) * sumi as f32;
+    }
+    sum
+}
+
+/// `Σ w·x` of two `Q8_0` rows: `d_w d_x Σ q_w q_x` per block.
+pub fn dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
+    let mut sum = 0.0f32;
+    for (a, b) in w.iter().zip(x) {
+        let sumi: i32 =
+            a.qs.iter()
+                .zip(&b.qs)
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
+        sum += f16_to_f32(a.d) * f16_to_f32(b.d) * sumi as f32;
+    }
+    sum
 }
 
 #[cfg(test)]

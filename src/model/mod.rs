@@ -120,6 +120,16 @@ impl Config {
     }
 }
 
+/// Which logits a batch computes.
+#[derive(Clone, Copy)]
+enum Logits {
+    None,
+    /// The last row's, into `State::logits`.
+    Last,
+    /// Every row's, into `State::all_logits` from row `first` of the whole call.
+    Rows(usize),
+}
+
 /// One transformer block's weights.
 struct Layer<W> {
     attn_norm: Vec<f32>, // (dim,)
@@ -161,6 +171,7 @@ pub struct State {
     key_cache: Vec<f32>,   // (n_layers, max_seq, kv_dim)
     value_cache: Vec<f32>, // (n_layers, max_seq, kv_dim)
     logits: Vec<f32>,      // (vocab,)
+    all_logits: Vec<f32>,  // (tokens of the last forward_all, vocab), grown on first use
     /// Positions filled in the KV cache.
     pub pos: usize,
 }
@@ -187,6 +198,7 @@ impl State {
             key_cache: vec![0.0; cache],
             value_cache: vec![0.0; cache],
             logits: vec![0.0; config.vocab],
+            all_logits: Vec::new(),
             pos: 0,
         }
     }
@@ -272,6 +284,26 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
         state: &'s mut State,
         tokens: &[u32],
     ) -> Result<&'s [f32], ModelError> {
+        self.run(state, tokens, false)?;
+        Ok(&state.logits)
+    }
+
+    /// Runs `tokens` like [`forward`](Model::forward) and returns the logits of every one,
+    /// `(tokens.len(), vocab)` (for scoring text, as perplexity does).
+    pub fn forward_all<'s>(
+        &self,
+        state: &'s mut State,
+        tokens: &[u32],
+    ) -> Result<&'s [f32], ModelError> {
+        let n = tokens.len() * self.config.vocab;
+        if state.all_logits.len() < n {
+            state.all_logits.resize(n, 0.0);
+        }
+        self.run(state, tokens, true)?;
+        Ok(&state.all_logits[..n])
+    }
+
+    fn run(&self, state: &mut State, tokens: &[u32], all: bool) -> Result<(), ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::Input("forward: no tokens".into()));
         }
@@ -289,16 +321,20 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
                 state.max_seq
             )));
         }
-        let chunks: Vec<&[u32]> = tokens.chunks(state.max_batch).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            self.run_batch(state, chunk, i + 1 == chunks.len())?;
+        let n_chunks = tokens.len().div_ceil(state.max_batch);
+        for (i, chunk) in tokens.chunks(state.max_batch).enumerate() {
+            let logits = match (all, i + 1 == n_chunks) {
+                (true, _) => Logits::Rows(i * state.max_batch),
+                (false, true) => Logits::Last,
+                (false, false) => Logits::None,
+            };
+            self.run_batch(state, chunk, logits)?;
         }
-        Ok(&state.logits)
+        Ok(())
     }
 
-    /// One batch of `m` tokens at positions `state.pos ..`; the logits of the last row when
-    /// `last` is set.
-    fn run_batch(&self, s: &mut State, tokens: &[u32], last: bool) -> Result<(), ModelError> {
+    /// One batch of `m` tokens at positions `state.pos ..`, computing the logits `want` asks for.
+    fn run_batch(&self, s: &mut State, tokens: &[u32], want: Logits) -> Result<(), ModelError> {
         let b = &self.backend;
         let c = &self.config;
         let (m, d, kv, f) = (tokens.len(), c.dim, c.kv_dim(), c.ffn_dim);
@@ -359,17 +395,20 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
             b.add(x, xb2)?;
         }
         s.pos += m;
-        if last {
-            // Final norm and classifier, for the last row only.
-            let x_last = &x[(m - 1) * d..];
-            let normed = &mut xb[..d];
-            b.rmsnorm(x_last, &self.output_norm, normed, c.norm_eps)?;
-            b.matmul(
-                normed,
-                self.output.as_ref().unwrap_or(&self.embed),
-                &mut s.logits,
-                1,
-            )?;
+        // Final norm and classifier, for the rows asked for.
+        let classifier = self.output.as_ref().unwrap_or(&self.embed);
+        match want {
+            Logits::None => {}
+            Logits::Last => {
+                let normed = &mut xb[..d];
+                b.rmsnorm(&x[(m - 1) * d..], &self.output_norm, normed, c.norm_eps)?;
+                b.matmul(normed, classifier, &mut s.logits, 1)?;
+            }
+            Logits::Rows(first) => {
+                b.rmsnorm(x, &self.output_norm, xb, c.norm_eps)?;
+                let out = &mut s.all_logits[first * c.vocab..(first + m) * c.vocab];
+                b.matmul(xb, classifier, out, m)?;
+            }
         }
         Ok(())
     }

@@ -11,6 +11,7 @@
 mod elementwise;
 mod gemm;
 pub mod probe;
+pub mod qdot;
 mod vec;
 
 pub use elementwise::{add, rmsnorm, rope, softmax, swiglu};
@@ -19,9 +20,9 @@ pub use gemm::{GemmScratch, PackedWeight, matmul, pack_weight};
 /// A SIMD instruction-set level, widest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Level {
-    /// 512-bit vectors (`avx512f`, with AVX2 and FMA).
+    /// 512-bit vectors (`avx512f`, with AVX2, FMA and F16C).
     Avx512,
-    /// 256-bit vectors with fused multiply-add (`avx2`, `fma`).
+    /// 256-bit vectors with fused multiply-add and half-float conversion (`avx2`, `fma`, `f16c`).
     Avx2,
     /// `wide::f32x8`: SSE2 on the baseline x86-64 target, NEON on aarch64.
     Portable,
@@ -48,9 +49,14 @@ impl Level {
                 is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx2")
                     && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Level::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             Level::Avx512 | Level::Avx2 => false,
             Level::Portable => true,

@@ -1,0 +1,79 @@
+//! Perplexity of a text, computed as llama.cpp's `llama-perplexity` does: the text's tokens
+//! in consecutive, non-overlapping chunks of `ctx`, each run from an empty cache, each
+//! scored on its second half (every position predicting the next token).
+
+use crate::backend::Backend;
+use crate::model::{Model, ModelError, State};
+use crate::tokenizer::Tokenizer;
+
+/// The result: the perplexity and its standard error, as llama-perplexity prints them.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Perplexity {
+    pub ppl: f64,
+    /// `ppl * sqrt(var(nll) / (n - 1))` over the scored tokens.
+    pub stderr: f64,
+    pub chunks: usize,
+    pub ctx: usize,
+    pub tokens_scored: usize,
+}
+
+/// `-log softmax(logits)[target]`, in f64.
+fn nll(logits: &[f32], target: u32) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    -(logits[target as usize] as f64 - max - sum.ln())
+}
+
+/// Scores `text` in chunks of `ctx` tokens; `progress(chunk, of, ppl_so_far)` after each.
+pub fn perplexity<B: Backend>(
+    model: &Model<'_, B>,
+    tokenizer: &Tokenizer,
+    text: &str,
+    ctx: usize,
+    mut progress: impl FnMut(usize, usize, f64),
+) -> Result<Perplexity, ModelError> {
+    if ctx < 4 {
+        return Err(ModelError::Input(format!(
+            "--ctx {ctx}: a chunk needs at least 4 tokens"
+        )));
+    }
+    let mut tokens = tokenizer.encode(text, false);
+    let n_chunks = tokens.len() / ctx;
+    if n_chunks == 0 {
+        return Err(ModelError::Input(format!(
+            "the text has {} tokens, fewer than one chunk of {ctx}",
+            tokens.len()
+        )));
+    }
+    tokens.truncate(n_chunks * ctx);
+    let mut state = State::new(&model.config, ctx, ctx.min(512));
+    let (mut sum, mut sum_sq, mut count) = (0.0f64, 0.0f64, 0usize);
+    let vocab = model.config.vocab;
+    for (c, chunk) in tokens.chunks_exact(ctx).enumerate() {
+        let mut chunk = chunk.to_vec();
+        if tokenizer.add_bos
+            && let Some(bos) = tokenizer.bos
+        {
+            chunk[0] = bos; // as llama-perplexity does when the model adds one
+        }
+        state.reset();
+        let logits = model.forward_all(&mut state, &chunk)?;
+        for j in ctx / 2..ctx - 1 {
+            let v = nll(&logits[j * vocab..(j + 1) * vocab], chunk[j + 1]);
+            sum += v;
+            sum_sq += v * v;
+            count += 1;
+        }
+        progress(c + 1, n_chunks, (sum / count as f64).exp());
+    }
+    let mean = sum / count as f64;
+    let var = (sum_sq / count as f64 - mean * mean).max(0.0);
+    let ppl = mean.exp();
+    Ok(Perplexity {
+        ppl,
+        stderr: ppl * (var / (count - 1) as f64).sqrt(),
+        chunks: n_chunks,
+        ctx,
+        tokens_scored: count,
+    })
+}
