@@ -10,14 +10,16 @@ use rayon::prelude::*;
 
 use crate::{RopeParams, SoftmaxParams, scalar};
 
-/// Lanes of the partial sums the compiler vectorises (one SSE register).
+/// Lanes of the partial sums the compiler vectorises (one SSE register), for dot products.
 const L: usize = 4;
-/// Rows of `x` and of `W` in one register tile: `TI * TJ * L` accumulators.
-const TI: usize = 2;
-const TJ: usize = 4;
-/// Depth of a cache block: `TI + TJ` rows of `KB` f32 (12 KiB) stay in L1.
-const KB: usize = 512;
-/// Rows of `W` per cache block: `NB × KB` f32 = 128 KiB, inside L2.
+/// Columns of a packed weight panel: two SSE registers of outputs per row of `x`.
+const NR: usize = 8;
+/// Rows of `x` in one register tile: `MR × NR` accumulators (8 SSE registers).
+const MR: usize = 4;
+/// Depth of a cache block: a packed panel (`KB × NR` f32, 8 KiB) stays in L1 while the
+/// tile's rows of `x` stream past.
+const KB: usize = 256;
+/// Rows of `W` per cache block: `NB × KB` f32 = 64 KiB packed, inside L2.
 const NB: usize = 64;
 /// Below this many output values an op runs on the calling thread: rayon's hand-off
 /// would cost more than it saves.
@@ -26,8 +28,8 @@ const PAR_MIN: usize = 1 << 14;
 /// `y (m, n) = x (m, k) · W (n, k)ᵀ`, as [`scalar::matmul`].
 ///
 /// `m = 1`: rows of `W` are split over the pool, each dotted with `x`. `m > 1`: blocks of
-/// rows of `x` are split over the pool; inside a block, `NB × KB` blocks of `W` are reused
-/// across the block's rows through `TI × TJ` register tiles.
+/// rows of `x` are split over the pool; inside a block, `NB × KB` blocks of `W` are packed
+/// into panels and reused across the block's rows through `MR × NR` register tiles.
 pub fn matmul(
     pool: &ThreadPool,
     x: &[f32],
@@ -42,7 +44,7 @@ pub fn matmul(
     );
     let threads = pool.current_num_threads();
     if m == 1 {
-        let chunk = n.div_ceil(threads * 4).max(TJ);
+        let chunk = n.div_ceil(threads * 4).max(NR);
         let run = |(c, ys): (usize, &mut [f32])| {
             for (j, out) in ys.iter_mut().enumerate() {
                 *out = dot(x, &w[(c * chunk + j) * k..][..k]);
@@ -55,7 +57,7 @@ pub fn matmul(
         }
         return;
     }
-    let mb = m.div_ceil(threads * 4).clamp(TI, 64).next_multiple_of(TI);
+    let mb = m.div_ceil(threads * 4).clamp(MR, 64).next_multiple_of(MR);
     let block = |(b, ys): (usize, &mut [f32])| {
         let i0 = b * mb;
         let rows = ys.len() / n;
@@ -68,72 +70,81 @@ pub fn matmul(
     }
 }
 
-/// `y (rows, n) = x (rows, k) · Wᵀ` for one block of rows, tiled for the caches.
-fn row_block(x: &[f32], w: &[f32], y: &mut [f32], rows: usize, n: usize, k: usize) {
-    y.fill(0.0);
-    for j0 in (0..n).step_by(NB) {
-        let nb = NB.min(n - j0);
-        for p0 in (0..k).step_by(KB) {
-            let kb = KB.min(k - p0);
-            let mut i = 0;
-            while i < rows {
-                let ti = TI.min(rows - i);
-                let mut j = j0;
-                while j < j0 + nb {
-                    let tj = TJ.min(j0 + nb - j);
-                    if ti == TI && tj == TJ {
-                        tile::<TI, TJ>(x, w, y, i, j, p0, kb, n, k);
-                    } else {
-                        for ii in i..i + ti {
-                            for jj in j..j + tj {
-                                tile::<1, 1>(x, w, y, ii, jj, p0, kb, n, k);
-                            }
-                        }
-                    }
-                    j += tj;
-                }
-                i += ti;
-            }
-        }
-    }
+thread_local! {
+    /// Packed weight panels of the calling task, grown to the largest block and reused: no
+    /// allocation per call once warm.
+    static PANELS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Adds `x[i..i+NI, p0..p0+kb] · W[j..j+NJ, p0..p0+kb]ᵀ` into `y[i.., j..]`.
+/// `y (rows, n) = x (rows, k) · Wᵀ` for one block of rows, tiled for the caches.
+///
+/// For each `NB × KB` block of `W`, its rows are packed into panels of `NR` (transposed:
+/// `panel[p][c] = W[j + c][p]`, zero past `n`), then `MR × NR` register tiles of `y`
+/// accumulate `x[i][p] · panel[p][..]`: a broadcast times a contiguous row, the form the
+/// compiler's vectoriser maps onto registers.
+fn row_block(x: &[f32], w: &[f32], y: &mut [f32], rows: usize, n: usize, k: usize) {
+    y.fill(0.0);
+    PANELS.with_borrow_mut(|panels| {
+        panels.resize(NB * KB, 0.0);
+        for j0 in (0..n).step_by(NB) {
+            let nb = NB.min(n - j0);
+            for p0 in (0..k).step_by(KB) {
+                let kb = KB.min(k - p0);
+                // Pack W[j0 .. j0 + nb][p0 .. p0 + kb] into panels of NR columns.
+                for (c0, panel) in (0..nb).step_by(NR).zip(panels.chunks_exact_mut(KB * NR)) {
+                    for c in 0..NR {
+                        let row = (c0 + c < nb).then(|| &w[(j0 + c0 + c) * k + p0..][..kb]);
+                        for p in 0..kb {
+                            panel[p * NR + c] = row.map_or(0.0, |r| r[p]);
+                        }
+                    }
+                }
+                // Register tiles over the block.
+                for (c0, panel) in (0..nb).step_by(NR).zip(panels.chunks_exact(KB * NR)) {
+                    let cols = NR.min(nb - c0);
+                    let mut i = 0;
+                    while i + MR <= rows {
+                        tile::<MR>(x, panel, y, i, j0 + c0, cols, p0, kb, n, k);
+                        i += MR;
+                    }
+                    for i in i..rows {
+                        tile::<1>(x, panel, y, i, j0 + c0, cols, p0, kb, n, k);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Adds `x[i .. i + NI][p0 .. p0 + kb] · panel` into `y[i ..][j .. j + cols]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile<const NI: usize, const NJ: usize>(
+fn tile<const NI: usize>(
     x: &[f32],
-    w: &[f32],
+    panel: &[f32],
     y: &mut [f32],
     i: usize,
     j: usize,
+    cols: usize,
     p0: usize,
     kb: usize,
     n: usize,
     k: usize,
 ) {
     let xs: [&[f32]; NI] = std::array::from_fn(|a| &x[(i + a) * k + p0..][..kb]);
-    let ws: [&[f32]; NJ] = std::array::from_fn(|b| &w[(j + b) * k + p0..][..kb]);
-    let mut acc = [[[0.0f32; L]; NJ]; NI];
-    let full = kb / L * L;
-    for p in (0..full).step_by(L) {
-        let xv: [[f32; L]; NI] = std::array::from_fn(|a| xs[a][p..p + L].try_into().unwrap());
-        let wv: [[f32; L]; NJ] = std::array::from_fn(|b| ws[b][p..p + L].try_into().unwrap());
+    let mut acc = [[0.0f32; NR]; NI];
+    for (p, wrow) in panel.chunks_exact(NR).take(kb).enumerate() {
         for a in 0..NI {
-            for b in 0..NJ {
-                for l in 0..L {
-                    acc[a][b][l] += xv[a][l] * wv[b][l];
-                }
+            let xa = xs[a][p];
+            for c in 0..NR {
+                acc[a][c] += xa * wrow[c];
             }
         }
     }
     for a in 0..NI {
-        for b in 0..NJ {
-            let mut s = (acc[a][b][0] + acc[a][b][1]) + (acc[a][b][2] + acc[a][b][3]);
-            for p in full..kb {
-                s += xs[a][p] * ws[b][p];
-            }
-            y[(i + a) * n + j + b] += s;
+        let out = &mut y[(i + a) * n + j..][..cols];
+        for (o, v) in out.iter_mut().zip(&acc[a]) {
+            *o += v;
         }
     }
 }
