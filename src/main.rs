@@ -75,6 +75,34 @@ enum Command {
 enum BenchCommand {
     /// Every op × backend × shape × thread count, with the roofs measured in the same run.
     Kernels(KernelArgs),
+    /// Whole-model tokens/s as llama-bench measures it: ppN (one batched prompt pass) and
+    /// tgN (tokens decoded one at a time), per thread count and mode.
+    Model(ModelBenchArgs),
+}
+
+#[derive(Args)]
+struct ModelBenchArgs {
+    /// The GGUF model (default: the default model, fetched if absent).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Prompt tokens of the pp test (0 to skip).
+    #[arg(long, default_value_t = 512)]
+    pp: usize,
+    /// Generated tokens of the tg test (0 to skip).
+    #[arg(long, default_value_t = 128)]
+    tg: usize,
+    /// Timed repetitions of each test, after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Thread counts (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Modes (comma-separated): exact, fast.
+    #[arg(long, value_delimiter = ',', default_value = "exact,fast")]
+    modes: Vec<chord::backend::Mode>,
+    /// Print one JSON array instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -155,6 +183,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(BenchCommand::Kernels(args)) => bench_kernels(args),
+        Command::Bench(BenchCommand::Model(args)) => bench_model(args),
         Command::Inspect { file } => inspect(&file),
         Command::Pull => pull(),
         Command::Generate(args) => generate(args),
@@ -537,6 +566,58 @@ fn check_mode(
 ) -> Result<(), Box<dyn std::error::Error>> {
     if mode == chord::backend::Mode::Fast && !matches!(backend, chord::Variant::Simd(_)) {
         return Err(format!("--mode fast runs on the simd backend, not {backend} (use --backend simd or --mode exact)").into());
+    }
+    Ok(())
+}
+
+fn bench_model(args: ModelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.reps == 0 {
+        return Err("--reps 0: at least one repetition".into());
+    }
+    if let Some(&t) = args.threads.iter().find(|&&t| t == 0) {
+        return Err(format!("--threads {t}: a thread count must be at least 1").into());
+    }
+    let path = model_path(args.model)?;
+    let file = chord::gguf::GgufFile::open(&path)?;
+    let mut rows = Vec::new();
+    if !args.json {
+        out!(
+            "{}: simd backend, median of {} runs",
+            path.display(),
+            args.reps
+        )?;
+        out!(
+            "{:<8} {:<14} {:<6} {:>7} {:>12}",
+            "test",
+            "backend",
+            "mode",
+            "threads",
+            "tokens/s"
+        )?;
+    }
+    for &mode in &args.modes {
+        for &threads in &args.threads {
+            let model = chord::model::Model::load(
+                &file,
+                chord::SimdBackend::new(threads)?.with_mode(mode),
+            )?;
+            for r in chord::bench::model::run(&model, mode.name(), args.pp, args.tg, args.reps)? {
+                if !args.json {
+                    out!(
+                        "{:<8} {:<14} {:<6} {:>7} {:>12.1}",
+                        r.test,
+                        r.backend,
+                        r.mode,
+                        r.threads,
+                        r.tokens_per_second
+                    )?;
+                }
+                rows.push(r);
+            }
+        }
+    }
+    if args.json {
+        out!("{}", serde_json::to_string(&rows)?)?;
     }
     Ok(())
 }

@@ -1,10 +1,11 @@
 //! The measurements behind `chord bench`: the machine's roofs, a timer that reports
-//! medians, and the kernel table ([`kernels`]).
+//! medians, the kernel table ([`kernels`]) and whole-model throughput ([`model`]).
 //!
 //! Every figure is measured in the same process and run as the figures it is compared with:
 //! on a shared, noisy machine only ratios measured together mean anything.
 
 pub mod kernels;
+pub mod model;
 
 use std::time::{Duration, Instant};
 
