@@ -14,6 +14,7 @@ pub mod backend;
 pub mod bench;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod convert;
 pub mod generate;
 pub mod gguf;
 pub mod model;

@@ -64,6 +64,17 @@ enum Command {
         /// The text.
         text: String,
     },
+    /// Re-encode a whole model (metadata kept): dequantize to f32/f16, or quantize to
+    /// q8_0/q4_0/q4_1. Vectors (norm weights) stay f32.
+    Convert {
+        /// The GGUF model to read.
+        input: std::path::PathBuf,
+        /// The GGUF file to write.
+        output: std::path::PathBuf,
+        /// Target format: f32, f16, q8_0, q4_0, q4_1.
+        #[arg(long)]
+        to: String,
+    },
     /// Print a GGUF file's metadata and tensor table.
     Inspect {
         /// The GGUF file.
@@ -186,6 +197,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Model(args)) => bench_model(args),
         Command::Inspect { file } => inspect(&file),
         Command::Pull => pull(),
+        Command::Convert { input, output, to } => convert(&input, &output, &to),
         Command::Generate(args) => generate(args),
         Command::Perplexity {
             model,
@@ -619,5 +631,43 @@ fn bench_model(args: ModelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.json {
         out!("{}", serde_json::to_string(&rows)?)?;
     }
+    Ok(())
+}
+
+fn convert(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    to: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dtype = chord::convert::TARGETS
+        .into_iter()
+        .find(|d| d.name().eq_ignore_ascii_case(to))
+        .ok_or_else(|| format!("--to {to}: expected f32, f16, q8_0, q4_0 or q4_1"))?;
+    if input == output {
+        return Err(
+            "the output must be another file than the input (the input is mapped while converting)"
+                .into(),
+        );
+    }
+    let file = chord::gguf::GgufFile::open(input)?;
+    let writer = chord::convert::convert(&file, dtype)?;
+    // Write beside the target and rename, so a failure never leaves a partial file behind.
+    let tmp = output.with_extension("gguf.partial");
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        writer.write_to(&mut f)?;
+        std::io::Write::flush(&mut f)?;
+        std::fs::rename(&tmp, output)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("{}: {e}", output.display()).into());
+    }
+    out!(
+        "{} -> {} ({})",
+        input.display(),
+        output.display(),
+        dtype.name()
+    )?;
     Ok(())
 }

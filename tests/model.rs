@@ -263,3 +263,90 @@ fn fast_mode_perplexity_on_gpl3_matches_llama_cpp_q4_1_within_1_percent() {
         r.ppl
     );
 }
+
+/// The F32 model, made from the shipped file with `chord convert --to f32` on first use:
+/// its weights are then llama.cpp's F32 reference weights.
+fn f32_model_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-f32.test.gguf");
+        if !path.exists() {
+            let q4 = GgufFile::open(model_path()).unwrap();
+            let writer = chord::convert::convert(&q4, chord::gguf::DType::F32).unwrap();
+            let tmp = path.with_extension("partial");
+            writer
+                .write_to(&mut std::io::BufWriter::new(
+                    std::fs::File::create(&tmp).unwrap(),
+                ))
+                .unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        }
+        path
+    })
+}
+
+fn check_f32_model<B: Backend>(backend: B) {
+    let file = GgufFile::open(f32_model_path()).unwrap();
+    assert!(
+        file.gguf()
+            .tensors
+            .iter()
+            .all(|t| t.dtype == chord::gguf::DType::F32)
+    );
+    let model = Model::load(&file, backend).unwrap();
+    let cases = greedy_cases("greedy_f32_kvf32.jsonl");
+    let mut state = State::new(&model.config, 512, 64);
+    for case in &cases {
+        state.reset();
+        let logits = model.forward(&mut state, &case.prompt_ids).unwrap();
+        if let Some(want) = reference_logits(&format!("logits_last_f32_kvf32_{}.bin", case.name)) {
+            let diff = max_abs_diff(logits, &want);
+            assert!(
+                diff <= 0.01,
+                "{}: F32 model last logits differ by {diff}",
+                case.name
+            );
+        }
+        let mut got = vec![argmax(logits)];
+        while got.len() < 64 {
+            got.push(argmax(
+                model.forward(&mut state, &[*got.last().unwrap()]).unwrap(),
+            ));
+        }
+        assert_eq!(
+            got,
+            case.gen_ids,
+            "{}: greedy tokens of the F32 model on {}",
+            case.name,
+            model.backend().name()
+        );
+    }
+}
+
+#[test]
+fn f32_model_on_simd_matches_llama_cpp_logits_and_all_greedy_tokens() {
+    check_f32_model(SimdBackend::new(2).unwrap());
+}
+
+#[test]
+fn f32_model_on_scalar_matches_llama_cpp_logits_and_all_greedy_tokens() {
+    check_f32_model(ScalarBackend::new());
+}
+
+/// Perplexity of the F32 model over the GPL-3 text at ctx 512: llama.cpp's 18.2994, within 1%.
+#[test]
+fn f32_model_perplexity_matches_llama_cpp_within_1_percent() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/GPL-3.txt"))
+            .unwrap();
+    let file = GgufFile::open(f32_model_path()).unwrap();
+    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf()).unwrap();
+    let model = Model::load(&file, SimdBackend::new(2).unwrap()).unwrap();
+    let r = chord::perplexity::perplexity(&model, &tok, &text, 512, |_, _, _| {}).unwrap();
+    eprintln!("F32 model: PPL = {:.4} +/- {:.5}", r.ppl, r.stderr);
+    assert!(
+        (r.ppl / 18.2994 - 1.0).abs() <= 0.01,
+        "PPL {:.4}, llama.cpp 18.2994",
+        r.ppl
+    );
+}

@@ -469,6 +469,76 @@ pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
     }
 }
 
+/// Quantizes 32-value blocks of `x` to `Q4_0` as ggml's reference does: `d = v / -8` where `v`
+/// is the value of largest magnitude, `q = min(15, trunc(x / d + 8.5))`.
+pub fn quantize_q4_0(x: &[f32], out: &mut [BlockQ4_0]) {
+    debug_assert_eq!(x.len(), out.len() * 32);
+    for (xb, b) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let (mut amax, mut max) = (0.0f32, 0.0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                (amax, max) = (v.abs(), v);
+            }
+        }
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f32_to_f16(d);
+        for j in 0..16 {
+            let q0 = ((xb[j] * id + 8.5) as i8).min(15) as u8;
+            let q1 = ((xb[j + 16] * id + 8.5) as i8).min(15) as u8;
+            b.qs[j] = q0 | (q1 << 4);
+        }
+    }
+}
+
+/// Quantizes 32-value blocks of `x` to `Q4_1` as ggml's reference does: `m = min`,
+/// `d = (max - min) / 15`, `q = min(15, trunc((x - m) / d + 0.5))`.
+pub fn quantize_q4_1(x: &[f32], out: &mut [BlockQ4_1]) {
+    debug_assert_eq!(x.len(), out.len() * 32);
+    for (xb, b) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let min = xb.iter().copied().fold(f32::MAX, f32::min);
+        let max = xb.iter().copied().fold(-f32::MAX, f32::max);
+        let d = (max - min) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f32_to_f16(d);
+        b.m = f32_to_f16(min);
+        for j in 0..16 {
+            let q0 = (((xb[j] - min) * id + 0.5) as i8).min(15) as u8;
+            let q1 = (((xb[j + 16] - min) * id + 0.5) as i8).min(15) as u8;
+            b.qs[j] = q0 | (q1 << 4);
+        }
+    }
+}
+
+/// Encodes f32 values as `dtype` (F32, F16, BF16 rounded to nearest even, or the 32-value
+/// block formats with ggml's reference quantizers). `None` for the K-quants, which chord
+/// reads but does not write.
+pub fn quantize(dtype: DType, x: &[f32]) -> Option<Vec<u8>> {
+    let n = dtype.bytes_for(x.len())?;
+    let mut out = vec![0u8; n];
+    match dtype {
+        DType::F32 => out.copy_from_slice(bytemuck::cast_slice(x)),
+        DType::F16 => out
+            .chunks_exact_mut(2)
+            .zip(x)
+            .for_each(|(o, &v)| o.copy_from_slice(&f32_to_f16(v))),
+        DType::BF16 => out.chunks_exact_mut(2).zip(x).for_each(|(o, &v)| {
+            let bits = v.to_bits();
+            let rounded = if v.is_nan() {
+                (bits >> 16) | 0x40
+            } else {
+                (bits + 0x7fff + ((bits >> 16) & 1)) >> 16
+            };
+            o.copy_from_slice(&(rounded as u16).to_le_bytes());
+        }),
+        DType::Q4_0 => quantize_q4_0(x, bytemuck::cast_slice_mut(&mut out)),
+        DType::Q4_1 => quantize_q4_1(x, bytemuck::cast_slice_mut(&mut out)),
+        DType::Q8_0 => quantize_q8_0(x, bytemuck::cast_slice_mut(&mut out)),
+        DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q6K => return None,
+    }
+    Some(out)
+}
+
 /// `Σ w·x` of a `Q4_1` row and a `Q8_1` row, block by block in integers:
 /// `d_w d_x Σ q_w q_x + m_w s_x` per block, summed in f32 (the scalar reference).
 pub fn dot_q4_1_q8_1(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
@@ -556,6 +626,54 @@ mod tests {
             assert_eq!(y[j], j as f32 * 0.5 - 1.0);
             assert_eq!(y[j + 16], ((j + 1) % 16) as f32 * 0.5 - 1.0);
         }
+    }
+
+    /// Each format reproduces its input within half a quantization step (one at Q4_0's
+    /// clamped end).
+    #[test]
+    fn quantizers_round_trip_within_half_a_step() {
+        let x: Vec<f32> = (0..32 * 40)
+            .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0 + (i / 32) as f32 * 0.01)
+            .collect();
+        for dtype in [
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q8_0,
+            DType::F16,
+            DType::BF16,
+        ] {
+            let bytes = quantize(dtype, &x).unwrap();
+            let mut y = vec![0.0f32; x.len()];
+            dequantize(dtype, &bytes, &mut y);
+            for (b, (xb, yb)) in x.chunks_exact(32).zip(y.chunks_exact(32)).enumerate() {
+                let (lo, hi) = xb
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+                let amax = lo.abs().max(hi.abs());
+                let step = match dtype {
+                    DType::Q4_0 => amax / 8.0,
+                    DType::Q4_1 => (hi - lo) / 15.0,
+                    DType::Q8_0 => amax / 127.0,
+                    DType::F16 => amax * 2f32.powi(-10),
+                    _ => amax * 2f32.powi(-7),
+                };
+                // Q4_0's grid is -8d ..= 7d: the end opposite the largest magnitude is clamped
+                // one step short. Every other value rounds to within half a step.
+                let bound = if dtype == DType::Q4_0 {
+                    step
+                } else {
+                    0.5 * step
+                };
+                for (&a, &c) in xb.iter().zip(yb) {
+                    // Plus the f16 rounding of the block's scale and offset.
+                    assert!(
+                        (a - c).abs() <= bound + amax * 2e-3,
+                        "{dtype} block {b}: {a} -> {c} (step {step})"
+                    );
+                }
+            }
+        }
+        assert!(quantize(DType::Q4K, &x[..256]).is_none());
     }
 
     #[test]
