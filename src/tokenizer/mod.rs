@@ -51,20 +51,36 @@ impl TokenType {
     }
 }
 
-/// A byte-level BPE tokenizer.
+/// How a vocabulary turns text into tokens.
+enum Algorithm {
+    /// GPT-2 byte-level BPE (`tokenizer.ggml.model = gpt2`).
+    Bpe {
+        /// Merge rank of each pair of symbols (lower merges first).
+        ranks: HashMap<(String, String), usize>,
+        pre: PreTokenizer,
+        /// GPT-2's byte-to-character table and its inverse.
+        byte_char: Box<[char; 256]>,
+        char_byte: HashMap<char, u8>,
+    },
+    /// SentencePiece (`tokenizer.ggml.model = llama`): spaces become `▁`, adjacent symbols
+    /// merge by the highest score of the merged piece, and what stays outside the vocabulary
+    /// falls back to `<0xXX>` byte tokens.
+    Spm {
+        scores: Vec<f32>,
+        byte_ids: Box<[Option<u32>; 256]>,
+        add_space_prefix: bool,
+    },
+}
+
+/// A tokenizer read from GGUF metadata: byte-level BPE or SentencePiece.
 pub struct Tokenizer {
     tokens: Vec<String>,
     types: Vec<TokenType>,
     ids: HashMap<String, u32>,
-    /// Merge rank of each pair of symbols (lower merges first).
-    ranks: HashMap<(String, String), usize>,
+    algorithm: Algorithm,
     /// Tokens split out before pre-tokenization, longest first, with whether they need
     /// `parse_special`.
     specials: Vec<(String, u32, bool)>,
-    pre: PreTokenizer,
-    /// GPT-2's byte-to-character table and its inverse.
-    byte_char: [char; 256],
-    char_byte: HashMap<char, u8>,
     /// `tokenizer.ggml.add_bos_token`.
     pub add_bos: bool,
     pub bos: Option<u32>,
@@ -97,15 +113,6 @@ impl Tokenizer {
         let model = g
             .str("tokenizer.ggml.model")
             .map_err(|e| meta(e.to_string()))?;
-        if model != "gpt2" {
-            return Err(TokenizerError::Unsupported(format!(
-                "tokenizer.ggml.model '{model}' (chord reads gpt2 byte-level BPE)"
-            )));
-        }
-        let pre_name = g.str("tokenizer.ggml.pre").unwrap_or("default");
-        let pre = PreTokenizer::named(pre_name).ok_or_else(|| {
-            TokenizerError::Unsupported(format!("tokenizer.ggml.pre '{pre_name}'"))
-        })?;
         let tokens = match g.get("tokenizer.ggml.tokens") {
             Some(Value::Array(Array::String(t))) => t.clone(),
             _ => {
@@ -125,21 +132,6 @@ impl Tokenizer {
             }
             None => vec![TokenType::Normal; tokens.len()],
         };
-        let merges = match g.get("tokenizer.ggml.merges") {
-            Some(Value::Array(Array::String(m))) => m,
-            _ => {
-                return Err(meta(
-                    "tokenizer.ggml.merges: missing or not an array of strings".into(),
-                ));
-            }
-        };
-        let mut ranks = HashMap::with_capacity(merges.len());
-        for (rank, m) in merges.iter().enumerate() {
-            let (a, b) = m
-                .split_once(' ')
-                .ok_or_else(|| meta(format!("merge {rank} '{m}' is not two symbols")))?;
-            ranks.entry((a.to_string(), b.to_string())).or_insert(rank);
-        }
         let ids: HashMap<String, u32> = tokens
             .iter()
             .enumerate()
@@ -196,21 +188,75 @@ impl Tokenizer {
             g.get("tokenizer.ggml.add_bos_token"),
             Some(Value::Bool(true))
         );
-        let byte_char = byte_alphabet();
-        let char_byte = byte_char
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect();
+        let algorithm = match model {
+            "gpt2" => {
+                let pre_name = g.str("tokenizer.ggml.pre").unwrap_or("default");
+                let pre = PreTokenizer::named(pre_name).ok_or_else(|| {
+                    TokenizerError::Unsupported(format!("tokenizer.ggml.pre '{pre_name}'"))
+                })?;
+                let merges = match g.get("tokenizer.ggml.merges") {
+                    Some(Value::Array(Array::String(m))) => m,
+                    _ => {
+                        return Err(meta(
+                            "tokenizer.ggml.merges: missing or not an array of strings".into(),
+                        ));
+                    }
+                };
+                let mut ranks = HashMap::with_capacity(merges.len());
+                for (rank, m) in merges.iter().enumerate() {
+                    let (a, b) = m
+                        .split_once(' ')
+                        .ok_or_else(|| meta(format!("merge {rank} '{m}' is not two symbols")))?;
+                    ranks.entry((a.to_string(), b.to_string())).or_insert(rank);
+                }
+                let byte_char = Box::new(byte_alphabet());
+                let char_byte = byte_char
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &c)| (c, b as u8))
+                    .collect();
+                Algorithm::Bpe {
+                    ranks,
+                    pre,
+                    byte_char,
+                    char_byte,
+                }
+            }
+            "llama" => {
+                let scores = match g.get("tokenizer.ggml.scores") {
+                    Some(Value::Array(Array::F32(s))) if s.len() == tokens.len() => s.clone(),
+                    _ => {
+                        return Err(meta(
+                            "tokenizer.ggml.scores: missing or not one f32 per token".into(),
+                        ));
+                    }
+                };
+                let byte_ids = Box::new(std::array::from_fn(|b| {
+                    ids.get(&format!("<0x{b:02X}>")).copied()
+                }));
+                // llama.cpp's default for SentencePiece vocabularies is to add the prefix space.
+                let add_space_prefix = !matches!(
+                    g.get("tokenizer.ggml.add_space_prefix"),
+                    Some(Value::Bool(false))
+                );
+                Algorithm::Spm {
+                    scores,
+                    byte_ids,
+                    add_space_prefix,
+                }
+            }
+            other => {
+                return Err(TokenizerError::Unsupported(format!(
+                    "tokenizer.ggml.model '{other}' (chord reads gpt2 byte-level BPE and llama SentencePiece)"
+                )));
+            }
+        };
         Ok(Tokenizer {
             tokens,
             types,
             ids,
-            ranks,
+            algorithm,
             specials,
-            pre,
-            byte_char,
-            char_byte,
             add_bos,
             bos,
             eos,
@@ -264,24 +310,161 @@ impl Tokenizer {
             }
             fragments = next;
         }
+        // SentencePiece prefixes a space to the text and to every fragment after a special
+        // token, as llama.cpp does.
+        let mut after_special = true;
         for f in fragments {
             match f {
-                Err(id) => out.push(id),
+                Err(id) => {
+                    out.push(id);
+                    after_special = true;
+                }
                 Ok(raw) => {
-                    for piece in self.pre.split(raw) {
-                        self.bpe(piece, &mut out);
+                    match &self.algorithm {
+                        Algorithm::Bpe { pre, .. } => {
+                            for piece in pre.split(raw) {
+                                self.bpe(piece, &mut out);
+                            }
+                        }
+                        Algorithm::Spm {
+                            add_space_prefix, ..
+                        } => {
+                            let prefix = if *add_space_prefix && after_special {
+                                "▁"
+                            } else {
+                                ""
+                            };
+                            self.spm(&format!("{prefix}{}", raw.replace(' ', "▁")), &mut out);
+                        }
                     }
+                    after_special = false;
                 }
             }
         }
         out
     }
 
+    /// SentencePiece on one fragment whose spaces are already `▁`, appending ids to `out`.
+    ///
+    /// Symbols start as single characters. Repeatedly, of all adjacent pairs whose merged
+    /// text is a token, the one with the highest score (the leftmost on ties) merges; a pair
+    /// made stale by an earlier merge is skipped. What remains is looked up, and a symbol
+    /// outside the vocabulary becomes its UTF-8 bytes as `<0xXX>` tokens.
+    fn spm(&self, text: &str, out: &mut Vec<u32>) {
+        use std::cmp::Ordering;
+        use std::collections::BinaryHeap;
+        let Algorithm::Spm {
+            scores, byte_ids, ..
+        } = &self.algorithm
+        else {
+            unreachable!("spm on a BPE vocabulary")
+        };
+        // Symbols: byte ranges of `text`, linked; `len == 0` marks one merged away.
+        struct Sym {
+            start: usize,
+            len: usize,
+            prev: Option<usize>,
+            next: Option<usize>,
+        }
+        let mut syms: Vec<Sym> = text
+            .char_indices()
+            .enumerate()
+            .map(|(i, (start, c))| Sym {
+                start,
+                len: c.len_utf8(),
+                prev: i.checked_sub(1),
+                next: Some(i + 1),
+            })
+            .collect();
+        if let Some(last) = syms.last_mut() {
+            last.next = None;
+        }
+        #[derive(PartialEq)]
+        struct Pair {
+            score: f32,
+            left: usize,
+            right: usize,
+            len: usize,
+        }
+        impl Eq for Pair {}
+        impl Ord for Pair {
+            fn cmp(&self, o: &Self) -> Ordering {
+                self.score.total_cmp(&o.score).then(o.left.cmp(&self.left))
+            }
+        }
+        impl PartialOrd for Pair {
+            fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+                Some(self.cmp(o))
+            }
+        }
+        let pair = |syms: &[Sym], left: usize, right: usize| -> Option<Pair> {
+            let len = syms[left].len + syms[right].len;
+            let id = *self
+                .ids
+                .get(&text[syms[left].start..syms[left].start + len])?;
+            Some(Pair {
+                score: scores[id as usize],
+                left,
+                right,
+                len,
+            })
+        };
+        let mut heap = BinaryHeap::new();
+        for i in 1..syms.len() {
+            heap.extend(pair(&syms, i - 1, i));
+        }
+        while let Some(p) = heap.pop() {
+            let (l, r) = (p.left, p.right);
+            if syms[l].len == 0
+                || syms[r].len == 0
+                || syms[l].len + syms[r].len != p.len
+                || syms[l].next != Some(r)
+            {
+                continue; // stale
+            }
+            syms[l].len = p.len;
+            syms[r].len = 0;
+            syms[l].next = syms[r].next;
+            if let Some(n) = syms[r].next {
+                syms[n].prev = Some(l);
+            }
+            if let Some(prev) = syms[l].prev {
+                heap.extend(pair(&syms, prev, l));
+            }
+            if let Some(next) = syms[l].next {
+                heap.extend(pair(&syms, l, next));
+            }
+        }
+        let mut i = (!syms.is_empty()).then_some(0);
+        while let Some(s) = i {
+            let piece = &text[syms[s].start..syms[s].start + syms[s].len];
+            match self.ids.get(piece) {
+                Some(&id) => out.push(id),
+                None => {
+                    for b in piece.bytes() {
+                        // No byte token: fall back to the byte as a one-character token, if any.
+                        out.extend(
+                            byte_ids[b as usize]
+                                .or_else(|| self.ids.get(&(b as char).to_string()).copied()),
+                        );
+                    }
+                }
+            }
+            i = syms[s].next;
+        }
+    }
+
     /// Byte-level BPE of one pre-tokenized piece, appending ids to `out`.
     fn bpe(&self, piece: &str, out: &mut Vec<u32>) {
+        let Algorithm::Bpe {
+            ranks, byte_char, ..
+        } = &self.algorithm
+        else {
+            unreachable!("bpe on a SentencePiece vocabulary")
+        };
         let mut symbols: Vec<String> = piece
             .bytes()
-            .map(|b| self.byte_char[b as usize].to_string())
+            .map(|b| byte_char[b as usize].to_string())
             .collect();
         if symbols.is_empty() {
             return;
@@ -290,11 +473,7 @@ impl Tokenizer {
             let best = symbols
                 .windows(2)
                 .enumerate()
-                .filter_map(|(i, w)| {
-                    self.ranks
-                        .get(&(w[0].clone(), w[1].clone()))
-                        .map(|&r| (r, i))
-                })
+                .filter_map(|(i, w)| ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, i)))
                 .min();
             let Some((_, i)) = best else { break };
             let right = symbols.remove(i + 1);
@@ -321,30 +500,55 @@ impl Tokenizer {
             vocab: self.tokens.len(),
         })?;
         Ok(match self.types[i] {
-            TokenType::Normal => {
-                let mut bytes = Vec::with_capacity(text.len());
-                for c in text.chars() {
-                    match self.char_byte.get(&c) {
-                        Some(&b) => bytes.push(b),
-                        // A character outside the byte alphabet: its own UTF-8.
-                        None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            TokenType::Normal => match &self.algorithm {
+                Algorithm::Bpe { char_byte, .. } => {
+                    let mut bytes = Vec::with_capacity(text.len());
+                    for c in text.chars() {
+                        match char_byte.get(&c) {
+                            Some(&b) => bytes.push(b),
+                            // A character outside the byte alphabet: its own UTF-8.
+                            None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                        }
                     }
+                    bytes
                 }
-                bytes
-            }
+                Algorithm::Spm { .. } => text.replace('▁', " ").into_bytes(),
+            },
+            // `<0x0A>`: the byte itself.
+            TokenType::Byte => match text
+                .strip_prefix("<0x")
+                .and_then(|h| h.strip_suffix('>'))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(b) => vec![b],
+                None => text.as_bytes().to_vec(),
+            },
             TokenType::UserDefined => text.as_bytes().to_vec(),
             TokenType::Control | TokenType::Unknown if special => text.as_bytes().to_vec(),
             _ => Vec::new(),
         })
     }
 
-    /// The bytes of a sequence of ids (which may not be valid UTF-8 on their own).
+    /// The bytes of a sequence of ids (which may not be valid UTF-8 on their own). A
+    /// SentencePiece vocabulary that prefixes a space drops it again from the first piece.
     pub fn decode(&self, ids: &[u32], special: bool) -> Result<Vec<u8>, TokenizerError> {
         let mut out = Vec::new();
-        for &id in ids {
-            out.extend(self.token_bytes(id, special)?);
+        for (i, &id) in ids.iter().enumerate() {
+            let bytes = self.token_bytes(id, special)?;
+            let strip = i == 0 && self.strips_prefix_space() && bytes.first() == Some(&b' ');
+            out.extend_from_slice(&bytes[strip as usize..]);
         }
         Ok(out)
+    }
+
+    fn strips_prefix_space(&self) -> bool {
+        matches!(
+            self.algorithm,
+            Algorithm::Spm {
+                add_space_prefix: true,
+                ..
+            }
+        )
     }
 }
 
@@ -354,6 +558,8 @@ pub struct IncrementalDecoder<'t> {
     tokenizer: &'t Tokenizer,
     special: bool,
     pending: Vec<u8>,
+    /// No token seen yet: a SentencePiece prefix space is still to drop.
+    first: bool,
 }
 
 impl<'t> IncrementalDecoder<'t> {
@@ -363,13 +569,17 @@ impl<'t> IncrementalDecoder<'t> {
             tokenizer,
             special,
             pending: Vec::new(),
+            first: true,
         }
     }
 
     /// Adds one token; returns the text that is now complete (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
-        self.pending
-            .extend(self.tokenizer.token_bytes(id, self.special)?);
+        let bytes = self.tokenizer.token_bytes(id, self.special)?;
+        let strip = std::mem::take(&mut self.first)
+            && self.tokenizer.strips_prefix_space()
+            && bytes.first() == Some(&b' ');
+        self.pending.extend_from_slice(&bytes[strip as usize..]);
         let valid = match std::str::from_utf8(&self.pending) {
             Ok(s) => s.len(),
             // An invalid sequence (not merely incomplete) is emitted as U+FFFD at once.
