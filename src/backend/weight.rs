@@ -75,7 +75,12 @@ impl<'w> WeightView<'w> {
             return Cow::Borrowed(v);
         }
         let mut out = vec![0.0f32; self.rows * self.cols];
-        chord_kernels::quant::dequantize(self.dtype, self.bytes, &mut out);
+        chord_kernels::simd::dequantize(
+            chord_kernels::simd::Isa::best(),
+            self.dtype,
+            self.bytes,
+            &mut out,
+        );
         Cow::Owned(out)
     }
 }

@@ -16,6 +16,7 @@ mod vec;
 
 pub use elementwise::{add, rmsnorm, rope, softmax, swiglu};
 pub use gemm::{GemmScratch, PackedWeight, matmul, pack_weight};
+pub use qdot::dequantize;
 
 /// A SIMD instruction-set level, widest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,4 +1,5 @@
-//! Integer dot products of quantized blocks: fast mode's inner loops.
+//! Quantized blocks on vectors: integer dot products (fast mode's inner loops) and
+//! dequantization.
 //!
 //! Per block of 32: widen the weight's quants to 32 bytes, multiply with the activation's
 //! signed bytes and add adjacent pairs (`maddubs`: u8 × i8 → i16, no overflow for these
@@ -88,6 +89,79 @@ mod x86 {
             let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<0x55>(s, s)))
+        }
+    }
+
+    /// 8 f32 from 8 bytes at `p` (unsigned when `signed` is false).
+    #[inline(always)]
+    unsafe fn bytes_to_f32(p: *const u8, signed: bool) -> __m256 {
+        unsafe {
+            let b = _mm_loadl_epi64(p as *const __m128i);
+            _mm256_cvtepi32_ps(if signed {
+                _mm256_cvtepi8_epi32(b)
+            } else {
+                _mm256_cvtepu8_epi32(b)
+            })
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize(dtype: crate::quant::DType, bytes: &[u8], out: &mut [f32]) {
+        use crate::quant::DType;
+        unsafe {
+            match dtype {
+                DType::F16 => {
+                    let mut halves = bytes.chunks_exact(16);
+                    let mut outs = out.chunks_exact_mut(8);
+                    for (h, o) in (&mut halves).zip(&mut outs) {
+                        _mm256_storeu_ps(
+                            o.as_mut_ptr(),
+                            _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i)),
+                        );
+                    }
+                    for (h, o) in halves
+                        .remainder()
+                        .chunks_exact(2)
+                        .zip(outs.into_remainder())
+                    {
+                        *o = f16_to_f32([h[0], h[1]]);
+                    }
+                }
+                DType::Q4_0 | DType::Q4_1 => {
+                    let block = dtype.block_bytes();
+                    for (b, y) in bytes.chunks_exact(block).zip(out.chunks_exact_mut(32)) {
+                        let d = _mm256_set1_ps(f16_to_f32([b[0], b[1]]));
+                        let (qs, m) = if dtype == DType::Q4_1 {
+                            (&b[4..20], Some(_mm256_set1_ps(f16_to_f32([b[2], b[3]]))))
+                        } else {
+                            (&b[2..18], None)
+                        };
+                        let mut q = [0u8; 32];
+                        _mm256_storeu_si256(
+                            q.as_mut_ptr() as *mut __m256i,
+                            nibbles(qs.try_into().expect("16 bytes")),
+                        );
+                        for g in 0..4 {
+                            let v = bytes_to_f32(q.as_ptr().add(8 * g), false);
+                            let r = match m {
+                                Some(m) => _mm256_add_ps(_mm256_mul_ps(v, d), m),
+                                None => _mm256_mul_ps(_mm256_sub_ps(v, _mm256_set1_ps(8.0)), d),
+                            };
+                            _mm256_storeu_ps(y.as_mut_ptr().add(8 * g), r);
+                        }
+                    }
+                }
+                _ => {
+                    // Q8_0
+                    for (b, y) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+                        let d = _mm256_set1_ps(f16_to_f32([b[0], b[1]]));
+                        for g in 0..4 {
+                            let v = bytes_to_f32(b.as_ptr().add(2 + 8 * g), true);
+                            _mm256_storeu_ps(y.as_mut_ptr().add(8 * g), _mm256_mul_ps(v, d));
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -186,6 +260,29 @@ mod tests {
         (w41, w40, w80, x81)
     }
 
+    /// Every level's dequantization is bit-exact to the scalar reference.
+    #[test]
+    fn every_level_dequantizes_bit_exactly() {
+        use crate::quant::DType;
+        for dtype in DType::ALL {
+            let n = 256 * 3;
+            let bytes: Vec<u8> = (0..dtype.bytes_for(n).unwrap())
+                .map(|i| (i * 37 + 11) as u8)
+                .collect();
+            let mut want = vec![0.0f32; n];
+            quant::dequantize(dtype, &bytes, &mut want);
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; n];
+                dequantize(isa, dtype, &bytes, &mut got);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+                assert!(same, "{dtype} at {isa:?}");
+            }
+        }
+    }
+
     /// Every level's integer dots equal the scalar reference up to the order of f32 sums
     /// (relative 1e-5 of the sum of absolute block terms).
     #[test]
@@ -216,5 +313,28 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+/// Dequantizes `bytes` of `dtype` into `out`, bit-exact to [`quant::dequantize`]: AVX2 for
+/// `Q4_0`, `Q4_1`, `Q8_0` and `F16` (the multiply and the add stay separate roundings, as in
+/// the reference), the scalar reference for the other formats and levels.
+pub fn dequantize(isa: Isa, dtype: quant::DType, bytes: &[u8], out: &mut [f32]) {
+    use quant::DType;
+    assert_eq!(
+        dtype.bytes_for(out.len()),
+        Some(bytes.len()),
+        "dequantize: {} bytes for {} {dtype} values",
+        bytes.len(),
+        out.len()
+    );
+    match (isa.level(), dtype) {
+        // SAFETY: an `Isa` at these levels exists only on CPUs with AVX2, FMA and F16C; the
+        // sizes were checked above.
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx512 | Level::Avx2, DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::F16) => unsafe {
+            x86::dequantize(dtype, bytes, out)
+        },
+        _ => quant::dequantize(dtype, bytes, out),
     }
 }
