@@ -151,6 +151,155 @@ mod x86 {
                         }
                     }
                 }
+                DType::BF16 => {
+                    let mut halves = bytes.chunks_exact(16);
+                    let mut outs = out.chunks_exact_mut(8);
+                    for (h, o) in (&mut halves).zip(&mut outs) {
+                        let w =
+                            _mm256_cvtepu16_epi32(_mm_loadu_si128(h.as_ptr() as *const __m128i));
+                        _mm256_storeu_ps(
+                            o.as_mut_ptr(),
+                            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w)),
+                        );
+                    }
+                    for (h, o) in halves
+                        .remainder()
+                        .chunks_exact(2)
+                        .zip(outs.into_remainder())
+                    {
+                        *o = crate::quant::bf16_to_f32([h[0], h[1]]);
+                    }
+                }
+                DType::Q5_0 | DType::Q5_1 => {
+                    let block = dtype.block_bytes();
+                    let offset = if dtype == DType::Q5_1 { 2 } else { 0 };
+                    for (b, y) in bytes.chunks_exact(block).zip(out.chunks_exact_mut(32)) {
+                        let d = _mm256_set1_ps(f16_to_f32([b[0], b[1]]));
+                        let qh = u32::from_le_bytes(
+                            b[2 + offset..6 + offset].try_into().expect("4 bytes"),
+                        );
+                        let qs: &[u8; 16] =
+                            b[6 + offset..22 + offset].try_into().expect("16 bytes");
+                        // Bit j of qh to bit 4 of byte j.
+                        let spread = _mm256_shuffle_epi8(
+                            _mm256_set1_epi32(qh as i32),
+                            _mm256_set_epi64x(
+                                0x0303_0303_0303_0303,
+                                0x0202_0202_0202_0202,
+                                0x0101_0101_0101_0101,
+                                0,
+                            ),
+                        );
+                        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                        let high = _mm256_and_si256(
+                            _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit),
+                            _mm256_set1_epi8(0x10),
+                        );
+                        let mut q = [0u8; 32];
+                        _mm256_storeu_si256(
+                            q.as_mut_ptr() as *mut __m256i,
+                            _mm256_or_si256(nibbles(qs), high),
+                        );
+                        let m = (dtype == DType::Q5_1)
+                            .then(|| _mm256_set1_ps(f16_to_f32([b[2], b[3]])));
+                        for g in 0..4 {
+                            let v = bytes_to_f32(q.as_ptr().add(8 * g), false);
+                            let r = match m {
+                                Some(m) => _mm256_add_ps(_mm256_mul_ps(v, d), m),
+                                None => _mm256_mul_ps(_mm256_sub_ps(v, _mm256_set1_ps(16.0)), d),
+                            };
+                            _mm256_storeu_ps(y.as_mut_ptr().add(8 * g), r);
+                        }
+                    }
+                }
+                DType::Q4K => {
+                    let blocks: &[crate::quant::BlockQ4K] = bytemuck::cast_slice(bytes);
+                    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(256)) {
+                        let (d, dmin) = (f16_to_f32(b.d), f16_to_f32(b.dmin));
+                        for (i, (qs, y)) in
+                            b.qs.chunks_exact(32)
+                                .zip(y.chunks_exact_mut(64))
+                                .enumerate()
+                        {
+                            let mut q = [0u8; 64];
+                            let v = _mm256_loadu_si256(qs.as_ptr() as *const __m256i);
+                            let lo = _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+                            let hi =
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(v), _mm256_set1_epi8(0x0f));
+                            _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, lo);
+                            _mm256_storeu_si256(q.as_mut_ptr().add(32) as *mut __m256i, hi);
+                            for half in 0..2 {
+                                let (sc, mn) = crate::quant::scale_min_k4(2 * i + half, &b.scales);
+                                let (ds, ms) = (
+                                    _mm256_set1_ps(d * sc as f32),
+                                    _mm256_set1_ps(dmin * mn as f32),
+                                );
+                                for g in 0..4 {
+                                    let v = bytes_to_f32(q.as_ptr().add(32 * half + 8 * g), false);
+                                    _mm256_storeu_ps(
+                                        y.as_mut_ptr().add(32 * half + 8 * g),
+                                        _mm256_sub_ps(_mm256_mul_ps(ds, v), ms),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                DType::Q6K => {
+                    let blocks: &[crate::quant::BlockQ6K] = bytemuck::cast_slice(bytes);
+                    let low = _mm256_set1_epi8(0x0f);
+                    let two = _mm256_set1_epi8(3);
+                    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(256)) {
+                        let d = f16_to_f32(b.d);
+                        for half in 0..2 {
+                            let ql0 =
+                                _mm256_loadu_si256(b.ql.as_ptr().add(64 * half) as *const __m256i);
+                            let ql1 = _mm256_loadu_si256(
+                                b.ql.as_ptr().add(64 * half + 32) as *const __m256i
+                            );
+                            let qh =
+                                _mm256_loadu_si256(b.qh.as_ptr().add(32 * half) as *const __m256i);
+                            let hbits = |shift: i32| -> __m256i {
+                                let s = match shift {
+                                    0 => qh,
+                                    2 => _mm256_srli_epi16::<2>(qh),
+                                    4 => _mm256_srli_epi16::<4>(qh),
+                                    _ => _mm256_srli_epi16::<6>(qh),
+                                };
+                                _mm256_slli_epi16::<4>(_mm256_and_si256(s, two))
+                            };
+                            // The four 32-value groups of this half, as (q - 32) bytes.
+                            let groups = [
+                                _mm256_or_si256(_mm256_and_si256(ql0, low), hbits(0)),
+                                _mm256_or_si256(_mm256_and_si256(ql1, low), hbits(2)),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low),
+                                    hbits(4),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low),
+                                    hbits(6),
+                                ),
+                            ];
+                            let mut q = [0i8; 32];
+                            for (k, grp) in groups.iter().enumerate() {
+                                _mm256_storeu_si256(
+                                    q.as_mut_ptr() as *mut __m256i,
+                                    _mm256_sub_epi8(*grp, _mm256_set1_epi8(32)),
+                                );
+                                for g in 0..4 {
+                                    // Values 16 apart share a scale: groups of 8 take scale 2k + g/2.
+                                    let scale = d * b.scales[8 * half + 2 * k + g / 2] as f32;
+                                    let v = bytes_to_f32(q.as_ptr().add(8 * g) as *const u8, true);
+                                    _mm256_storeu_ps(
+                                        y.as_mut_ptr().add(128 * half + 32 * k + 8 * g),
+                                        _mm256_mul_ps(_mm256_set1_ps(scale), v),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
                 _ => {
                     // Q8_0
                     for (b, y) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
@@ -317,8 +466,8 @@ mod tests {
 }
 
 /// Dequantizes `bytes` of `dtype` into `out`, bit-exact to [`quant::dequantize`]: AVX2 for
-/// `Q4_0`, `Q4_1`, `Q8_0` and `F16` (the multiply and the add stay separate roundings, as in
-/// the reference), the scalar reference for the other formats and levels.
+/// every block format, F16 (F16C) and BF16 (the multiplies and adds stay separate roundings,
+/// as in the reference); the scalar reference for F32 and on the portable level.
 pub fn dequantize(isa: Isa, dtype: quant::DType, bytes: &[u8], out: &mut [f32]) {
     use quant::DType;
     assert_eq!(
