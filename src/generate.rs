@@ -1,13 +1,14 @@
 //! The generation loop: prefill the prompt in one batched pass, then decode one token at a
 //! time, streaming text on UTF-8 boundaries to a callback that can stop it.
 //!
-//! Decoding is greedy (argmax, the lower id on ties) for now; the sampler chain plugs in
-//! here.
+//! Each next token comes from a [`Sampler`]: greedy at temperature 0, otherwise the seeded
+//! sampler chain of [`crate::sample`].
 
 use std::time::Instant;
 
 use crate::backend::Backend;
 use crate::model::{Model, ModelError, State};
+use crate::sample::Sampler;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// What a generation produced, with its timings.
@@ -49,20 +50,41 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// Generates up to `max_new` tokens after `prompt_ids` (greedy), calling `on_token(id, text)`
-/// for each; the text is what became complete with this token (possibly empty). Returning
-/// `false` stops generation. End tokens stop it unless `ignore_eos`.
+/// What to generate from.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// The prompt, already tokenized; it runs after whatever `state` holds.
+    pub prompt_ids: &'a [u32],
+    /// Tokens to generate at most.
+    pub max_new: usize,
+    /// Keep going past the model's end tokens.
+    pub ignore_eos: bool,
+}
+
+/// Generates up to `req.max_new` tokens after `req.prompt_ids`, each picked by `sampler`,
+/// calling `on_token(id, text)` for each; the text is what became complete with this token
+/// (possibly empty). Returning `false` stops generation. End tokens stop it unless
+/// `req.ignore_eos`.
 pub fn generate<B: Backend>(
     model: &Model<'_, B>,
     state: &mut State,
     tokenizer: &Tokenizer,
-    prompt_ids: &[u32],
-    max_new: usize,
-    ignore_eos: bool,
+    sampler: &mut Sampler,
+    req: Request<'_>,
     mut on_token: impl FnMut(u32, &str) -> bool,
 ) -> Result<Generation, ModelError> {
+    let Request {
+        prompt_ids,
+        max_new,
+        ignore_eos,
+    } = req;
+    // The logits the sampler may modify (penalties), and every token so far: allocated once.
+    let mut logits = vec![0.0f32; model.config.vocab];
+    let mut history: Vec<u32> = prompt_ids.to_vec();
+    history.reserve(max_new);
     let t0 = Instant::now();
-    let mut next = argmax(model.forward(state, prompt_ids)?);
+    logits.copy_from_slice(model.forward(state, prompt_ids)?);
+    let mut next = sampler.sample(&mut logits, &history);
     let prompt_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut decoder = IncrementalDecoder::new(tokenizer, false);
@@ -86,7 +108,9 @@ pub fn generate<B: Backend>(
         if generated.len() == max_new {
             break;
         }
-        next = argmax(model.forward(state, &[next])?);
+        history.push(next);
+        logits.copy_from_slice(model.forward(state, &[next])?);
+        next = sampler.sample(&mut logits, &history);
     }
     let rest = decoder.finish();
     text.push_str(&rest);

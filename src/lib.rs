@@ -20,6 +20,7 @@ pub mod gguf;
 pub mod model;
 pub mod perplexity;
 pub mod pull;
+pub mod sample;
 pub mod tokenizer;
 
 pub use backend::{Backend, BlockedBackend, Error, ScalarBackend, SimdBackend, Variant};

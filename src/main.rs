@@ -130,9 +130,8 @@ struct GenerateArgs {
     /// Tokens to generate at most.
     #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
     n: usize,
-    /// Sampling temperature. Only 0 (greedy) is implemented so far.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Keep generating past end-of-generation tokens.
     #[arg(long)]
     ignore_eos: bool,
@@ -153,6 +152,63 @@ struct GenerateArgs {
     /// Print one JSON object (ids, text, tokens/s) instead of streaming the text.
     #[arg(long)]
     json: bool,
+}
+
+/// Sampling flags, shared by generate (and chat).
+#[derive(Args)]
+struct SamplingArgs {
+    /// Temperature: 0 is greedy (argmax); higher flattens the distribution.
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Keep the K most likely tokens (0 keeps all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches P, in (0, 1].
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
+    top_p: f32,
+    /// Keep tokens at least P times as likely as the most likely one, in [0, 1].
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
+    min_p: f32,
+    /// Penalise tokens among the last --repeat-last-n (1 is off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    repeat_penalty: f32,
+    /// How many recent tokens the penalties look at.
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Subtract this times a recent token's count from its logit.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// Subtract this from the logit of every recent token.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Seed of the sampler's random stream (default: a fresh one, reported in --json output).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> Result<chord::sample::GenerationConfig, String> {
+        let seed = self.seed.unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            t ^ ((std::process::id() as u64) << 32)
+        });
+        let cfg = chord::sample::GenerationConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            seed,
+        };
+        cfg.validate()
+            .map_err(|e| format!("--{}", e.replacen('_', "-", 1)))?;
+        Ok(cfg)
+    }
 }
 
 #[derive(Args)]
@@ -376,13 +432,7 @@ fn tokenize(
 
 fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     use chord::backend::Variant;
-    if args.temperature != 0.0 {
-        return Err(format!(
-            "--temperature {}: only greedy decoding (--temperature 0) is implemented so far",
-            args.temperature
-        )
-        .into());
-    }
+    args.sampling.config()?; // refuse bad sampling flags before loading anything
     if args.threads == 0 {
         return Err("--threads 0: a thread count must be at least 1".into());
     }
@@ -424,14 +474,21 @@ fn generate_on<B: chord::Backend>(
     let mut state = chord::model::State::new(&model.config, ctx, 512);
     let stdout = std::io::stdout();
     let mut write_error = None;
+    let cfg = args.sampling.config()?;
+    let seed = cfg.seed;
+    let mut sampler = chord::sample::Sampler::new(cfg)?;
+    let request = chord::generate::Request {
+        prompt_ids: &prompt_ids,
+        max_new: args.n,
+        ignore_eos: args.ignore_eos,
+    };
     let g = chord::generate::generate(
         &model,
         &mut state,
         &tok,
-        &prompt_ids,
-        args.n,
-        args.ignore_eos,
-        |_, text| {
+        &mut sampler,
+        request,
+        |_, text: &str| {
             if args.json {
                 return true;
             }
@@ -455,6 +512,8 @@ fn generate_on<B: chord::Backend>(
             "backend": backend,
             "threads": model.backend().threads(),
             "mode": args.mode.name(),
+            "seed": seed,
+            "temperature": args.sampling.temperature,
             "prompt_ids": g.prompt_ids,
             "generated_ids": g.generated_ids,
             "text": g.text,

@@ -32,6 +32,8 @@ fn generate_json_reproduces_the_exact_math_reference() {
         "-n",
         "16",
         "--ignore-eos",
+        "--temperature",
+        "0",
         "--json",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -73,6 +75,8 @@ fn generate_streams_text_and_stops_at_the_end_token() {
         "The capital of France is",
         "-n",
         "40",
+        "--temperature",
+        "0",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
@@ -119,7 +123,7 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/gguf/malformed/tensor_count_2_60.gguf"
     );
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
         (
             &[
                 "generate",
@@ -128,9 +132,17 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
                 "--prompt",
                 "x",
                 "--temperature",
-                "0.5",
+                "-1",
             ],
             "--temperature",
+        ),
+        (
+            &["generate", "--model", m, "--prompt", "x", "--top-p", "1.5"],
+            "--top-p",
+        ),
+        (
+            &["generate", "--model", m, "--prompt", "x", "--min-p", "2"],
+            "--min-p",
         ),
         (
             &[
@@ -173,4 +185,34 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_text_and_another_seed_another() {
+    let m = model();
+    let run = |seed: &str| {
+        let o = chord(&[
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "Once upon a time",
+            "-n",
+            "24",
+            "--ignore-eos",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["seed"].as_u64(), Some(seed.parse().unwrap()));
+        v["generated_ids"].clone()
+    };
+    assert_eq!(run("42"), run("42"));
+    assert_ne!(run("42"), run("43"));
 }
