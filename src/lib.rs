@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod chat;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod convert;
