@@ -1,8 +1,12 @@
 //! The generation loop: prefill the prompt in one batched pass, then decode one token at a
-//! time, streaming text on UTF-8 boundaries to a callback that can stop it.
+//! time. One loop, two ways to consume it: [`Stream`], an iterator of [`Event`]s, and
+//! [`generate`], which drives it and calls a callback that can stop it.
 //!
-//! Each next token comes from a [`Sampler`]: greedy at temperature 0, otherwise the seeded
-//! sampler chain of [`crate::sample`].
+//! Text is emitted only on UTF-8 boundaries. Text that could still be the start of a stop
+//! sequence is held back until it cannot; a stop sequence itself is never emitted. The
+//! model's end tokens (eos, and end-of-turn tokens such as `<|im_end|>`) end generation
+//! unless `ignore_eos`. Each next token comes from a [`Sampler`]: greedy at temperature 0,
+//! otherwise the seeded sampler chain of [`crate::sample`].
 
 use std::time::Instant;
 
@@ -16,13 +20,13 @@ use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 pub struct Generation {
     pub prompt_ids: Vec<u32>,
     pub generated_ids: Vec<u32>,
-    /// The generated text (end tokens not rendered).
+    /// The generated text as emitted (end tokens and stop sequences not included).
     pub text: String,
     /// Seconds spent on the prompt (one batched pass).
     pub prompt_seconds: f64,
     /// Seconds spent decoding the generated tokens after the first.
     pub generation_seconds: f64,
-    /// Why generation stopped: `length`, `end_token` or `stopped` (by the callback).
+    /// Why generation stopped: `length`, `end_token`, `stop_sequence` or `stopped`.
     pub stop_reason: &'static str,
 }
 
@@ -53,18 +57,205 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// What to generate from.
 #[derive(Clone, Copy, Debug)]
 pub struct Request<'a> {
-    /// The prompt, already tokenized; it runs after whatever `state` holds.
+    /// The prompt, already tokenized; it runs after whatever the state holds.
     pub prompt_ids: &'a [u32],
     /// Tokens to generate at most.
     pub max_new: usize,
     /// Keep going past the model's end tokens.
     pub ignore_eos: bool,
+    /// Texts that end generation when produced; they are not emitted.
+    pub stop: &'a [String],
 }
 
-/// Generates up to `req.max_new` tokens after `req.prompt_ids`, each picked by `sampler`,
-/// calling `on_token(id, text)` for each; the text is what became complete with this token
-/// (possibly empty). Returning `false` stops generation. End tokens stop it unless
-/// `req.ignore_eos`.
+/// One step of a generation.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A generated token and the text that became final with it (possibly empty: part of a
+    /// character, or held back as a possible stop sequence).
+    Token { id: u32, text: String },
+    /// The end, with the summary.
+    Done(Generation),
+}
+
+/// A generation in progress, as an iterator of [`Event`]s (the last one `Done`).
+pub struct Stream<'s, 'm, B: Backend> {
+    model: &'s Model<'m, B>,
+    state: &'s mut State,
+    sampler: &'s mut Sampler,
+    decoder: IncrementalDecoder<'s>,
+    end_tokens: &'s [u32],
+    req: Request<'s>,
+    /// The logits the sampler may modify (penalties) and every token so far: allocated once.
+    logits: Vec<f32>,
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    /// Text decoded but not yet emitted: it may be the start of a stop sequence.
+    held: String,
+    text: String,
+    /// The sampled token the next step emits; `None` before the prompt has run.
+    next: Option<u32>,
+    queue: std::collections::VecDeque<Event>,
+    prompt_seconds: f64,
+    started: Option<Instant>,
+    finished: bool,
+}
+
+impl<'s, 'm, B: Backend> Stream<'s, 'm, B> {
+    /// Starts a generation: nothing runs until the first call to `next`.
+    pub fn new(
+        model: &'s Model<'m, B>,
+        state: &'s mut State,
+        tokenizer: &'s Tokenizer,
+        sampler: &'s mut Sampler,
+        req: Request<'s>,
+    ) -> Self {
+        let mut history = req.prompt_ids.to_vec();
+        history.reserve(req.max_new);
+        Stream {
+            model,
+            state,
+            sampler,
+            decoder: IncrementalDecoder::new(tokenizer, false),
+            end_tokens: &tokenizer.end_tokens,
+            req,
+            logits: vec![0.0; model.config.vocab],
+            history,
+            generated: Vec::with_capacity(req.max_new),
+            held: String::new(),
+            text: String::new(),
+            next: None,
+            queue: std::collections::VecDeque::new(),
+            prompt_seconds: 0.0,
+            started: None,
+            finished: false,
+        }
+    }
+
+    /// Ends the generation now (the consumer stopped it) and returns the summary.
+    pub fn stop(mut self) -> Generation {
+        self.summary("stopped")
+    }
+
+    fn summary(&mut self, reason: &'static str) -> Generation {
+        self.finished = true;
+        Generation {
+            prompt_ids: self.req.prompt_ids.to_vec(),
+            generated_ids: std::mem::take(&mut self.generated),
+            text: std::mem::take(&mut self.text),
+            prompt_seconds: self.prompt_seconds,
+            generation_seconds: self.started.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            stop_reason: reason,
+        }
+    }
+
+    /// Emits `out` for token `id`.
+    fn emit(&mut self, id: u32, out: String) {
+        self.text.push_str(&out);
+        self.queue.push_back(Event::Token { id, text: out });
+    }
+
+    fn done(&mut self, reason: &'static str) {
+        let g = self.summary(reason);
+        self.queue.push_back(Event::Done(g));
+    }
+
+    /// The part of `held` that is certainly not the start of a stop sequence.
+    fn release(&mut self) -> String {
+        let keep = self
+            .req
+            .stop
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(move |&n| s.is_char_boundary(n))
+                    .map(move |n| &s[..n])
+            })
+            .filter(|prefix| self.held.ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        self.held.drain(..self.held.len() - keep).collect()
+    }
+
+    /// Everything still held, and any incomplete character, at the end of the stream.
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held) + &self.decoder.finish()
+    }
+
+    /// Runs one token's worth of the loop, queueing its events.
+    fn step(&mut self) -> Result<(), ModelError> {
+        let next = match self.next {
+            Some(t) => t,
+            None => {
+                let t0 = Instant::now();
+                self.logits
+                    .copy_from_slice(self.model.forward(self.state, self.req.prompt_ids)?);
+                self.prompt_seconds = t0.elapsed().as_secs_f64();
+                self.started = Some(Instant::now());
+                self.sampler.sample(&mut self.logits, &self.history)
+            }
+        };
+        if self.generated.len() >= self.req.max_new {
+            self.done("length");
+            return Ok(());
+        }
+        self.generated.push(next);
+        if !self.req.ignore_eos && self.end_tokens.contains(&next) {
+            let out = self.flush();
+            self.emit(next, out);
+            self.done("end_token");
+            return Ok(());
+        }
+        let piece = self
+            .decoder
+            .push(next)
+            .map_err(|e| ModelError::Input(e.to_string()))?;
+        self.held.push_str(&piece);
+        let first_stop = self
+            .req
+            .stop
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
+        if let Some(at) = first_stop {
+            self.held.truncate(at);
+            let out = std::mem::take(&mut self.held);
+            self.emit(next, out);
+            self.done("stop_sequence");
+            return Ok(());
+        }
+        let last = self.generated.len() == self.req.max_new;
+        let out = if last { self.flush() } else { self.release() };
+        self.emit(next, out);
+        if last {
+            self.done("length");
+            return Ok(());
+        }
+        self.history.push(next);
+        self.logits
+            .copy_from_slice(self.model.forward(self.state, &[next])?);
+        self.next = Some(self.sampler.sample(&mut self.logits, &self.history));
+        Ok(())
+    }
+}
+
+impl<B: Backend> Iterator for Stream<'_, '_, B> {
+    type Item = Result<Event, ModelError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.queue.is_empty()
+            && !self.finished
+            && let Err(e) = self.step()
+        {
+            self.finished = true;
+            return Some(Err(e));
+        }
+        self.queue.pop_front().map(Ok)
+    }
+}
+
+/// Runs a generation to its end, calling `on_token(id, text)` for each token (the text that
+/// became final with it, possibly empty); returning `false` stops it.
 pub fn generate<B: Backend>(
     model: &Model<'_, B>,
     state: &mut State,
@@ -73,53 +264,16 @@ pub fn generate<B: Backend>(
     req: Request<'_>,
     mut on_token: impl FnMut(u32, &str) -> bool,
 ) -> Result<Generation, ModelError> {
-    let Request {
-        prompt_ids,
-        max_new,
-        ignore_eos,
-    } = req;
-    // The logits the sampler may modify (penalties), and every token so far: allocated once.
-    let mut logits = vec![0.0f32; model.config.vocab];
-    let mut history: Vec<u32> = prompt_ids.to_vec();
-    history.reserve(max_new);
-    let t0 = Instant::now();
-    logits.copy_from_slice(model.forward(state, prompt_ids)?);
-    let mut next = sampler.sample(&mut logits, &history);
-    let prompt_seconds = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let mut decoder = IncrementalDecoder::new(tokenizer, false);
-    let mut generated = Vec::new();
-    let mut text = String::new();
-    let mut stop_reason = "length";
-    while generated.len() < max_new {
-        generated.push(next);
-        if !ignore_eos && tokenizer.end_tokens.contains(&next) {
-            stop_reason = "end_token";
-            break;
+    let mut stream = Stream::new(model, state, tokenizer, sampler, req);
+    while let Some(event) = stream.next() {
+        match event? {
+            Event::Token { id, text } => {
+                if !on_token(id, &text) {
+                    return Ok(stream.stop());
+                }
+            }
+            Event::Done(g) => return Ok(g),
         }
-        let piece = decoder
-            .push(next)
-            .map_err(|e| ModelError::Input(e.to_string()))?;
-        text.push_str(&piece);
-        if !on_token(next, &piece) {
-            stop_reason = "stopped";
-            break;
-        }
-        if generated.len() == max_new {
-            break;
-        }
-        history.push(next);
-        logits.copy_from_slice(model.forward(state, &[next])?);
-        next = sampler.sample(&mut logits, &history);
     }
-    let rest = decoder.finish();
-    text.push_str(&rest);
-    Ok(Generation {
-        prompt_ids: prompt_ids.to_vec(),
-        generated_ids: generated,
-        text,
-        prompt_seconds,
-        generation_seconds: t1.elapsed().as_secs_f64(),
-        stop_reason,
-    })
+    unreachable!("a stream ends with Done")
 }

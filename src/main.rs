@@ -135,6 +135,9 @@ struct GenerateArgs {
     /// Keep generating past end-of-generation tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Stop when this text is generated (not printed); may be given several times.
+    #[arg(long)]
+    stop: Vec<String>,
     /// Backend: scalar, blocked, simd (the widest level this CPU runs), simd-avx512,
     /// simd-avx2, simd-portable.
     #[arg(long, default_value = "simd")]
@@ -481,6 +484,7 @@ fn generate_on<B: chord::Backend>(
         prompt_ids: &prompt_ids,
         max_new: args.n,
         ignore_eos: args.ignore_eos,
+        stop: &args.stop,
     };
     let g = chord::generate::generate(
         &model,
