@@ -168,3 +168,112 @@ fn chat_commands_and_bad_flags() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown template 'vicuna'"));
 }
+
+/// Ctrl-C (SIGINT) during a reply stops that reply, not the program: the next question is
+/// still answered.
+#[test]
+fn ctrl_c_stops_the_reply_not_the_program() {
+    use std::io::{BufRead, BufReader, Read};
+    let model = common::model_path().to_str().unwrap().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chord"))
+        .args([
+            "chat",
+            "--model",
+            &model,
+            "--temperature",
+            "0",
+            "-n",
+            "1500",
+            "--ctx",
+            "2048",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    stdin
+        .write_all(b"Write a very long story about the sea, with many chapters.\n")
+        .unwrap();
+    // Interrupt once the reply is streaming.
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("stopped"), "stderr: {line:?}");
+    let stopped_after: usize = line
+        .trim_start_matches('[')
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(stopped_after < 1500, "{line}");
+    // The program goes on: a second question, then /quit.
+    stdin.write_all(b"Say hi.\n/quit\n").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "the program survived Ctrl-C"
+    );
+    assert!(
+        rest.contains(" tokens, "),
+        "the second reply's report: {rest:?}"
+    );
+}
+
+/// A conversation that outgrows the context drops its oldest turns, with a notice on stderr,
+/// and goes on.
+#[test]
+fn the_oldest_turns_are_dropped_when_the_context_is_full() {
+    let model = common::model_path().to_str().unwrap().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chord"))
+        .args([
+            "chat",
+            "--model",
+            &model,
+            "--temperature",
+            "0",
+            "-n",
+            "24",
+            "--ctx",
+            "160",
+            "--json",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = "Tell me about the sea.\nTell me about the mountains.\nTell me about the desert.\nTell me about rivers.\n";
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().lines().count(),
+        4,
+        "every question answered"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("oldest turn(s) to fit the 160-token context"),
+        "{err}"
+    );
+}
