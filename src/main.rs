@@ -556,9 +556,17 @@ fn chat_on<B: chord::Backend>(
         );
     }
     let stdout = std::io::stdout();
-    for line in std::io::stdin().lock().lines() {
-        let line = line?;
-        let line = line.trim();
+    let mut input = std::io::stdin().lock();
+    let mut buf = String::new();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        buf.clear();
+        if input.read_line(&mut buf)? == 0 {
+            break; // EOF ends the session
+        }
+        let line = buf.trim();
         let (command, rest) = line
             .split_once(' ')
             .map_or((line, ""), |(c, r)| (c, r.trim()));
