@@ -215,26 +215,14 @@ fn bench_matmul(c: &mut Criterion) {
         let mut i = 0;
         g.bench_function("matrixmultiply/t1", |b| {
             b.iter(|| {
-                let w = &ws[i % copies];
-                // SAFETY: x is m × k, W is n × k read as k × n (strides 1, k), y is m × n.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        m,
-                        k,
-                        n,
-                        1.0,
-                        x.as_ptr(),
-                        k as isize,
-                        1,
-                        w.as_ptr(),
-                        1,
-                        k as isize,
-                        0.0,
-                        y.as_mut_ptr(),
-                        n as isize,
-                        1,
-                    )
-                };
+                chord::bench::kernels::matrixmultiply_matmul(
+                    black_box(&x),
+                    &ws[i % copies],
+                    &mut y,
+                    m,
+                    n,
+                    k,
+                );
                 i += 1;
             })
         });

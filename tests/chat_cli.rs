@@ -8,16 +8,21 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-/// Runs `chord chat` with `args`, feeding `script` on stdin; returns the JSON reply lines.
-fn chat(args: &[&str], script: &str) -> Vec<Value> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chord"))
+/// Starts `chord chat` with `args`, every stream piped.
+fn spawn_chat(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_chord"))
         .arg("chat")
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs `chord chat` with `args`, feeding `script` on stdin; returns the JSON reply lines.
+fn chat(args: &[&str], script: &str) -> Vec<Value> {
+    let mut child = spawn_chat(args);
     child
         .stdin
         .take()
@@ -175,23 +180,16 @@ fn chat_commands_and_bad_flags() {
 fn ctrl_c_stops_the_reply_not_the_program() {
     use std::io::{BufRead, BufReader, Read};
     let model = common::model_path().to_str().unwrap().to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chord"))
-        .args([
-            "chat",
-            "--model",
-            &model,
-            "--temperature",
-            "0",
-            "-n",
-            "1500",
-            "--ctx",
-            "2048",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_chat(&[
+        "--model",
+        &model,
+        "--temperature",
+        "0",
+        "-n",
+        "1500",
+        "--ctx",
+        "2048",
+    ]);
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
@@ -239,24 +237,17 @@ fn ctrl_c_stops_the_reply_not_the_program() {
 #[test]
 fn the_oldest_turns_are_dropped_when_the_context_is_full() {
     let model = common::model_path().to_str().unwrap().to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chord"))
-        .args([
-            "chat",
-            "--model",
-            &model,
-            "--temperature",
-            "0",
-            "-n",
-            "24",
-            "--ctx",
-            "160",
-            "--json",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_chat(&[
+        "--model",
+        &model,
+        "--temperature",
+        "0",
+        "-n",
+        "24",
+        "--ctx",
+        "160",
+        "--json",
+    ]);
     let script = "Tell me about the sea.\nTell me about the mountains.\nTell me about the desert.\nTell me about rivers.\n";
     child
         .stdin

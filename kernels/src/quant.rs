@@ -442,13 +442,11 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) {
 pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     debug_assert_eq!(x.len(), out.len() * 32);
     for (xb, b) in x.chunks_exact(32).zip(out.iter_mut()) {
-        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        b.d = f32_to_f16(d);
-        for (q, &v) in b.qs.iter_mut().zip(xb) {
-            *q = (v * id).round() as i8;
-        }
+        let (d, qs) = q8_block(xb);
+        *b = BlockQ8_0 {
+            d: f32_to_f16(d),
+            qs,
+        };
     }
 }
 
@@ -456,17 +454,22 @@ pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
 pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
     debug_assert_eq!(x.len(), out.len() * 32);
     for (xb, b) in x.chunks_exact(32).zip(out.iter_mut()) {
-        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        b.d = f32_to_f16(d);
-        let mut sum = 0i32;
-        for (q, &v) in b.qs.iter_mut().zip(xb) {
-            *q = (v * id).round() as i8;
-            sum += *q as i32;
-        }
-        b.s = f32_to_f16(sum as f32 * d);
+        let (d, qs) = q8_block(xb);
+        let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+        *b = BlockQ8_1 {
+            d: f32_to_f16(d),
+            s: f32_to_f16(sum as f32 * d),
+            qs,
+        };
     }
+}
+
+/// One block of 32 values as 8-bit quants: `d = max|x| / 127`, `q = round(x / d)`.
+fn q8_block(xb: &[f32]) -> (f32, [i8; 32]) {
+    let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    (d, std::array::from_fn(|j| (xb[j] * id).round() as i8))
 }
 
 /// Quantizes 32-value blocks of `x` to `Q4_0` as ggml's reference does: `d = v / -8` where `v`

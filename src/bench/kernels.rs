@@ -382,8 +382,37 @@ fn time_case<B: Backend>(b: &B, case: &Case, budget: Duration) -> Result<Timing,
     })
 }
 
-/// `matrixmultiply::sgemm` on a matmul case: `y = x · Wᵀ` through strides (W read as a
-/// column-major `k × n`), cold copies for decode as for chord's own rows.
+/// `y (m, n) = x (m, k) · W (n, k)ᵀ` with `matrixmultiply::sgemm` on one thread: the
+/// baseline of the matmul rows, reading `W` through strides as a column-major `k × n`.
+pub fn matrixmultiply_matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize) {
+    assert!(
+        x.len() == m * k && w.len() == n * k && y.len() == m * n,
+        "matrixmultiply_matmul: shapes"
+    );
+    // SAFETY: x is m × k (row stride k), W is read as k × n with row stride 1 and column
+    // stride k (it is n rows of k), y is m × n (row stride n); the lengths were checked.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            y.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// Times [`matrixmultiply_matmul`] on a matmul case, cold copies for decode as for chord's
+/// own rows.
 fn time_matrixmultiply(m: usize, n: usize, k: usize, budget: Duration) -> Timing {
     let copies = if m == 1 { cold_copies(n, k) } else { 1 };
     let ws: Vec<Vec<f32>> = (0..copies).map(|c| values(n * k, c)).collect();
@@ -391,27 +420,7 @@ fn time_matrixmultiply(m: usize, n: usize, k: usize, budget: Duration) -> Timing
     let mut y = vec![0.0f32; m * n];
     let mut i = 0;
     time(budget, 5, || {
-        let w = &ws[i % copies];
-        // SAFETY: x is m × k (row stride k), W is read as k × n with row stride 1 and
-        // column stride k (W is n rows of k), y is m × n (row stride n); all in bounds.
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                1.0,
-                x.as_ptr(),
-                k as isize,
-                1,
-                w.as_ptr(),
-                1,
-                k as isize,
-                0.0,
-                y.as_mut_ptr(),
-                n as isize,
-                1,
-            );
-        }
+        matrixmultiply_matmul(&x, &ws[i % copies], &mut y, m, n, k);
         i += 1;
     })
 }
