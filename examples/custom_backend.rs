@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use chord::SimdBackend;
-use chord::backend::{Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support, WeightView};
+use chord::backend::{
+    AttentionParams, Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support, WeightView,
+};
 use chord::conformance::{self, Config};
 
 /// Counts calls per op, then delegates to `inner`.
@@ -105,6 +107,21 @@ impl<B: Backend> Backend for Counting<B> {
     ) -> Result<(), Error> {
         self.count(Op::Embedding);
         self.inner.embedding(table, token, y)
+    }
+
+    // A composite: its default body would count as the core ops it calls; delegating the
+    // whole call keeps the inner backend's own version (and counts it once).
+    fn attention(
+        &self,
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        out: &mut [f32],
+        scores: &mut [f32],
+        p: &AttentionParams,
+    ) -> Result<(), Error> {
+        self.count(Op::Attention);
+        self.inner.attention(q, k_cache, v_cache, out, scores, p)
     }
 }
 

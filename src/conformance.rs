@@ -23,7 +23,9 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::{Config as RunnerConfig, RngAlgorithm, TestError, TestRng, TestRunner};
 
-use crate::backend::{Backend, Op, RopeLayout, RopeParams, SoftmaxParams, WeightView};
+use crate::backend::{
+    AttentionParams, Backend, Op, RopeLayout, RopeParams, SoftmaxParams, WeightView,
+};
 use chord_kernels::scalar;
 
 /// How hard to test.
@@ -105,6 +107,9 @@ pub fn check_op<B: Backend>(backend: &B, op: Op, cfg: &Config) -> Result<(), Fai
         Op::Embedding => run(backend, op, cfg, embedding_cases(), |c| {
             embedding_case(backend, c)
         }),
+        Op::Attention => run(backend, op, cfg, attention_cases(), |c| {
+            attention_case(backend, c)
+        }),
     }
 }
 
@@ -174,6 +179,18 @@ pub mod tolerance {
     /// Residual add: one rounding of the exact sum.
     pub fn add(y: f64) -> f64 {
         U * y.abs()
+    }
+
+    /// Attention output `Σ_t p_t v_t` of a row and head over `t_len` positions, given
+    /// `max_score_err`, the largest error bound of a scaled score (`gamma(head_dim + 2)`
+    /// times `Σ |q k|`, times the scale, plus one rounding of the scaled value), and
+    /// `abs_pv = Σ_t p_t |v_t|`. Moving every score by at most `e` moves each probability by a
+    /// relative `expm1(2e)`; the softmax adds its own roundings (the worst term error of
+    /// [`softmax_term`] over the row, `max_term`, and `gamma(t_len)`), and the weighted sum
+    /// `gamma(t_len + 2)`. Below 1e-30, underflow.
+    pub fn attention(max_score_err: f64, max_term: f64, t_len: usize, abs_pv: f64) -> f64 {
+        let rel_p = (2.0 * max_score_err).exp_m1() + 2.0 * max_term + gamma(t_len) + 3.0 * U;
+        (rel_p + gamma(t_len + 2)) * abs_pv + 1e-30
     }
 }
 
@@ -692,6 +709,140 @@ fn embedding_case<B: Backend>(backend: &B, c: EmbeddingCase) -> Result<(), TestC
         .map_err(op_error)?;
     let want = widen(&table[c.token * c.dim..][..c.dim]);
     compare("y", &y, &want, |_| 0.0, |i| format!("[{i}]"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention.
+
+#[derive(Clone, Debug)]
+struct AttentionCase {
+    m: usize,
+    pos: usize,
+    n_kv_heads: usize,
+    group: usize,
+    head_dim: usize,
+    mag_qk: f32,
+    mag_v: f32,
+    seed: u64,
+}
+
+fn attention_cases() -> impl Strategy<Value = AttentionCase> {
+    let pos = prop_oneof![select(vec![0usize, 1, 7, 63, 200]), 0usize..300];
+    let head_dim = select(vec![1usize, 2, 3, 8, 16, 17, 32, 64, 65, 80, 128]);
+    (
+        1usize..=5,
+        pos,
+        1usize..=3,
+        1usize..=3,
+        head_dim,
+        select(vec![0.1f32, 1.0, 4.0]),
+        select(vec![1.0f32, 1e3]),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(m, pos, n_kv_heads, group, head_dim, mag_qk, mag_v, seed)| AttentionCase {
+                m,
+                pos,
+                n_kv_heads,
+                group,
+                head_dim,
+                mag_qk,
+                mag_v,
+                seed,
+            },
+        )
+}
+
+fn attention_case<B: Backend>(backend: &B, c: AttentionCase) -> Result<(), TestCaseError> {
+    let (hd, kvh, heads) = (c.head_dim, c.n_kv_heads, c.n_kv_heads * c.group);
+    let t_max = c.pos + c.m;
+    let mut vals = Values(c.seed);
+    let q = vals.vec(c.m * heads * hd, c.mag_qk);
+    let k = vals.vec(t_max * kvh * hd, c.mag_qk);
+    let v = vals.vec(t_max * kvh * hd, c.mag_v);
+    let p = AttentionParams {
+        m: c.m,
+        pos: c.pos,
+        n_heads: heads,
+        n_kv_heads: kvh,
+        head_dim: hd,
+    };
+    let mut out = vec![f32::NAN; q.len()];
+    let mut scores = vec![0.0f32; t_max];
+    backend
+        .attention(&q, &k, &v, &mut out, &mut scores, &p)
+        .map_err(op_error)?;
+
+    // The oracle in f64, and each element's tolerance from the same quantities.
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (mut want, mut tol) = (vec![0.0f64; out.len()], vec![0.0f64; out.len()]);
+    let kv_dim = kvh * hd;
+    for i in 0..c.m {
+        let t_len = c.pos + i + 1;
+        for h in 0..heads {
+            let qh = &q[(i * heads + h) * hd..][..hd];
+            let off = (h / c.group) * hd;
+            let row = |t: usize, x: &[f32]| -> Vec<f64> { widen(&x[t * kv_dim + off..][..hd]) };
+            let s: Vec<f64> = (0..t_len)
+                .map(|t| {
+                    row(t, &k)
+                        .iter()
+                        .zip(qh)
+                        .map(|(a, &b)| a * b as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
+            let abs_s: Vec<f64> = (0..t_len)
+                .map(|t| {
+                    row(t, &k)
+                        .iter()
+                        .zip(qh)
+                        .map(|(a, &b)| (a * b as f64).abs())
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
+            let mut pr = s.clone();
+            scalar::softmax(&mut pr, t_len, &SoftmaxParams::PLAIN);
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let max_err = abs_s
+                .iter()
+                .zip(&s)
+                .map(|(a, v)| tolerance::gamma(hd + 2) * a + tolerance::U * v.abs())
+                .fold(0.0, f64::max);
+            let max_term = s
+                .iter()
+                .map(|&v| tolerance::softmax_term(v, m))
+                .fold(0.0, f64::max);
+            for j in 0..hd {
+                let (mut acc, mut abs_pv) = (0.0f64, 0.0f64);
+                for t in 0..t_len {
+                    let vt = v[t * kv_dim + off + j] as f64;
+                    acc += pr[t] * vt;
+                    abs_pv += pr[t] * vt.abs();
+                }
+                let at = (i * heads + h) * hd + j;
+                want[at] = acc;
+                tol[at] = tolerance::attention(max_err, max_term, t_len, abs_pv);
+            }
+        }
+    }
+    let (heads_, hd_) = (heads, hd);
+    compare(
+        "out",
+        &out,
+        &want,
+        |i| tol[i],
+        |i| {
+            format!(
+                "[row {}, head {}, {}]",
+                i / (heads_ * hd_),
+                (i / hd_) % heads_,
+                i % hd_
+            )
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------

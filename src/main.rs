@@ -321,8 +321,12 @@ fn main() -> ExitCode {
 }
 
 fn bench_kernels(args: KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if args.ops.contains(&Op::Embedding) {
-        return Err("bench kernels: embedding is a row copy and has no benchmark".into());
+    if let Some(op) = args
+        .ops
+        .iter()
+        .find(|op| matches!(op, Op::Embedding | Op::Attention))
+    {
+        return Err(format!("bench kernels: {op} has no kernel benchmark (embedding is a row copy; attention is timed inside bench model)").into());
     }
     if let Some(&t) = args.threads.iter().find(|&&t| t == 0) {
         return Err(

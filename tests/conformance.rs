@@ -104,7 +104,7 @@ fn matmul_is_bitwise_identical_for_any_thread_count() {
 /// A backend that is wrong in one op, by a little: the suite must catch it and say where.
 mod broken {
     use chord::backend::{
-        Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support, WeightView,
+        AttentionParams, Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support, WeightView,
     };
     use chord::conformance::{Config, check};
     use chord::{ScalarBackend, SimdBackend};
@@ -196,6 +196,19 @@ mod broken {
         ) -> Result<(), Error> {
             self.inner.embedding(t, token, y)?;
             self.spoil(Op::Embedding, y);
+            Ok(())
+        }
+        fn attention(
+            &self,
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            out: &mut [f32],
+            scores: &mut [f32],
+            p: &AttentionParams,
+        ) -> Result<(), Error> {
+            self.inner.attention(q, k, v, out, scores, p)?;
+            self.spoil(Op::Attention, out);
             Ok(())
         }
     }

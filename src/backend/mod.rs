@@ -54,11 +54,13 @@ pub enum Op {
     SwiGlu,
     Add,
     Embedding,
+    /// The attention composite (its default body, or a backend's own).
+    Attention,
 }
 
 impl Op {
     /// Every op, in the order benchmark tables list them.
-    pub const ALL: [Op; 7] = [
+    pub const ALL: [Op; 8] = [
         Op::Matmul,
         Op::RmsNorm,
         Op::Rope,
@@ -66,6 +68,7 @@ impl Op {
         Op::SwiGlu,
         Op::Add,
         Op::Embedding,
+        Op::Attention,
     ];
 
     /// Lower-case name as the CLI takes and prints it.
@@ -78,6 +81,7 @@ impl Op {
             Op::SwiGlu => "swiglu",
             Op::Add => "add",
             Op::Embedding => "embedding",
+            Op::Attention => "attention",
         }
     }
 }
