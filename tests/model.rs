@@ -323,3 +323,29 @@ fn f32_model_perplexity_matches_llama_cpp_within_1_percent() {
         r.ppl
     );
 }
+
+/// The blocked backend runs the same model: the exact-math reference on one prompt (last
+/// logits within 0.01, the first 16 greedy tokens), to keep CI time down.
+#[test]
+fn q4_1_exact_mode_on_blocked_matches_llama_cpp_on_one_prompt() {
+    let cases: Vec<Case> = greedy_cases("greedy_f32_kvf32.jsonl")
+        .into_iter()
+        .filter(|c| c.name == "capital_france")
+        .collect();
+    let file = GgufFile::open(model_path()).unwrap();
+    let model = Model::load(&file, chord::BlockedBackend::new(2).unwrap()).unwrap();
+    let mut state = State::new(&model.config, 128, 64);
+    let logits = model.forward(&mut state, &cases[0].prompt_ids).unwrap();
+    let diff = max_abs_diff(
+        logits,
+        &reference_logits("logits_last_f32_kvf32_capital_france.bin").unwrap(),
+    );
+    assert!(diff <= 0.01, "blocked: last logits differ by {diff}");
+    let mut got = vec![argmax(logits)];
+    while got.len() < 16 {
+        got.push(argmax(
+            model.forward(&mut state, &[*got.last().unwrap()]).unwrap(),
+        ));
+    }
+    assert_eq!(got[..], cases[0].gen_ids[..16]);
+}
