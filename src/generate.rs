@@ -43,12 +43,13 @@ impl Generation {
     }
 }
 
-/// Argmax over logits, the lower id on ties.
+/// Argmax over logits, the lower id on ties; a NaN logit never wins (0 if every logit is
+/// NaN or `-inf`).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
+    let (mut best, mut best_value) = (0, f32::NEG_INFINITY);
     for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
+        if v > best_value {
+            (best, best_value) = (i, v);
         }
     }
     best as u32

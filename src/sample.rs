@@ -6,6 +6,14 @@
 //! draw from a ChaCha20 stream seeded by `seed`. Temperature 0 is greedy decoding (argmax,
 //! the lower id on ties) and skips the filters. Candidates are ordered by logit, ties by the
 //! lower id, so every filter's choice among equals is stated and reproducible.
+//!
+//! Numeric extremes: every finite, positive temperature and every penalty the config accepts
+//! gives a valid draw. Penalties are computed in f64 and saturate at ±`f32::MAX`; a logit of
+//! `-inf` (a masked token) stays `-inf` and is never drawn while any other token can be; a NaN
+//! logit counts as masked. Probabilities are computed in f64 relative to the largest logit,
+//! with the temperature applied inside the exponent, so a tiny temperature makes every token
+//! below the maximum weigh exactly 0 (greedy) instead of overflowing to NaN. Logits that are
+//! all equal (or all `-inf`) give a uniform distribution.
 
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
@@ -121,25 +129,32 @@ pub fn apply_penalties(logits: &mut [f32], recent: &[u32], cfg: &GenerationConfi
         let Some(l) = logits.get_mut(t as usize) else {
             continue;
         };
+        if l.is_nan() || *l == f32::NEG_INFINITY {
+            continue; // masked stays masked
+        }
+        // In f64, then saturated: a tiny repeat penalty or a huge frequency penalty must not
+        // turn a logit into ±inf or NaN.
+        let mut v = *l as f64;
         if cfg.repeat_penalty != 1.0 {
-            *l = if *l > 0.0 {
-                *l / cfg.repeat_penalty
+            v = if v > 0.0 {
+                v / cfg.repeat_penalty as f64
             } else {
-                *l * cfg.repeat_penalty
+                v * cfg.repeat_penalty as f64
             };
         }
-        *l -= c as f32 * cfg.frequency_penalty + cfg.presence_penalty;
+        v -= c as f64 * cfg.frequency_penalty as f64 + cfg.presence_penalty as f64;
+        *l = v.clamp(-f32::MAX as f64, f32::MAX as f64) as f32;
     }
 }
 
-/// Candidates sorted by logit, highest first, ties by the lower id.
+/// Candidates sorted by logit, highest first, ties by the lower id. A NaN logit becomes `-inf`.
 pub fn sorted_candidates(logits: &[f32]) -> Vec<Candidate> {
     let mut c: Vec<Candidate> = logits
         .iter()
         .enumerate()
         .map(|(i, &l)| Candidate {
             id: i as u32,
-            logit: l,
+            logit: if l.is_nan() { f32::NEG_INFINITY } else { l },
             p: 0.0,
         })
         .collect();
@@ -149,14 +164,28 @@ pub fn sorted_candidates(logits: &[f32]) -> Vec<Candidate> {
 
 /// Sets `p` to the softmax of the candidates' logits.
 pub fn softmax(c: &mut [Candidate]) {
+    softmax_with_temperature(c, 1.0);
+}
+
+/// Sets `p` to the softmax of the candidates' logits divided by `temperature` (finite, > 0):
+/// `p_i = exp((l_i - l_max) / T) / sum_j exp((l_j - l_max) / T)`, in f64. The division
+/// happens on the difference from the maximum, so no weight overflows for any `T`: a tiny
+/// `T` leaves weight only on the maximum. When the maximum is not finite (`+inf` cannot
+/// arise from the penalties, which saturate; every logit `-inf` can), the candidates equal to
+/// it share the mass.
+pub fn softmax_with_temperature(c: &mut [Candidate], temperature: f32) {
     let max = c.iter().map(|x| x.logit).fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f64;
+    let t = temperature as f64;
+    let weight = |l: f32| -> f64 {
+        if !max.is_finite() {
+            (l == max) as u8 as f64
+        } else {
+            ((l as f64 - max as f64) / t).exp()
+        }
+    };
+    let sum: f64 = c.iter().map(|x| weight(x.logit)).sum();
     for x in c.iter_mut() {
-        x.p = (x.logit - max).exp();
-        sum += x.p as f64;
-    }
-    for x in c.iter_mut() {
-        x.p = (x.p as f64 / sum) as f32;
+        x.p = (weight(x.logit) / sum) as f32;
     }
 }
 
@@ -230,23 +259,28 @@ impl Sampler {
         if self.cfg.min_p > 0.0 {
             min_p(&mut c, self.cfg.min_p);
         }
-        for x in c.iter_mut() {
-            x.logit /= self.cfg.temperature;
-        }
-        softmax(&mut c);
+        softmax_with_temperature(&mut c, self.cfg.temperature);
         draw(&c, self.uniform())
     }
 }
 
-/// The candidate at cumulative probability `u` (in [0, 1)); the last one if rounding leaves
-/// the sum short of `u`.
+/// The candidate at cumulative probability `u` (in [0, 1)) of the candidates' total mass.
+/// Candidates of probability 0 are never chosen: if rounding leaves the running sum short of
+/// the target, the last candidate with a positive probability is. `c` must not be empty.
 pub fn draw(c: &[Candidate], u: f64) -> u32 {
+    let total: f64 = c.iter().map(|x| x.p as f64).sum();
+    let target = u * total;
     let mut acc = 0.0f64;
-    for x in c {
+    let mut last = None;
+    for x in c.iter().filter(|x| x.p > 0.0) {
         acc += x.p as f64;
-        if u < acc {
+        if target < acc {
             return x.id;
         }
+        last = Some(x.id);
     }
-    c.last().map_or(0, |x| x.id)
+    // Only reached through rounding (or with no positive probability at all, which the
+    // softmax above never produces).
+    last.or(c.first().map(|x| x.id))
+        .expect("draw from an empty candidate list")
 }
