@@ -1,6 +1,8 @@
 //! The `chord` command line, run as a user runs it.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn chord(args: &[&str]) -> Output {
@@ -11,9 +13,7 @@ fn chord(args: &[&str]) -> Output {
 }
 
 fn model() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    chord::pull::ensure_default_model(&dir, true)
-        .unwrap_or_else(|e| panic!("the CLI tests need the default model: {e}"))
+    common::model_path().to_path_buf()
 }
 
 fn stderr(o: &Output) -> String {
@@ -215,4 +215,82 @@ fn the_same_seed_gives_the_same_text_and_another_seed_another() {
     };
     assert_eq!(run("42"), run("42"));
     assert_ne!(run("42"), run("43"));
+}
+
+/// Logits divided by a tiny temperature once overflowed to infinity and the draw fell through
+/// to the least likely token (38362); a tiny temperature is greedy: " Paris" (7042).
+#[test]
+fn a_tiny_temperature_draws_the_greedy_token() {
+    let m = model();
+    for seed in ["1", "2", "3"] {
+        let o = chord(&[
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "The capital of France is",
+            "--temperature",
+            "1e-38",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--min-p",
+            "0",
+            "--seed",
+            seed,
+            "-n",
+            "1",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["generated_ids"], serde_json::json!([7042]), "seed {seed}");
+    }
+}
+
+/// Real files carry placeholder tensors with a zero dimension; llama.cpp accepts them. The
+/// file parses, `inspect` lists them with 0 bytes, and the model, which does not use them,
+/// runs.
+#[test]
+fn zero_size_tensors_are_listed_and_the_model_runs() {
+    use chord::gguf::DType;
+    let path = common::model_variant("zero_size_tensors", |w| {
+        w.tensor("placeholder.empty", &[0], DType::F32, vec![])
+            .unwrap();
+        w.tensor("placeholder.rows", &[576, 0], DType::Q8_0, vec![])
+            .unwrap();
+    });
+    let p = path.to_str().unwrap();
+    let o = chord(&["inspect", p]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let listing = String::from_utf8_lossy(&o.stdout);
+    for (name, dims) in [
+        ("placeholder.empty", "[0]"),
+        ("placeholder.rows", "[576, 0]"),
+    ] {
+        let line = listing
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("{listing}"));
+        assert!(
+            line.contains(dims) && line.trim_end().ends_with(" 0"),
+            "{line}"
+        );
+    }
+    let o = chord(&[
+        "generate",
+        "--model",
+        p,
+        "--prompt",
+        "The capital of France is",
+        "-n",
+        "2",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["generated_ids"][0], 7042);
 }

@@ -44,6 +44,54 @@ fn every_malformed_file_is_refused_with_an_error_naming_the_field() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+const UNUSUAL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/gguf/unusual");
+
+/// Every file of the unusual-but-valid corpus (same script) parses, from bytes and mapped,
+/// with the metadata count and the tensors (name, dims, bytes, first F32 value) its manifest
+/// gives: scalar and zero-size tensors, unknown keys of every type, nested and empty arrays,
+/// empty strings, tensors out of offset order or with gaps.
+#[test]
+fn every_unusual_but_valid_file_parses_with_its_tensors_in_place() {
+    let manifest = std::fs::read_to_string(Path::new(UNUSUAL).join("manifest.tsv")).unwrap();
+    let mut checked = 0;
+    for line in manifest.lines().skip(1) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let (file, n_kv, tensors) = (cols[0], cols[1].parse::<usize>().unwrap(), cols[2]);
+        let path = Path::new(UNUSUAL).join(file);
+        let mapped = GgufFile::open(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let g = mapped.gguf();
+        assert_eq!(g.metadata.len(), n_kv, "{file}");
+        let want: Vec<&str> = tensors.split(';').filter(|t| !t.is_empty()).collect();
+        assert_eq!(g.tensors.len(), want.len(), "{file}");
+        for (t, w) in g.tensors.iter().zip(want) {
+            let f: Vec<&str> = w.split(':').collect();
+            let dims: Vec<usize> = f[1]
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(|d| d.parse().unwrap())
+                .collect();
+            assert_eq!(
+                (t.name.as_str(), &t.dims, t.size),
+                (f[0], &dims, f[2].parse().unwrap()),
+                "{file}"
+            );
+            let bytes = mapped.tensor_bytes(t);
+            assert_eq!(bytes.len(), t.size, "{file}: {}", t.name);
+            if f[3] != "-" {
+                let first = f32::from_le_bytes(bytes[..4].try_into().unwrap());
+                assert_eq!(first, f[3].parse::<f32>().unwrap(), "{file}: {}", t.name);
+            }
+        }
+        assert_eq!(
+            Gguf::parse(&std::fs::read(&path).unwrap()).unwrap().tensors,
+            g.tensors,
+            "{file}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 11, "the corpus has {checked} files");
+}
+
 #[test]
 fn every_truncation_of_a_valid_file_is_an_error_never_a_panic() {
     let bytes = sample().to_bytes();

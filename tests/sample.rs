@@ -286,7 +286,9 @@ proptest! {
 #[test]
 fn a_tiny_temperature_is_greedy_for_every_seed() {
     // Logits like a model's: one clear maximum, one very low outlier.
-    let mut logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 * 0.01).collect();
+    let mut logits: Vec<f32> = (0..1000)
+        .map(|i| ((i * 7919) % 1000) as f32 * 0.01)
+        .collect();
     logits[421] = 12.5;
     logits[999] = -30.0;
     for temperature in [1e-38f32, f32::from_bits(1), 1e-20] {
@@ -300,7 +302,11 @@ fn a_tiny_temperature_is_greedy_for_every_seed() {
                 ..GenerationConfig::default()
             })
             .unwrap();
-            assert_eq!(s.sample(&mut logits.clone(), &[]), 421, "T {temperature}, seed {seed}");
+            assert_eq!(
+                s.sample(&mut logits.clone(), &[]),
+                421,
+                "T {temperature}, seed {seed}"
+            );
         }
     }
 }
@@ -324,7 +330,11 @@ fn masked_tokens_are_never_drawn_and_equal_logits_are_uniform() {
         counts[s.sample(&mut masked.clone(), &[]) as usize] += 1;
     }
     // A huge temperature flattens the two unmasked tokens to even odds; the rest never come.
-    assert_eq!(counts.iter().sum::<u32>(), counts[3] + counts[6], "{counts:?}");
+    assert_eq!(
+        counts.iter().sum::<u32>(),
+        counts[3] + counts[6],
+        "{counts:?}"
+    );
     assert!(counts[3] > 1800 && counts[6] > 1800, "{counts:?}");
 
     let mut s = Sampler::new(cfg(4)).unwrap();

@@ -223,6 +223,7 @@ impl Value {
 pub struct TensorInfo {
     pub name: String,
     /// Dimensions, the contiguous one first (ggml's `ne`): a weight `W (n, k)` is `[k, n]`.
+    /// Empty for a scalar; a dimension may be 0 (a placeholder of no values and no bytes).
     pub dims: Vec<usize>,
     pub dtype: DType,
     /// Byte offset of the data from the start of the file.
@@ -232,14 +233,14 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    /// Values per row: the first dimension.
+    /// Values per row: the first dimension (1 for a scalar, which has no dimensions).
     pub fn cols(&self) -> usize {
-        self.dims[0]
+        self.dims.first().copied().unwrap_or(1)
     }
 
-    /// Rows: the product of the other dimensions.
+    /// Rows: the product of the other dimensions (0 if any is 0).
     pub fn rows(&self) -> usize {
-        self.dims[1..].iter().product()
+        self.dims.iter().skip(1).product()
     }
 }
 
@@ -347,8 +348,12 @@ impl GgufFile {
         &self.gguf
     }
 
-    /// The bytes of a tensor of this file (bounds checked when parsed).
+    /// The bytes of a tensor of this file (bounds checked when parsed; a tensor of zero bytes
+    /// has none, wherever its offset points).
     pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
+        if t.size == 0 {
+            return &[];
+        }
         &self.map[t.offset..t.offset + t.size]
     }
 

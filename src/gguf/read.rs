@@ -236,11 +236,12 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
         let field = |what: &str| format!("tensor '{name}'.{what}");
         let dims_at = c.pos;
         let n_dims = c.u32(&|| field("n_dims"))? as usize;
-        if !(1..=MAX_DIMS).contains(&n_dims) {
+        // 0 dimensions is a scalar (one value), as ggml reads it.
+        if n_dims > MAX_DIMS {
             return Err(format_error(
                 field("n_dims"),
                 dims_at,
-                format!("{n_dims} dimensions, expected 1 to {MAX_DIMS}"),
+                format!("{n_dims} dimensions, expected at most {MAX_DIMS}"),
             ));
         }
         let mut dims = Vec::with_capacity(n_dims);
@@ -248,14 +249,14 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
         for d in 0..n_dims {
             let d_at = c.pos;
             let v = c.u64(&|| field(&format!("dims[{d}]")))?;
-            let v = usize::try_from(v)
-                .ok()
-                .filter(|&v| v > 0 && v <= i64::MAX as usize);
+            // A dimension may be 0: the tensor then holds no values and no bytes (real files
+            // carry such placeholders, and ggml accepts them).
+            let v = usize::try_from(v).ok().filter(|&v| v <= i64::MAX as usize);
             let Some(v) = v else {
                 return Err(format_error(
                     field(&format!("dims[{d}]")),
                     d_at,
-                    "a dimension must be at least 1 and below 2^63",
+                    "a dimension must be below 2^63",
                 ));
             };
             elements = elements
@@ -279,13 +280,13 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
                 format!("unknown or unsupported ggml type {tag}"),
             )
         })?;
-        if !dims[0].is_multiple_of(dtype.block_len()) {
+        if !dims.first().unwrap_or(&1).is_multiple_of(dtype.block_len()) {
             return Err(format_error(
                 field("dims[0]"),
                 dims_at + 4,
                 format!(
                     "{} values per row are not whole {dtype} blocks of {}",
-                    dims[0],
+                    dims.first().unwrap_or(&1),
                     dtype.block_len()
                 ),
             ));
@@ -324,7 +325,8 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
     }
 
     let data_start = c.pos.next_multiple_of(alignment);
-    if !tensors.is_empty() && data_start > bytes.len() {
+    // Tensors of zero bytes need no data section: the file may end before its padding.
+    if tensors.iter().any(|t| t.size > 0) && data_start > bytes.len() {
         return Err(format_error(
             "data section",
             c.pos,
@@ -334,8 +336,12 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
             ),
         ));
     }
-    // Absolute extents, each inside the file.
+    // Absolute extents, each inside the file; a tensor of zero bytes has no extent to check.
     for (t, &off_at) in tensors.iter_mut().zip(&relative) {
+        if t.size == 0 {
+            t.offset = t.offset.saturating_add(data_start);
+            continue;
+        }
         let end = data_start
             .checked_add(t.offset)
             .and_then(|s| s.checked_add(t.size));
@@ -355,8 +361,10 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
             }
         }
     }
-    // No two tensors share bytes.
-    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    // No two tensors share bytes. The table may list them in any order.
+    let mut order: Vec<usize> = (0..tensors.len())
+        .filter(|&i| tensors[i].size > 0)
+        .collect();
     order.sort_by_key(|&i| tensors[i].offset);
     for w in order.windows(2) {
         let (a, b) = (&tensors[w[0]], &tensors[w[1]]);

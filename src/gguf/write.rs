@@ -41,16 +41,17 @@ impl Writer {
             name: name.clone(),
             problem: p,
         };
-        if dims.is_empty() || dims.len() > 4 || dims.contains(&0) {
-            return Err(problem(format!(
-                "dimensions {dims:?}: expected 1 to 4, each at least 1"
-            )));
+        // No dimensions is a scalar; a dimension of 0 makes a tensor of no values and no bytes.
+        if dims.len() > 4 {
+            return Err(problem(format!("dimensions {dims:?}: expected at most 4")));
         }
         let n = dims
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .ok_or_else(|| problem(format!("dimensions {dims:?} overflow")))?;
-        if !dims[0].is_multiple_of(dtype.block_len()) || dtype.bytes_for(n) != Some(data.len()) {
+        if !dims.first().unwrap_or(&1).is_multiple_of(dtype.block_len())
+            || dtype.bytes_for(n) != Some(data.len())
+        {
             return Err(problem(format!(
                 "{} bytes do not hold {dims:?} values of {dtype}",
                 data.len()

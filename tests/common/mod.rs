@@ -37,3 +37,35 @@ pub fn f32_model_path() -> &'static Path {
         path
     })
 }
+
+/// A copy of the default model (every metadata entry and tensor, bytes unchanged) with
+/// `edit` applied, written to `models/variants/NAME.gguf`: the same weights with changed
+/// metadata or extra tensors. Written afresh by each test process.
+pub fn model_variant(name: &str, edit: impl FnOnce(&mut chord::gguf::Writer)) -> PathBuf {
+    let src = GgufFile::open(model_path()).unwrap();
+    let g = src.gguf();
+    let mut w = chord::gguf::Writer::new();
+    for (k, v) in &g.metadata {
+        w.metadata(k.clone(), v.clone());
+    }
+    for t in &g.tensors {
+        w.tensor(
+            t.name.clone(),
+            &t.dims,
+            t.dtype,
+            src.tensor_bytes(t).to_vec(),
+        )
+        .unwrap();
+    }
+    edit(&mut w);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/variants");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.gguf"));
+    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).unwrap());
+    w.write_to(&mut f).unwrap();
+    std::io::Write::flush(&mut f).unwrap();
+    drop(f);
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
