@@ -110,3 +110,106 @@ fn unknown_ids_are_errors() {
     let err = tok.decode(&[19556, 49152], false).unwrap_err();
     assert!(err.to_string().contains("49152"), "{err}");
 }
+
+/// The merge rule written the plain way (the quadratic loop chord used before its priority
+/// queue): the lowest-ranked adjacent pair merges, the leftmost on ties, until none is left.
+struct NaiveBpe {
+    ranks: std::collections::HashMap<(String, String), usize>,
+    ids: std::collections::HashMap<String, u32>,
+    pre: chord::tokenizer::PreTokenizer,
+}
+
+impl NaiveBpe {
+    fn new() -> NaiveBpe {
+        use chord::gguf::{Array, Value};
+        let file = GgufFile::open(common::model_path()).unwrap();
+        let g = file.gguf();
+        let strings = |k: &str| match g.get(k) {
+            Some(Value::Array(Array::String(v))) => v.clone(),
+            _ => panic!("{k}"),
+        };
+        let mut ranks = std::collections::HashMap::new();
+        for (r, m) in strings("tokenizer.ggml.merges").iter().enumerate() {
+            let (a, b) = m.split_once(' ').unwrap();
+            ranks.entry((a.to_string(), b.to_string())).or_insert(r);
+        }
+        let ids = strings("tokenizer.ggml.tokens")
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, i as u32))
+            .collect();
+        let pre =
+            chord::tokenizer::PreTokenizer::named(g.str("tokenizer.ggml.pre").unwrap()).unwrap();
+        NaiveBpe { ranks, ids, pre }
+    }
+
+    fn encode(&self, text: &str) -> Vec<u32> {
+        // GPT-2's byte alphabet: printable bytes are themselves, the rest from U+0100 on.
+        let mut alphabet = Vec::new();
+        let mut next = 256u32;
+        for b in 0..256u32 {
+            let printable = (0x21..=0x7e).contains(&b)
+                || (0xa1..=0xac).contains(&b)
+                || (0xae..=0xff).contains(&b);
+            alphabet.push(
+                char::from_u32(if printable {
+                    b
+                } else {
+                    next += 1;
+                    next - 1
+                })
+                .unwrap(),
+            );
+        }
+        let mut out = Vec::new();
+        for piece in self.pre.split(text) {
+            let mut syms: Vec<String> = piece
+                .bytes()
+                .map(|b| alphabet[b as usize].to_string())
+                .collect();
+            loop {
+                let best = syms
+                    .windows(2)
+                    .enumerate()
+                    .filter_map(|(i, w)| {
+                        self.ranks
+                            .get(&(w[0].clone(), w[1].clone()))
+                            .map(|&r| (r, i))
+                    })
+                    .min();
+                let Some((_, i)) = best else { break };
+                let right = syms.remove(i + 1);
+                syms[i].push_str(&right);
+            }
+            out.extend(syms.iter().map(|s| self.ids[s]));
+        }
+        out
+    }
+}
+
+mod common;
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+    /// The priority-queue merge gives the plain loop's ids on any text, long runs included.
+    #[test]
+    fn bpe_matches_the_plain_merge_loop(text in "([a-zA-Z]{1,40}|[0-9 ,.!'\n]|é|ü|日本語|🍕|aaaaaaaaaaaaaaaa| {2,5}){0,40}") {
+        static NAIVE: std::sync::OnceLock<NaiveBpe> = std::sync::OnceLock::new();
+        static TOK: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+        let naive = NAIVE.get_or_init(NaiveBpe::new);
+        let tok = TOK.get_or_init(tokenizer);
+        proptest::prop_assert_eq!(tok.encode(&text, false), naive.encode(&text));
+    }
+}
+
+#[test]
+fn a_long_word_tokenizes_like_the_plain_merge_loop() {
+    // 6,000 letters without a space: one piece, thousands of merges.
+    let word: String = (0..6000u32)
+        .map(|i| (b'a' + ((i * 7 + i / 13) % 26) as u8) as char)
+        .collect();
+    assert_eq!(
+        tokenizer().encode(&word, false),
+        NaiveBpe::new().encode(&word)
+    );
+}

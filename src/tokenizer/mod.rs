@@ -55,8 +55,13 @@ impl TokenType {
 enum Algorithm {
     /// GPT-2 byte-level BPE (`tokenizer.ggml.model = gpt2`).
     Bpe {
-        /// Merge rank of each pair of symbols (lower merges first).
-        ranks: HashMap<(String, String), usize>,
+        /// The merges by the symbol ids of their two sides: (rank, symbol id of the result).
+        /// A symbol id below the vocabulary size is that token; above it, a string that takes
+        /// part in merges without being a token (`extra_symbols`).
+        merges: HashMap<(u32, u32), (u32, u32)>,
+        extra_symbols: Vec<String>,
+        /// The symbol id of each byte's GPT-2 character.
+        byte_symbol: Box<[u32; 256]>,
         pre: PreTokenizer,
         /// GPT-2's byte-to-character table and its inverse.
         byte_char: Box<[char; 256]>,
@@ -202,21 +207,42 @@ impl Tokenizer {
                         ));
                     }
                 };
-                let mut ranks = HashMap::with_capacity(merges.len());
+                // Every string that takes part in a merge gets a symbol id: its token id, or
+                // one past the vocabulary for the few that are not tokens.
+                let mut extra_ids: HashMap<String, u32> = HashMap::new();
+                let mut extra_symbols = Vec::new();
+                let mut symbol = |text: &str| -> u32 {
+                    if let Some(&id) = ids.get(text) {
+                        return id;
+                    }
+                    *extra_ids.entry(text.to_string()).or_insert_with(|| {
+                        extra_symbols.push(text.to_string());
+                        (tokens.len() + extra_symbols.len() - 1) as u32
+                    })
+                };
+                let byte_char = Box::new(byte_alphabet());
+                let byte_symbol = Box::new(std::array::from_fn(|b| {
+                    symbol(byte_char[b].encode_utf8(&mut [0; 4]))
+                }));
+                let mut merge_table = HashMap::with_capacity(merges.len());
                 for (rank, m) in merges.iter().enumerate() {
                     let (a, b) = m
                         .split_once(' ')
                         .ok_or_else(|| meta(format!("merge {rank} '{m}' is not two symbols")))?;
-                    ranks.entry((a.to_string(), b.to_string())).or_insert(rank);
+                    let pair = (symbol(a), symbol(b));
+                    let merged = symbol(&format!("{a}{b}"));
+                    // The first (lowest) rank of a merge listed twice wins.
+                    merge_table.entry(pair).or_insert((rank as u32, merged));
                 }
-                let byte_char = Box::new(byte_alphabet());
                 let char_byte = byte_char
                     .iter()
                     .enumerate()
                     .map(|(b, &c)| (c, b as u8))
                     .collect();
                 Algorithm::Bpe {
-                    ranks,
+                    merges: merge_table,
+                    extra_symbols,
+                    byte_symbol,
                     pre,
                     byte_char,
                     char_byte,
@@ -455,39 +481,93 @@ impl Tokenizer {
     }
 
     /// Byte-level BPE of one pre-tokenized piece, appending ids to `out`.
+    ///
+    /// Symbols start as the piece's bytes (as GPT-2 characters). Repeatedly, the adjacent pair
+    /// with the lowest merge rank merges, the leftmost on ties. The pairs wait in a priority
+    /// queue ordered by (rank, position) over a linked list of symbols; a pair made stale by
+    /// an earlier merge is skipped when it comes up. O(n log n) in the piece's length.
     fn bpe(&self, piece: &str, out: &mut Vec<u32>) {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
         let Algorithm::Bpe {
-            ranks, byte_char, ..
+            merges,
+            extra_symbols,
+            byte_symbol,
+            pre,
+            byte_char,
+            ..
         } = &self.algorithm
         else {
             unreachable!("bpe on a SentencePiece vocabulary")
         };
-        let mut symbols: Vec<String> = piece
-            .bytes()
-            .map(|b| byte_char[b as usize].to_string())
-            .collect();
-        if symbols.is_empty() {
+        if piece.is_empty() {
             return;
         }
-        loop {
-            let best = symbols
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, w)| ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, i)))
-                .min();
-            let Some((_, i)) = best else { break };
-            let right = symbols.remove(i + 1);
-            symbols[i].push_str(&right);
+        // Llama 3's vocabularies take a piece that is a whole token as it is (ignore_merges).
+        if pre.ignores_merges() {
+            let mapped: String = piece.bytes().map(|b| byte_char[b as usize]).collect();
+            if let Some(&id) = self.ids.get(&mapped) {
+                out.push(id);
+                return;
+            }
         }
-        for s in symbols {
-            match self.ids.get(&s) {
-                Some(&id) => out.push(id),
+        const NONE: usize = usize::MAX;
+        struct Sym {
+            id: u32,
+            prev: usize,
+            next: usize,
+        }
+        let n = piece.len();
+        let mut syms: Vec<Sym> = piece
+            .bytes()
+            .enumerate()
+            .map(|(i, b)| Sym {
+                id: byte_symbol[b as usize],
+                prev: i.wrapping_sub(1), // NONE for the first
+                next: if i + 1 < n { i + 1 } else { NONE },
+            })
+            .collect();
+        // (rank, left position, right position, left id, right id), smallest first.
+        let mut queue = BinaryHeap::new();
+        let pair = |syms: &[Sym], l: usize, r: usize| {
+            merges
+                .get(&(syms[l].id, syms[r].id))
+                .map(|&(rank, _)| Reverse((rank, l, r, syms[l].id, syms[r].id)))
+        };
+        for i in 1..n {
+            queue.extend(pair(&syms, i - 1, i));
+        }
+        while let Some(Reverse((_, l, r, left_id, right_id))) = queue.pop() {
+            // Stale: either side has merged since (its id changed, or it is gone from the list).
+            if syms[l].next != r || syms[l].id != left_id || syms[r].id != right_id {
+                continue;
+            }
+            syms[l].id = merges[&(left_id, right_id)].1;
+            syms[l].next = syms[r].next;
+            syms[r].prev = NONE;
+            syms[r].next = NONE;
+            syms[r].id = u32::MAX; // merged away
+            if syms[l].next != NONE {
+                let next = syms[l].next;
+                syms[next].prev = l;
+                queue.extend(pair(&syms, l, next));
+            }
+            if syms[l].prev != NONE {
+                queue.extend(pair(&syms, syms[l].prev, l));
+            }
+        }
+        let mut i = 0;
+        while i != NONE {
+            let id = syms[i].id;
+            match extra_symbols.get((id as usize).wrapping_sub(self.tokens.len())) {
+                None => out.push(id),
                 // A symbol outside the vocabulary: fall back to its single-byte symbols.
-                None => out.extend(
-                    s.chars()
-                        .filter_map(|c| self.ids.get(&c.to_string()).copied()),
+                Some(text) => out.extend(
+                    text.chars()
+                        .filter_map(|c| self.ids.get(c.encode_utf8(&mut [0; 4]) as &str).copied()),
                 ),
             }
+            i = syms[i].next;
         }
     }
 

@@ -45,6 +45,12 @@ impl PreTokenizer {
         }
     }
 
+    /// Whether a piece that is a whole token is taken as it is, without merging (llama.cpp's
+    /// `ignore_merges`, set for Llama 3's vocabularies).
+    pub fn ignores_merges(&self) -> bool {
+        matches!(self, PreTokenizer::Llama3)
+    }
+
     /// Cuts `text` into pieces (which concatenate back to `text`).
     pub fn split<'a>(&self, text: &'a str) -> Vec<&'a str> {
         let mut out = Vec::new();
