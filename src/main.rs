@@ -55,6 +55,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Render a conversation through a chat template and print the prompt exactly as the
+    /// model would see it (no newline added).
+    Template(TemplateArgs),
     /// Print the token ids of TEXT as one JSON array.
     Tokenize {
         /// The GGUF file whose tokenizer to use (default: the default model).
@@ -173,7 +176,7 @@ struct ChatArgs {
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Chat template: model (the GGUF's own, the default when it has one), chatml, llama2,
-    /// alpaca, zephyr, llama3.
+    /// alpaca, zephyr, llama3, or a file holding a Jinja template.
     #[arg(long)]
     template: Option<String>,
     /// System prompt to start with (also: /system TEXT).
@@ -185,6 +188,27 @@ struct ChatArgs {
     /// Print each reply as one JSON line (reply, ids, tokens/s) instead of streaming text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct TemplateArgs {
+    /// The GGUF model whose template and BOS/EOS tokens to use (default: the default model).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// The conversation: a JSON array of {"role", "content"} objects (further fields such as
+    /// "tool_calls" are passed to the template as they are).
+    #[arg(long)]
+    messages: std::path::PathBuf,
+    /// Tool descriptions: a JSON array of schemas, passed to the template as `tools`.
+    #[arg(long)]
+    tools: Option<std::path::PathBuf>,
+    /// Leave out the opening of the assistant's turn.
+    #[arg(long)]
+    no_generation_prompt: bool,
+    /// Chat template: model (the default), chatml, llama2, alpaca, zephyr, llama3, or a file
+    /// holding a Jinja template.
+    #[arg(long)]
+    template: Option<String>,
 }
 
 /// Sampling flags, shared by generate (and chat).
@@ -303,6 +327,7 @@ fn main() -> ExitCode {
             parse_special,
             text,
         } => tokenize(model, parse_special, &text),
+        Command::Template(args) => template(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -504,9 +529,90 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
 fn chat(args: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
     args.sampling.config()?;
     if let Some(name) = args.template.as_deref().filter(|&n| n != "model") {
-        chord::chat::Template::named(name)?;
+        chosen_template(name)?;
     }
     on_backend!(&args.run, file, b => chat_on(b, &file, &args))
+}
+
+/// A template named on the command line: a built-in name, or a file holding Jinja.
+fn chosen_template(name: &str) -> Result<chord::chat::Template, Box<dyn std::error::Error>> {
+    if let Ok(t) = chord::chat::Template::named(name) {
+        return Ok(t);
+    }
+    if !std::path::Path::new(name).is_file() {
+        return Err(format!(
+            "--template {name}: unknown template '{name}': expected chatml, llama2, alpaca, zephyr, llama3, model, or a file holding a Jinja template"
+        )
+        .into());
+    }
+    let source = std::fs::read_to_string(name).map_err(|e| format!("--template {name}: {e}"))?;
+    Ok(chord::chat::Template::jinja(&source).map_err(|e| format!("--template {name}: {e}"))?)
+}
+
+/// The template `--template` asks for (default: the model's own, else ChatML).
+fn model_template(
+    file: &chord::gguf::GgufFile,
+    flag: Option<&str>,
+) -> Result<chord::chat::Template, Box<dyn std::error::Error>> {
+    let own = file.gguf().str("tokenizer.chat_template").ok();
+    Ok(match (flag, own) {
+        (None | Some("model"), Some(src)) => chord::chat::Template::jinja(src)
+            .map_err(|e| format!("the model's tokenizer.chat_template: {e}"))?,
+        (Some("model"), None) => {
+            return Err("--template model: this model file has no tokenizer.chat_template".into());
+        }
+        (None, None) => chord::chat::Template::ChatMl,
+        (Some(name), _) => chosen_template(name)?,
+    })
+}
+
+/// The model's BOS and EOS tokens as text, for templates.
+fn bos_eos_text(tok: &chord::tokenizer::Tokenizer) -> (String, String) {
+    let text_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+    (text_of(tok.bos), text_of(tok.eos))
+}
+
+fn template(args: TemplateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::Write as _;
+    let read_json = |path: &std::path::Path,
+                     flag: &str|
+     -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--{flag} {}: {e}", path.display()))?;
+        Ok(serde_json::from_str(&text).map_err(|e| format!("--{flag} {}: {e}", path.display()))?)
+    };
+    let messages: Vec<chord::chat::Message> =
+        serde_json::from_value(read_json(&args.messages, "messages")?).map_err(|e| {
+            format!(
+                "--messages {}: expected a JSON array of {{\"role\", \"content\"}} objects: {e}",
+                args.messages.display()
+            )
+        })?;
+    let tools = match &args.tools {
+        None => None,
+        Some(path) => match read_json(path, "tools")? {
+            serde_json::Value::Array(a) => Some(a),
+            _ => return Err(format!("--tools {}: expected a JSON array", path.display()).into()),
+        },
+    };
+    let file = chord::gguf::GgufFile::open(model_path(args.model)?)?;
+    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
+    let template = model_template(&file, args.template.as_deref())?;
+    let (bos, eos) = bos_eos_text(&tok);
+    let text = template.render(
+        &messages,
+        &chord::chat::RenderOptions {
+            add_generation_prompt: !args.no_generation_prompt,
+            bos_token: &bos,
+            eos_token: &eos,
+            tools: tools.as_deref(),
+            documents: None,
+        },
+    )?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
 }
 
 /// Set by Ctrl-C: the reply in progress stops at its next token.
@@ -520,24 +626,17 @@ fn chat_on<B: chord::Backend>(
     use std::io::{BufRead, IsTerminal, Write as _};
     use std::sync::atomic::Ordering;
     let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
-    let own = file
-        .gguf()
-        .str("tokenizer.chat_template")
-        .ok()
-        .map(str::to_string);
-    let template = match (args.template.as_deref(), own) {
-        (None | Some("model"), Some(src)) => chord::chat::Template::Jinja(src),
-        (Some("model"), None) => {
-            return Err("--template model: this model file has no tokenizer.chat_template".into());
-        }
-        (None, None) => chord::chat::Template::ChatMl,
-        (Some(name), _) => chord::chat::Template::named(name)?,
-    };
-    let text_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
-    let mut session = chord::chat::Session::new(template, &text_of(tok.bos), &text_of(tok.eos));
+    let template = model_template(file, args.template.as_deref())?;
+    let (bos, eos) = bos_eos_text(&tok);
+    let mut session = chord::chat::Session::new(template, &bos, &eos);
     if let Some(s) = &args.system {
         session.set_system(s);
     }
+    // A template that cannot render a plain first turn fails now, before any turn.
+    session.push("user", "Hello");
+    let trial = session.render();
+    session.messages.pop();
+    trial.map_err(|e| format!("the chat template cannot render a conversation: {e}"))?;
     let model = chord::model::Model::load(file, backend)?;
     let ctx = args.run.ctx.min(model.config.ctx_len);
     if args.n >= ctx {
@@ -555,7 +654,14 @@ fn chat_on<B: chord::Backend>(
     if interactive {
         eprintln!(
             "chord chat: {} on {}. /quit, /clear, /system TEXT; Ctrl-C stops a reply.",
-            chord::pull::FILE_NAME,
+            args.run.model.as_deref().map_or_else(
+                || chord::pull::FILE_NAME.to_string(),
+                |p| p
+                    .file_name()
+                    .unwrap_or(p.as_os_str())
+                    .to_string_lossy()
+                    .into_owned()
+            ),
             model.backend().name()
         );
     }

@@ -268,3 +268,108 @@ fn the_oldest_turns_are_dropped_when_the_context_is_full() {
         "{err}"
     );
 }
+
+/// The Zephyr/TinyLlama template (one tag per line) put into a copy of the default model
+/// renders as transformers renders it (trim_blocks, lstrip_blocks), and the model answers as
+/// it does under that rendering.
+#[test]
+fn a_one_tag_per_line_template_renders_without_stray_lines() {
+    let zephyr = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/templates/zephyr.jinja"),
+    )
+    .unwrap();
+    let model = common::model_variant("zephyr_template", |w| {
+        w.metadata(
+            "tokenizer.chat_template",
+            chord::gguf::Value::String(zephyr),
+        );
+    });
+    let messages = std::env::temp_dir().join(format!("chord-zephyr-{}.json", std::process::id()));
+    std::fs::write(&messages, r#"[{"role": "user", "content": "Hi there"}]"#).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_chord"))
+        .args(["template", "--model"])
+        .arg(&model)
+        .arg("--messages")
+        .arg(&messages)
+        .output()
+        .unwrap();
+    std::fs::remove_file(&messages).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8(o.stdout).unwrap(),
+        "<|user|>\nHi there<|im_end|>\n<|assistant|>\n"
+    );
+    let replies = chat(
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "--json",
+        ],
+        "What is the capital of France?\n",
+    );
+    assert_eq!(replies[0]["reply"], "The capital of France is Paris.");
+}
+
+/// Qwen-style templates call Python string methods on every message: the chat replies.
+#[test]
+fn a_template_calling_python_string_methods_chats() {
+    let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content.startswith('<tool') %}tool{% else %}{{ m.content.strip() }}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let model = common::model_variant("strip_template", |w| {
+        w.metadata(
+            "tokenizer.chat_template",
+            chord::gguf::Value::String(template.into()),
+        );
+    });
+    let replies = chat(
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "-n",
+            "16",
+            "--json",
+        ],
+        "  What is the capital of France?  \n",
+    );
+    assert!(
+        replies[0]["reply"].as_str().unwrap().contains("Paris"),
+        "{}",
+        replies[0]
+    );
+}
+
+/// A template that fails on any conversation stops `chord chat` before the first turn, with
+/// the template's line and construct, and a non-zero exit.
+#[test]
+fn a_template_that_cannot_render_ends_chat_before_the_first_turn() {
+    let model = common::model_variant("raising_template", |w| {
+        w.metadata(
+            "tokenizer.chat_template",
+            chord::gguf::Value::String(
+                "{% for m in messages %}\n{{ m.content | no_such_filter }}\n{% endfor %}".into(),
+            ),
+        );
+    });
+    let mut child = spawn_chat(&["--model", model.to_str().unwrap()]);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hi\nHello\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains("line 2") && stderr.contains("no_such_filter"),
+        "{stderr}"
+    );
+}
