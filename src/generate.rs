@@ -68,6 +68,19 @@ pub struct Request<'a> {
     pub stop: &'a [String],
 }
 
+impl Request<'_> {
+    /// Checks what a request asks: an empty stop text would end generation at once.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        match self.stop.iter().position(String::is_empty) {
+            Some(i) => Err(ModelError::Input(format!(
+                "stop text {} is empty: it would end generation before any text",
+                i + 1
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// One step of a generation.
 #[derive(Clone, Debug)]
 pub enum Event {
@@ -117,7 +130,7 @@ impl<'s, 'm, B: Backend> Stream<'s, 'm, B> {
             state,
             sampler,
             decoder: IncrementalDecoder::new(tokenizer, false),
-            end_tokens: &tokenizer.end_tokens,
+            end_tokens: &tokenizer.eog,
             req,
             logits: vec![0.0; model.config.vocab],
             history,
@@ -188,6 +201,7 @@ impl<'s, 'm, B: Backend> Stream<'s, 'm, B> {
         let next = match self.next {
             Some(t) => t,
             None => {
+                self.req.validate()?;
                 let t0 = Instant::now();
                 self.logits
                     .copy_from_slice(self.model.forward(self.state, self.req.prompt_ids)?);

@@ -428,6 +428,9 @@ fn inspect(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
         };
         out!("  {key:<40} {shown}")?;
     }
+    if g.get("tokenizer.ggml.model").is_some() {
+        inspect_tokenizer(g)?;
+    }
     out!("\ntensors:")?;
     out!(
         "  {:<32} {:<6} {:<18} {:>12} {:>12}",
@@ -445,6 +448,50 @@ fn inspect(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
             format!("{:?}", t.dims),
             t.offset,
             t.size
+        )?;
+    }
+    Ok(())
+}
+
+/// The special tokens as chord resolves them: ids by key, default and name, the
+/// end-of-generation set, and the types it corrects.
+fn inspect_tokenizer(g: &chord::gguf::Gguf) -> Result<(), Box<dyn std::error::Error>> {
+    let tok = match chord::tokenizer::Tokenizer::from_gguf(g) {
+        Ok(t) => t,
+        Err(e) => {
+            out!("\ntokenizer: cannot be built: {e}")?;
+            return Ok(());
+        }
+    };
+    let s = &tok.specials_resolved;
+    let name = |id: u32| format!("{id} {:?}", tok.token_text(id).unwrap_or(""));
+    let show = |id: Option<u32>| id.map_or_else(|| "none".to_string(), name);
+    out!("\ntokenizer: {} tokens", tok.vocab_size())?;
+    for (label, id) in [
+        ("bos", s.bos),
+        ("eos", s.eos),
+        ("eot", s.eot),
+        ("eom", s.eom),
+        ("unk", s.unk),
+    ] {
+        out!("  {label:<24} {}", show(id))?;
+    }
+    out!(
+        "  {:<24} {} ({})",
+        "add_bos",
+        s.add_bos,
+        if s.add_bos_from_file {
+            "tokenizer.ggml.add_bos_token"
+        } else {
+            "default for this vocabulary"
+        }
+    )?;
+    let eog: Vec<String> = s.eog.iter().map(|&id| name(id)).collect();
+    out!("  {:<24} [{}]", "end of generation", eog.join(", "))?;
+    for (id, from, to) in &s.corrected {
+        out!(
+            "  type corrected           {}: {from:?} -> {to:?}",
+            name(*id)
         )?;
     }
     Ok(())
@@ -522,7 +569,10 @@ macro_rules! on_backend {
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    args.sampling.config()?; // refuse bad sampling flags before loading anything
+    args.sampling.config()?; // refuse bad flags before loading anything
+    if args.stop.iter().any(String::is_empty) {
+        return Err("--stop \"\": an empty stop text would end generation before any text".into());
+    }
     on_backend!(&args.run, file, b => generate_on(b, &file, &args))
 }
 

@@ -213,3 +213,45 @@ fn a_long_word_tokenizes_like_the_plain_merge_loop() {
         NaiveBpe::new().encode(&word)
     );
 }
+
+/// The token of the default model whose bytes are `b` alone.
+fn byte_token(tok: &Tokenizer, b: u8) -> u32 {
+    (0..tok.vocab_size() as u32)
+        .find(|&i| tok.token_bytes(i, false).unwrap() == [b])
+        .unwrap()
+}
+
+/// A stray byte before a character split over tokens: the stray byte becomes U+FFFD at once,
+/// and the character's first bytes wait for the rest (once, they were flushed with it).
+#[test]
+fn a_stray_byte_does_not_take_the_next_characters_first_bytes_with_it() {
+    let tok = tokenizer();
+    // C3 starts a two-byte character but F0 does not continue it; F0 9F 8D 95 is 🍕.
+    let ids: Vec<u32> = [0xC3, 0xF0, 0x9F, 0x8D, 0x95]
+        .iter()
+        .map(|&b| byte_token(&tok, b))
+        .collect();
+    let mut dec = IncrementalDecoder::new(&tok, false);
+    let chunks: Vec<String> = ids.iter().map(|&i| dec.push(i).unwrap()).collect();
+    assert_eq!(chunks, ["", "\u{FFFD}", "", "", "🍕"]);
+    assert_eq!(dec.finish(), "");
+}
+
+proptest::proptest! {
+    /// Whatever the tokens, the streamed text is the lossy UTF-8 of all their bytes, and no
+    /// chunk holds the start of a character that a later token completes.
+    #[test]
+    fn streaming_any_tokens_gives_the_lossy_text_of_their_bytes(ids in proptest::collection::vec(0u32..49152, 0..40)) {
+        static TOK: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+        let tok = TOK.get_or_init(tokenizer);
+        let mut dec = IncrementalDecoder::new(tok, false);
+        let mut streamed = String::new();
+        let mut bytes = Vec::new();
+        for &id in &ids {
+            streamed.push_str(&dec.push(id).unwrap());
+            bytes.extend(tok.token_bytes(id, false).unwrap());
+        }
+        streamed.push_str(&dec.finish());
+        proptest::prop_assert_eq!(streamed, String::from_utf8_lossy(&bytes).into_owned());
+    }
+}

@@ -7,11 +7,13 @@
 //! printable byte alphabet, and merges are applied lowest rank first.
 
 mod pretok;
+mod special;
 
 use std::collections::HashMap;
 
 use crate::gguf::{Array, Gguf, Value};
 pub use pretok::PreTokenizer;
+pub use special::Specials;
 
 /// An error building a tokenizer or decoding ids.
 #[derive(Debug, thiserror::Error)]
@@ -86,12 +88,16 @@ pub struct Tokenizer {
     /// Tokens split out before pre-tokenization, longest first, with whether they need
     /// `parse_special`.
     specials: Vec<(String, u32, bool)>,
-    /// `tokenizer.ggml.add_bos_token`.
+    /// Prepend BOS when encoding (unless the text already starts with it):
+    /// `tokenizer.ggml.add_bos_token`, else llama.cpp's default for the vocabulary.
     pub add_bos: bool,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
-    /// Tokens that end a reply: eos, and end-of-turn tokens such as `<|im_end|>`.
-    pub end_tokens: Vec<u32>,
+    /// The end-of-generation set: eos, end-of-turn and end-of-message tokens by key and by
+    /// name, as llama.cpp builds it. Sorted.
+    pub eog: Vec<u32>,
+    /// Every special token and type correction, as resolved from the metadata.
+    pub specials_resolved: Specials,
 }
 
 /// GPT-2's table: printable bytes map to themselves, the others to U+0100 onwards.
@@ -126,7 +132,7 @@ impl Tokenizer {
                 ));
             }
         };
-        let types: Vec<TokenType> = match g.get("tokenizer.ggml.token_type") {
+        let mut types: Vec<TokenType> = match g.get("tokenizer.ggml.token_type") {
             Some(Value::Array(Array::I32(t))) if t.len() == tokens.len() => {
                 t.iter().map(|&c| TokenType::from_code(c as i64)).collect()
             }
@@ -142,6 +148,10 @@ impl Tokenizer {
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
+        let pre_name = g.str("tokenizer.ggml.pre").unwrap_or("default");
+        let resolved = special::resolve(g, model == "llama", pre_name, &tokens, &mut types, &ids);
+        // Split out before pre-tokenization: control and unknown tokens on request,
+        // user-defined ones always; longest first.
         let mut specials: Vec<(String, u32, bool)> = types
             .iter()
             .enumerate()
@@ -155,47 +165,8 @@ impl Tokenizer {
             .filter(|(s, ..)| !s.is_empty())
             .collect();
         specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
-        let id_key = |k: &str| -> Result<Option<u32>, TokenizerError> {
-            match g.get(k) {
-                None => Ok(None),
-                Some(v) => match v.as_usize() {
-                    Some(id) if id < tokens.len() => Ok(Some(id as u32)),
-                    _ => Err(meta(format!("{k} = {v:?} is not a token id"))),
-                },
-            }
-        };
-        let (bos, eos) = (
-            id_key("tokenizer.ggml.bos_token_id")?,
-            id_key("tokenizer.ggml.eos_token_id")?,
-        );
-        let mut end_tokens: Vec<u32> = eos.into_iter().collect();
-        for k in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
-            end_tokens.extend(id_key(k)?);
-        }
-        // End-of-turn markers by name, as llama.cpp recognises them.
-        for name in [
-            "<|im_end|>",
-            "<|eot_id|>",
-            "<|end|>",
-            "<end_of_turn>",
-            "<|endoftext|>",
-            "</s>",
-        ] {
-            if let Some(&id) = ids.get(name)
-                && types[id as usize] == TokenType::Control
-            {
-                end_tokens.push(id);
-            }
-        }
-        end_tokens.sort_unstable();
-        end_tokens.dedup();
-        let add_bos = matches!(
-            g.get("tokenizer.ggml.add_bos_token"),
-            Some(Value::Bool(true))
-        );
         let algorithm = match model {
             "gpt2" => {
-                let pre_name = g.str("tokenizer.ggml.pre").unwrap_or("default");
                 let pre = PreTokenizer::named(pre_name).ok_or_else(|| {
                     TokenizerError::Unsupported(format!("tokenizer.ggml.pre '{pre_name}'"))
                 })?;
@@ -226,9 +197,12 @@ impl Tokenizer {
                 }));
                 let mut merge_table = HashMap::with_capacity(merges.len());
                 for (rank, m) in merges.iter().enumerate() {
-                    let (a, b) = m
-                        .split_once(' ')
-                        .ok_or_else(|| meta(format!("merge {rank} '{m}' is not two symbols")))?;
+                    // Split at the first space after the first byte, as llama.cpp does (a
+                    // symbol may itself be a space); a merge without one merges nothing.
+                    let Some(at) = m.bytes().skip(1).position(|b| b == b' ') else {
+                        continue;
+                    };
+                    let (a, b) = (&m[..at + 1], &m[at + 2..]);
                     let pair = (symbol(a), symbol(b));
                     let merged = symbol(&format!("{a}{b}"));
                     // The first (lowest) rank of a merge listed twice wins.
@@ -283,10 +257,11 @@ impl Tokenizer {
             ids,
             algorithm,
             specials,
-            add_bos,
-            bos,
-            eos,
-            end_tokens,
+            add_bos: resolved.add_bos,
+            bos: resolved.bos,
+            eos: resolved.eos,
+            eog: resolved.eog.clone(),
+            specials_resolved: resolved,
         })
     }
 
@@ -302,6 +277,10 @@ impl Tokenizer {
 
     /// Token ids of `text`. With `parse_special`, control tokens written in the text (such as
     /// `<|im_start|>`) become their ids; without it they are tokenized as plain text.
+    ///
+    /// BOS comes first when the vocabulary asks for it (`add_bos`), exactly once: not when the
+    /// text already starts with it (a chat template that writes `{{ bos_token }}`, parsed with
+    /// `parse_special`).
     pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
         let mut out = Vec::new();
         if self.add_bos
@@ -366,6 +345,10 @@ impl Tokenizer {
                     after_special = false;
                 }
             }
+        }
+        // The text began with BOS itself: it is not added twice.
+        if self.add_bos && out.len() >= 2 && out[1] == out[0] {
+            out.remove(0);
         }
         out
     }
@@ -467,11 +450,19 @@ impl Tokenizer {
             match self.ids.get(piece) {
                 Some(&id) => out.push(id),
                 None => {
+                    // Byte fallback: `<0xXX>`, else an ASCII byte's one-character token (as
+                    // llama.cpp), else the unknown token (as SentencePiece; llama.cpp aborts).
                     for b in piece.bytes() {
-                        // No byte token: fall back to the byte as a one-character token, if any.
+                        let one_char = || {
+                            b.is_ascii()
+                                .then(|| self.ids.get((b as char).encode_utf8(&mut [0; 4]) as &str))
+                                .flatten()
+                                .copied()
+                        };
                         out.extend(
                             byte_ids[b as usize]
-                                .or_else(|| self.ids.get(&(b as char).to_string()).copied()),
+                                .or_else(one_char)
+                                .or(self.specials_resolved.unk),
                         );
                     }
                 }
@@ -634,40 +625,74 @@ impl Tokenizer {
 
 /// Turns a stream of token ids into text, emitting only whole UTF-8 characters: the bytes of
 /// a character split across tokens are held until it is complete.
+///
+/// A stream is a continuation: every token's text is kept whole, the leading space of a
+/// SentencePiece piece included (" Paris", as llama.cpp prints it). Only a decoder made with
+/// [`at_sequence_start`](Self::at_sequence_start) drops the dummy prefix space of the first
+/// piece, as a whole sequence's [`Tokenizer::decode`] does.
 pub struct IncrementalDecoder<'t> {
     tokenizer: &'t Tokenizer,
     special: bool,
     pending: Vec<u8>,
-    /// No token seen yet: a SentencePiece prefix space is still to drop.
-    first: bool,
+    /// The first token is still to come and its SentencePiece prefix space is to drop.
+    strip_next: bool,
 }
 
 impl<'t> IncrementalDecoder<'t> {
-    /// A decoder rendering control tokens when `special` is set.
+    /// A decoder of a continuation, rendering control tokens when `special` is set.
     pub fn new(tokenizer: &'t Tokenizer, special: bool) -> Self {
         IncrementalDecoder {
             tokenizer,
             special,
             pending: Vec::new(),
-            first: true,
+            strip_next: false,
         }
     }
 
-    /// Adds one token; returns the text that is now complete (possibly empty).
+    /// The same decoder for a sequence from its very start: the first piece's SentencePiece
+    /// prefix space is dropped.
+    pub fn at_sequence_start(mut self) -> Self {
+        self.strip_next = self.tokenizer.strips_prefix_space();
+        self
+    }
+
+    /// Adds one token; returns the text that is now complete (possibly empty). Bytes that
+    /// can never form a character become U+FFFD at once; the first bytes of a character that
+    /// a later token may complete are held.
     pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
         let bytes = self.tokenizer.token_bytes(id, self.special)?;
-        let strip = std::mem::take(&mut self.first)
-            && self.tokenizer.strips_prefix_space()
-            && bytes.first() == Some(&b' ');
+        let strip = std::mem::take(&mut self.strip_next) && bytes.first() == Some(&b' ');
         self.pending.extend_from_slice(&bytes[strip as usize..]);
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(s) => s.len(),
-            // An invalid sequence (not merely incomplete) is emitted as U+FFFD at once.
-            Err(e) if e.error_len().is_some() => self.pending.len(),
-            Err(e) => e.valid_up_to(),
-        };
-        let done: Vec<u8> = self.pending.drain(..valid).collect();
-        Ok(String::from_utf8_lossy(&done).into_owned())
+        let mut out = String::new();
+        let mut done = 0;
+        loop {
+            match std::str::from_utf8(&self.pending[done..]) {
+                Ok(s) => {
+                    out.push_str(s);
+                    done = self.pending.len();
+                    break;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    out.push_str(
+                        std::str::from_utf8(&self.pending[done..done + valid])
+                            .expect("valid up to here"),
+                    );
+                    done += valid;
+                    match e.error_len() {
+                        // Invalid whatever follows: one U+FFFD, as String::from_utf8_lossy.
+                        Some(n) => {
+                            out.push('\u{FFFD}');
+                            done += n;
+                        }
+                        // Incomplete at the end: wait for the next token.
+                        None => break,
+                    }
+                }
+            }
+        }
+        self.pending.drain(..done);
+        Ok(out)
     }
 
     /// The bytes still held at the end of a stream, as text with U+FFFD for what is incomplete.
