@@ -20,7 +20,13 @@ impl<'w> WeightView<'w> {
     /// A view of `bytes` as a `(rows, cols)` tensor of `dtype`: each row a whole number of
     /// blocks, the length exactly `rows` such rows.
     pub fn new(dtype: DType, rows: usize, cols: usize, bytes: &'w [u8]) -> Result<Self, Error> {
-        let Some(row_bytes) = dtype.bytes_for(cols).filter(|_| rows > 0 && cols > 0) else {
+        if rows == 0 || cols == 0 {
+            return Err(Error::Shape {
+                op: "weight",
+                detail: format!("{rows} × {cols}: a weight needs at least one row and one column"),
+            });
+        }
+        let Some(row_bytes) = dtype.bytes_for(cols) else {
             return Err(Error::Shape {
                 op: "weight",
                 detail: format!(

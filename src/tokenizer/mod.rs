@@ -552,11 +552,13 @@ impl Tokenizer {
             let id = syms[i].id;
             match extra_symbols.get((id as usize).wrapping_sub(self.tokens.len())) {
                 None => out.push(id),
-                // A symbol outside the vocabulary: fall back to its single-byte symbols.
-                Some(text) => out.extend(
-                    text.chars()
-                        .filter_map(|c| self.ids.get(c.encode_utf8(&mut [0; 4]) as &str).copied()),
-                ),
+                // A symbol outside the vocabulary (a byte the vocabulary lacks): each of its
+                // UTF-8 bytes that is a token alone, as llama.cpp does; the rest is lost.
+                Some(text) => out.extend(text.bytes().filter(u8::is_ascii).filter_map(|b| {
+                    self.ids
+                        .get((b as char).encode_utf8(&mut [0; 4]) as &str)
+                        .copied()
+                })),
             }
             i = syms[i].next;
         }
