@@ -28,6 +28,12 @@ impl Writer {
         self
     }
 
+    /// Removes `key`, if set.
+    pub fn remove_metadata(&mut self, key: &str) -> &mut Writer {
+        self.metadata.retain(|(k, _)| k != key);
+        self
+    }
+
     /// Adds a tensor: `dims` contiguous dimension first, `data` its bytes in `dtype`.
     pub fn tensor(
         &mut self,

@@ -85,9 +85,13 @@ pub struct Tokenizer {
     types: Vec<TokenType>,
     ids: HashMap<String, u32>,
     algorithm: Algorithm,
-    /// Tokens split out before pre-tokenization, longest first, with whether they need
-    /// `parse_special`.
-    specials: Vec<(String, u32, bool)>,
+    /// Tokens split out before pre-tokenization, longest first.
+    specials: Vec<SpecialPiece>,
+    /// `tokenizer.ggml.add_eos_token`: append EOS when encoding with `add_special`.
+    add_eos: bool,
+    /// Detokenizing removes the spaces BPE vocabularies put before punctuation (llama.cpp's
+    /// `clean_spaces`: byte-level BPE but for the `smollm` and `command-r` pre-tokenizers).
+    clean_spaces: bool,
     /// Prepend BOS when encoding (unless the text already starts with it):
     /// `tokenizer.ggml.add_bos_token`, else llama.cpp's default for the vocabulary.
     pub add_bos: bool,
@@ -98,6 +102,16 @@ pub struct Tokenizer {
     pub eog: Vec<u32>,
     /// Every special token and type correction, as resolved from the metadata.
     pub specials_resolved: Specials,
+}
+
+/// A token recognised in text before pre-tokenization.
+struct SpecialPiece {
+    text: String,
+    id: u32,
+    /// Control and unknown tokens: only with `parse_special`. User-defined: always.
+    needs_flag: bool,
+    /// The whitespace after it is dropped (Phi-3).
+    rstrip: bool,
 }
 
 /// GPT-2's table: printable bytes map to themselves, the others to U+0100 onwards.
@@ -124,8 +138,17 @@ impl Tokenizer {
         let model = g
             .str("tokenizer.ggml.model")
             .map_err(|e| meta(e.to_string()))?;
-        let tokens = match g.get("tokenizer.ggml.tokens") {
-            Some(Value::Array(Array::String(t))) => t.clone(),
+        let tokens: Vec<String> = match g.get("tokenizer.ggml.tokens") {
+            // As llama.cpp reads them: up to a NUL byte (C strings), and an empty token named
+            // `[EMPTY_i]`.
+            Some(Value::Array(Array::String(t))) => t
+                .iter()
+                .enumerate()
+                .map(|(i, w)| match w.split('\0').next().unwrap_or("") {
+                    "" => format!("[EMPTY_{i}]"),
+                    w => w.to_string(),
+                })
+                .collect(),
             _ => {
                 return Err(meta(
                     "tokenizer.ggml.tokens: missing or not an array of strings".into(),
@@ -151,20 +174,30 @@ impl Tokenizer {
         let pre_name = g.str("tokenizer.ggml.pre").unwrap_or("default");
         let resolved = special::resolve(g, model == "llama", pre_name, &tokens, &mut types, &ids);
         // Split out before pre-tokenization: control and unknown tokens on request,
-        // user-defined ones always; longest first.
-        let mut specials: Vec<(String, u32, bool)> = types
+        // user-defined ones always; longest first. Phi-3's files (by `general.name`, as
+        // llama.cpp decides) swallow the whitespace after a special token.
+        let name = g.str("general.name").unwrap_or("").to_lowercase();
+        let phi3 = name.contains("phi-3") || name.contains("phi3");
+        let mut specials: Vec<SpecialPiece> = types
             .iter()
             .enumerate()
-            .filter_map(|(i, t)| match t {
-                TokenType::Control | TokenType::Unknown => {
-                    Some((tokens[i].clone(), i as u32, true))
-                }
-                TokenType::UserDefined => Some((tokens[i].clone(), i as u32, false)),
-                _ => None,
+            .filter_map(|(i, t)| {
+                let needs_flag = match t {
+                    TokenType::Control | TokenType::Unknown => true,
+                    TokenType::UserDefined => false,
+                    _ => return None,
+                };
+                let text = &tokens[i];
+                let rstrip = phi3 && !matches!(text.as_str(), "<unk>" | "<s>" | "<|endoftext|>");
+                Some(SpecialPiece {
+                    text: text.clone(),
+                    id: i as u32,
+                    needs_flag,
+                    rstrip,
+                })
             })
-            .filter(|(s, ..)| !s.is_empty())
             .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        specials.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
         let algorithm = match model {
             "gpt2" => {
                 let pre = PreTokenizer::named(pre_name).ok_or_else(|| {
@@ -257,6 +290,11 @@ impl Tokenizer {
             ids,
             algorithm,
             specials,
+            add_eos: matches!(
+                g.get("tokenizer.ggml.add_eos_token"),
+                Some(Value::Bool(true))
+            ) && resolved.eos.is_some(),
+            clean_spaces: model == "gpt2" && !matches!(pre_name, "smollm" | "command-r"),
             add_bos: resolved.add_bos,
             bos: resolved.bos,
             eos: resolved.eos,
@@ -275,23 +313,34 @@ impl Tokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
-    /// Token ids of `text`. With `parse_special`, control tokens written in the text (such as
-    /// `<|im_start|>`) become their ids; without it they are tokenized as plain text.
-    ///
-    /// BOS comes first when the vocabulary asks for it (`add_bos`), exactly once: not when the
-    /// text already starts with it (a chat template that writes `{{ bos_token }}`, parsed with
-    /// `parse_special`).
+    /// Token ids of `text`, with BOS (and EOS) where the vocabulary adds them. With
+    /// `parse_special`, control tokens written in the text (such as `<|im_start|>`) become
+    /// their ids; without it they are tokenized as plain text. See [`tokenize`](Self::tokenize).
     pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
+        self.tokenize(text, true, parse_special)
+    }
+
+    /// Token ids of `text`, as llama.cpp's `llama_tokenize(text, add_special, parse_special)`
+    /// gives them, but for BOS: with `add_special`, BOS comes first where the vocabulary asks
+    /// for it (`add_bos`) exactly once, not again when the text already starts with it (a
+    /// chat template that writes `{{ bos_token }}`, parsed with `parse_special`); and EOS
+    /// last where it asks for that (`tokenizer.ggml.add_eos_token`).
+    pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
         let mut out = Vec::new();
-        if self.add_bos
+        if add_special
+            && self.add_bos
             && let Some(b) = self.bos
         {
             out.push(b);
         }
         // Fragments: Ok(raw text) or Err(special id), in order.
-        let mut fragments: Vec<Result<&str, u32>> = vec![Ok(text)];
-        for (special, id, needs_flag) in &self.specials {
-            if *needs_flag && !parse_special {
+        let mut fragments: Vec<Result<&str, u32>> = if text.is_empty() {
+            Vec::new() // no text, no prefix space: nothing but BOS/EOS
+        } else {
+            vec![Ok(text)]
+        };
+        for special in &self.specials {
+            if special.needs_flag && !parse_special {
                 continue;
             }
             let mut next = Vec::with_capacity(fragments.len());
@@ -299,12 +348,17 @@ impl Tokenizer {
                 match f {
                     Ok(raw) => {
                         let mut rest = raw;
-                        while let Some(at) = rest.find(special.as_str()) {
+                        while let Some(at) = rest.find(special.text.as_str()) {
                             if at > 0 {
                                 next.push(Ok(&rest[..at]));
                             }
-                            next.push(Err(*id));
-                            rest = &rest[at + special.len()..];
+                            next.push(Err(special.id));
+                            rest = &rest[at + special.text.len()..];
+                            if special.rstrip {
+                                rest = rest.trim_start_matches(|c: char| {
+                                    c.is_ascii_whitespace() || c == '\x0b'
+                                });
+                            }
                         }
                         if !rest.is_empty() {
                             next.push(Ok(rest));
@@ -347,8 +401,14 @@ impl Tokenizer {
             }
         }
         // The text began with BOS itself: it is not added twice.
-        if self.add_bos && out.len() >= 2 && out[1] == out[0] {
+        if add_special && self.add_bos && out.len() >= 2 && out[1] == out[0] {
             out.remove(0);
+        }
+        if add_special
+            && self.add_eos
+            && let Some(e) = self.eos
+        {
+            out.push(e);
         }
         out
     }
@@ -602,14 +662,45 @@ impl Tokenizer {
         })
     }
 
-    /// The bytes of a sequence of ids (which may not be valid UTF-8 on their own). A
-    /// SentencePiece vocabulary that prefixes a space drops it again from the first piece.
+    /// The bytes of a whole sequence of ids (which may not be valid UTF-8 on their own),
+    /// control tokens rendered with `special`: `detokenize(ids, false, special)`.
     pub fn decode(&self, ids: &[u32], special: bool) -> Result<Vec<u8>, TokenizerError> {
+        self.detokenize(ids, false, special)
+    }
+
+    /// The bytes of a whole sequence of ids, as llama.cpp's `llama_detokenize(ids,
+    /// remove_special, unparse_special)` gives them:
+    /// - a SentencePiece vocabulary that prefixes a space drops it from the first piece,
+    ///   whatever that piece is (an invisible control token uses the strip up);
+    /// - with `remove_special`, a leading BOS (where the vocabulary adds one) is dropped and
+    ///   the space after it kept, and a trailing EOS (where it adds one) is dropped;
+    /// - control tokens render only with `unparse_special`;
+    /// - byte-level BPE vocabularies but `smollm` and `command-r` then remove the spaces
+    ///   before `?!.,` and around lone quotes, as llama.cpp's `clean_spaces` does.
+    pub fn detokenize(
+        &self,
+        ids: &[u32],
+        remove_special: bool,
+        unparse_special: bool,
+    ) -> Result<Vec<u8>, TokenizerError> {
+        let mut ids = ids;
+        let mut strip = self.strips_prefix_space();
+        // add_bos and add_eos imply the token exists.
+        if remove_special && self.add_bos && ids.first() == self.bos.as_ref() {
+            strip = false;
+            ids = &ids[1..];
+        }
+        if remove_special && self.add_eos && ids.last() == self.eos.as_ref() {
+            ids = &ids[..ids.len() - 1];
+        }
         let mut out = Vec::new();
-        for (i, &id) in ids.iter().enumerate() {
-            let bytes = self.token_bytes(id, special)?;
-            let strip = i == 0 && self.strips_prefix_space() && bytes.first() == Some(&b' ');
-            out.extend_from_slice(&bytes[strip as usize..]);
+        for &id in ids {
+            let bytes = self.token_bytes(id, unparse_special)?;
+            let skip = (std::mem::take(&mut strip) && bytes.first() == Some(&b' ')) as usize;
+            out.extend_from_slice(&bytes[skip..]);
+        }
+        if self.clean_spaces {
+            clean_spaces(&mut out);
         }
         Ok(out)
     }
@@ -623,6 +714,51 @@ impl Tokenizer {
             }
         )
     }
+}
+
+/// llama.cpp's `clean_spaces` after detokenizing, in its three passes over the bytes: drop
+/// the space before `?`, `!`, `.` and `,`; drop both spaces around a lone `'` between spaces;
+/// drop the space before `'s`, `'m`, `'re` and `'ve`.
+fn clean_spaces(text: &mut Vec<u8>) {
+    // Pass 1: " ?", " !", " .", " ,".
+    let t: Vec<u8> = std::mem::take(text);
+    let mut out = Vec::with_capacity(t.len());
+    for (i, &x) in t.iter().enumerate() {
+        if i > 0 && t[i - 1] == b' ' && matches!(x, b'?' | b'!' | b'.' | b',') {
+            out.pop();
+        }
+        out.push(x);
+    }
+    // Pass 2: " ' " becomes "'".
+    let t = std::mem::take(&mut out);
+    let mut i = 0;
+    while i < t.len() {
+        let x = t[i];
+        if i > 0 && x == b'\'' && i + 1 < t.len() && t[i - 1] == b' ' && t[i + 1] == b' ' {
+            out.pop();
+            out.push(x);
+            i += 2; // the space after it goes too
+            continue;
+        }
+        out.push(x);
+        i += 1;
+    }
+    // Pass 3: " 's", " 'm", " 're", " 've".
+    let t = std::mem::take(&mut out);
+    for (i, &x) in t.iter().enumerate() {
+        if i > 0 && t[i - 1] == b' ' && x == b'\'' && i + 1 < t.len() {
+            let next = t[i + 1];
+            let two = t.get(i + 2).copied();
+            if matches!(next, b's' | b'm')
+                || (next, two) == (b'r', Some(b'e'))
+                || (next, two) == (b'v', Some(b'e'))
+            {
+                out.pop();
+            }
+        }
+        out.push(x);
+    }
+    *text = out;
 }
 
 /// Turns a stream of token ids into text, emitting only whole UTF-8 characters: the bytes of

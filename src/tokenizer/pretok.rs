@@ -20,6 +20,14 @@ static LLAMA3: LazyLock<Regex> = LazyLock::new(|| {
         .expect("a valid expression")
 });
 
+/// llama.cpp's default (a file without `tokenizer.ggml.pre`): punctuation runs first.
+static PUNCTUATION: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"[\p{P}\$\+<=>\^~\|]+").expect("a valid expression"));
+static NUMBERS: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\p{N}+").expect("a valid expression"));
+static THREE_DIGITS: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"[0-9][0-9][0-9]").expect("a valid expression"));
+
 /// A pre-tokenizer of byte-level BPE vocabularies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PreTokenizer {
@@ -30,6 +38,10 @@ pub enum PreTokenizer {
     DigitsThenGpt2,
     /// Llama 3's expression (`llama-bpe`).
     Llama3,
+    /// llama.cpp's default for a file that names none: punctuation runs, GPT-2's
+    /// expression, number runs, then runs of three digits, each splitting what the one
+    /// before left (matches and the text between them alike).
+    Default,
 }
 
 impl PreTokenizer {
@@ -41,6 +53,7 @@ impl PreTokenizer {
                 Some(PreTokenizer::DigitsThenGpt2)
             }
             "llama-bpe" | "llama3" => Some(PreTokenizer::Llama3),
+            "default" => Some(PreTokenizer::Default),
             _ => None,
         }
     }
@@ -57,6 +70,19 @@ impl PreTokenizer {
         match self {
             PreTokenizer::Gpt2 => split_with(&GPT2, text, false, &mut out),
             PreTokenizer::Llama3 => split_with(&LLAMA3, text, true, &mut out),
+            PreTokenizer::Default => {
+                let mut pieces = Vec::new();
+                split_keeping_gaps(&PUNCTUATION, text, &mut pieces);
+                for p in pieces {
+                    split_with(&GPT2, p, false, &mut out);
+                }
+                for re in [&*NUMBERS, &*THREE_DIGITS] {
+                    let pieces = std::mem::take(&mut out);
+                    for p in pieces {
+                        split_keeping_gaps(re, p, &mut out);
+                    }
+                }
+            }
             PreTokenizer::DigitsThenGpt2 => {
                 let mut start = 0;
                 for (i, c) in text.char_indices() {
@@ -71,6 +97,21 @@ impl PreTokenizer {
             }
         }
         out
+    }
+}
+
+/// Appends the matches of `re` over `piece` and the runs of text between them, in order.
+fn split_keeping_gaps<'a>(re: &Regex, piece: &'a str, out: &mut Vec<&'a str>) {
+    let mut pos = 0;
+    for m in re.find_iter(piece) {
+        if m.start() > pos {
+            out.push(&piece[pos..m.start()]);
+        }
+        out.push(m.as_str());
+        pos = m.end();
+    }
+    if pos < piece.len() {
+        out.push(&piece[pos..]);
     }
 }
 
@@ -132,6 +173,7 @@ mod tests {
             PreTokenizer::Gpt2,
             PreTokenizer::DigitsThenGpt2,
             PreTokenizer::Llama3,
+            PreTokenizer::Default,
         ] {
             assert_eq!(p.split(text).concat(), text, "{p:?}");
         }
