@@ -701,7 +701,8 @@ fn chat_on<B: chord::Backend>(
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
         .map_err(|e| format!("cannot catch Ctrl-C: {e}"))?;
     let interactive = std::io::stdin().is_terminal();
-    if interactive {
+    // On stderr, so that piped replies stay alone on stdout.
+    {
         eprintln!(
             "chord chat: {} on {}. /quit, /clear, /system TEXT; Ctrl-C stops a reply.",
             args.run.model.as_deref().map_or_else(

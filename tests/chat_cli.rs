@@ -373,3 +373,23 @@ fn a_template_that_cannot_render_ends_chat_before_the_first_turn() {
         "{stderr}"
     );
 }
+
+/// The banner names the model given with --model, not the default one.
+#[test]
+fn the_banner_names_the_model_given() {
+    let model = common::model_variant("banner_name", |_| {});
+    let mut child = spawn_chat(&["--model", model.to_str().unwrap(), "-n", "4"]);
+    child.stdin.take().unwrap().write_all(b"/quit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let banner = stderr
+        .lines()
+        .find(|l| l.starts_with("chord chat:"))
+        .unwrap_or_default();
+    assert!(banner.contains("banner_name.gguf"), "{stderr}");
+    assert!(
+        !banner.contains("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "{stderr}"
+    );
+}

@@ -123,7 +123,7 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/gguf/malformed/tensor_count_2_60.gguf"
     );
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (
             &[
                 "generate",
@@ -177,6 +177,11 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
             "/nonexistent/model.gguf",
         ),
         (&["inspect", malformed], "header.tensor_count at byte 8"),
+        // An empty stop text would end generation before any text.
+        (
+            &["generate", "--model", m, "--prompt", "x", "--stop", ""],
+            "--stop \"\"",
+        ),
     ];
     for (args, needle) in cases {
         let o = chord(args);
