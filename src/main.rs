@@ -58,6 +58,9 @@ enum Command {
     /// Render a conversation through a chat template and print the prompt exactly as the
     /// model would see it (no newline added).
     Template(TemplateArgs),
+    /// Time every op inside a real forward pass, prefill and decode: each op's share of a
+    /// token, its rate and the roof.
+    Profile(ProfileArgs),
     /// Print the token ids of TEXT as one JSON array.
     Tokenize {
         /// The GGUF file whose tokenizer to use (default: the default model).
@@ -186,6 +189,21 @@ struct ChatArgs {
     #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
     n: usize,
     /// Print each reply as one JSON line (reply, ids, tokens/s) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ProfileArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Prompt tokens of the prefill phase (0 to skip).
+    #[arg(long, default_value_t = 128)]
+    pp: usize,
+    /// Tokens of the decode phase (0 to skip).
+    #[arg(long, default_value_t = 32)]
+    tg: usize,
+    /// Print one JSON object (roof and phases) instead of the tables.
     #[arg(long)]
     json: bool,
 }
@@ -328,6 +346,7 @@ fn main() -> ExitCode {
             text,
         } => tokenize(model, parse_special, &text),
         Command::Template(args) => template(args),
+        Command::Profile(args) => profile(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -802,6 +821,46 @@ fn chat_on<B: chord::Backend>(
                 session.messages.pop();
                 eprintln!("[{e}]");
             }
+        }
+    }
+    Ok(())
+}
+
+fn profile(args: ProfileArgs) -> Result<(), Box<dyn std::error::Error>> {
+    on_backend!(&args.run, file, b => profile_on(b, &file, &args))
+}
+
+fn profile_on<B: chord::Backend>(
+    backend: B,
+    file: &chord::gguf::GgufFile,
+    args: &ProfileArgs,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use chord::Backend as _;
+    use chord::bench::profile::{self, Profiled};
+    let threads = backend.threads();
+    eprintln!("measuring the roofs on {threads} thread(s)...");
+    let roof = chord::bench::measure_roofs(&[threads]).remove(0);
+    let model = chord::model::Model::load(file, Profiled::new(backend))?;
+    let phases = profile::run(&model, args.pp, args.tg, &roof)?;
+    if args.json {
+        out!(
+            "{}",
+            serde_json::json!({ "backend": model.backend().name(), "mode": args.run.mode.name(), "threads": threads, "roof": roof, "phases": phases })
+        )?;
+    } else {
+        out!(
+            "{} on {}, {} mode, {threads} thread(s); roofs: {:.1} GFLOP/s, {:.1} GB/s",
+            args.run
+                .model
+                .as_ref()
+                .map_or(chord::pull::FILE_NAME.into(), |p| p.display().to_string()),
+            model.backend().name(),
+            args.run.mode.name(),
+            roof.fma_gflops,
+            roof.read_gbs
+        )?;
+        for p in &phases {
+            out!("\n{}", profile::format(p))?;
         }
     }
     Ok(())

@@ -349,3 +349,55 @@ fn q4_1_exact_mode_on_blocked_matches_llama_cpp_on_one_prompt() {
     }
     assert_eq!(got[..], cases[0].gen_ids[..16]);
 }
+
+/// `chord profile`'s wrapper times every op of a real forward pass without changing it: the
+/// logits are bitwise those of the bare backend, each matmul is told apart by its weight, and
+/// the calls per token are the architecture's (one of each projection per layer).
+#[test]
+fn the_profiler_sees_every_op_of_a_forward_pass_and_changes_nothing() {
+    use chord::bench::profile::{self, Profiled};
+    let file = GgufFile::open(model_path()).unwrap();
+    let bare = Model::load(&file, SimdBackend::new(2).unwrap()).unwrap();
+    let profiled = Model::load(&file, Profiled::new(SimdBackend::new(2).unwrap())).unwrap();
+    let prompt = [504u32, 3575, 282, 4649, 314];
+    let mut s1 = State::new(&bare.config, 64, 8);
+    let mut s2 = State::new(&bare.config, 64, 8);
+    assert_eq!(
+        bare.forward(&mut s1, &prompt).unwrap(),
+        profiled.forward(&mut s2, &prompt).unwrap()
+    );
+    let roof = chord::bench::Roof {
+        threads: 2,
+        fma_gflops: 100.0,
+        fma_level: "avx512",
+        read_gbs: 20.0,
+    };
+    let phases = profile::run(&profiled, 8, 4, &roof).unwrap();
+    assert_eq!(phases.len(), 2);
+    let decode = &phases[1];
+    let calls = |op: &str, weight: &str| {
+        decode
+            .rows
+            .iter()
+            .find(|r| r.op == op && r.weight.starts_with(weight))
+            .unwrap_or_else(|| panic!("no row {op} {weight}: {:?}", decode.rows))
+            .calls_per_token
+    };
+    for w in [
+        "attn_q ",
+        "attn_k ",
+        "attn_v ",
+        "attn_output ",
+        "ffn_gate ",
+        "ffn_up ",
+        "ffn_down ",
+    ] {
+        assert_eq!(calls("matmul", w), 30.0, "{w}");
+    }
+    assert_eq!(calls("matmul", "token_embd "), 1.0); // the tied classifier
+    assert_eq!(calls("attention", ""), 30.0);
+    assert_eq!(calls("embedding", ""), 1.0);
+    assert_eq!(decode.layers_ms_per_token.len(), 30);
+    let share: f64 = decode.rows.iter().map(|r| r.share).sum();
+    assert!(share > 0.5 && share <= 1.0, "{share}");
+}

@@ -14,6 +14,8 @@ pub struct WeightView<'w> {
     rows: usize,
     cols: usize,
     bytes: &'w [u8],
+    /// The tensor's name in its file (`blk.3.attn_q.weight`), or empty.
+    name: &'w str,
 }
 
 impl<'w> WeightView<'w> {
@@ -49,7 +51,18 @@ impl<'w> WeightView<'w> {
             rows,
             cols,
             bytes,
+            name: "",
         })
+    }
+
+    /// The same view, labelled with the tensor's name (for profiles and errors).
+    pub fn named(self, name: &'w str) -> Self {
+        WeightView { name, ..self }
+    }
+
+    /// The tensor's name in its file, or empty.
+    pub fn name(&self) -> &'w str {
+        self.name
     }
 
     /// A view of f32 values as a `(rows, cols)` weight.

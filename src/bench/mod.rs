@@ -6,6 +6,7 @@
 
 pub mod kernels;
 pub mod model;
+pub mod profile;
 
 use std::time::{Duration, Instant};
 

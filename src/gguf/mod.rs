@@ -363,11 +363,11 @@ impl GgufFile {
             name: name.into(),
             problem: "missing".into(),
         })?;
-        WeightView::new(t.dtype, t.rows(), t.cols(), self.tensor_bytes(t)).map_err(|e| {
-            GgufError::Tensor {
+        WeightView::new(t.dtype, t.rows(), t.cols(), self.tensor_bytes(t))
+            .map(|v| v.named(&t.name))
+            .map_err(|e| GgufError::Tensor {
                 name: name.into(),
                 problem: e.to_string(),
-            }
-        })
+            })
     }
 }
