@@ -19,6 +19,7 @@ fn file_type(dtype: DType) -> u32 {
         DType::Q5_0 => 8,
         DType::Q5_1 => 9,
         DType::Q4K => 15,
+        DType::Q5K => 17,
         DType::Q6K => 18,
         DType::BF16 => 32,
     }

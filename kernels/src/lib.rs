@@ -25,5 +25,6 @@ mod params;
 pub mod quant;
 pub mod scalar;
 pub mod simd;
+pub mod team;
 
 pub use params::{RopeLayout, RopeParams, SoftmaxParams};

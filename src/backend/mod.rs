@@ -19,7 +19,7 @@ mod weight;
 pub use blocked::BlockedBackend;
 pub use chord_kernels::{RopeLayout, RopeParams, SoftmaxParams};
 pub use scalar::ScalarBackend;
-pub use simd::{Mode, QuantBlocks, SimdBackend, SimdWeight};
+pub use simd::{Mode, SimdBackend, SimdWeight};
 pub use variant::Variant;
 pub use weight::{DType, F32Weight, WeightView};
 

@@ -3,19 +3,23 @@
 use std::sync::Mutex;
 
 use chord_kernels::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
-use chord_kernels::simd::{self, GemmScratch, Isa, Level, PackedWeight, qdot};
-use rayon::prelude::*;
+use chord_kernels::simd::{
+    self, BlockScratch, BlockWeight, GemmScratch, Isa, Level, PackedWeight, qdot,
+};
+use chord_kernels::team::Team;
 
 use super::{Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support, WeightView, check};
 
 /// How the SIMD backend computes on quantized weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Dequantize once when prepared, compute in f32: the same numbers as an F32 model.
+    /// f32 arithmetic on the weights' exact values: each block decoded in registers (or into
+    /// a cache-resident panel when prefilling), never the whole weight at once. The same
+    /// numbers as an F32 model, up to the order of sums.
     Exact,
-    /// Keep `Q4_0`, `Q4_1` and `Q8_0` weights as blocks; quantize each activation row to
-    /// 8-bit blocks (`Q8_1` against `Q4_1`, `Q8_0` against the others) and take integer dot
-    /// products, as ggml does. Other formats are dequantized, as in exact mode.
+    /// `Q4_0`, `Q4_1` and `Q8_0` weights multiply 8-bit quantized activations (`Q8_1`
+    /// against `Q4_1`, `Q8_0` against the others) in integer dot products, as ggml does.
+    /// Other formats compute as in exact mode.
     Fast,
 }
 
@@ -42,32 +46,25 @@ impl std::str::FromStr for Mode {
 
 /// A weight prepared by [`SimdBackend`].
 pub enum SimdWeight<'w> {
-    /// f32 in the GEMM microkernel's panel layout.
+    /// Rows of blocks as the file stores them, borrowed: every format, both modes.
+    Blocks(BlockWeight<'w>),
+    /// f32 in the GEMM microkernel's panel layout: rows whose length is no multiple of 32
+    /// (the block kernels' unit), dequantized and packed once.
     Packed(PackedWeight),
-    /// Quantized blocks as the file stores them (fast mode): `rows` rows of `cols / 32` blocks.
-    Blocks(QuantBlocks<'w>),
-}
-
-/// A quantized weight kept as the file stores it: `rows` rows of `cols / 32` blocks.
-pub struct QuantBlocks<'w> {
-    pub dtype: DType,
-    pub rows: usize,
-    pub cols: usize,
-    pub bytes: &'w [u8],
 }
 
 /// Runs every op with explicit vector kernels at one [`Level`] (the widest this CPU runs,
-/// unless forced). In [`Mode::Exact`] (the default) weights are dequantized and repacked
-/// once, at [`prepare`](Backend::prepare), into the panel layout of the level's GEMM
-/// microkernel; in [`Mode::Fast`] 4- and 8-bit weights stay in their blocks. Matmul is split
-/// over the backend's own pool of `threads` threads (in exact mode bitwise identical for any
-/// thread count); the per-row ops run on the calling thread.
+/// unless forced). Weights stay as the file stores them and are decoded on the fly
+/// ([`Mode::Exact`], the default) or multiplied in integers ([`Mode::Fast`]). Matmuls are
+/// split over the backend's own [`Team`] of `threads` threads, by the task index, so results
+/// are bitwise identical for any thread count; the per-row ops run on the calling thread.
 #[derive(Debug)]
 pub struct SimdBackend {
     isa: Isa,
     mode: Mode,
-    pool: rayon::ThreadPool,
+    team: Team,
     scratch: GemmScratch,
+    block_scratch: BlockScratch,
     /// Quantized activation rows of fast mode, grown to the largest call.
     activations: Mutex<Vec<u8>>,
 }
@@ -96,11 +93,19 @@ impl SimdBackend {
     }
 
     fn build(isa: Isa, threads: usize) -> Result<Self, Error> {
+        if threads == 0 {
+            return Err(Error::Unavailable(
+                "a backend needs at least one thread".into(),
+            ));
+        }
+        let team = Team::new(threads)
+            .map_err(|e| Error::Unavailable(format!("cannot start {threads} threads: {e}")))?;
         Ok(SimdBackend {
             isa,
             mode: Mode::Exact,
-            pool: super::thread_pool(threads)?,
+            team,
             scratch: GemmScratch::new(threads),
+            block_scratch: BlockScratch::new(threads),
             activations: Mutex::new(Vec::new()),
         })
     }
@@ -115,18 +120,14 @@ impl SimdBackend {
         self.mode
     }
 
-    fn keeps_blocks(&self, dtype: DType) -> bool {
+    /// Whether `dtype` weights take fast mode's integer dot products.
+    fn integer_dots(&self, dtype: DType) -> bool {
         self.mode == Mode::Fast && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
     }
 
     /// `y (m, n) = x (m, k) · Wᵀ` on blocks: quantize the rows of `x`, then integer dots.
-    fn matmul_blocks(&self, x: &[f32], w: &QuantBlocks<'_>, y: &mut [f32], m: usize) {
-        let QuantBlocks {
-            dtype,
-            rows: n,
-            cols: k,
-            bytes,
-        } = *w;
+    fn matmul_integer(&self, x: &[f32], w: &BlockWeight<'_>, y: &mut [f32], m: usize) {
+        let BlockWeight { dtype, n, k, bytes } = *w;
         let blocks = k / 32;
         let act_block = if dtype == DType::Q4_1 {
             size_of::<BlockQ8_1>()
@@ -167,30 +168,31 @@ impl SimdBackend {
             }
         };
         let act: &[u8] = act;
-        let threads = self.pool.current_num_threads();
-        if m == 1 {
-            // Decode: the weight rows split over the threads.
-            let chunk = n.div_ceil(threads * 4).max(16);
-            self.pool.install(|| {
-                y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| {
-                    for (jj, out) in ys.iter_mut().enumerate() {
-                        *out = dot(act, c * chunk + jj);
-                    }
-                })
-            });
-        } else {
-            // Prefill: the activation rows split over the threads; each reads the whole
-            // weight, which for one layer's matrix stays in cache.
-            self.pool.install(|| {
-                y.par_chunks_mut(n)
-                    .zip(act.par_chunks(x_row_bytes))
-                    .for_each(|(yr, xq)| {
-                        for (j, out) in yr.iter_mut().enumerate() {
-                            *out = dot(xq, j);
-                        }
-                    })
-            });
-        }
+        // Tasks own disjoint ranges of weight rows, for every activation row.
+        let rows_per_task = 64;
+        let tasks = n.div_ceil(rows_per_task);
+        let out = Out(y.as_mut_ptr());
+        self.team.run(tasks, &|t| {
+            let out = out.get();
+            for j in t * rows_per_task..((t + 1) * rows_per_task).min(n) {
+                for (i, xq) in act.chunks_exact(x_row_bytes).enumerate() {
+                    // SAFETY: element (i, j) of y, j in this task's rows only.
+                    unsafe { *out.add(i * n + j) = dot(xq, j) };
+                }
+            }
+        });
+    }
+}
+
+/// The output of a matmul shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint elements.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+impl Out {
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -202,26 +204,19 @@ impl Backend for SimdBackend {
     }
 
     fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+        self.team.threads()
     }
 
-    fn supports(&self, _op: Op, dtype: DType) -> Support {
-        match dtype {
-            DType::F32 => Support::Native,
-            d if self.keeps_blocks(d) => Support::Native,
-            _ => Support::Dequantized,
-        }
+    /// Every format runs natively (rows of a multiple of 32 values; other rows are
+    /// dequantized when prepared).
+    fn supports(&self, _op: Op, _dtype: DType) -> Support {
+        Support::Native
     }
 
     fn prepare<'w>(&self, w: WeightView<'w>) -> Result<SimdWeight<'w>, Error> {
         let (rows, cols) = w.dims();
-        if self.keeps_blocks(w.dtype()) {
-            return Ok(SimdWeight::Blocks(QuantBlocks {
-                dtype: w.dtype(),
-                rows,
-                cols,
-                bytes: w.bytes(),
-            }));
+        if let Some(b) = BlockWeight::new(w.dtype(), rows, cols, w.bytes()) {
+            return Ok(SimdWeight::Blocks(b));
         }
         Ok(SimdWeight::Packed(simd::pack_weight(
             self.isa,
@@ -234,7 +229,7 @@ impl Backend for SimdBackend {
     fn weight_dims(&self, w: &SimdWeight<'_>) -> (usize, usize) {
         match w {
             SimdWeight::Packed(p) => (p.rows(), p.cols()),
-            SimdWeight::Blocks(b) => (b.rows, b.cols),
+            SimdWeight::Blocks(b) => (b.n, b.k),
         }
     }
 
@@ -252,9 +247,12 @@ impl Backend for SimdBackend {
                         ),
                     });
                 }
-                simd::matmul(&self.pool, &self.scratch, x, p, y, m);
+                simd::matmul(&self.team, &self.scratch, x, p, y, m);
             }
-            SimdWeight::Blocks(b) => self.matmul_blocks(x, b, y, m),
+            SimdWeight::Blocks(b) if self.integer_dots(b.dtype) => self.matmul_integer(x, b, y, m),
+            SimdWeight::Blocks(b) => {
+                simd::matmul_blocks(self.isa, &self.team, &self.block_scratch, x, b, y, m)
+            }
         }
         Ok(())
     }
@@ -293,11 +291,11 @@ impl Backend for SimdBackend {
         check::embedding(self.weight_dims(table), token, y.len())?;
         match table {
             SimdWeight::Packed(p) => p.copy_row(token, y),
-            SimdWeight::Blocks(QuantBlocks {
-                dtype, cols, bytes, ..
+            SimdWeight::Blocks(BlockWeight {
+                dtype, k, bytes, ..
             }) => {
-                let row = dtype.bytes_for(*cols).expect("checked when prepared");
-                quant::dequantize(*dtype, &bytes[token * row..][..row], y);
+                let row = dtype.bytes_for(*k).expect("checked when prepared");
+                simd::dequantize(self.isa, *dtype, &bytes[token * row..][..row], y);
             }
         }
         Ok(())

@@ -33,8 +33,6 @@
 
 use std::sync::Mutex;
 
-use rayon::prelude::*;
-
 use super::vec::{F32Vec, Portable};
 use super::{Isa, Level};
 
@@ -43,7 +41,7 @@ use super::{Isa, Level};
 /// then lives in L2 beside the packed `x` block, with one `x` micro-panel (`MR × KC`, 12 KiB)
 /// in L1. Measured on Zen 4 (32 KiB L1, 1 MiB L2), 1024³ and 2048³ on one thread: 512 beat
 /// 384, 256 and 128 by 2%, 6% and 12%.
-const KC: usize = 512;
+pub(super) const KC: usize = 512;
 /// Rows of `x` packed at once: `MC × KC` f32 = 240 KiB, inside L2. A multiple of every MR.
 const MC: usize = 120;
 /// Largest `MR * NR` of any level: the stack tile for edge writes.
@@ -53,7 +51,7 @@ const MAX_TILE: usize = 6 * 64;
 /// whole strips). One strip per panel: on Zen 4, decoding 32-wide strips of 64-wide panels
 /// (two of the four cache lines of each step of `k`, then the other two) streamed at 17-20
 /// GB/s against 26 for whole panels, although 576 rows then split 5/4 over two threads.
-fn tile(level: Level) -> (usize, usize) {
+pub(super) fn tile(level: Level) -> (usize, usize) {
     match level {
         Level::Avx512 => (64, 1),
         Level::Avx2 => (16, 1),
@@ -136,11 +134,11 @@ impl OutPtr {
 }
 
 /// `y (m, n) = x (m, k) · Wᵀ` with `W` packed by [`pack_weight`], on up to
-/// `pool.current_num_threads()` tasks (at most the slots of `scratch`), each owning a
+/// `team.threads()` tasks (at most the slots of `scratch`), each owning a
 /// contiguous range of panels. The summation order depends only on `KC`, not on the thread
 /// count: results are bitwise identical for any number of threads.
 pub fn matmul(
-    pool: &rayon::ThreadPool,
+    team: &crate::team::Team,
     scratch: &GemmScratch,
     x: &[f32],
     w: &PackedWeight,
@@ -151,11 +149,7 @@ pub fn matmul(
     // Units of work: panels, or strips of panels when decoding.
     let strips = if m == 1 { tile(w.isa.level()).1 } else { 1 };
     let units = w.n.div_ceil(w.nr) * strips;
-    let tasks = pool
-        .current_num_threads()
-        .min(scratch.slots.len())
-        .min(units)
-        .max(1);
+    let tasks = team.threads().min(scratch.slots.len()).min(units).max(1);
     let out = OutPtr(y.as_mut_ptr());
     let task = |t: usize| {
         let (p0, p1) = (units * t / tasks, units * (t + 1) / tasks);
@@ -163,11 +157,7 @@ pub fn matmul(
         // SAFETY: shapes checked above; task `t` writes only the columns of units p0..p1.
         unsafe { run(x, w, out.get(), m, p0, p1, &mut buf) };
     };
-    if tasks == 1 {
-        task(0);
-    } else {
-        pool.install(|| (0..tasks).into_par_iter().for_each(task));
-    }
+    team.run(tasks, &task);
 }
 
 /// Runs units `p0..p1` (panels; strips of panels when `m = 1`) with the kernels of `w`'s level.
@@ -284,7 +274,7 @@ unsafe fn body<V: F32Vec, const MR: usize, const NV: usize, const SV: usize>(
 /// each `k`-major (`buf[panel][p][i]`), zero-padding rows past `mc`. Reads `MR` row streams
 /// and writes one contiguous stream.
 #[inline(always)]
-fn pack_x<const MR: usize>(
+pub(super) fn pack_x<const MR: usize>(
     x: &[f32],
     k: usize,
     ic: usize,
@@ -321,7 +311,7 @@ fn pack_x<const MR: usize>(
 /// for `rows` rows of `cols` values at row stride `ldc`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn microkernel<V: F32Vec, const MR: usize, const NV: usize>(
+pub(super) unsafe fn microkernel<V: F32Vec, const MR: usize, const NV: usize>(
     kc: usize,
     a: *const f32,
     b: *const f32,

@@ -8,15 +8,19 @@
 //! `#[target_feature]` wrappers behind these functions are only ever entered on a CPU
 //! that has the features.
 
+mod dequant;
 mod elementwise;
 mod gemm;
 pub mod probe;
 pub mod qdot;
+mod qmatmul;
+pub(crate) mod v16;
 mod vec;
 
+pub use dequant::dequantize;
 pub use elementwise::{add, rmsnorm, rope, softmax, swiglu};
 pub use gemm::{GemmScratch, PackedWeight, matmul, pack_weight};
-pub use qdot::dequantize;
+pub use qmatmul::{BlockScratch, BlockWeight, GEMV_ROWS, matmul as matmul_blocks};
 
 /// A SIMD instruction-set level, widest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

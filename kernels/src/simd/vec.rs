@@ -105,6 +105,19 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub(crate) struct Avx512(__m512);
 
+    impl Avx512 {
+        /// The vector holding `v`.
+        #[inline(always)]
+        pub(crate) fn from_raw(v: __m512) -> Self {
+            Self(v)
+        }
+        /// The register.
+        #[inline(always)]
+        pub(crate) fn raw(self) -> __m512 {
+            self.0
+        }
+    }
+
     // SAFETY (every `unsafe` block below): these methods are only reached from functions
     // compiled with `avx512f` enabled, which are only called after run-time detection.
     impl F32Vec for Avx512 {
@@ -189,6 +202,14 @@ mod x86 {
     /// 8 lanes in a ymm register, with FMA. Only used inside `avx2,fma`-enabled wrappers.
     #[derive(Clone, Copy)]
     pub(crate) struct Avx2(__m256);
+
+    impl Avx2 {
+        /// The vector holding `v`.
+        #[inline(always)]
+        pub(crate) fn from_raw(v: __m256) -> Self {
+            Self(v)
+        }
+    }
 
     // SAFETY (every `unsafe` block below): only reached from functions compiled with
     // `avx2,fma` enabled, which are only called after run-time detection.

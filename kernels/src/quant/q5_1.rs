@@ -1,0 +1,44 @@
+//! `Q5_1`: 32 values `q * d + m`, `q` 5-bit unsigned, laid out as in `Q5_0`.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::q5_0::five_bit;
+use super::{Block, DType, f16_to_f32};
+use crate::simd::v16::V16;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ5_1 {
+    pub d: [u8; 2],
+    pub m: [u8; 2],
+    pub qh: [u8; 4],
+    pub qs: [u8; 16],
+}
+
+const _: () = assert!(size_of::<BlockQ5_1>() == 24);
+
+impl Block for BlockQ5_1 {
+    const DTYPE: DType = DType::Q5_1;
+    const LEN: usize = 32;
+
+    fn dequantize(&self, y: &mut [f32]) {
+        let (d, m) = (f16_to_f32(self.d), f16_to_f32(self.m));
+        let qh = u32::from_le_bytes(self.qh);
+        for (j, &q) in self.qs.iter().enumerate() {
+            let h0 = (((qh >> j) << 4) & 0x10) as u8;
+            let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+            y[j] = ((q & 0xf) | h0) as f32 * d + m;
+            y[j + 16] = ((q >> 4) | h1) as f32 * d + m;
+        }
+    }
+
+    #[inline(always)]
+    fn load32<V: V16>(&self, _s: usize) -> [V; 2] {
+        let (d, m) = (V::splat(V::half(self.d)), V::splat(V::half(self.m)));
+        let [q0, q1] = five_bit::<V>(&self.qs, self.qh);
+        [
+            V::u8_to_f32(q0).mul(d).add(m),
+            V::u8_to_f32(q1).mul(d).add(m),
+        ]
+    }
+}

@@ -1,0 +1,491 @@
+//! Matrix multiply on weights as the file stores them: `y (m, n) = x (m, k) · W (n, k)ᵀ`
+//! with `W` in any GGUF format, its rows of blocks read in place (typically from the
+//! memory-mapped file) and dequantized on the fly, the arithmetic in f32: exact mode.
+//!
+//! Two paths, by the number of activation rows `m`:
+//! - **decode** (`m <= GEMV_ROWS`): each weight row is read once from memory, its blocks
+//!   decoded in registers ([`Block::load32`]) and multiplied into the `m` rows of `x`,
+//!   four weight rows at a time with two accumulators each. Memory-bound by design: this is
+//!   where a token's time goes.
+//! - **prefill**: the packed GEMM of [`super::gemm`], its `B` panels (`KC × NR` values of
+//!   `NR` weight rows) decoded into a per-task scratch panel (16 rows × 32 values at a time,
+//!   transposed in registers) once per depth block, then swept by the microkernel over every
+//!   row of `x`, itself packed once per depth block. The decoding costs a few operations per
+//!   weight value against `m / 16` multiply-adds per value.
+//!
+//! Either way a weight value is exactly the value [`Block::dequantize`] gives: the result is
+//! the f32 matmul of the dequantized weight, up to the order of the sums. Work is split over
+//! a [`Team`] by weight rows (decode) or panels (prefill), fixed by the task index: results
+//! are bitwise identical for any thread count.
+
+use std::sync::Mutex;
+
+use super::gemm::{KC, microkernel, pack_x, tile};
+use super::v16::{Kernel16, V16, dispatch16};
+use super::vec::F32Vec;
+use super::{Isa, Level};
+use crate::quant::{Block, DType, with_block};
+use crate::team::Team;
+
+/// Activation rows up to which the decode path runs.
+pub const GEMV_ROWS: usize = 3;
+
+/// Weight rows per decode task: enough tasks to balance the team, few enough to keep
+/// each task's rows streaming.
+const GEMV_TASK_ROWS: usize = 64;
+
+/// A weight `W (n, k)` in its storage format: `n` rows of `k / block length` blocks.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockWeight<'w> {
+    pub dtype: DType,
+    /// Rows (outputs).
+    pub n: usize,
+    /// Values per row (inputs); a multiple of [`DType::kernel_block_len`].
+    pub k: usize,
+    /// `n` rows of blocks, row-major.
+    pub bytes: &'w [u8],
+}
+
+impl<'w> BlockWeight<'w> {
+    /// The weight, if `bytes` holds exactly `n` rows of `k` values of `dtype` and `k` is a
+    /// whole number of the kernels' blocks.
+    pub fn new(dtype: DType, n: usize, k: usize, bytes: &'w [u8]) -> Option<Self> {
+        let ok = n > 0
+            && k > 0
+            && k.is_multiple_of(dtype.kernel_block_len())
+            && dtype.bytes_for(k).and_then(|r| r.checked_mul(n)) == Some(bytes.len());
+        ok.then_some(BlockWeight { dtype, n, k, bytes })
+    }
+}
+
+/// Per-task scratch of the prefill path: the packed rows of `x` for one depth block and
+/// one decoded weight panel. Owned by the caller (a backend holds one for its team).
+#[derive(Debug)]
+pub struct BlockScratch {
+    slots: Vec<Mutex<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl BlockScratch {
+    /// Scratch for up to `tasks` concurrent tasks (the team's thread count).
+    pub fn new(tasks: usize) -> BlockScratch {
+        BlockScratch {
+            slots: (0..tasks.max(1))
+                .map(|_| Mutex::new((Vec::new(), Vec::new())))
+                .collect(),
+        }
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint parts of `y`.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every task writes its own columns of `y` (weight rows / panels), never another's.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+impl Out {
+    /// The pointer (a method, so that closures capture the whole `Out`, not its field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `y (m, n) = x (m, k) · Wᵀ` on `team`, `W` decoded from its blocks (see the module docs).
+pub fn matmul(
+    isa: Isa,
+    team: &Team,
+    scratch: &BlockScratch,
+    x: &[f32],
+    w: &BlockWeight<'_>,
+    y: &mut [f32],
+    m: usize,
+) {
+    debug_assert!(m > 0 && x.len() == m * w.k && y.len() == m * w.n);
+    fn run<B: Block>(
+        isa: Isa,
+        team: &Team,
+        scratch: &BlockScratch,
+        x: &[f32],
+        w: &BlockWeight<'_>,
+        y: &mut [f32],
+        m: usize,
+    ) {
+        let blocks: &[B] = bytemuck::try_cast_slice(w.bytes).expect("whole blocks of alignment 1");
+        let out = Out(y.as_mut_ptr());
+        if m <= GEMV_ROWS {
+            let tasks = w.n.div_ceil(GEMV_TASK_ROWS);
+            team.run(tasks, &|t| {
+                let rows = t * GEMV_TASK_ROWS..((t + 1) * GEMV_TASK_ROWS).min(w.n);
+                let g = Gemv {
+                    x,
+                    blocks,
+                    k: w.k,
+                    n: w.n,
+                    rows,
+                    y: out,
+                };
+                match m {
+                    1 => dispatch16(isa, GemvRows::<B, 1>(g)),
+                    2 => dispatch16(isa, GemvRows::<B, 2>(g)),
+                    _ => dispatch16(isa, GemvRows::<B, 3>(g)),
+                }
+            });
+        } else {
+            let nr = tile(isa.level()).0;
+            let panels = w.n.div_ceil(nr);
+            let tasks = team.threads().min(scratch.slots.len()).min(panels);
+            team.run(tasks, &|t| {
+                let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
+                let mut slot = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
+                let (xbuf, panel) = &mut *slot;
+                // SAFETY: task `t` writes only the columns of panels p0..p1.
+                unsafe {
+                    prefill::<B>(isa, x, blocks, w.n, w.k, out.get(), m, p0, p1, xbuf, panel)
+                };
+            });
+        }
+    }
+    with_block!(w.dtype, run, isa, team, scratch, x, w, y, m)
+}
+
+/// The decode path's work for one task: weight rows `rows`.
+struct Gemv<'a, B> {
+    x: &'a [f32],
+    blocks: &'a [B],
+    k: usize,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    y: Out,
+}
+
+/// [`Gemv`] with `M` activation rows.
+struct GemvRows<'a, B, const M: usize>(Gemv<'a, B>);
+
+impl<B: Block, const M: usize> Kernel16 for GemvRows<'_, B, M> {
+    type Output = ();
+
+    /// One weight row at a time, its blocks in order: the weight streams through memory in
+    /// one sequential run (four rows side by side measured half the speed: rows of a few
+    /// hundred bytes are too short for the prefetcher to follow four at once). Sub-blocks
+    /// alternate between two accumulator sets, to keep two FMA chains per half in flight.
+    #[inline(always)]
+    fn run<V: V16>(self) {
+        let Gemv {
+            x,
+            blocks,
+            k,
+            n,
+            rows,
+            y,
+        } = self.0;
+        let per_row = k / B::LEN;
+        let subs = B::LEN / 32;
+        let units = per_row * subs;
+        for j in rows {
+            let row = &blocks[j * per_row..][..per_row];
+            let mut acc = [[V::zero(); 4]; M];
+            let mut u = 0;
+            while u + 2 <= units {
+                gemv_step::<B, V, M>(row, x, k, u, 0, &mut acc);
+                gemv_step::<B, V, M>(row, x, k, u + 1, 1, &mut acc);
+                u += 2;
+            }
+            if u < units {
+                gemv_step::<B, V, M>(row, x, k, u, 0, &mut acc);
+            }
+            for (i, a) in acc.iter().enumerate() {
+                let sum = a[0].add(a[2]).add(a[1].add(a[3]));
+                // SAFETY: element (i, j) of y; row j is this task's.
+                unsafe { *y.get().add(i * n + j) = sum.reduce_add() };
+            }
+        }
+    }
+}
+
+/// Sub-block `u` of a weight row into accumulator set `set` of each activation row. A
+/// function, not a closure: closures around vector code compile outside the level's target
+/// features.
+#[inline(always)]
+fn gemv_step<B: Block, V: V16, const M: usize>(
+    row: &[B],
+    x: &[f32],
+    k: usize,
+    u: usize,
+    set: usize,
+    acc: &mut [[V; 4]; M],
+) {
+    let subs = B::LEN / 32;
+    let (b, s) = (u / subs, u % subs);
+    let [w0, w1] = row[b].load32::<V>(s);
+    let at = b * B::LEN + 32 * s;
+    for (i, a) in acc.iter_mut().enumerate() {
+        // SAFETY: row i of x holds k values; at + 32 <= k.
+        let (x0, x1) = unsafe {
+            let p = x.as_ptr().add(i * k + at);
+            (V::load(p), V::load(p.add(16)))
+        };
+        a[2 * set] = x0.fma(w0, a[2 * set]);
+        a[2 * set + 1] = x1.fma(w1, a[2 * set + 1]);
+    }
+}
+
+/// The prefill path for panels `p0..p1` at `isa`'s level.
+///
+/// # Safety
+/// `y` points to `m * n` values of which no other task writes the columns of these panels.
+#[allow(clippy::too_many_arguments)]
+unsafe fn prefill<B: Block>(
+    isa: Isa,
+    x: &[f32],
+    w: &[B],
+    n: usize,
+    k: usize,
+    y: *mut f32,
+    m: usize,
+    p0: usize,
+    p1: usize,
+    xbuf: &mut Vec<f32>,
+    panel: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx512<B: Block>(
+        x: &[f32],
+        w: &[B],
+        n: usize,
+        k: usize,
+        y: *mut f32,
+        m: usize,
+        p0: usize,
+        p1: usize,
+        xbuf: &mut Vec<f32>,
+        panel: &mut Vec<f32>,
+    ) {
+        unsafe {
+            body::<B, super::vec::Avx512, super::vec::Avx512, 6, 4>(
+                x, w, n, k, y, m, p0, p1, xbuf, panel,
+            )
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx2<B: Block>(
+        x: &[f32],
+        w: &[B],
+        n: usize,
+        k: usize,
+        y: *mut f32,
+        m: usize,
+        p0: usize,
+        p1: usize,
+        xbuf: &mut Vec<f32>,
+        panel: &mut Vec<f32>,
+    ) {
+        unsafe {
+            body::<B, super::v16::Pair<super::vec::Avx2>, super::vec::Avx2, 6, 2>(
+                x, w, n, k, y, m, p0, p1, xbuf, panel,
+            )
+        }
+    }
+    // SAFETY: an `Isa` exists only for a level this CPU runs; pointers per the contract.
+    unsafe {
+        match isa.level() {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => avx512::<B>(x, w, n, k, y, m, p0, p1, xbuf, panel),
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => avx2::<B>(x, w, n, k, y, m, p0, p1, xbuf, panel),
+            _ => body::<B, super::v16::Pair<super::vec::Portable>, super::vec::Portable, 4, 1>(
+                x, w, n, k, y, m, p0, p1, xbuf, panel,
+            ),
+        }
+    }
+}
+
+/// The prefill loop nest: depth blocks; `x` packed for the block; per panel, the panel
+/// decoded, then the microkernel over every row block of `x`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn body<B: Block, W: V16, V: F32Vec, const MR: usize, const NV: usize>(
+    x: &[f32],
+    w: &[B],
+    n: usize,
+    k: usize,
+    y: *mut f32,
+    m: usize,
+    p0: usize,
+    p1: usize,
+    xbuf: &mut Vec<f32>,
+    panel: &mut Vec<f32>,
+) {
+    let nr = NV * V::LANES;
+    let per_row = k / B::LEN;
+    let m_padded = m.div_ceil(MR) * MR;
+    xbuf.resize(xbuf.len().max(m_padded * KC), 0.0);
+    panel.resize(panel.len().max(KC * nr), 0.0);
+    for pc in (0..k).step_by(KC) {
+        let kc = KC.min(k - pc);
+        pack_x::<MR>(x, k, 0, m, pc, kc, xbuf);
+        for pj in p0..p1 {
+            let j0 = pj * nr;
+            let cols = nr.min(n - j0);
+            decode_panel::<B, W>(w, per_row, j0, cols, nr, pc, kc, panel);
+            for ir in (0..m).step_by(MR) {
+                let rows = MR.min(m - ir);
+                // SAFETY: the packed micro-panel holds kc * MR values, the panel kc * nr;
+                // the tile (ir.., j0..) of rows × cols lies inside y, in this task's columns.
+                unsafe {
+                    let a = xbuf.as_ptr().add(ir * kc);
+                    let c = y.add(ir * n + j0);
+                    microkernel::<V, MR, NV>(kc, a, panel.as_ptr(), c, n, pc > 0, rows, cols);
+                }
+            }
+        }
+    }
+}
+
+/// Decodes weight rows `j0 .. j0 + cols` (`cols <= nr`), values `pc .. pc + kc`, into
+/// `panel` in the microkernel's layout (`panel[p][j]`, row stride `nr`), rows past `cols`
+/// zero. Sixteen rows at a time: each 32-value sub-block of the 16 rows decoded, transposed
+/// in two 16 × 16 tiles, and stored as 32 rows of the panel.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn decode_panel<B: Block, W: V16>(
+    w: &[B],
+    per_row: usize,
+    j0: usize,
+    cols: usize,
+    nr: usize,
+    pc: usize,
+    kc: usize,
+    panel: &mut [f32],
+) {
+    let group = 16.min(nr);
+    for g in (0..nr).step_by(group) {
+        for p in (pc..pc + kc).step_by(32) {
+            let (b, s) = (p / B::LEN, (p % B::LEN) / 32);
+            let mut lo = [W::zero(); 16];
+            let mut hi = [W::zero(); 16];
+            for r in 0..group {
+                if g + r < cols {
+                    [lo[r], hi[r]] = w[(j0 + g + r) * per_row + b].load32::<W>(s);
+                }
+            }
+            W::transpose16(&mut lo);
+            W::transpose16(&mut hi);
+            let at = |c: usize| (p - pc + c) * nr + g;
+            for c in 0..16 {
+                store_group(lo[c], &mut panel[at(c)..at(c) + group]);
+                store_group(hi[c], &mut panel[at(16 + c)..at(16 + c) + group]);
+            }
+        }
+    }
+}
+
+/// Stores the first `out.len()` (16, or 8 on the portable level's narrower panels) lanes.
+#[inline(always)]
+fn store_group<W: V16>(v: W, out: &mut [f32]) {
+    if out.len() == 16 {
+        // SAFETY: 16 values.
+        unsafe { v.store(out.as_mut_ptr()) };
+    } else {
+        let mut all = [0.0f32; 16];
+        // SAFETY: 16 values.
+        unsafe { v.store(all.as_mut_ptr()) };
+        out.copy_from_slice(&all[..out.len()]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant;
+
+    /// A random weight of `dtype`, every half-float field finite.
+    fn weight(dtype: DType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0
+        };
+        let values: Vec<f32> = (0..n * k).map(|_| next()).collect();
+        match quant::quantize(dtype, &values) {
+            Some(b) => b,
+            None => {
+                // Formats chord does not write: random bytes with finite scales.
+                let mut bytes: Vec<u8> = (0..dtype.bytes_for(n * k).unwrap())
+                    .map(|_| (next() * 127.0) as i8 as u8)
+                    .collect();
+                let block = dtype.block_bytes();
+                let half = |v: f32| quant::f32_to_f16(v * 0.01);
+                for b in bytes.chunks_exact_mut(block) {
+                    let fields: &[usize] = match dtype {
+                        DType::Q5_0 => &[0],
+                        DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
+                        DType::Q6K => &[208],
+                        _ => &[],
+                    };
+                    for &f in fields {
+                        b[f..f + 2].copy_from_slice(&half(next()));
+                    }
+                }
+                bytes
+            }
+        }
+    }
+
+    #[test]
+    fn every_format_multiplies_as_its_dequantized_weight_on_every_level_and_team_size() {
+        let (n, k) = (70, 512 + 256);
+        for dtype in DType::ALL {
+            let bytes = weight(dtype, n, k, 7);
+            let mut wf = vec![0.0f32; n * k];
+            quant::dequantize(dtype, &bytes, &mut wf);
+            let w = BlockWeight::new(dtype, n, k, &bytes).unwrap();
+            for m in [1, 2, 3, 4, 7, 13] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0)
+                    .collect();
+                let mut want = vec![0.0f64; m * n];
+                let mut bound = vec![0.0f64; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        for p in 0..k {
+                            let t = x[i * k + p] as f64 * wf[j * k + p] as f64;
+                            want[i * n + j] += t;
+                            bound[i * n + j] += t.abs();
+                        }
+                    }
+                }
+                for isa in Isa::available() {
+                    let mut first: Option<Vec<f32>> = None;
+                    for threads in [1, 2, 3] {
+                        let team = Team::new(threads).unwrap();
+                        let scratch = BlockScratch::new(threads);
+                        let mut y = vec![f32::NAN; m * n];
+                        matmul(isa, &team, &scratch, &x, &w, &mut y, m);
+                        for (e, ((g, w), b)) in y.iter().zip(&want).zip(&bound).enumerate() {
+                            // f32 sums of k terms: k ulp of the sum of magnitudes, generously.
+                            let tol = (k as f64) * f32::EPSILON as f64 * b + 1e-30;
+                            assert!(
+                                (*g as f64 - w).abs() <= tol,
+                                "{dtype} m {m} {:?} t{threads} y[{e}] = {g}, want {w}",
+                                isa.level()
+                            );
+                        }
+                        match &first {
+                            None => first = Some(y),
+                            Some(f) => assert!(
+                                f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{dtype} m {m} {:?}: thread counts differ",
+                                isa.level()
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

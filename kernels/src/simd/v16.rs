@@ -1,0 +1,640 @@
+//! Sixteen lanes at a time: the vector the quantized kernels are written against.
+//!
+//! Every GGUF block format holds its values in runs of 16 (half a 32-value block, a Q6_K
+//! scale group), so the quantized kernels work on 16 f32 lanes and on the 16 bytes they are
+//! decoded from. [`V16`] is one zmm register on AVX-512 and two ymm registers on AVX2 (two
+//! `wide::f32x8` on the portable path); the bytes are one xmm register (SSE2/SSSE3, present
+//! on both x86 levels) or a plain array. Each implementation is used only inside a
+//! `#[target_feature]` wrapper of its level, as in [`super::vec`].
+
+use super::vec::{F32Vec, Portable};
+
+/// 16 f32 lanes, and the 16-byte integer vectors block formats decode from.
+pub(crate) trait V16: Copy {
+    /// 16 bytes.
+    type U8: Copy;
+
+    /// Loads 16 values.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 16 f32 values.
+    unsafe fn load(p: *const f32) -> Self;
+    /// Stores 16 values.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing 16 f32 values.
+    unsafe fn store(self, p: *mut f32);
+    fn splat(v: f32) -> Self;
+    fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn mul(self, o: Self) -> Self;
+    /// `self * b + c`, one rounding.
+    fn fma(self, b: Self, c: Self) -> Self;
+    /// Sum of the lanes, in a fixed order.
+    fn reduce_add(self) -> f32;
+
+    /// Loads 16 bytes.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 16 bytes.
+    unsafe fn load_u8(p: *const u8) -> Self::U8;
+    fn u8_splat(v: u8) -> Self::U8;
+    fn u8_and(a: Self::U8, b: Self::U8) -> Self::U8;
+    fn u8_or(a: Self::U8, b: Self::U8) -> Self::U8;
+    /// Each byte shifted right by `n` (0..8), zeros shifted in.
+    fn u8_shr(a: Self::U8, n: u32) -> Self::U8;
+    /// Each byte shifted left by `n` (0..8), zeros shifted in.
+    fn u8_shl(a: Self::U8, n: u32) -> Self::U8;
+    /// Byte `i` is `0xff` where bit `i` of `bits` is set, else 0.
+    fn u8_from_bits(bits: u16) -> Self::U8;
+    /// The bytes as unsigned integers, converted exactly.
+    fn u8_to_f32(a: Self::U8) -> Self;
+    /// The bytes as signed integers, converted exactly.
+    fn i8_to_f32(a: Self::U8) -> Self;
+    /// Whether [`lookup16`](V16::lookup16) is one permute (AVX-512) rather than a slower
+    /// emulation: block formats of 4-bit values then decode through a 16-entry table.
+    const LOOKUP16: bool;
+    /// `[0, 1, ..., 15]`.
+    fn iota16() -> Self;
+    /// Lane `i` = `table[idx[i] & 15]`, or `table[idx[i] >> 4]` with `high`. Used only where
+    /// [`LOOKUP16`](V16::LOOKUP16) holds.
+    fn lookup16(table: Self, idx: Self::U8, high: bool) -> Self;
+    /// One IEEE half float (little-endian) as f32, exactly (F16C where the level has it).
+    fn half(h: [u8; 2]) -> f32;
+    /// 16 IEEE half floats (little-endian) at `p`, converted exactly.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 32 bytes.
+    unsafe fn load_f16(p: *const u8) -> Self;
+    /// 16 bfloat16 values (little-endian) at `p`, converted exactly.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 32 bytes.
+    unsafe fn load_bf16(p: *const u8) -> Self;
+
+    #[inline(always)]
+    fn zero() -> Self {
+        Self::splat(0.0)
+    }
+
+    /// Transposes a 16 × 16 tile in place: lane `j` of vector `i` becomes lane `i` of vector
+    /// `j`. This default goes through memory; a level with the shuffles does it in registers.
+    #[inline(always)]
+    fn transpose16(rows: &mut [Self; 16]) {
+        let mut tile = [0.0f32; 256];
+        for (i, r) in rows.iter().enumerate() {
+            // SAFETY: 16 values at row i of the tile.
+            unsafe { r.store(tile.as_mut_ptr().add(16 * i)) };
+        }
+        let mut col = [0.0f32; 16];
+        for (j, r) in rows.iter_mut().enumerate() {
+            for (i, c) in col.iter_mut().enumerate() {
+                *c = tile[16 * i + j];
+            }
+            // SAFETY: 16 values.
+            *r = unsafe { Self::load(col.as_ptr()) };
+        }
+    }
+
+    /// The lanes of `u8` nibbles `a & 0x0f` as f32.
+    #[inline(always)]
+    fn low_nibbles(a: Self::U8) -> Self::U8 {
+        Self::u8_and(a, Self::u8_splat(0x0f))
+    }
+
+    /// The lanes of `a >> 4` (high nibbles).
+    #[inline(always)]
+    fn high_nibbles(a: Self::U8) -> Self::U8 {
+        Self::u8_shr(a, 4)
+    }
+}
+
+/// Two 8-lane vectors as one of 16: the f32 half of [`V16`] for AVX2 and the portable path.
+#[derive(Clone, Copy)]
+pub(crate) struct Pair<V>([V; 2]);
+
+impl<V: F32Vec> Pair<V> {
+    #[inline(always)]
+    unsafe fn load_pair(p: *const f32) -> Self {
+        // SAFETY: 16 values, per the caller.
+        unsafe { Pair([V::load(p), V::load(p.add(8))]) }
+    }
+    #[inline(always)]
+    unsafe fn store_pair(self, p: *mut f32) {
+        // SAFETY: as above.
+        unsafe {
+            self.0[0].store(p);
+            self.0[1].store(p.add(8));
+        }
+    }
+    #[inline(always)]
+    fn map2(self, o: Self, f: impl Fn(V, V) -> V) -> Self {
+        Pair([f(self.0[0], o.0[0]), f(self.0[1], o.0[1])])
+    }
+}
+
+impl V16 for Pair<Portable> {
+    type U8 = [u8; 16];
+
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: per the trait's contract.
+        unsafe { Self::load_pair(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: per the trait's contract.
+        unsafe { self.store_pair(p) }
+    }
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        Pair([Portable::splat(v); 2])
+    }
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        self.map2(o, Portable::add)
+    }
+    #[inline(always)]
+    fn sub(self, o: Self) -> Self {
+        self.map2(o, Portable::sub)
+    }
+    #[inline(always)]
+    fn mul(self, o: Self) -> Self {
+        self.map2(o, Portable::mul)
+    }
+    #[inline(always)]
+    fn fma(self, b: Self, c: Self) -> Self {
+        Pair([self.0[0].fma(b.0[0], c.0[0]), self.0[1].fma(b.0[1], c.0[1])])
+    }
+    #[inline(always)]
+    fn reduce_add(self) -> f32 {
+        self.0[0].add(self.0[1]).reduce_add()
+    }
+    #[inline(always)]
+    unsafe fn load_u8(p: *const u8) -> [u8; 16] {
+        // SAFETY: 16 readable bytes, per the trait's contract.
+        unsafe { std::ptr::read_unaligned(p as *const [u8; 16]) }
+    }
+    #[inline(always)]
+    fn u8_splat(v: u8) -> [u8; 16] {
+        [v; 16]
+    }
+    #[inline(always)]
+    fn u8_and(a: [u8; 16], b: [u8; 16]) -> [u8; 16] {
+        std::array::from_fn(|i| a[i] & b[i])
+    }
+    #[inline(always)]
+    fn u8_or(a: [u8; 16], b: [u8; 16]) -> [u8; 16] {
+        std::array::from_fn(|i| a[i] | b[i])
+    }
+    #[inline(always)]
+    fn u8_shr(a: [u8; 16], n: u32) -> [u8; 16] {
+        std::array::from_fn(|i| a[i] >> n)
+    }
+    #[inline(always)]
+    fn u8_shl(a: [u8; 16], n: u32) -> [u8; 16] {
+        std::array::from_fn(|i| a[i] << n)
+    }
+    #[inline(always)]
+    fn u8_from_bits(bits: u16) -> [u8; 16] {
+        std::array::from_fn(|i| if bits >> i & 1 == 1 { 0xff } else { 0 })
+    }
+    #[inline(always)]
+    fn u8_to_f32(a: [u8; 16]) -> Self {
+        let v: [f32; 16] = std::array::from_fn(|i| a[i] as f32);
+        // SAFETY: 16 values.
+        unsafe { Self::load(v.as_ptr()) }
+    }
+    #[inline(always)]
+    fn i8_to_f32(a: [u8; 16]) -> Self {
+        let v: [f32; 16] = std::array::from_fn(|i| a[i] as i8 as f32);
+        // SAFETY: 16 values.
+        unsafe { Self::load(v.as_ptr()) }
+    }
+    const LOOKUP16: bool = false;
+    #[inline(always)]
+    fn iota16() -> Self {
+        let v: [f32; 16] = std::array::from_fn(|i| i as f32);
+        // SAFETY: 16 values.
+        unsafe { Self::load(v.as_ptr()) }
+    }
+    fn lookup16(table: Self, idx: [u8; 16], high: bool) -> Self {
+        let mut t = [0.0f32; 16];
+        // SAFETY: 16 values.
+        unsafe { table.store(t.as_mut_ptr()) };
+        let v: [f32; 16] =
+            std::array::from_fn(|i| t[(if high { idx[i] >> 4 } else { idx[i] & 15 }) as usize]);
+        // SAFETY: 16 values.
+        unsafe { Self::load(v.as_ptr()) }
+    }
+    #[inline(always)]
+    fn half(h: [u8; 2]) -> f32 {
+        crate::quant::f16_to_f32(h)
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u8) -> Self {
+        let v: [f32; 16] = std::array::from_fn(|i| {
+            // SAFETY: 32 readable bytes, per the trait's contract.
+            crate::quant::f16_to_f32(unsafe { [*p.add(2 * i), *p.add(2 * i + 1)] })
+        });
+        // SAFETY: 16 values.
+        unsafe { Self::load(v.as_ptr()) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u8) -> Self {
+        let v: [f32; 16] = std::array::from_fn(|i| {
+            // SAFETY: 32 readable bytes, per the trait's contract.
+            crate::quant::bf16_to_f32(unsafe { [*p.add(2 * i), *p.add(2 * i + 1)] })
+        });
+        // SAFETY: 16 values.
+        unsafe { Self::load(v.as_ptr()) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::super::vec::{Avx2, Avx512, F32Vec};
+    use super::{Pair, V16};
+
+    /// Half to f32 in one instruction (F16C); exact, as `quant::f16_to_f32`.
+    #[inline(always)]
+    unsafe fn half_f16c(h: [u8; 2]) -> f32 {
+        unsafe {
+            _mm_cvtss_f32(_mm_cvtph_ps(
+                _mm_cvtsi32_si128(u16::from_le_bytes(h) as i32),
+            ))
+        }
+    }
+
+    /// Bytes `>> n` within each byte: a 16-bit shift, then the bits that crossed in cleared.
+    #[inline(always)]
+    unsafe fn shr_bytes(a: __m128i, n: u32) -> __m128i {
+        unsafe {
+            let shifted = _mm_srl_epi16(a, _mm_cvtsi32_si128(n as i32));
+            _mm_and_si128(shifted, _mm_set1_epi8((0xffu32 >> n) as u8 as i8))
+        }
+    }
+
+    /// Bytes `<< n` within each byte.
+    #[inline(always)]
+    unsafe fn shl_bytes(a: __m128i, n: u32) -> __m128i {
+        unsafe {
+            let shifted = _mm_sll_epi16(a, _mm_cvtsi32_si128(n as i32));
+            _mm_and_si128(shifted, _mm_set1_epi8((0xffu32 << n) as u8 as i8))
+        }
+    }
+
+    /// Byte `i` = 0xff where bit `i` of `bits` is set: the low byte of `bits` spread over
+    /// bytes 0..8 and the high byte over 8..16, each tested against its bit.
+    #[inline(always)]
+    unsafe fn bits_to_bytes(bits: u16) -> __m128i {
+        unsafe {
+            let v = _mm_cvtsi32_si128(bits as i32);
+            let spread = _mm_shuffle_epi8(v, _mm_set_epi64x(0x0101_0101_0101_0101, 0));
+            let masks = _mm_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            _mm_cmpeq_epi8(_mm_and_si128(spread, masks), masks)
+        }
+    }
+
+    // SAFETY (every `unsafe` block below): these methods are only reached from functions
+    // compiled with `avx512f` (and `avx2`, `fma`, `f16c`) enabled, after run-time detection.
+    impl V16 for Avx512 {
+        type U8 = __m128i;
+
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { <Avx512 as F32Vec>::load(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { <Avx512 as F32Vec>::store(self, p) }
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            <Avx512 as F32Vec>::splat(v)
+        }
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            <Avx512 as F32Vec>::add(self, o)
+        }
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            <Avx512 as F32Vec>::sub(self, o)
+        }
+        #[inline(always)]
+        fn mul(self, o: Self) -> Self {
+            <Avx512 as F32Vec>::mul(self, o)
+        }
+        #[inline(always)]
+        fn fma(self, b: Self, c: Self) -> Self {
+            <Avx512 as F32Vec>::fma(self, b, c)
+        }
+        #[inline(always)]
+        fn reduce_add(self) -> f32 {
+            <Avx512 as F32Vec>::reduce_add(self)
+        }
+        #[inline(always)]
+        unsafe fn load_u8(p: *const u8) -> __m128i {
+            unsafe { _mm_loadu_si128(p as *const __m128i) }
+        }
+        #[inline(always)]
+        fn u8_splat(v: u8) -> __m128i {
+            unsafe { _mm_set1_epi8(v as i8) }
+        }
+        #[inline(always)]
+        fn u8_and(a: __m128i, b: __m128i) -> __m128i {
+            unsafe { _mm_and_si128(a, b) }
+        }
+        #[inline(always)]
+        fn u8_or(a: __m128i, b: __m128i) -> __m128i {
+            unsafe { _mm_or_si128(a, b) }
+        }
+        #[inline(always)]
+        fn u8_shr(a: __m128i, n: u32) -> __m128i {
+            unsafe { shr_bytes(a, n) }
+        }
+        #[inline(always)]
+        fn u8_shl(a: __m128i, n: u32) -> __m128i {
+            unsafe { shl_bytes(a, n) }
+        }
+        #[inline(always)]
+        fn u8_from_bits(bits: u16) -> __m128i {
+            unsafe { bits_to_bytes(bits) }
+        }
+        #[inline(always)]
+        fn u8_to_f32(a: __m128i) -> Self {
+            unsafe { Avx512::from_raw(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a))) }
+        }
+        #[inline(always)]
+        fn i8_to_f32(a: __m128i) -> Self {
+            unsafe { Avx512::from_raw(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a))) }
+        }
+        const LOOKUP16: bool = true;
+        #[inline(always)]
+        fn iota16() -> Self {
+            unsafe {
+                Avx512::from_raw(_mm512_set_ps(
+                    15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0,
+                    1.0, 0.0,
+                ))
+            }
+        }
+        /// `vpermps` reads the low 4 bits of each index lane: the low nibble needs no mask.
+        #[inline(always)]
+        fn lookup16(table: Self, idx: __m128i, high: bool) -> Self {
+            unsafe {
+                let mut i = _mm512_cvtepu8_epi32(idx);
+                if high {
+                    i = _mm512_srli_epi32::<4>(i);
+                }
+                Avx512::from_raw(_mm512_permutexvar_ps(i, table.raw()))
+            }
+        }
+        #[inline(always)]
+        fn half(h: [u8; 2]) -> f32 {
+            unsafe { half_f16c(h) }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u8) -> Self {
+            unsafe { Avx512::from_raw(_mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))) }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u8) -> Self {
+            unsafe {
+                let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+                Avx512::from_raw(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(h)))
+            }
+        }
+        /// In registers: 32-bit, 64-bit, then two rounds of 128-bit interleaves. Loops, not
+        /// closures, so that everything compiles inside the caller's target features.
+        #[inline(always)]
+        fn transpose16(rows: &mut [Self; 16]) {
+            unsafe {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for i in 0..16 {
+                    r[i] = rows[i].raw();
+                }
+                let mut t = [_mm512_setzero_ps(); 16];
+                for i in (0..16).step_by(2) {
+                    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+                    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+                }
+                let mut u = [_mm512_setzero_ps(); 16];
+                for g in (0..16).step_by(4) {
+                    u[g] = _mm512_shuffle_ps::<0x44>(t[g], t[g + 2]);
+                    u[g + 1] = _mm512_shuffle_ps::<0xee>(t[g], t[g + 2]);
+                    u[g + 2] = _mm512_shuffle_ps::<0x44>(t[g + 1], t[g + 3]);
+                    u[g + 3] = _mm512_shuffle_ps::<0xee>(t[g + 1], t[g + 3]);
+                }
+                let mut v = [_mm512_setzero_ps(); 16];
+                for g in (0..16).step_by(8) {
+                    for j in 0..4 {
+                        v[g + j] = _mm512_shuffle_f32x4::<0x88>(u[g + j], u[g + j + 4]);
+                        v[g + j + 4] = _mm512_shuffle_f32x4::<0xdd>(u[g + j], u[g + j + 4]);
+                    }
+                }
+                for j in 0..8 {
+                    rows[j] = Avx512::from_raw(_mm512_shuffle_f32x4::<0x88>(v[j], v[j + 8]));
+                    rows[j + 8] = Avx512::from_raw(_mm512_shuffle_f32x4::<0xdd>(v[j], v[j + 8]));
+                }
+            }
+        }
+    }
+
+    // SAFETY (every `unsafe` block below): only reached from functions compiled with `avx2`,
+    // `fma` and `f16c` enabled, after run-time detection.
+    impl V16 for Pair<Avx2> {
+        type U8 = __m128i;
+
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { Self::load_pair(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { self.store_pair(p) }
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            Pair([Avx2::splat(v); 2])
+        }
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            self.map2(o, Avx2::add)
+        }
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            self.map2(o, Avx2::sub)
+        }
+        #[inline(always)]
+        fn mul(self, o: Self) -> Self {
+            self.map2(o, Avx2::mul)
+        }
+        #[inline(always)]
+        fn fma(self, b: Self, c: Self) -> Self {
+            Pair([self.0[0].fma(b.0[0], c.0[0]), self.0[1].fma(b.0[1], c.0[1])])
+        }
+        #[inline(always)]
+        fn reduce_add(self) -> f32 {
+            self.0[0].add(self.0[1]).reduce_add()
+        }
+        #[inline(always)]
+        unsafe fn load_u8(p: *const u8) -> __m128i {
+            unsafe { _mm_loadu_si128(p as *const __m128i) }
+        }
+        #[inline(always)]
+        fn u8_splat(v: u8) -> __m128i {
+            unsafe { _mm_set1_epi8(v as i8) }
+        }
+        #[inline(always)]
+        fn u8_and(a: __m128i, b: __m128i) -> __m128i {
+            unsafe { _mm_and_si128(a, b) }
+        }
+        #[inline(always)]
+        fn u8_or(a: __m128i, b: __m128i) -> __m128i {
+            unsafe { _mm_or_si128(a, b) }
+        }
+        #[inline(always)]
+        fn u8_shr(a: __m128i, n: u32) -> __m128i {
+            unsafe { shr_bytes(a, n) }
+        }
+        #[inline(always)]
+        fn u8_shl(a: __m128i, n: u32) -> __m128i {
+            unsafe { shl_bytes(a, n) }
+        }
+        #[inline(always)]
+        fn u8_from_bits(bits: u16) -> __m128i {
+            unsafe { bits_to_bytes(bits) }
+        }
+        #[inline(always)]
+        fn u8_to_f32(a: __m128i) -> Self {
+            unsafe {
+                let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a));
+                let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(a)));
+                Pair([Avx2::from_raw(lo), Avx2::from_raw(hi)])
+            }
+        }
+        #[inline(always)]
+        fn i8_to_f32(a: __m128i) -> Self {
+            unsafe {
+                let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a));
+                let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(a)));
+                Pair([Avx2::from_raw(lo), Avx2::from_raw(hi)])
+            }
+        }
+        const LOOKUP16: bool = false;
+        #[inline(always)]
+        fn iota16() -> Self {
+            unsafe {
+                Pair([
+                    Avx2::from_raw(_mm256_set_ps(7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0)),
+                    Avx2::from_raw(_mm256_set_ps(15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0, 8.0)),
+                ])
+            }
+        }
+        fn lookup16(table: Self, idx: __m128i, high: bool) -> Self {
+            let mut t = [0.0f32; 16];
+            let mut b = [0u8; 16];
+            unsafe {
+                table.store(t.as_mut_ptr());
+                _mm_storeu_si128(b.as_mut_ptr() as *mut __m128i, idx);
+            }
+            let v: [f32; 16] =
+                std::array::from_fn(|i| t[(if high { b[i] >> 4 } else { b[i] & 15 }) as usize]);
+            unsafe { Self::load(v.as_ptr()) }
+        }
+        #[inline(always)]
+        fn half(h: [u8; 2]) -> f32 {
+            unsafe { half_f16c(h) }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u8) -> Self {
+            unsafe {
+                let lo = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                let hi = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+                Pair([Avx2::from_raw(lo), Avx2::from_raw(hi)])
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u8) -> Self {
+            unsafe {
+                let widen = |q: *const u8| {
+                    let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(q as *const __m128i));
+                    Avx2::from_raw(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(h)))
+                };
+                Pair([widen(p), widen(p.add(16))])
+            }
+        }
+    }
+}
+
+/// A kernel written once against [`V16`], run at one level by [`dispatch16`].
+pub(crate) trait Kernel16 {
+    type Output;
+    /// The kernel's body. Implementations mark it `#[inline(always)]`, so that it compiles
+    /// inside the level's `#[target_feature]` wrapper.
+    fn run<V: V16>(self) -> Self::Output;
+}
+
+/// Runs `k` with the [`V16`] of `isa`'s level, inside a wrapper compiled for that level.
+#[inline]
+pub(crate) fn dispatch16<K: Kernel16>(isa: super::Isa, k: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    fn avx512<K: Kernel16>(k: K) -> K::Output {
+        k.run::<super::vec::Avx512>()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn avx2<K: Kernel16>(k: K) -> K::Output {
+        k.run::<Pair<super::vec::Avx2>>()
+    }
+    match isa.level() {
+        // SAFETY: an `Isa` holding this level exists only if the CPU runs it.
+        #[cfg(target_arch = "x86_64")]
+        super::Level::Avx512 => unsafe { avx512(k) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        super::Level::Avx2 => unsafe { avx2(k) },
+        _ => k.run::<Pair<Portable>>(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::Isa;
+
+    struct Transpose;
+    impl Kernel16 for Transpose {
+        type Output = [[f32; 16]; 16];
+        #[inline(always)]
+        fn run<V: V16>(self) -> [[f32; 16]; 16] {
+            let m: [[f32; 16]; 16] =
+                std::array::from_fn(|i| std::array::from_fn(|j| (16 * i + j) as f32));
+            // SAFETY: 16 values each.
+            let mut rows: [V; 16] = std::array::from_fn(|i| unsafe { V::load(m[i].as_ptr()) });
+            V::transpose16(&mut rows);
+            let mut out = [[0.0f32; 16]; 16];
+            for (r, o) in rows.iter().zip(out.iter_mut()) {
+                // SAFETY: 16 values.
+                unsafe { r.store(o.as_mut_ptr()) };
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn transpose16_transposes_at_every_level() {
+        for isa in Isa::available() {
+            let t = dispatch16(isa, Transpose);
+            for i in 0..16 {
+                for j in 0..16 {
+                    assert_eq!(t[j][i], (16 * i + j) as f32, "{:?} [{j}][{i}]", isa.level());
+                }
+            }
+        }
+    }
+}
