@@ -34,7 +34,9 @@ use crate::tokenizer::Tokenizer;
 pub struct Message {
     /// `system`, `user`, `assistant`, `tool`, or any role a template knows.
     pub role: String,
-    /// The text; `None` for a message that only carries tool calls (templates see `none`).
+    /// The text; `None` for a message without one (a message that only carries tool calls):
+    /// templates then see no `content` field at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
     /// Any further fields (`tool_calls`, `name`, `tool_call_id`...), passed to a Jinja
     /// template as they are, in their order.
@@ -121,7 +123,9 @@ pub struct JinjaTemplate {
 
 /// Instructions one render may run: a chat template over a long conversation takes tens of
 /// thousands; a template that loops without end stops here with an error.
-const FUEL: u64 = 20_000_000;
+const FUEL: u64 = 2_000_000;
+/// Deepest nesting of lists and dicts printed or turned into JSON (Python stops near 1000).
+const MAX_DEPTH: usize = 512;
 const NAME: &str = "chat_template";
 
 impl Template {
@@ -140,11 +144,12 @@ impl Template {
     /// Compiles a Jinja template; a syntax error names its line.
     pub fn jinja(source: &str) -> Result<Template, TemplateError> {
         let mut env = environment();
-        env.add_template_owned(NAME, with_generation_blocks(source))
-            .map_err(|e| jinja_error(&e, source))?;
+        let compiled = compiled_source(source);
+        env.add_template_owned(NAME, compiled.clone())
+            .map_err(|e| jinja_error(&e, &compiled))?;
         Ok(Template::Jinja(Box::new(JinjaTemplate {
             env,
-            source: source.to_string(),
+            source: compiled,
         })))
     }
 
@@ -155,13 +160,38 @@ impl Template {
         messages: &[Message],
         opts: &RenderOptions,
     ) -> Result<String, TemplateError> {
+        let json: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| serde_json::to_value(m).expect("a message serialises"))
+            .collect();
+        self.render_json(&json, opts)
+    }
+
+    /// Renders messages given as JSON objects, passed to a Jinja template as they are (any
+    /// fields, in their order, `content` a string, a list of parts or absent), as
+    /// transformers passes them. The built-in templates read `role` and a string `content`.
+    pub fn render_json(
+        &self,
+        messages: &[serde_json::Value],
+        opts: &RenderOptions,
+    ) -> Result<String, TemplateError> {
+        if let Template::Jinja(t) = self {
+            return t.render(messages, opts);
+        }
+        let field = |m: &serde_json::Value, k: &str| {
+            m.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string()
+        };
+        let turns: Vec<(String, String)> = messages
+            .iter()
+            .map(|m| (field(m, "role"), field(m, "content")))
+            .collect();
         let (bos, eos) = (opts.bos_token, opts.eos_token);
         let mut out = String::new();
         let generation = opts.add_generation_prompt;
         match self {
             Template::ChatMl => {
-                for m in messages {
-                    out += &format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.text());
+                for (role, text) in &turns {
+                    out += &format!("<|im_start|>{role}\n{text}<|im_end|>\n");
                 }
                 if generation {
                     out += "<|im_start|>assistant\n";
@@ -170,26 +200,26 @@ impl Template {
             Template::Llama2 => {
                 // The system prompt folds into the first user turn.
                 let mut system: Option<&str> = None;
-                for m in messages {
-                    match m.role.as_str() {
-                        "system" => system = Some(m.text()),
+                for (role, text) in &turns {
+                    match role.as_str() {
+                        "system" => system = Some(text),
                         "user" => {
                             out += &format!("{bos}[INST] ");
                             if let Some(s) = system.take() {
                                 out += &format!("<<SYS>>\n{s}\n<</SYS>>\n\n");
                             }
-                            out += &format!("{} [/INST]", m.text());
+                            out += &format!("{text} [/INST]");
                         }
-                        _ => out += &format!(" {} {eos}", m.text()),
+                        _ => out += &format!(" {text} {eos}"),
                     }
                 }
             }
             Template::Alpaca => {
-                for m in messages {
-                    match m.role.as_str() {
-                        "system" => out += &format!("{}\n\n", m.text()),
-                        "user" => out += &format!("### Instruction:\n{}\n\n", m.text()),
-                        _ => out += &format!("### Response:\n{}\n\n", m.text()),
+                for (role, text) in &turns {
+                    match role.as_str() {
+                        "system" => out += &format!("{text}\n\n"),
+                        "user" => out += &format!("### Instruction:\n{text}\n\n"),
+                        _ => out += &format!("### Response:\n{text}\n\n"),
                     }
                 }
                 if generation {
@@ -197,8 +227,8 @@ impl Template {
                 }
             }
             Template::Zephyr => {
-                for m in messages {
-                    out += &format!("<|{}|>\n{}{eos}\n", m.role, m.text());
+                for (role, text) in &turns {
+                    out += &format!("<|{role}|>\n{text}{eos}\n");
                 }
                 if generation {
                     out += "<|assistant|>\n";
@@ -206,39 +236,75 @@ impl Template {
             }
             Template::Llama3 => {
                 out += bos;
-                for m in messages {
-                    out += &format!(
-                        "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
-                        m.role,
-                        m.text()
-                    );
+                for (role, text) in &turns {
+                    out +=
+                        &format!("<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>");
                 }
                 if generation {
                     out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
                 }
             }
-            Template::Jinja(t) => {
-                let template = t.env.get_template(NAME).expect("added when compiled");
-                let json = |v: Option<&[serde_json::Value]>| {
-                    v.map_or(Value::from(()), |items| {
-                        Value::from_object(PyList(items.iter().map(python_value).collect()))
-                    })
-                };
-                let messages = serde_json::to_value(messages).expect("messages serialise");
-                let ctx = minijinja::context! {
-                    messages => python_value(&messages),
-                    add_generation_prompt => generation,
-                    bos_token => bos,
-                    eos_token => eos,
-                    tools => json(opts.tools),
-                    documents => json(opts.documents),
-                };
-                out = template
-                    .render(ctx)
-                    .map_err(|e| jinja_error(&e, &t.source))?;
-            }
+            Template::Jinja(_) => unreachable!("rendered above"),
         }
         Ok(out)
+    }
+}
+
+/// Stack of the thread a Jinja template renders on: deep nesting (a template may build
+/// lists of lists in a loop, up to what the fuel allows) recurses in the renderer. Address
+/// space only; pages are touched as deep as a render goes.
+const RENDER_STACK: usize = 256 << 20;
+
+impl JinjaTemplate {
+    /// Renders on a thread of its own with a large stack (see [`RENDER_STACK`]).
+    fn render(
+        &self,
+        messages: &[serde_json::Value],
+        opts: &RenderOptions,
+    ) -> Result<String, TemplateError> {
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("chord-template".into())
+                .stack_size(RENDER_STACK)
+                .spawn_scoped(scope, || self.render_here(messages, opts))
+                .map_err(|e| TemplateError::Jinja {
+                    line: 0,
+                    construct: String::new(),
+                    message: format!("cannot start the rendering thread: {e}"),
+                })?
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(TemplateError::Jinja {
+                        line: 0,
+                        construct: String::new(),
+                        message: "the template renderer failed".into(),
+                    })
+                })
+        })
+    }
+
+    fn render_here(
+        &self,
+        messages: &[serde_json::Value],
+        opts: &RenderOptions,
+    ) -> Result<String, TemplateError> {
+        let template = self.env.get_template(NAME).expect("added when compiled");
+        let json = |v: Option<&[serde_json::Value]>| {
+            v.map_or(Value::from(()), |items| {
+                Value::from_object(PyList(items.iter().map(python_value).collect()))
+            })
+        };
+        let ctx = minijinja::context! {
+            messages => Value::from_object(PyList(messages.iter().map(python_value).collect())),
+            add_generation_prompt => opts.add_generation_prompt,
+            bos_token => opts.bos_token,
+            eos_token => opts.eos_token,
+            tools => json(opts.tools),
+            documents => json(opts.documents),
+        };
+        template
+            .render(ctx)
+            .map_err(|e| jinja_error(&e, &self.source))
     }
 }
 
@@ -249,7 +315,7 @@ fn environment() -> Environment<'static> {
     env.set_lstrip_blocks(true);
     env.set_debug(true); // errors keep the failing construct's place in the source
     env.set_fuel(Some(FUEL));
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_unknown_method_callback(python_methods);
     env.set_formatter(|out, _state, value| {
         let text = if value.kind() == ValueKind::String {
             value.as_str().unwrap_or_default().to_string()
@@ -267,22 +333,149 @@ fn environment() -> Environment<'static> {
     env
 }
 
-/// minijinja has no custom tags: `{% generation %}` and `{% endgeneration %}` (with any
-/// whitespace control) become `{% if true %}` and `{% endif %}` with the same markers, which
-/// render the body and trim the same whitespace.
-fn with_generation_blocks(source: &str) -> String {
+/// Python's methods on template values: minijinja-contrib's pycompat, and the ones it lacks
+/// that chat templates use (`rsplit`, `partition`, `zfill`, `swapcase`, `index`...).
+fn python_methods(
+    state: &minijinja::State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, minijinja::Error> {
+    let bad = |m: String| minijinja::Error::new(ErrorKind::InvalidOperation, m);
+    if let Some(s) = value.as_str() {
+        let arg_str = |i: usize| args.get(i).and_then(|a| a.as_str()).map(str::to_string);
+        match method {
+            "rsplit" => {
+                let max = args
+                    .get(1)
+                    .and_then(|a| i64::try_from(a.clone()).ok())
+                    .unwrap_or(-1);
+                let parts: Vec<String> = match arg_str(0) {
+                    Some(sep) if !sep.is_empty() => {
+                        let mut v: Vec<String> = if max < 0 {
+                            s.rsplit(sep.as_str()).map(str::to_string).collect()
+                        } else {
+                            s.rsplitn(max as usize + 1, sep.as_str())
+                                .map(str::to_string)
+                                .collect()
+                        };
+                        v.reverse();
+                        v
+                    }
+                    Some(_) => return Err(bad("rsplit: empty separator".into())),
+                    None => s.split_whitespace().map(str::to_string).collect(),
+                };
+                return Ok(Value::from(parts));
+            }
+            "partition" | "rpartition" => {
+                let sep = arg_str(0).ok_or_else(|| bad(format!("{method}: a separator")))?;
+                let found = if method == "partition" {
+                    s.find(&sep)
+                } else {
+                    s.rfind(&sep)
+                };
+                let parts = match found {
+                    Some(at) => vec![&s[..at], &sep[..], &s[at + sep.len()..]],
+                    None if method == "partition" => vec![s, "", ""],
+                    None => vec!["", "", s],
+                };
+                return Ok(Value::from(
+                    parts.into_iter().map(str::to_string).collect::<Vec<_>>(),
+                ));
+            }
+            "swapcase" => {
+                return Ok(Value::from(
+                    s.chars()
+                        .flat_map(|c| {
+                            if c.is_uppercase() {
+                                c.to_lowercase().collect::<Vec<_>>()
+                            } else {
+                                c.to_uppercase().collect()
+                            }
+                        })
+                        .collect::<String>(),
+                ));
+            }
+            "casefold" => return Ok(Value::from(s.to_lowercase())),
+            "zfill" => {
+                let width = args
+                    .first()
+                    .and_then(|a| usize::try_from(a.clone()).ok())
+                    .unwrap_or(0);
+                let n = s.chars().count();
+                if n >= width {
+                    return Ok(Value::from(s));
+                }
+                let (sign, rest) = match s.chars().next() {
+                    Some(c @ ('+' | '-')) => (c.to_string(), &s[1..]),
+                    _ => (String::new(), s),
+                };
+                return Ok(Value::from(format!(
+                    "{sign}{}{rest}",
+                    "0".repeat(width - n)
+                )));
+            }
+            "index" | "rindex" => {
+                let sub = arg_str(0).ok_or_else(|| bad(format!("{method}: a substring")))?;
+                let at = if method == "index" {
+                    s.find(&sub)
+                } else {
+                    s.rfind(&sub)
+                };
+                return match at {
+                    Some(b) => Ok(Value::from(s[..b].chars().count())),
+                    None => Err(bad("substring not found".into())),
+                };
+            }
+            _ => {}
+        }
+    } else if value.kind() == ValueKind::Seq && matches!(method, "index" | "count") {
+        let needle = args
+            .first()
+            .ok_or_else(|| bad(format!("{method}: a value")))?;
+        let items: Vec<Value> = value.try_iter()?.collect();
+        return match method {
+            "count" => Ok(Value::from(items.iter().filter(|v| *v == needle).count())),
+            _ => items
+                .iter()
+                .position(|v| v == needle)
+                .map(Value::from)
+                .ok_or_else(|| bad("value is not in the list".into())),
+        };
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// The source as minijinja compiles it: line ends normalised to `\n` (jinja2 does so), and,
+/// since minijinja has no custom tags, `{% generation %}` and `{% endgeneration %}` (with
+/// any whitespace control) made `{% if true %}` and `{% endif %}` with the same markers,
+/// which render the body and trim the same whitespace. The tags are padded to their
+/// original length, so that error positions still point into the original source; a tag
+/// written inside a `{{ ... }}` expression (a string literal) is left alone.
+fn compiled_source(source: &str) -> String {
     use std::sync::LazyLock;
     static TAG: LazyLock<regex::Regex> = LazyLock::new(|| {
         regex::Regex::new(r"\{%([-+]?)\s*(end)?generation\s*([-+]?)%\}")
             .expect("a valid expression")
     });
-    TAG.replace_all(source, |c: &regex::Captures| {
+    let source = source.replace("\r\n", "\n").replace('\r', "\n");
+    let inside_expression = |at: usize| {
+        let before = &source[..at];
+        matches!((before.rfind("{{"), before.rfind("}}")), (Some(open), close) if close.is_none_or(|c| c < open))
+    };
+    TAG.replace_all(&source, |c: &regex::Captures| {
+        let whole = c.get(0).expect("the match");
+        if inside_expression(whole.start()) {
+            return whole.as_str().to_string();
+        }
         let body = if c.get(2).is_some() {
             "endif"
         } else {
             "if true"
         };
-        format!("{{%{} {body} {}%}}", &c[1], &c[3])
+        let tag = format!("{{%{} {body} {}%}}", &c[1], &c[3]);
+        let pad = whole.len().saturating_sub(tag.len());
+        format!("{{%{} {body} {}{}%}}", &c[1], " ".repeat(pad), &c[3])
     })
     .into_owned()
 }
@@ -458,10 +651,16 @@ fn python_repr_str(s: &str) -> String {
 
 /// A value as Python's `str()` prints it (strings inside containers as `repr`).
 fn python_str(v: &Value) -> String {
-    python_text(v, false)
+    python_text(v, 0)
 }
 
-fn python_text(v: &Value, nested: bool) -> String {
+/// `v` as `str()` prints it at nesting `depth` (0: the value itself; deeper: inside a list or
+/// dict, where strings print as `repr`). Past [`MAX_DEPTH`] a container prints as `[...]`.
+fn python_text(v: &Value, depth: usize) -> String {
+    let nested = depth > 0;
+    if depth > MAX_DEPTH && matches!(v.kind(), ValueKind::Seq | ValueKind::Map) {
+        return "[...]".into();
+    }
     match v.kind() {
         ValueKind::Undefined => String::new(),
         ValueKind::None => "None".into(),
@@ -473,7 +672,7 @@ fn python_text(v: &Value, nested: bool) -> String {
         ValueKind::Seq => {
             let items: Vec<String> = v
                 .try_iter()
-                .map(|it| it.map(|x| python_text(&x, true)).collect())
+                .map(|it| it.map(|x| python_text(&x, depth + 1)).collect())
                 .unwrap_or_default();
             format!("[{}]", items.join(", "))
         }
@@ -483,7 +682,11 @@ fn python_text(v: &Value, nested: bool) -> String {
                 .map(|keys| {
                     keys.map(|k| {
                         let value = v.get_item(&k).unwrap_or_default();
-                        format!("{}: {}", python_text(&k, true), python_text(&value, true))
+                        format!(
+                            "{}: {}",
+                            python_text(&k, depth + 1),
+                            python_text(&value, depth + 1)
+                        )
                     })
                     .collect()
                 })
@@ -547,6 +750,12 @@ struct JsonStyle {
 
 impl JsonStyle {
     fn write(&self, v: &Value, depth: usize, out: &mut String) -> Result<(), minijinja::Error> {
+        if depth > MAX_DEPTH {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: nested deeper than {MAX_DEPTH}"),
+            ));
+        }
         match v.kind() {
             ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
@@ -822,10 +1031,14 @@ mod tests {
     }
 
     #[test]
-    fn generation_tags_keep_their_whitespace_markers() {
-        assert_eq!(
-            with_generation_blocks("{%- generation %}x{% endgeneration -%}"),
-            "{%- if true %}x{% endif -%}"
-        );
+    fn generation_tags_keep_their_whitespace_markers_and_their_length() {
+        let src = "{%- generation %}x{% endgeneration -%}";
+        let out = compiled_source(src);
+        assert_eq!(out, "{%- if true    %}x{% endif         -%}");
+        assert_eq!(out.len(), src.len());
+        // In an expression (a string literal), not a tag.
+        let literal = "{{ '{% generation %}' }}";
+        assert_eq!(compiled_source(literal), literal);
+        assert_eq!(compiled_source("a\r\nb\rc"), "a\nb\nc");
     }
 }

@@ -49,13 +49,17 @@ pub fn convert(file: &GgufFile, to: DType) -> Result<Writer, GgufError> {
     }
     w.metadata("general.file_type", Value::U32(file_type(to)));
     for t in &g.tensors {
+        let dtype = t.dtype().ok_or_else(|| GgufError::Tensor {
+            name: t.name.clone(),
+            problem: format!("chord cannot convert its type {}", t.ggml_type.name),
+        })?;
         let is_matrix = t.dims.len() >= 2 && to.bytes_for(t.cols()).is_some();
         let target = if is_matrix { to } else { DType::F32 };
-        let bytes = if target == t.dtype {
+        let bytes = if target == dtype {
             file.tensor_bytes(t).to_vec()
         } else {
             let mut values = vec![0.0f32; t.rows() * t.cols()];
-            quant::dequantize(t.dtype, file.tensor_bytes(t), &mut values);
+            quant::dequantize(dtype, file.tensor_bytes(t), &mut values);
             quant::quantize(target, &values).expect("a target chord writes, in whole blocks")
         };
         w.tensor(t.name.clone(), &t.dims, target, bytes)?;

@@ -130,7 +130,7 @@ impl<'s, 'm, B: Backend> Stream<'s, 'm, B> {
             state,
             sampler,
             decoder: IncrementalDecoder::new(tokenizer, false),
-            end_tokens: &tokenizer.eog,
+            end_tokens: tokenizer.eog(),
             req,
             logits: vec![0.0; model.config.vocab],
             history,

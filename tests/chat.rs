@@ -247,3 +247,25 @@ fn chord_template_renders_the_corpus_as_transformers_does() {
         failures.join("\n")
     );
 }
+
+/// Values nested deeper than any real conversation holds (a template can build them in a
+/// loop) give an error or a string, never a stack overflow.
+#[test]
+fn deeply_nested_values_render_or_fail_cleanly() {
+    let build = "{% set ns = namespace(v=[]) %}{% for i in range(100000) %}{% set ns.v = [ns.v] %}{% endfor %}";
+    let render = |tail: &str| {
+        Template::jinja(&format!("{build}{tail}"))
+            .unwrap()
+            .render(&conversation(), &opts("", ""))
+    };
+    let e = render("{{ ns.v|tojson }}").unwrap_err().to_string();
+    assert!(e.contains("nested deeper than"), "{e}");
+    assert_eq!(render("{{ ns.v|length }}").unwrap(), "1");
+    assert_eq!(render("{{ (''~ns.v)|length }}").unwrap(), "200002");
+    let printed = render("{{ ns.v }}").unwrap();
+    assert!(
+        printed.contains("[[[...]]]") && printed.len() < 2000,
+        "{}",
+        printed.len()
+    );
+}

@@ -206,8 +206,12 @@ fn ctrl_c_stops_the_reply_not_the_program() {
             .unwrap()
             .success()
     );
+    // The banner comes first; then the reply's report.
     let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
+    while line.is_empty() || line.starts_with("chord chat:") {
+        line.clear();
+        stderr.read_line(&mut line).unwrap();
+    }
     assert!(line.contains("stopped"), "stderr: {line:?}");
     let stopped_after: usize = line
         .trim_start_matches('[')

@@ -14,7 +14,7 @@ fn source() -> GgufFile {
 
 fn values(file: &GgufFile, t: &chord::gguf::TensorInfo) -> Vec<f32> {
     let mut v = vec![0.0f32; t.rows() * t.cols()];
-    quant::dequantize(t.dtype, file.tensor_bytes(t), &mut v);
+    quant::dequantize(t.dtype().unwrap(), file.tensor_bytes(t), &mut v);
     v
 }
 
@@ -38,8 +38,8 @@ fn to_f32_keeps_the_metadata_and_dequantizes_every_tensor_exactly() {
     assert_eq!(b.tensors.len(), a.tensors.len());
     for (ta, tb) in a.tensors.iter().zip(&b.tensors) {
         assert_eq!(
-            (&ta.name, &ta.dims, tb.dtype),
-            (&tb.name, &tb.dims, DType::F32)
+            (&ta.name, &ta.dims, tb.dtype()),
+            (&tb.name, &tb.dims, Some(DType::F32))
         );
         let got: &[f32] = bytemuck::cast_slice(&bytes[tb.offset..tb.offset + tb.size]);
         assert!(
@@ -66,7 +66,7 @@ fn to_q8_0_quantizes_matrices_and_keeps_vectors_f32() {
         } else {
             DType::Q8_0
         };
-        assert_eq!(t.dtype, expected, "{}", t.name);
+        assert_eq!(t.dtype(), Some(expected), "{}", t.name);
     }
     // The token embedding was Q8_0 already: its bytes pass through unchanged.
     let (ta, tb) = (

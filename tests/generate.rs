@@ -95,7 +95,7 @@ fn end_tokens_end_a_reply_and_the_callback_can_stop_it() {
     };
     let g = run(200, usize::MAX);
     assert_eq!(g.stop_reason, "end_token", "{g:?}");
-    assert!(tok.eog.contains(g.generated_ids.last().unwrap()));
+    assert!(tok.eog().contains(g.generated_ids.last().unwrap()));
     assert!(!g.text.contains("<|im_end|>"));
     let stopped = run(200, 3);
     assert_eq!(

@@ -182,7 +182,7 @@ fn the_writer_round_trips_every_value_type_and_every_format() {
     assert_eq!(g.tensors.len(), DType::ALL.len());
     for (i, dtype) in DType::ALL.into_iter().enumerate() {
         let t = g.tensor(&format!("t.{}", dtype.name())).unwrap();
-        assert_eq!((t.dtype, t.rows()), (dtype, 3));
+        assert_eq!((t.dtype(), t.rows()), (Some(dtype), 3));
         assert_eq!(t.offset % g.alignment, 0);
         let expected: Vec<u8> = (0..t.size).map(|b| (b * 31 + i) as u8).collect();
         assert_eq!(
@@ -201,7 +201,7 @@ fn the_writer_round_trips_every_value_type_and_every_format() {
             .tensor(
                 t.name.clone(),
                 &t.dims,
-                t.dtype,
+                t.dtype().unwrap(),
                 bytes[t.offset..t.offset + t.size].to_vec(),
             )
             .unwrap();

@@ -264,7 +264,7 @@ fn check_f32_model<B: Backend>(backend: B) {
         file.gguf()
             .tensors
             .iter()
-            .all(|t| t.dtype == chord::gguf::DType::F32)
+            .all(|t| t.dtype() == Some(chord::gguf::DType::F32))
     );
     let model = Model::load(&file, backend).unwrap();
     let cases = greedy_cases("greedy_f32_kvf32.jsonl");

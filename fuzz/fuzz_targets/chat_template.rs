@@ -1,7 +1,8 @@
 //! The chat template renderer on arbitrary templates and conversations: compiling and
 //! rendering give a string or an error, never a panic or a hang (fuel bounds every render).
 //!
-//! Run: `cargo +nightly fuzz run chat_template fuzz/seeds/templates -- -dict=fuzz/dicts/jinja.dict`
+//! Run: `cargo +nightly fuzz run chat_template fuzz/corpus/chat_template tests/data/templates --
+//! -dict=fuzz/dicts/jinja.dict` (the first folder collects new inputs; the second seeds it).
 //! (from the repository root).
 #![no_main]
 

@@ -218,6 +218,93 @@ impl Value {
     }
 }
 
+/// A ggml tensor type (`enum ggml_type`): its id, name and block layout. Every type a GGUF
+/// file may hold is known here, so that any valid file parses and lists; chord computes on
+/// the ones [`GgmlType::dtype`] maps to a [`DType`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GgmlType {
+    pub id: u32,
+    pub name: &'static str,
+    /// Values per block.
+    pub block_len: usize,
+    /// Bytes per block.
+    pub block_bytes: usize,
+}
+
+/// ggml's types (`ggml.h`, `ggml-common.h` of llama.cpp b11312): id, name, values and bytes
+/// per block. Ids 4, 5 and 31 to 33, 36 to 38 were removed from ggml.
+const GGML_TYPES: [(u32, &str, usize, usize); 35] = [
+    (0, "F32", 1, 4),
+    (1, "F16", 1, 2),
+    (2, "Q4_0", 32, 18),
+    (3, "Q4_1", 32, 20),
+    (6, "Q5_0", 32, 22),
+    (7, "Q5_1", 32, 24),
+    (8, "Q8_0", 32, 34),
+    (9, "Q8_1", 32, 36),
+    (10, "Q2_K", 256, 84),
+    (11, "Q3_K", 256, 110),
+    (12, "Q4_K", 256, 144),
+    (13, "Q5_K", 256, 176),
+    (14, "Q6_K", 256, 210),
+    (15, "Q8_K", 256, 292),
+    (16, "IQ2_XXS", 256, 66),
+    (17, "IQ2_XS", 256, 74),
+    (18, "IQ3_XXS", 256, 98),
+    (19, "IQ1_S", 256, 50),
+    (20, "IQ4_NL", 32, 18),
+    (21, "IQ3_S", 256, 110),
+    (22, "IQ2_S", 256, 82),
+    (23, "IQ4_XS", 256, 136),
+    (24, "I8", 1, 1),
+    (25, "I16", 1, 2),
+    (26, "I32", 1, 4),
+    (27, "I64", 1, 8),
+    (28, "F64", 1, 8),
+    (29, "IQ1_M", 256, 56),
+    (30, "BF16", 1, 2),
+    (34, "TQ1_0", 256, 54),
+    (35, "TQ2_0", 256, 66),
+    (39, "MXFP4", 32, 17),
+    (40, "NVFP4", 64, 36),
+    (41, "Q1_0", 128, 18),
+    (42, "Q2_0", 64, 18),
+];
+
+impl GgmlType {
+    /// The type of ggml id `id`, if ggml defines one.
+    pub fn from_id(id: u32) -> Option<GgmlType> {
+        GGML_TYPES
+            .iter()
+            .find(|t| t.0 == id)
+            .map(|&(id, name, block_len, block_bytes)| GgmlType {
+                id,
+                name,
+                block_len,
+                block_bytes,
+            })
+    }
+
+    /// The format chord computes this type as, if it does.
+    pub fn dtype(&self) -> Option<DType> {
+        DType::from_ggml(self.id)
+    }
+
+    /// Bytes of `n` values, if `n` is a whole number of blocks and the size fits.
+    pub fn bytes_for(&self, n: usize) -> Option<usize> {
+        if !n.is_multiple_of(self.block_len) {
+            return None;
+        }
+        (n / self.block_len).checked_mul(self.block_bytes)
+    }
+}
+
+impl From<DType> for GgmlType {
+    fn from(d: DType) -> GgmlType {
+        GgmlType::from_id(d.ggml_id()).expect("every DType is a ggml type")
+    }
+}
+
 /// Where a tensor lies in the file and what it holds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorInfo {
@@ -225,7 +312,8 @@ pub struct TensorInfo {
     /// Dimensions, the contiguous one first (ggml's `ne`): a weight `W (n, k)` is `[k, n]`.
     /// Empty for a scalar; a dimension may be 0 (a placeholder of no values and no bytes).
     pub dims: Vec<usize>,
-    pub dtype: DType,
+    /// The storage type; [`TensorInfo::dtype`] says whether chord computes on it.
+    pub ggml_type: GgmlType,
     /// Byte offset of the data from the start of the file.
     pub offset: usize,
     /// Bytes of data.
@@ -233,6 +321,11 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// The format chord computes this tensor as; `None` for a ggml type chord only lists.
+    pub fn dtype(&self) -> Option<DType> {
+        self.ggml_type.dtype()
+    }
+
     /// Values per row: the first dimension (1 for a scalar, which has no dimensions).
     pub fn cols(&self) -> usize {
         self.dims.first().copied().unwrap_or(1)
@@ -363,7 +456,14 @@ impl GgufFile {
             name: name.into(),
             problem: "missing".into(),
         })?;
-        WeightView::new(t.dtype, t.rows(), t.cols(), self.tensor_bytes(t))
+        let dtype = t.dtype().ok_or_else(|| GgufError::Tensor {
+            name: name.into(),
+            problem: format!(
+                "its type {} is one chord lists but does not compute on",
+                t.ggml_type.name
+            ),
+        })?;
+        WeightView::new(dtype, t.rows(), t.cols(), self.tensor_bytes(t))
             .map(|v| v.named(&t.name))
             .map_err(|e| GgufError::Tensor {
                 name: name.into(),

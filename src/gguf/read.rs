@@ -1,6 +1,8 @@
 //! Parsing and validating GGUF bytes.
 
-use super::{Array, DType, Gguf, GgufError, TensorInfo, Value, ValueType};
+use std::collections::HashSet;
+
+use super::{Array, GgmlType, Gguf, GgufError, TensorInfo, Value, ValueType};
 
 /// Most dimensions a ggml tensor has.
 const MAX_DIMS: usize = 4;
@@ -190,10 +192,11 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
     let n_kv = c.count(13, &|| "header.metadata_kv_count".into())?;
 
     let mut metadata: Vec<(String, Value)> = Vec::with_capacity(n_kv);
+    let mut keys: HashSet<String> = HashSet::with_capacity(n_kv);
     for i in 0..n_kv {
         let at = c.pos;
         let key = c.string(&|| format!("metadata[{i}].key"))?;
-        if metadata.iter().any(|(k, _)| *k == key) {
+        if !keys.insert(key.clone()) {
             return Err(format_error(
                 format!("metadata[{i}].key"),
                 at,
@@ -223,10 +226,11 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
 
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors);
     let mut relative = Vec::with_capacity(n_tensors);
+    let mut names: HashSet<String> = HashSet::with_capacity(n_tensors);
     for i in 0..n_tensors {
         let at = c.pos;
         let name = c.string(&|| format!("tensor[{i}].name"))?;
-        if tensors.iter().any(|t| t.name == name) {
+        if !names.insert(name.clone()) {
             return Err(format_error(
                 format!("tensor[{i}].name"),
                 at,
@@ -273,25 +277,26 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
         }
         let type_at = c.pos;
         let tag = c.u32(&|| field("type"))?;
-        let dtype = DType::from_ggml(tag).ok_or_else(|| {
-            format_error(
-                field("type"),
-                type_at,
-                format!("unknown or unsupported ggml type {tag}"),
-            )
+        let ggml_type = GgmlType::from_id(tag).ok_or_else(|| {
+            format_error(field("type"), type_at, format!("unknown ggml type {tag}"))
         })?;
-        if !dims.first().unwrap_or(&1).is_multiple_of(dtype.block_len()) {
+        if !dims
+            .first()
+            .unwrap_or(&1)
+            .is_multiple_of(ggml_type.block_len)
+        {
             return Err(format_error(
                 field("dims[0]"),
                 dims_at + 4,
                 format!(
-                    "{} values per row are not whole {dtype} blocks of {}",
+                    "{} values per row are not whole {} blocks of {}",
                     dims.first().unwrap_or(&1),
-                    dtype.block_len()
+                    ggml_type.name,
+                    ggml_type.block_len
                 ),
             ));
         }
-        let size = dtype.bytes_for(elements).ok_or_else(|| {
+        let size = ggml_type.bytes_for(elements).ok_or_else(|| {
             format_error(
                 field("dims"),
                 dims_at,
@@ -318,7 +323,7 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
         tensors.push(TensorInfo {
             name,
             dims,
-            dtype,
+            ggml_type,
             offset,
             size,
         });

@@ -86,22 +86,18 @@ pub struct Tokenizer {
     ids: HashMap<String, u32>,
     algorithm: Algorithm,
     /// Tokens split out before pre-tokenization, longest first.
-    specials: Vec<SpecialPiece>,
+    pieces: Vec<SpecialPiece>,
     /// `tokenizer.ggml.add_eos_token`: append EOS when encoding with `add_special`.
     add_eos: bool,
     /// Detokenizing removes the spaces BPE vocabularies put before punctuation (llama.cpp's
     /// `clean_spaces`: byte-level BPE but for the `smollm` and `command-r` pre-tokenizers).
     clean_spaces: bool,
-    /// Prepend BOS when encoding (unless the text already starts with it):
-    /// `tokenizer.ggml.add_bos_token`, else llama.cpp's default for the vocabulary.
-    pub add_bos: bool,
-    pub bos: Option<u32>,
-    pub eos: Option<u32>,
-    /// The end-of-generation set: eos, end-of-turn and end-of-message tokens by key and by
-    /// name, as llama.cpp builds it. Sorted.
-    pub eog: Vec<u32>,
-    /// Every special token and type correction, as resolved from the metadata.
-    pub specials_resolved: Specials,
+    /// Every special token, the end-of-generation set and the type corrections, as
+    /// resolved from the metadata.
+    specials: Specials,
+    /// Detokenizing drops the first piece's leading space (`tokenizer.ggml.add_space_prefix`,
+    /// for any vocabulary kind, as llama.cpp's `llama_detokenize` does).
+    strip_prefix: bool,
 }
 
 /// A token recognised in text before pre-tokenization.
@@ -178,7 +174,7 @@ impl Tokenizer {
         // llama.cpp decides) swallow the whitespace after a special token.
         let name = g.str("general.name").unwrap_or("").to_lowercase();
         let phi3 = name.contains("phi-3") || name.contains("phi3");
-        let mut specials: Vec<SpecialPiece> = types
+        let mut pieces: Vec<SpecialPiece> = types
             .iter()
             .enumerate()
             .filter_map(|(i, t)| {
@@ -197,7 +193,12 @@ impl Tokenizer {
                 })
             })
             .collect();
-        specials.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
+        pieces.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
+        // llama.cpp's default: SentencePiece prefixes a space, byte-level BPE does not.
+        let strip_prefix = match g.get("tokenizer.ggml.add_space_prefix") {
+            Some(Value::Bool(b)) => *b,
+            _ => model == "llama",
+        };
         let algorithm = match model {
             "gpt2" => {
                 let pre = PreTokenizer::named(pre_name).ok_or_else(|| {
@@ -288,18 +289,15 @@ impl Tokenizer {
             tokens,
             types,
             ids,
+            strip_prefix,
             algorithm,
-            specials,
             add_eos: matches!(
                 g.get("tokenizer.ggml.add_eos_token"),
                 Some(Value::Bool(true))
             ) && resolved.eos.is_some(),
             clean_spaces: model == "gpt2" && !matches!(pre_name, "smollm" | "command-r"),
-            add_bos: resolved.add_bos,
-            bos: resolved.bos,
-            eos: resolved.eos,
-            eog: resolved.eog.clone(),
-            specials_resolved: resolved,
+            pieces,
+            specials: resolved,
         })
     }
 
@@ -328,8 +326,8 @@ impl Tokenizer {
     pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
         let mut out = Vec::new();
         if add_special
-            && self.add_bos
-            && let Some(b) = self.bos
+            && self.specials.add_bos
+            && let Some(b) = self.specials.bos
         {
             out.push(b);
         }
@@ -339,7 +337,7 @@ impl Tokenizer {
         } else {
             vec![Ok(text)]
         };
-        for special in &self.specials {
+        for special in &self.pieces {
             if special.needs_flag && !parse_special {
                 continue;
             }
@@ -401,12 +399,12 @@ impl Tokenizer {
             }
         }
         // The text began with BOS itself: it is not added twice.
-        if add_special && self.add_bos && out.len() >= 2 && out[1] == out[0] {
+        if add_special && self.specials.add_bos && out.len() >= 2 && out[1] == out[0] {
             out.remove(0);
         }
         if add_special
             && self.add_eos
-            && let Some(e) = self.eos
+            && let Some(e) = self.specials.eos
         {
             out.push(e);
         }
@@ -510,20 +508,31 @@ impl Tokenizer {
             match self.ids.get(piece) {
                 Some(&id) => out.push(id),
                 None => {
-                    // Byte fallback: `<0xXX>`, else an ASCII byte's one-character token (as
-                    // llama.cpp), else the unknown token (as SentencePiece; llama.cpp aborts).
-                    for b in piece.bytes() {
-                        let one_char = || {
-                            b.is_ascii()
-                                .then(|| self.ids.get((b as char).encode_utf8(&mut [0; 4]) as &str))
-                                .flatten()
-                                .copied()
+                    // Byte fallback, character by character: each byte as `<0xXX>`, else an
+                    // ASCII byte's one-character token (as llama.cpp); a character some byte
+                    // of which has neither becomes one unknown token (as SentencePiece does;
+                    // llama.cpp aborts).
+                    for c in piece.chars() {
+                        let mut buf = [0; 4];
+                        let bytes = c.encode_utf8(&mut buf).as_bytes();
+                        let byte_token = |b: u8| {
+                            byte_ids[b as usize].or_else(|| {
+                                b.is_ascii()
+                                    .then(|| {
+                                        self.ids.get((b as char).encode_utf8(&mut [0; 4]) as &str)
+                                    })
+                                    .flatten()
+                                    .copied()
+                            })
                         };
-                        out.extend(
-                            byte_ids[b as usize]
-                                .or_else(one_char)
-                                .or(self.specials_resolved.unk),
-                        );
+                        match bytes
+                            .iter()
+                            .map(|&b| byte_token(b))
+                            .collect::<Option<Vec<u32>>>()
+                        {
+                            Some(ids) => out.extend(ids),
+                            None => out.extend(self.specials.unk),
+                        }
                     }
                 }
             }
@@ -686,11 +695,11 @@ impl Tokenizer {
         let mut ids = ids;
         let mut strip = self.strips_prefix_space();
         // add_bos and add_eos imply the token exists.
-        if remove_special && self.add_bos && ids.first() == self.bos.as_ref() {
+        if remove_special && self.specials.add_bos && ids.first() == self.specials.bos.as_ref() {
             strip = false;
             ids = &ids[1..];
         }
-        if remove_special && self.add_eos && ids.last() == self.eos.as_ref() {
+        if remove_special && self.add_eos && ids.last() == self.specials.eos.as_ref() {
             ids = &ids[..ids.len() - 1];
         }
         let mut out = Vec::new();
@@ -706,13 +715,32 @@ impl Tokenizer {
     }
 
     fn strips_prefix_space(&self) -> bool {
-        matches!(
-            self.algorithm,
-            Algorithm::Spm {
-                add_space_prefix: true,
-                ..
-            }
-        )
+        self.strip_prefix
+    }
+
+    /// The special tokens, the end-of-generation set and the type corrections.
+    pub fn specials(&self) -> &Specials {
+        &self.specials
+    }
+
+    /// The BOS token, if the vocabulary has one.
+    pub fn bos(&self) -> Option<u32> {
+        self.specials.bos
+    }
+
+    /// The EOS token, if the vocabulary has one.
+    pub fn eos(&self) -> Option<u32> {
+        self.specials.eos
+    }
+
+    /// Whether encoding prepends BOS (see [`tokenize`](Self::tokenize)).
+    pub fn add_bos(&self) -> bool {
+        self.specials.add_bos
+    }
+
+    /// The end-of-generation set: generation stops on any member. Sorted.
+    pub fn eog(&self) -> &[u32] {
+        &self.specials.eog
     }
 }
 
@@ -729,14 +757,16 @@ fn clean_spaces(text: &mut Vec<u8>) {
         }
         out.push(x);
     }
-    // Pass 2: " ' " becomes "'".
-    let t = std::mem::take(&mut out);
+    // Pass 2: " ' " becomes "'". llama.cpp blanks the space after the quote with a NUL in
+    // its buffer as it skips it, so a quote right after that does not see a space before it.
+    let mut t = std::mem::take(&mut out);
     let mut i = 0;
     while i < t.len() {
         let x = t[i];
         if i > 0 && x == b'\'' && i + 1 < t.len() && t[i - 1] == b' ' && t[i + 1] == b' ' {
             out.pop();
             out.push(x);
+            t[i + 1] = 0;
             i += 2; // the space after it goes too
             continue;
         }

@@ -52,7 +52,7 @@ pub fn model_variant(name: &str, edit: impl FnOnce(&mut chord::gguf::Writer)) ->
         w.tensor(
             t.name.clone(),
             &t.dims,
-            t.dtype,
+            t.dtype().unwrap(),
             src.tensor_bytes(t).to_vec(),
         )
         .unwrap();

@@ -2,9 +2,12 @@
 """Writes two GGUF corpora, independently of chord's writer on purpose:
 - malformed/: one file per way a file can lie, and manifest.tsv with the field each file's
   error must name;
-- unusual/: files that are valid by the GGUF spec (and that ggml loads) but unusual: scalar
-  and zero-size tensors, unknown keys of every type, nested and empty arrays, empty strings,
-  tensors listed out of offset order or with gaps between them. manifest.tsv lists each
+- unusual/: files that are valid by the GGUF spec but unusual: scalar and zero-size tensors,
+  tensors of ggml types chord lists but does not compute on, unknown keys of every type,
+  nested and empty arrays, empty strings, tensors listed out of offset order or with gaps
+  between them. ggml itself refuses five of them (arrays of arrays, empty arrays of arrays,
+  offsets out of order or with gaps, a file ending before its data section's padding);
+  chord reads them all, as the spec allows. manifest.tsv lists each
   file's metadata count and its tensors as name:dims:bytes:first value (F32 data are the
   tensor's index times 100 plus the element's index, so a misplaced read shows).
 
@@ -125,6 +128,10 @@ unusual = {
     "unknown_key_of_every_type": (gguf(kvs=EVERY_TYPE), [], len(EVERY_TYPE)),
     "empty_arrays_and_strings": (gguf(kvs=EMPTY), [], len(EMPTY)),
     "nested_arrays": (gguf(kvs=NESTED), [], len(NESTED)),
+    # I32, F64, Q2_K and IQ4_NL: types chord lists (inspect) but does not compute on.
+    "other_ggml_types": (gguf(tensors=[tensor("i", [4], 26, 0), tensor("f", [2], 28, 32), tensor("k", [256], 10, 64),
+                                       tensor("n", [32], 20, 160)], data=pad(b"\1" * 16) + pad(b"\2" * 16) + pad(b"\3" * 84) + b"\4" * 18),
+                         [("i", [4], 16, "-"), ("f", [2], 16, "-"), ("k", [256], 84, "-"), ("n", [32], 18, "-")], 0),
     "version_2": (gguf(kvs=[NAME], tensors=[tensor("a", [8], 0, 0)], data=values(0, 8), version=2), [("a", [8], 32, 0.0)], 1),
     "alignment_64": (gguf(kvs=[kv("general.alignment", U32, struct.pack("<I", 64))],
                           tensors=[tensor("a", [8], 0, 0), tensor("b", [8], 0, 64)], data=pad(values(0, 8), 64) + values(1, 8), align=64),
