@@ -18,6 +18,7 @@ pub mod conformance;
 pub mod convert;
 pub mod generate;
 pub mod gguf;
+pub mod kld;
 pub mod model;
 pub mod perplexity;
 pub mod pull;

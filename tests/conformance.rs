@@ -1,7 +1,7 @@
 //! The conformance suite run against every built-in backend and every kernel variant this
 //! CPU supports, at several thread counts.
 
-use chord::backend::{Backend, Variant, WeightView};
+use chord::backend::{Backend, DType, Variant, WeightView};
 use chord::conformance::assert_conforms;
 use chord::kernels::simd::Level;
 use chord::{BlockedBackend, ScalarBackend, SimdBackend};
@@ -99,6 +99,60 @@ fn matmul_is_bitwise_identical_for_any_thread_count() {
         run(&BlockedBackend::new(2).unwrap(), view, &x, m),
         "blocked on 2 threads"
     );
+}
+
+/// Weights in blocks (rows a multiple of 32 values): several weights through one
+/// `matmuls` call give bitwise what one `matmul` each gives, on any thread count, in both
+/// modes, decoding and prefilling.
+#[test]
+fn matmuls_on_block_weights_equal_one_matmul_each_on_any_thread_count() {
+    use chord::backend::Mode;
+    let k = 576;
+    let values = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n * k)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2011) as f32 / 2011.0 - 0.5)
+            .collect()
+    };
+    let (wa, wb, wc) = (values(192, 1), values(576, 2), values(100, 3));
+    let q4 = chord::kernels::quant::quantize(DType::Q4_1, &wb).unwrap();
+    let views = [
+        WeightView::f32(&wa, 192, k).unwrap(),
+        WeightView::new(DType::Q4_1, 576, k, &q4).unwrap(),
+        WeightView::f32(&wc, 100, k).unwrap(),
+    ];
+    for mode in [Mode::Exact, Mode::Fast] {
+        for m in [1, 2, 3, 5] {
+            let x = &values(m, 9)[..m * k];
+            let mut first: Option<Vec<Vec<f32>>> = None;
+            for threads in [1, 2, 3] {
+                let b = SimdBackend::new(threads).unwrap().with_mode(mode);
+                let ws: Vec<_> = views.iter().map(|v| b.prepare(*v).unwrap()).collect();
+                let mut separate: Vec<Vec<f32>> = ws
+                    .iter()
+                    .map(|w| vec![f32::NAN; m * b.weight_dims(w).0])
+                    .collect();
+                for (w, y) in ws.iter().zip(separate.iter_mut()) {
+                    b.matmul(x, w, y, m).unwrap();
+                }
+                let mut together: Vec<Vec<f32>> = ws
+                    .iter()
+                    .map(|w| vec![f32::NAN; m * b.weight_dims(w).0])
+                    .collect();
+                let mut outs: Vec<&mut [f32]> =
+                    together.iter_mut().map(|y| y.as_mut_slice()).collect();
+                b.matmuls(x, &ws.iter().collect::<Vec<_>>(), &mut outs, m)
+                    .unwrap();
+                assert_eq!(separate, together, "{mode:?} m {m}, {threads} threads");
+                match &first {
+                    None => first = Some(together),
+                    Some(f) => assert_eq!(
+                        f, &together,
+                        "{mode:?} m {m}: {threads} threads differ from 1"
+                    ),
+                }
+            }
+        }
+    }
 }
 
 /// A backend that is wrong in one op, by a little: the suite must catch it and say where.

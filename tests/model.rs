@@ -176,62 +176,46 @@ fn perplexity_on_gpl3_matches_llama_cpp_f32_within_1_percent() {
     );
 }
 
-/// Fast mode (8-bit activations, integer dots) against llama.cpp's own Q4_1 outputs, which
-/// come from the same kind of arithmetic: last logits within max-abs 1.0, and the top-1 token
-/// at 95% or more of the positions of `logits_top20_q4_1_*.jsonl`.
+/// Fast mode's acceptance, as llama.cpp measures quantization: its mean KL divergence from
+/// exact mode over the GPL-3 text at ctx 512 is no worse than llama.cpp's own Q4_1 (8-bit
+/// activations, generic x86 path) against the F32 weights, 0.003117 (../shared/ANCHORS.md),
+/// on every SIMD level this CPU runs. (It replaces "last logits within 1.0 of llama.cpp's
+/// Q4_1 logits": llama.cpp's own AMX and generic paths differ by that much.)
 #[test]
-fn q4_1_fast_mode_agrees_with_llama_cpp_q4_1() {
+fn fast_mode_kl_divergence_from_exact_is_within_llama_cpps_own() {
     use chord::backend::Mode;
+    use chord::kernels::simd::Level;
     let file = GgufFile::open(model_path()).unwrap();
-    let model = Model::load(&file, SimdBackend::new(2).unwrap().with_mode(Mode::Fast)).unwrap();
-    let vocab = model.config.vocab;
-    let mut state = State::new(&model.config, 512, 512);
-    let (mut agree, mut total) = (0, 0);
-    for name in [
-        "capital_france",
-        "fibonacci_py",
-        "long_paragraph",
-        "unicode_mix",
-    ] {
-        let text = std::fs::read_to_string(
-            Path::new(REFERENCE).join(format!("logits_top20_q4_1_{name}.jsonl")),
+    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf()).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/GPL-3.txt"))
+            .unwrap();
+    for level in Level::ALL.into_iter().filter(|l| l.is_supported()) {
+        let exact = Model::load(&file, SimdBackend::with_level(level, 2).unwrap()).unwrap();
+        let fast = Model::load(
+            &file,
+            SimdBackend::with_level(level, 2)
+                .unwrap()
+                .with_mode(Mode::Fast),
         )
         .unwrap();
-        let rows: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        let tokens: Vec<u32> = rows
-            .iter()
-            .map(|r| r["token_id"].as_u64().unwrap() as u32)
-            .collect();
-        state.reset();
-        let logits = model.forward_all(&mut state, &tokens).unwrap();
-        for (p, r) in rows.iter().enumerate() {
-            let want = r["top20"][0][0].as_u64().unwrap() as u32;
-            agree += (argmax(&logits[p * vocab..(p + 1) * vocab]) == want) as usize;
-            total += 1;
-        }
-        let last = &logits[(tokens.len() - 1) * vocab..];
-        let diff = max_abs_diff(
-            last,
-            &reference_logits(&format!("logits_last_q4_1_{name}.bin")).unwrap(),
+        let k = chord::kld::kl_divergence(&exact, &fast, &tok, &text, 512, |_, _| {}).unwrap();
+        eprintln!(
+            "simd-{}: mean KLD {:.6} +/- {:.6}, 99th percentile {:.5}, same top {:.3}%",
+            level.name(),
+            k.mean,
+            k.stderr,
+            k.p99,
+            100.0 * k.same_top
         );
-        eprintln!("{name}: fast-mode last logits within {diff:.3} of llama.cpp's Q4_1");
+        assert_eq!(k.positions, 14 * 255);
         assert!(
-            diff <= 1.0,
-            "{name}: last logits differ by {diff} (max abs), tolerance 1.0"
+            k.mean <= 0.003117,
+            "simd-{}: mean KL divergence {} above llama.cpp's 0.003117",
+            level.name(),
+            k.mean
         );
     }
-    let share = agree as f64 / total as f64;
-    eprintln!(
-        "top-1 agreement: {agree} of {total} positions ({:.1}%)",
-        100.0 * share
-    );
-    assert!(
-        share >= 0.95,
-        "top-1 agreement {agree}/{total} is below 95%"
-    );
 }
 
 /// Fast-mode perplexity over the GPL-3 text at ctx 512 against llama.cpp's generic Q4_1 path
@@ -383,13 +367,11 @@ fn the_profiler_sees_every_op_of_a_forward_pass_and_changes_nothing() {
             .unwrap_or_else(|| panic!("no row {op} {weight}: {:?}", decode.rows))
             .calls_per_token
     };
+    // q, k and v run as one call (Backend::matmuls), as do gate and up.
     for w in [
-        "attn_q ",
-        "attn_k ",
-        "attn_v ",
+        "attn_q+attn_k+attn_v ",
         "attn_output ",
-        "ffn_gate ",
-        "ffn_up ",
+        "ffn_gate+ffn_up ",
         "ffn_down ",
     ] {
         assert_eq!(calls("matmul", w), 30.0, "{w}");

@@ -155,6 +155,29 @@ pub trait Backend: Send + Sync {
     fn matmul(&self, x: &[f32], w: &Self::Weight<'_>, y: &mut [f32], m: usize)
     -> Result<(), Error>;
 
+    /// `ys[i] (m, n_i) = x (m, k) · W_iᵀ` for several weights that read the same input (a
+    /// layer's q, k and v projections; gate and up). A backend may prepare `x` once for all
+    /// of them (quantize it, pack it) and run them as one parallel job. The default body calls
+    /// [`matmul`](Backend::matmul) for each.
+    fn matmuls(
+        &self,
+        x: &[f32],
+        ws: &[&Self::Weight<'_>],
+        ys: &mut [&mut [f32]],
+        m: usize,
+    ) -> Result<(), Error> {
+        if ws.len() != ys.len() {
+            return Err(Error::Shape {
+                op: "matmuls",
+                detail: format!("{} weights but {} outputs", ws.len(), ys.len()),
+            });
+        }
+        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+            self.matmul(x, w, y, m)?;
+        }
+        Ok(())
+    }
+
     /// RMSNorm of each row of `x (rows, dim)` into `y (rows, dim)`, `weight (dim,)`:
     /// `y = x / sqrt(mean(x²) + eps) * weight`.
     fn rmsnorm(&self, x: &[f32], weight: &[f32], y: &mut [f32], eps: f32) -> Result<(), Error>;

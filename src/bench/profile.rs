@@ -183,6 +183,37 @@ impl<B: Backend> Backend for Profiled<B> {
         })
     }
 
+    fn matmuls(
+        &self,
+        x: &[f32],
+        ws: &[&Self::Weight<'_>],
+        ys: &mut [&mut [f32]],
+        m: usize,
+    ) -> Result<(), Error> {
+        let mut flops = 0.0;
+        let mut bytes = F32 * x.len() as f64;
+        for (w, y) in ws.iter().zip(ys.iter()) {
+            let (n, k) = self.inner.weight_dims(&w.inner);
+            flops += 2.0 * (m * n * k) as f64;
+            bytes += w.bytes as f64 + F32 * y.len() as f64;
+        }
+        let label: Vec<&str> = ws
+            .iter()
+            .map(|w| w.label.split(' ').next().unwrap_or(""))
+            .collect();
+        let label = format!(
+            "{} {}",
+            label.join("+"),
+            ws.first()
+                .map_or("", |w| w.label.rsplit(' ').next().unwrap_or(""))
+        );
+        let layer = ws.first().and_then(|w| w.layer);
+        let inner: Vec<&B::Weight<'_>> = ws.iter().map(|w| &w.inner).collect();
+        self.timed(Op::Matmul, Some((&label, layer)), flops, bytes, || {
+            self.inner.matmuls(x, &inner, ys, m)
+        })
+    }
+
     fn rmsnorm(&self, x: &[f32], weight: &[f32], y: &mut [f32], eps: f32) -> Result<(), Error> {
         let bytes = F32 * (2 * x.len() + weight.len()) as f64;
         self.timed(Op::RmsNorm, None, 0.0, bytes, || {

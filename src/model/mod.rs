@@ -367,9 +367,7 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
         for (l, w) in self.layers.iter().enumerate() {
             // Attention: norm, project, rotate, cache, attend, project back, residual.
             b.rmsnorm(x, &w.attn_norm, xb, c.norm_eps)?;
-            b.matmul(xb, &w.wq, q, m)?;
-            b.matmul(xb, &w.wk, k, m)?;
-            b.matmul(xb, &w.wv, v, m)?;
+            b.matmuls(xb, &[&w.wq, &w.wk, &w.wv], &mut [q, k, v], m)?;
             b.rope(q, m, pos, &rope)?;
             b.rope(k, m, pos, &rope)?;
             let kc = &mut s.key_cache[l * layer_cache..][..layer_cache];
@@ -388,8 +386,7 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
             b.add(x, xb2)?;
             // Feed-forward: norm, gate and up, SwiGLU, down, residual.
             b.rmsnorm(x, &w.ffn_norm, xb, c.norm_eps)?;
-            b.matmul(xb, &w.w_gate, gate, m)?;
-            b.matmul(xb, &w.w_up, up, m)?;
+            b.matmuls(xb, &[&w.w_gate, &w.w_up], &mut [gate, up], m)?;
             b.swiglu(gate, up, hidden)?;
             b.matmul(hidden, &w.w_down, xb2, m)?;
             b.add(x, xb2)?;

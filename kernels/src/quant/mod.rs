@@ -24,18 +24,18 @@ mod q5_1;
 mod q5_k;
 mod q6_k;
 mod q8_0;
-mod q8_1;
+mod q8_act;
 
 pub use float::{BlockBF16, BlockF16, BlockF32};
-pub use q4_0::{BlockQ4_0, dot_q4_0_q8_0, quantize_q4_0};
-pub use q4_1::{BlockQ4_1, dot_q4_1_q8_1, quantize_q4_1};
+pub use q4_0::{BlockQ4_0, quantize_q4_0};
+pub use q4_1::{BlockQ4_1, quantize_q4_1};
 pub use q4_k::{BlockQ4K, scale_min_k4};
 pub use q5_0::BlockQ5_0;
 pub use q5_1::BlockQ5_1;
 pub use q5_k::BlockQ5K;
 pub use q6_k::BlockQ6K;
-pub use q8_0::{BlockQ8_0, dot_q8_0_q8_0, quantize_q8_0};
-pub use q8_1::{BlockQ8_1, quantize_q8_1};
+pub use q8_0::{BlockQ8_0, quantize_q8_0};
+pub use q8_act::{Q8Row, QuantizedRows};
 
 /// A block format: `LEN` values stored in `size_of::<Self>()` bytes.
 pub(crate) trait Block: Pod + Send + Sync {

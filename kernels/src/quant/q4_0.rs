@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{Block, BlockQ8_0, DType, f16_to_f32, f32_to_f16};
+use super::{Block, DType, Q8Row, f16_to_f32, f32_to_f16};
 use crate::simd::v16::V16;
 
 #[repr(C)]
@@ -67,16 +67,20 @@ pub fn quantize_q4_0(x: &[f32], out: &mut [BlockQ4_0]) {
     }
 }
 
-/// `Σ w·x` of a `Q4_0` row and a `Q8_0` row: `d_w d_x Σ (q_w - 8) q_x` per block.
-pub fn dot_q4_0_q8_0(w: &[BlockQ4_0], x: &[BlockQ8_0]) -> f32 {
-    let mut sum = 0.0f32;
-    for (a, b) in w.iter().zip(x) {
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            sumi += ((a.qs[j] & 0xf) as i32 - 8) * b.qs[j] as i32
-                + ((a.qs[j] >> 4) as i32 - 8) * b.qs[j + 16] as i32;
+impl BlockQ4_0 {
+    /// `Σ w·x` of a row of blocks and a quantized activation row, block by block in integers:
+    /// `d_w d_x Σ (q_w - 8) q_x` (the reference of fast mode's kernels).
+    pub fn dot_q8(w: &[BlockQ4_0], x: &Q8Row<'_>) -> f32 {
+        let mut acc = 0.0f32;
+        for (b, blk) in w.iter().enumerate() {
+            let xq = &x.qs[32 * b..32 * b + 32];
+            let mut sum = 0i32;
+            for j in 0..16 {
+                sum += ((blk.qs[j] & 0xf) as i32 - 8) * xq[j] as i32
+                    + ((blk.qs[j] >> 4) as i32 - 8) * xq[j + 16] as i32;
+            }
+            acc = (sum as f32).mul_add(f16_to_f32(blk.d) * x.d[b], acc);
         }
-        sum += f16_to_f32(a.d) * f16_to_f32(b.d) * sumi as f32;
+        acc
     }
-    sum
 }

@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{Block, BlockQ8_1, DType, f16_to_f32, f32_to_f16};
+use super::{Block, DType, Q8Row, f16_to_f32, f32_to_f16};
 use crate::simd::v16::V16;
 
 #[repr(C)]
@@ -64,17 +64,21 @@ pub fn quantize_q4_1(x: &[f32], out: &mut [BlockQ4_1]) {
     }
 }
 
-/// `Σ w·x` of a `Q4_1` row and a `Q8_1` row, block by block in integers:
-/// `d_w d_x Σ q_w q_x + m_w s_x` per block, summed in f32 (the scalar reference).
-pub fn dot_q4_1_q8_1(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-    let mut sum = 0.0f32;
-    for (a, b) in w.iter().zip(x) {
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            sumi += (a.qs[j] & 0xf) as i32 * b.qs[j] as i32
-                + (a.qs[j] >> 4) as i32 * b.qs[j + 16] as i32;
+impl BlockQ4_1 {
+    /// `Σ w·x` of a row of blocks and a quantized activation row, block by block in integers:
+    /// `d_w d_x Σ q_w q_x + m_w s_x` (the reference of fast mode's kernels).
+    pub fn dot_q8(w: &[BlockQ4_1], x: &Q8Row<'_>) -> f32 {
+        let mut acc = 0.0f32;
+        for (b, blk) in w.iter().enumerate() {
+            let xq = &x.qs[32 * b..32 * b + 32];
+            let mut sum = 0i32;
+            for j in 0..16 {
+                sum += (blk.qs[j] & 0xf) as i32 * xq[j] as i32
+                    + (blk.qs[j] >> 4) as i32 * xq[j + 16] as i32;
+            }
+            acc = (sum as f32).mul_add(f16_to_f32(blk.d) * x.d[b], acc);
+            acc = f16_to_f32(blk.m).mul_add(x.s[b], acc);
         }
-        sum += f16_to_f32(a.d) * f16_to_f32(b.d) * sumi as f32 + f16_to_f32(a.m) * f16_to_f32(b.s);
+        acc
     }
-    sum
 }

@@ -2,7 +2,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{Block, DType, f16_to_f32, f32_to_f16};
+use super::{Block, DType, Q8Row, f16_to_f32, f32_to_f16};
 use crate::simd::v16::V16;
 
 #[repr(C)]
@@ -36,7 +36,7 @@ impl Block for BlockQ8_0 {
 }
 
 /// One block of 32 values as 8-bit quants: `d = max|x| / 127`, `q = round(x / d)`.
-pub(super) fn q8_block(xb: &[f32]) -> (f32, [i8; 32]) {
+fn q8_block(xb: &[f32]) -> (f32, [i8; 32]) {
     let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -60,16 +60,21 @@ pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     }
 }
 
-/// `Σ w·x` of two `Q8_0` rows: `d_w d_x Σ q_w q_x` per block.
-pub fn dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
-    let mut sum = 0.0f32;
-    for (a, b) in w.iter().zip(x) {
-        let sumi: i32 =
-            a.qs.iter()
-                .zip(&b.qs)
+impl BlockQ8_0 {
+    /// `Σ w·x` of a row of blocks and a quantized activation row, block by block in integers:
+    /// `d_w d_x Σ q_w q_x` (the reference of fast mode's kernels).
+    pub fn dot_q8(w: &[BlockQ8_0], x: &Q8Row<'_>) -> f32 {
+        let mut acc = 0.0f32;
+        for (b, blk) in w.iter().enumerate() {
+            let xq = &x.qs[32 * b..32 * b + 32];
+            let sum: i32 = blk
+                .qs
+                .iter()
+                .zip(xq)
                 .map(|(&p, &q)| p as i32 * q as i32)
                 .sum();
-        sum += f16_to_f32(a.d) * f16_to_f32(b.d) * sumi as f32;
+            acc = (sum as f32).mul_add(f16_to_f32(blk.d) * x.d[b], acc);
+        }
+        acc
     }
-    sum
 }

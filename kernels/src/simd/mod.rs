@@ -8,19 +8,24 @@
 //! `#[target_feature]` wrappers behind these functions are only ever entered on a CPU
 //! that has the features.
 
+mod attention;
 mod dequant;
 mod elementwise;
 mod gemm;
 pub mod probe;
-pub mod qdot;
+mod qint;
 mod qmatmul;
 pub(crate) mod v16;
 mod vec;
 
+pub use attention::{AttentionScratch, AttentionShape, attention};
 pub use dequant::dequantize;
 pub use elementwise::{add, rmsnorm, rope, softmax, swiglu};
 pub use gemm::{GemmScratch, PackedWeight, matmul, pack_weight};
-pub use qmatmul::{BlockScratch, BlockWeight, GEMV_ROWS, matmul as matmul_blocks};
+pub use qint::{IntScratch, RepackedWeight, int_kernel_name, matmuls as matmuls_int, repackable};
+pub use qmatmul::{
+    BlockScratch, BlockWeight, GEMV_ROWS, matmul as matmul_blocks, matmuls as matmuls_blocks,
+};
 
 /// A SIMD instruction-set level, widest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -99,52 +99,101 @@ pub fn matmul(
     y: &mut [f32],
     m: usize,
 ) {
-    debug_assert!(m > 0 && x.len() == m * w.k && y.len() == m * w.n);
-    fn run<B: Block>(
-        isa: Isa,
-        team: &Team,
-        scratch: &BlockScratch,
-        x: &[f32],
-        w: &BlockWeight<'_>,
-        y: &mut [f32],
-        m: usize,
-    ) {
-        let blocks: &[B] = bytemuck::try_cast_slice(w.bytes).expect("whole blocks of alignment 1");
-        let out = Out(y.as_mut_ptr());
-        if m <= GEMV_ROWS {
-            let tasks = w.n.div_ceil(GEMV_TASK_ROWS);
-            team.run(tasks, &|t| {
-                let rows = t * GEMV_TASK_ROWS..((t + 1) * GEMV_TASK_ROWS).min(w.n);
+    matmuls(isa, team, scratch, x, &[*w], &mut [y], m)
+}
+
+/// Most weights one [`matmuls`] call runs as one job.
+const MAX_WEIGHTS: usize = 4;
+
+/// `ys[i] (m, n_i) = x (m, k) · W_iᵀ` for weights that read the same input (a layer's q, k
+/// and v projections; gate and up). Decoding, all of them run as one job of the team, their
+/// rows split into tasks together: one dispatch instead of one per weight. Prefilling, each
+/// runs as [`matmul`] does.
+pub fn matmuls(
+    isa: Isa,
+    team: &Team,
+    scratch: &BlockScratch,
+    x: &[f32],
+    ws: &[BlockWeight<'_>],
+    ys: &mut [&mut [f32]],
+    m: usize,
+) {
+    debug_assert_eq!(ws.len(), ys.len());
+    if m > GEMV_ROWS {
+        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+            debug_assert!(m > 0 && x.len() == m * w.k && y.len() == m * w.n);
+            fn run<B: Block>(
+                isa: Isa,
+                team: &Team,
+                scratch: &BlockScratch,
+                x: &[f32],
+                w: &BlockWeight<'_>,
+                y: &mut [f32],
+                m: usize,
+            ) {
+                let blocks: &[B] =
+                    bytemuck::try_cast_slice(w.bytes).expect("whole blocks of alignment 1");
+                let out = Out(y.as_mut_ptr());
+                let nr = tile(isa.level()).0;
+                let panels = w.n.div_ceil(nr);
+                let tasks = team.threads().min(scratch.slots.len()).min(panels);
+                team.run(tasks, &|t| {
+                    let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
+                    let mut slot = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
+                    let (xbuf, panel) = &mut *slot;
+                    // SAFETY: task `t` writes only the columns of panels p0..p1.
+                    unsafe {
+                        prefill::<B>(isa, x, blocks, w.n, w.k, out.get(), m, p0, p1, xbuf, panel)
+                    };
+                });
+            }
+            with_block!(w.dtype, run, isa, team, scratch, x, w, y, m);
+        }
+        return;
+    }
+    for (ws, ys) in ws.chunks(MAX_WEIGHTS).zip(ys.chunks_mut(MAX_WEIGHTS)) {
+        // Task t belongs to weight i where starts[i] <= t < starts[i + 1].
+        let mut starts = [0usize; MAX_WEIGHTS + 1];
+        let mut outs = [Out(std::ptr::null_mut()); MAX_WEIGHTS];
+        for (i, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
+            debug_assert!(x.len() == m * w.k && y.len() == m * w.n);
+            starts[i + 1] = starts[i] + w.n.div_ceil(GEMV_TASK_ROWS);
+            outs[i] = Out(y.as_mut_ptr());
+        }
+        team.run(starts[ws.len()], &|t| {
+            let i = (0..ws.len())
+                .rfind(|&i| starts[i] <= t)
+                .expect("task of some weight");
+            let w = &ws[i];
+            let c = t - starts[i];
+            let rows = c * GEMV_TASK_ROWS..((c + 1) * GEMV_TASK_ROWS).min(w.n);
+            fn run<B: Block>(
+                isa: Isa,
+                x: &[f32],
+                w: &BlockWeight<'_>,
+                rows: std::ops::Range<usize>,
+                y: Out,
+                m: usize,
+            ) {
+                let blocks: &[B] =
+                    bytemuck::try_cast_slice(w.bytes).expect("whole blocks of alignment 1");
                 let g = Gemv {
                     x,
                     blocks,
                     k: w.k,
                     n: w.n,
                     rows,
-                    y: out,
+                    y,
                 };
                 match m {
                     1 => dispatch16(isa, GemvRows::<B, 1>(g)),
                     2 => dispatch16(isa, GemvRows::<B, 2>(g)),
                     _ => dispatch16(isa, GemvRows::<B, 3>(g)),
                 }
-            });
-        } else {
-            let nr = tile(isa.level()).0;
-            let panels = w.n.div_ceil(nr);
-            let tasks = team.threads().min(scratch.slots.len()).min(panels);
-            team.run(tasks, &|t| {
-                let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
-                let mut slot = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
-                let (xbuf, panel) = &mut *slot;
-                // SAFETY: task `t` writes only the columns of panels p0..p1.
-                unsafe {
-                    prefill::<B>(isa, x, blocks, w.n, w.k, out.get(), m, p0, p1, xbuf, panel)
-                };
-            });
-        }
+            }
+            with_block!(w.dtype, run, isa, x, w, rows, outs[i], m)
+        });
     }
-    with_block!(w.dtype, run, isa, team, scratch, x, w, y, m)
 }
 
 /// The decode path's work for one task: weight rows `rows`.

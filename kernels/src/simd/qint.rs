@@ -1,0 +1,624 @@
+//! Fast mode's matrix multiply: 8-bit activations against 4- and 8-bit weight blocks in
+//! integer dot products, as ggml computes quantized matmuls, with the weights repacked once
+//! so that one vector instruction serves sixteen weight rows.
+//!
+//! **Activations** ([`QuantizedRows`]): each row of `x` in 8-bit blocks of 32, with each
+//! block's scale `d`, `Σq` and `s = d Σq` in f32 (see `quant::q8_act`).
+//!
+//! **Weights** ([`RepackedWeight`]): `Q4_0`, `Q4_1` and `Q8_0` rows regrouped by sixteen,
+//! the same bytes rearranged (ggml's repacked `Q4_0x8` does the same for eight rows). For a
+//! group of 16 rows and one block column, a record holds the 16 rows' `d` (halves), the
+//! 16 `m` for `Q4_1`, then the quants in chunks of 64 bytes, chunk `c` holding four
+//! consecutive values of each row, row `j` at bytes `4j .. 4j + 4`:
+//! - `Q4_0`/`Q4_1`: 4 chunks of nibble bytes; chunk `c`'s low nibbles are values
+//!   `4c .. 4c + 4` and its high nibbles values `16 + 4c .. 16 + 4c + 4` (the block's own
+//!   nibble order, four bytes at a time);
+//! - `Q8_0`: 8 chunks of values `4c .. 4c + 4`, each stored as `q + 128` (unsigned).
+//!
+//! **Dot products**: per record and activation row, eight steps of "16 lanes × 4 bytes of
+//! weights times the row's 4 activation bytes, broadcast" (`vpdpbusd` on AVX512-VNNI;
+//! `maddubs` + `madd` on AVX2; plain loops on the portable level) give the 16 rows' integer
+//! sums `Σ q_w q_x`; the offsets of the unsigned weights are taken back with the block's
+//! `Σ q_x` (`- 8 Σq_x` for `Q4_0`, `- 128 Σq_x` for `Q8_0`); then, in f32,
+//! `acc += (d_w d_x) · sum`, plus `m_w · s_x` for `Q4_1`. Blocks accumulate in order, so a
+//! result does not depend on the thread count.
+
+use std::sync::Mutex;
+
+use super::{Isa, Level};
+use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, DType, QuantizedRows, f16_to_f32};
+use crate::team::Team;
+
+/// Weight rows per repacked group.
+pub const GROUP: usize = 16;
+
+/// Activation rows up to which a matmul runs as a decode (each weight group read once for
+/// all rows, row by row); above, row blocks of [`MR`].
+const MR: usize = 4;
+
+/// Weight groups per decode task.
+const GROUPS_PER_TASK: usize = 4;
+
+/// A weight `W (n, k)` of `Q4_0`, `Q4_1` or `Q8_0` blocks, repacked (see the module docs).
+#[derive(Clone, Debug)]
+pub struct RepackedWeight {
+    dtype: DType,
+    n: usize,
+    k: usize,
+    /// Records, group-major: record `(g, b)` at `(g * k / 32 + b) * record`.
+    data: Vec<u8>,
+}
+
+/// Bytes of one record (16 rows × one block) of `dtype`.
+fn record_bytes(dtype: DType) -> usize {
+    GROUP * dtype.block_bytes()
+}
+
+/// Whether fast mode repacks `dtype`.
+pub fn repackable(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
+}
+
+impl RepackedWeight {
+    /// Repacks `bytes`, `n` rows of `k / 32` blocks of `dtype` (one of [`repackable`]).
+    /// `None` if the shapes do not fit.
+    pub fn new(dtype: DType, n: usize, k: usize, bytes: &[u8]) -> Option<RepackedWeight> {
+        if !repackable(dtype)
+            || n == 0
+            || !k.is_multiple_of(32)
+            || dtype.bytes_for(k).and_then(|r| r.checked_mul(n)) != Some(bytes.len())
+        {
+            return None;
+        }
+        let (blocks, rec) = (k / 32, record_bytes(dtype));
+        let groups = n.div_ceil(GROUP);
+        let mut data = vec![0u8; groups * blocks * rec];
+        let row_bytes = blocks * dtype.block_bytes();
+        for j in 0..n {
+            let (g, r) = (j / GROUP, j % GROUP);
+            let row = &bytes[j * row_bytes..][..row_bytes];
+            for b in 0..blocks {
+                let out = &mut data[(g * blocks + b) * rec..][..rec];
+                let blk = &row[b * dtype.block_bytes()..][..dtype.block_bytes()];
+                match dtype {
+                    DType::Q4_0 => {
+                        let blk: BlockQ4_0 = bytemuck::pod_read_unaligned(blk);
+                        out[2 * r..2 * r + 2].copy_from_slice(&blk.d);
+                        for c in 0..4 {
+                            out[32 + 64 * c + 4 * r..][..4]
+                                .copy_from_slice(&blk.qs[4 * c..4 * c + 4]);
+                        }
+                    }
+                    DType::Q4_1 => {
+                        let blk: BlockQ4_1 = bytemuck::pod_read_unaligned(blk);
+                        out[2 * r..2 * r + 2].copy_from_slice(&blk.d);
+                        out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&blk.m);
+                        for c in 0..4 {
+                            out[64 + 64 * c + 4 * r..][..4]
+                                .copy_from_slice(&blk.qs[4 * c..4 * c + 4]);
+                        }
+                    }
+                    _ => {
+                        let blk: BlockQ8_0 = bytemuck::pod_read_unaligned(blk);
+                        out[2 * r..2 * r + 2].copy_from_slice(&blk.d);
+                        for c in 0..8 {
+                            for v in 0..4 {
+                                out[32 + 64 * c + 4 * r + v] = (blk.qs[4 * c + v] as u8) ^ 0x80;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Some(RepackedWeight { dtype, n, k, data })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// `n`: rows of `W`.
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+    /// `k`: columns of `W`.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Row `j` of the original `W`, dequantized into `out (k,)` (embedding lookups).
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        let (blocks, rec) = (self.k / 32, record_bytes(self.dtype));
+        let (g, r) = (j / GROUP, j % GROUP);
+        for b in 0..blocks {
+            let rec = &self.data[(g * blocks + b) * rec..][..rec];
+            let y = &mut out[32 * b..32 * b + 32];
+            let d = f16_to_f32([rec[2 * r], rec[2 * r + 1]]);
+            match self.dtype {
+                DType::Q4_0 | DType::Q4_1 => {
+                    let (m, qs) = if self.dtype == DType::Q4_1 {
+                        (
+                            Some(f16_to_f32([rec[32 + 2 * r], rec[33 + 2 * r]])),
+                            &rec[64..],
+                        )
+                    } else {
+                        (None, &rec[32..])
+                    };
+                    for c in 0..4 {
+                        for v in 0..4 {
+                            let q = qs[64 * c + 4 * r + v];
+                            let (lo, hi) = ((q & 0xf) as f32, (q >> 4) as f32);
+                            match m {
+                                Some(m) => {
+                                    y[4 * c + v] = lo * d + m;
+                                    y[16 + 4 * c + v] = hi * d + m;
+                                }
+                                None => {
+                                    y[4 * c + v] = (lo - 8.0) * d;
+                                    y[16 + 4 * c + v] = (hi - 8.0) * d;
+                                }
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    for c in 0..8 {
+                        for v in 0..4 {
+                            let q = (rec[32 + 64 * c + 4 * r + v] ^ 0x80) as i8;
+                            y[4 * c + v] = q as f32 * d;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Per-call scratch of the fast path: the quantized activations.
+#[derive(Debug, Default)]
+pub struct IntScratch {
+    act: Mutex<QuantizedRows>,
+}
+
+impl IntScratch {
+    pub fn new() -> IntScratch {
+        IntScratch::default()
+    }
+}
+
+/// The integer kernel a CPU runs, chosen once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DotKind {
+    /// `vpdpbusd` on zmm (AVX512-VNNI with AVX512-BW).
+    Vnni512,
+    /// `maddubs` + `madd` on ymm (AVX2).
+    Avx2,
+    /// Plain loops.
+    Portable,
+}
+
+fn dot_kind(isa: Isa) -> DotKind {
+    match isa.level() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") =>
+        {
+            DotKind::Vnni512
+        }
+        Level::Avx512 | Level::Avx2 => DotKind::Avx2,
+        Level::Portable => DotKind::Portable,
+    }
+}
+
+/// The name of the integer kernel `isa` runs (for benchmark rows).
+pub fn int_kernel_name(isa: Isa) -> &'static str {
+    match dot_kind(isa) {
+        DotKind::Vnni512 => "avx512-vnni",
+        DotKind::Avx2 => "avx2-maddubs",
+        DotKind::Portable => "portable",
+    }
+}
+
+/// The output shared by tasks that write disjoint groups of columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: each task writes the columns of its own weight groups.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+impl Out {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Most weights one call runs as one job.
+const MAX_WEIGHTS: usize = 4;
+
+/// `ys[i] (m, n_i) = x (m, k) · W_iᵀ` in integers, `x` quantized once for all the weights
+/// (a layer's q, k and v; gate and up), their groups split over `team` as one job.
+pub fn matmuls(
+    isa: Isa,
+    team: &Team,
+    scratch: &IntScratch,
+    x: &[f32],
+    ws: &[&RepackedWeight],
+    ys: &mut [&mut [f32]],
+    m: usize,
+) {
+    debug_assert_eq!(ws.len(), ys.len());
+    let Some(first) = ws.first() else { return };
+    let k = first.k;
+    let mut act = scratch.act.lock().unwrap_or_else(|e| e.into_inner());
+    act.quantize(x, m, k);
+    let act = &*act;
+    let kind = dot_kind(isa);
+    for (ws, ys) in ws.chunks(MAX_WEIGHTS).zip(ys.chunks_mut(MAX_WEIGHTS)) {
+        // Tasks: runs of groups of each weight; task t belongs to weight i where
+        // starts[i] <= t < starts[i + 1].
+        let per_task = if m <= MR { GROUPS_PER_TASK } else { 1 };
+        let mut starts = [0usize; MAX_WEIGHTS + 1];
+        let mut outs = [Out(std::ptr::null_mut()); MAX_WEIGHTS];
+        for (i, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
+            debug_assert!(w.k == k && y.len() == m * w.n);
+            starts[i + 1] = starts[i] + w.n.div_ceil(GROUP).div_ceil(per_task);
+            outs[i] = Out(y.as_mut_ptr());
+        }
+        team.run(starts[ws.len()], &|t| {
+            let i = (0..ws.len())
+                .rfind(|&i| starts[i] <= t)
+                .expect("task of some weight");
+            let w = ws[i];
+            let c = t - starts[i];
+            let groups = w.n.div_ceil(GROUP);
+            let g0 = c * per_task;
+            let g1 = (g0 + per_task).min(groups);
+            for g in g0..g1 {
+                for i0 in (0..m).step_by(MR) {
+                    let rows = MR.min(m - i0);
+                    // SAFETY: group g's columns of rows i0.. of y belong to this task.
+                    unsafe { group(kind, w, act, g, i0, rows, outs[i].get()) };
+                }
+            }
+        });
+    }
+}
+
+/// `y[i][16g ..]` for activation rows `i0 .. i0 + rows` (at most [`MR`]) and weight group `g`.
+///
+/// # Safety
+/// `y` points to `m * w.n` values; no other task writes these elements.
+unsafe fn group(
+    kind: DotKind,
+    w: &RepackedWeight,
+    x: &QuantizedRows,
+    g: usize,
+    i0: usize,
+    rows: usize,
+    y: *mut f32,
+) {
+    let mut out = [[0.0f32; GROUP]; MR];
+    match kind {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only on CPUs with AVX512-VNNI and AVX512-BW.
+        DotKind::Vnni512 => unsafe { x86::group_vnni(w, x, g, i0, rows, &mut out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only at AVX2 and above.
+        DotKind::Avx2 => unsafe { x86::group_avx2(w, x, g, i0, rows, &mut out) },
+        _ => group_portable(w, x, g, i0, rows, &mut out),
+    }
+    let cols = GROUP.min(w.n - g * GROUP);
+    for (r, o) in out.iter().enumerate().take(rows) {
+        for (j, &v) in o.iter().enumerate().take(cols) {
+            // SAFETY: element (i0 + r, 16g + j) of y, per the contract.
+            unsafe { *y.add((i0 + r) * w.n + g * GROUP + j) = v };
+        }
+    }
+}
+
+/// The record of group `g`, block `b`: `(d, m, quants)`.
+#[inline(always)]
+fn record(w: &RepackedWeight, g: usize, b: usize) -> (&[u8], Option<&[u8]>, &[u8]) {
+    let (blocks, rec) = (w.k / 32, record_bytes(w.dtype));
+    let r = &w.data[(g * blocks + b) * rec..][..rec];
+    match w.dtype {
+        DType::Q4_1 => (&r[..32], Some(&r[32..64]), &r[64..]),
+        _ => (&r[..32], None, &r[32..]),
+    }
+}
+
+/// The plain-loop kernel: the reference the vector ones are tested against.
+fn group_portable(
+    w: &RepackedWeight,
+    x: &QuantizedRows,
+    g: usize,
+    i0: usize,
+    rows: usize,
+    out: &mut [[f32; GROUP]; MR],
+) {
+    let blocks = w.k / 32;
+    for b in 0..blocks {
+        let (d, mins, qs) = record(w, g, b);
+        for r in 0..rows {
+            let i = i0 + r;
+            let xr = x.row(i);
+            let xq = &xr.qs[32 * b..][..32];
+            for j in 0..GROUP {
+                let mut sum = 0i32;
+                match w.dtype {
+                    DType::Q8_0 => {
+                        for c in 0..8 {
+                            for v in 0..4 {
+                                sum += qs[64 * c + 4 * j + v] as i32 * xq[4 * c + v] as i32;
+                            }
+                        }
+                        sum -= 128 * xr.sum[b];
+                    }
+                    _ => {
+                        for c in 0..4 {
+                            for v in 0..4 {
+                                let q = qs[64 * c + 4 * j + v];
+                                sum += (q & 0xf) as i32 * xq[4 * c + v] as i32
+                                    + (q >> 4) as i32 * xq[16 + 4 * c + v] as i32;
+                            }
+                        }
+                        if w.dtype == DType::Q4_0 {
+                            sum -= 8 * xr.sum[b];
+                        }
+                    }
+                }
+                let dw = f16_to_f32([d[2 * j], d[2 * j + 1]]);
+                let acc = &mut out[r][j];
+                *acc = (sum as f32).mul_add(dw * xr.d[b], *acc);
+                if let Some(mins) = mins {
+                    let mw = f16_to_f32([mins[2 * j], mins[2 * j + 1]]);
+                    *acc = mw.mul_add(xr.s[b], *acc);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{GROUP, MR, QuantizedRows, RepackedWeight, record};
+    use crate::quant::DType;
+
+    /// The 16 rows' halves at `p` as f32.
+    #[inline(always)]
+    unsafe fn halves16(p: &[u8]) -> __m512 {
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.as_ptr() as *const __m256i)) }
+    }
+
+    /// Four activation bytes as one 32-bit lane, broadcast.
+    #[inline(always)]
+    unsafe fn bcast4(x: &[i8], at: usize) -> __m512i {
+        unsafe { _mm512_set1_epi32(std::ptr::read_unaligned(x.as_ptr().add(at) as *const i32)) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn group_vnni(
+        w: &RepackedWeight,
+        x: &QuantizedRows,
+        g: usize,
+        i0: usize,
+        rows: usize,
+        out: &mut [[f32; GROUP]; MR],
+    ) {
+        unsafe {
+            let blocks = w.k / 32;
+            let mut acc = [_mm512_setzero_ps(); MR];
+            let nib = _mm512_set1_epi8(0x0f);
+            for b in 0..blocks {
+                let (d, mins, qs) = record(w, g, b);
+                let dw = halves16(d);
+                let mw = mins.map(|m| halves16(m));
+                // The eight operands: 16 rows × 4 values each.
+                let mut ops = [_mm512_setzero_si512(); 8];
+                if w.dtype == DType::Q8_0 {
+                    for (c, op) in ops.iter_mut().enumerate() {
+                        *op = _mm512_loadu_si512(qs.as_ptr().add(64 * c) as *const __m512i);
+                    }
+                } else {
+                    for c in 0..4 {
+                        let q = _mm512_loadu_si512(qs.as_ptr().add(64 * c) as *const __m512i);
+                        ops[c] = _mm512_and_si512(q, nib);
+                        ops[4 + c] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), nib);
+                    }
+                }
+                for r in 0..rows {
+                    let i = i0 + r;
+                    let xr = x.row(i);
+                    let xq = &xr.qs[32 * b..][..32];
+                    let mut sum = _mm512_setzero_si512();
+                    if w.dtype == DType::Q8_0 {
+                        for (c, op) in ops.iter().enumerate() {
+                            sum = _mm512_dpbusd_epi32(sum, *op, bcast4(xq, 4 * c));
+                        }
+                        sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * xr.sum[b]));
+                    } else {
+                        for c in 0..4 {
+                            sum = _mm512_dpbusd_epi32(sum, ops[c], bcast4(xq, 4 * c));
+                            sum = _mm512_dpbusd_epi32(sum, ops[4 + c], bcast4(xq, 16 + 4 * c));
+                        }
+                        if w.dtype == DType::Q4_0 {
+                            sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(8 * xr.sum[b]));
+                        }
+                    }
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(xr.d[b]));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
+                    if let Some(mw) = mw {
+                        acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xr.s[b]), acc[r]);
+                    }
+                }
+            }
+            for r in 0..rows {
+                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+        }
+    }
+
+    /// `vpdpbusd` on 8 lanes from AVX2: `maddubs` (u8 × i8 pairs to i16) then `madd` with
+    /// ones (i16 pairs to i32). The pairs cannot saturate: weights are at most 15 here.
+    #[inline(always)]
+    unsafe fn dot4(w: __m256i, x: __m256i) -> __m256i {
+        unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)) }
+    }
+
+    /// Signed × signed on 8 lanes (`Q8_0`): `|w| · (x · sign w)`, at most 128 · 127 · 2 per
+    /// pair, no saturation.
+    #[inline(always)]
+    unsafe fn dot4_signed(w: __m256i, x: __m256i) -> __m256i {
+        unsafe { dot4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group_avx2(
+        w: &RepackedWeight,
+        x: &QuantizedRows,
+        g: usize,
+        i0: usize,
+        rows: usize,
+        out: &mut [[f32; GROUP]; MR],
+    ) {
+        unsafe {
+            let blocks = w.k / 32;
+            // Two halves of 8 rows each.
+            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+            let nib = _mm256_set1_epi8(0x0f);
+            let flip = _mm256_set1_epi8(-128);
+            for b in 0..blocks {
+                let (d, mins, qs) = record(w, g, b);
+                for h in 0..2 {
+                    let dw =
+                        _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(16 * h) as *const __m128i));
+                    let mw = mins.map(|m| {
+                        _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr().add(16 * h) as *const __m128i))
+                    });
+                    let mut ops = [_mm256_setzero_si256(); 8];
+                    if w.dtype == DType::Q8_0 {
+                        for (c, op) in ops.iter_mut().enumerate() {
+                            let q = _mm256_loadu_si256(
+                                qs.as_ptr().add(64 * c + 32 * h) as *const __m256i
+                            );
+                            *op = _mm256_xor_si256(q, flip); // back to signed
+                        }
+                    } else {
+                        for c in 0..4 {
+                            let q = _mm256_loadu_si256(
+                                qs.as_ptr().add(64 * c + 32 * h) as *const __m256i
+                            );
+                            ops[c] = _mm256_and_si256(q, nib);
+                            ops[4 + c] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), nib);
+                        }
+                    }
+                    for r in 0..rows {
+                        let i = i0 + r;
+                        let xr = x.row(i);
+                        let xq = &xr.qs[32 * b..][..32];
+                        let bc = |at: usize| {
+                            _mm256_set1_epi32(std::ptr::read_unaligned(
+                                xq.as_ptr().add(at) as *const i32
+                            ))
+                        };
+                        let mut sum = _mm256_setzero_si256();
+                        if w.dtype == DType::Q8_0 {
+                            for (c, op) in ops.iter().enumerate() {
+                                sum = _mm256_add_epi32(sum, dot4_signed(*op, bc(4 * c)));
+                            }
+                        } else {
+                            for c in 0..4 {
+                                sum = _mm256_add_epi32(sum, dot4(ops[c], bc(4 * c)));
+                                sum = _mm256_add_epi32(sum, dot4(ops[4 + c], bc(16 + 4 * c)));
+                            }
+                            if w.dtype == DType::Q4_0 {
+                                sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(8 * xr.sum[b]));
+                            }
+                        }
+                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(xr.d[b]));
+                        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[r][h]);
+                        if let Some(mw) = mw {
+                            acc[r][h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xr.s[b]), acc[r][h]);
+                        }
+                    }
+                }
+            }
+            for r in 0..rows {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r][0]);
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[r][1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i * 7919 + seed * 104_729) % 2011) as f32 / 1005.5 - 1.0)
+                    * (1.0 + (i % 7) as f32)
+            })
+            .collect()
+    }
+
+    /// Every kernel equals the plain-loop one up to the order of f32 sums, for every format,
+    /// on odd row counts and team sizes; and each equals the scalar reference dot of the
+    /// original (unrepacked) blocks.
+    #[test]
+    fn every_kernel_matches_the_reference_dots() {
+        let (n, k) = (37, 96);
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+            let bytes = quant::quantize(dtype, &values(n * k, 1)).unwrap();
+            let w = RepackedWeight::new(dtype, n, k, &bytes).unwrap();
+            // Repacking keeps every value.
+            let mut want = vec![0.0f32; n * k];
+            quant::dequantize(dtype, &bytes, &mut want);
+            let mut row = vec![0.0f32; k];
+            for j in 0..n {
+                w.dequantize_row(j, &mut row);
+                assert_eq!(row, want[j * k..(j + 1) * k], "{dtype} row {j}");
+            }
+            for m in [1, 3, 6] {
+                let x = values(m * k, 2);
+                let mut act = QuantizedRows::default();
+                act.quantize(&x, m, k);
+                // Reference: each format's scalar dot of the original blocks with the same
+                // quantized activations.
+                let row_bytes = (k / 32) * dtype.block_bytes();
+                let mut reference = vec![0.0f32; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        let blocks = &bytes[j * row_bytes..(j + 1) * row_bytes];
+                        reference[i * n + j] = match dtype {
+                            DType::Q4_0 => {
+                                BlockQ4_0::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
+                            }
+                            DType::Q4_1 => {
+                                BlockQ4_1::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
+                            }
+                            _ => BlockQ8_0::dot_q8(bytemuck::cast_slice(blocks), &act.row(i)),
+                        };
+                    }
+                }
+                for isa in Isa::available() {
+                    for threads in [1, 2, 3] {
+                        let team = Team::new(threads).unwrap();
+                        let mut y = vec![f32::NAN; m * n];
+                        matmuls(isa, &team, &IntScratch::new(), &x, &[&w], &mut [&mut y], m);
+                        for (e, (g, r)) in y.iter().zip(&reference).enumerate() {
+                            assert!(
+                                (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                                "{dtype} m {m} {:?} t{threads}: y[{e}] = {g}, want {r}",
+                                isa.level()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
