@@ -4,9 +4,11 @@
 //! random cases with proptest (shapes including 1, primes and sizes that are no multiple of
 //! any tile or lane width; values from 1e-3 up to large magnitudes; positions, scales, masks
 //! and `-inf` entries), runs the backend, and compares every output element with the f64
-//! oracle under the op's tolerance from [`tolerance`]. It also checks that shape mismatches
-//! come back as errors, not panics. A failure names the op, the backend, the (shrunk) case
-//! and the worst element.
+//! oracle under the op's tolerance from [`tolerance`]. Matmul runs on f32 weights and on
+//! every quantized format ([`DType::ALL`]), its bound chosen by the arithmetic the backend
+//! reports for the weight ([`Backend::arithmetic`]): f32 sums, or 8-bit activations. It
+//! also checks that shape mismatches come back as errors, not panics. A failure names the
+//! op, the backend, the (shrunk) case and the worst element.
 //!
 //! ```no_run
 //! # use chord::{ScalarBackend, conformance};
@@ -24,9 +26,10 @@ use proptest::sample::select;
 use proptest::test_runner::{Config as RunnerConfig, RngAlgorithm, TestError, TestRng, TestRunner};
 
 use crate::backend::{
-    AttentionParams, Backend, Op, RopeLayout, RopeParams, SoftmaxParams, WeightView,
+    Arithmetic, AttentionParams, Backend, DType, Op, RopeLayout, RopeParams, SoftmaxParams,
+    WeightView,
 };
-use chord_kernels::scalar;
+use chord_kernels::{quant, scalar};
 
 /// How hard to test.
 #[derive(Clone, Debug)]
@@ -90,9 +93,14 @@ pub fn check<B: Backend>(backend: &B, cfg: &Config) -> Result<(), Failure> {
 /// Runs the random cases of one op.
 pub fn check_op<B: Backend>(backend: &B, op: Op, cfg: &Config) -> Result<(), Failure> {
     match op {
-        Op::Matmul => run(backend, op, cfg, matmul_cases(cfg.max_matmul_work), |c| {
-            matmul_case(backend, c)
-        }),
+        Op::Matmul => {
+            run(backend, op, cfg, matmul_cases(cfg.max_matmul_work), |c| {
+                matmul_case(backend, c)
+            })?;
+            run(backend, op, cfg, qmatmul_cases(cfg.max_matmul_work), |c| {
+                qmatmul_case(backend, c)
+            })
+        }
         Op::RmsNorm => run(backend, op, cfg, rmsnorm_cases(), |c| {
             rmsnorm_case(backend, c)
         }),
@@ -132,6 +140,31 @@ pub mod tolerance {
     /// the blocked kernels' final add of a partial sum into the output.
     pub fn matmul(k: usize, abs_dot: f64) -> f64 {
         gamma(k + 2) * abs_dot
+    }
+
+    /// Matmul output on a quantized weight computed in f32 ([`Arithmetic::F32`]), with
+    /// `abs_parts = Σ_p |x_p| (|scaled_p| + |offset_p|)` over the two parts of each weight
+    /// value ([`chord_kernels::quant::dequantize_parts`]): a kernel may sum a block's parts
+    /// separately (`d Σ q x + m Σ x`), and the oracle's weight is the rounded sum of the
+    /// parts. Summing `k` products, one rounding of each part's product and of the
+    /// dequantized value, and the two of [`matmul`]: `gamma(k + 4)`.
+    ///
+    /// [`Arithmetic::F32`]: crate::backend::Arithmetic::F32
+    pub fn qmatmul_f32(k: usize, abs_parts: f64) -> f64 {
+        gamma(k + 4) * abs_parts
+    }
+
+    /// Matmul output with 8-bit activations ([`Arithmetic::Int8`], as ggml's `Q8_0`/`Q8_1`):
+    /// each activation is replaced by `d q` with `d = amax / 127` of its block of 32 and
+    /// `q = round(x / d)`, off by at most `delta_p = amax / 254`, plus the rounding of
+    /// `x / d` (`4 U |x_p|`, with margin). The integer sums are exact; the f32 sums of the
+    /// scaled block sums add [`qmatmul_f32`]'s bound on the rounded activations.
+    /// `abs_parts_delta = Σ_p (|scaled_p| + |offset_p|) delta_p` and `abs_parts_x =
+    /// Σ_p (|x_p| + delta_p)(|scaled_p| + |offset_p|)`.
+    ///
+    /// [`Arithmetic::Int8`]: crate::backend::Arithmetic::Int8
+    pub fn qmatmul_int8(k: usize, abs_parts_delta: f64, abs_parts_x: f64) -> f64 {
+        abs_parts_delta + qmatmul_f32(k, abs_parts_x)
     }
 
     /// RMSNorm output `y` of a row of `dim`: the sum of squares is within `gamma(dim)`
@@ -359,6 +392,118 @@ fn matmul_case<B: Backend>(backend: &B, c: MatmulCase) -> Result<(), TestCaseErr
         &y,
         &want,
         |i| tolerance::matmul(k, abs_dot[i]),
+        |i| format!("[{}, {}]", i / n, i % n),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Matmul on quantized weights.
+
+#[derive(Clone, Debug)]
+struct QMatmulCase {
+    dtype: DType,
+    m: usize,
+    n: usize,
+    k: usize,
+    mag_x: f32,
+    seed: u64,
+}
+
+fn qmatmul_cases(max_work: usize) -> impl Strategy<Value = QMatmulCase> {
+    let m = prop_oneof![
+        2 => Just(1usize),
+        3 => select(vec![2usize, 3, 4, 5, 7, 13, 17, 63, 120]),
+        1 => 1usize..=130,
+    ];
+    let mag = select(vec![1e-3f32, 1.0, 1e3]);
+    let dtype = select(
+        DType::ALL
+            .into_iter()
+            .filter(|&d| d != DType::F32)
+            .collect::<Vec<_>>(),
+    );
+    (dtype, m, dim(), 1usize..=24, mag, any::<u64>()).prop_map(
+        move |(dtype, m, n, blocks, mag_x, seed)| {
+            // Rows of whole blocks: 32 values (256 for the K-quants; any count for the
+            // float formats, drawn as 32 × blocks plus an odd tail).
+            let k = match dtype.block_len() {
+                1 => 32 * blocks + (seed % 3) as usize,
+                32 => 32 * blocks,
+                len => len * blocks.div_ceil(6),
+            };
+            let m = m.min((max_work / (n * k)).max(1));
+            QMatmulCase {
+                dtype,
+                m,
+                n,
+                k,
+                mag_x,
+                seed,
+            }
+        },
+    )
+}
+
+fn qmatmul_case<B: Backend>(backend: &B, c: QMatmulCase) -> Result<(), TestCaseError> {
+    let QMatmulCase { dtype, m, n, k, .. } = c;
+    let x = Values(c.seed).vec(m * k, c.mag_x);
+    let bytes = quant::sample_blocks(dtype, n * k, c.seed).expect("whole blocks");
+    let prepared = backend
+        .prepare(WeightView::new(dtype, n, k, &bytes).map_err(op_error)?)
+        .map_err(op_error)?;
+    let mut y = vec![f32::NAN; m * n];
+    backend.matmul(&x, &prepared, &mut y, m).map_err(op_error)?;
+
+    // The oracle: the dequantized weight in f64.
+    let mut w = vec![0.0f32; n * k];
+    quant::dequantize(dtype, &bytes, &mut w);
+    let (mut scaled, mut offset) = (vec![0.0f32; n * k], vec![0.0f32; n * k]);
+    quant::dequantize_parts(dtype, &bytes, &mut scaled, &mut offset);
+    let parts: Vec<f64> = scaled
+        .iter()
+        .zip(&offset)
+        .map(|(s, o)| s.abs() as f64 + o.abs() as f64)
+        .collect();
+    let xd = widen(&x);
+    let mut want = vec![0.0f64; m * n];
+    scalar::matmul(&xd, &widen(&w), &mut want, m, n, k);
+    let abs_x: Vec<f64> = xd.iter().map(|v| v.abs()).collect();
+    let int8 = backend.arithmetic(&prepared) == Arithmetic::Int8;
+    let mut tol = vec![0.0f64; m * n];
+    if int8 {
+        // Each activation's worst 8-bit rounding: half a step of its block of 32.
+        let delta: Vec<f64> = xd
+            .chunks(k)
+            .flat_map(|row| {
+                row.iter().enumerate().map(move |(p, v)| {
+                    let b = &row[p / 32 * 32..((p / 32 + 1) * 32).min(k)];
+                    let amax = b.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+                    amax / 254.0 + 4.0 * tolerance::U * v.abs()
+                })
+            })
+            .collect();
+        let x_plus: Vec<f64> = abs_x.iter().zip(&delta).map(|(a, d)| a + d).collect();
+        let (mut by_delta, mut by_x) = (vec![0.0f64; m * n], vec![0.0f64; m * n]);
+        scalar::matmul(&delta, &parts, &mut by_delta, m, n, k);
+        scalar::matmul(&x_plus, &parts, &mut by_x, m, n, k);
+        for (i, t) in tol.iter_mut().enumerate() {
+            *t = tolerance::qmatmul_int8(k, by_delta[i], by_x[i]);
+        }
+    } else {
+        let mut abs_parts = vec![0.0f64; m * n];
+        scalar::matmul(&abs_x, &parts, &mut abs_parts, m, n, k);
+        for (t, a) in tol.iter_mut().zip(&abs_parts) {
+            *t = tolerance::qmatmul_f32(k, *a);
+        }
+    }
+    compare(
+        &format!(
+            "y ({dtype}, {})",
+            if int8 { "8-bit activations" } else { "f32" }
+        ),
+        &y,
+        &want,
+        |i| tol[i],
         |i| format!("[{}, {}]", i / n, i % n),
     )
 }

@@ -314,6 +314,13 @@ struct KernelArgs {
     /// Thread counts (comma-separated). Scalar and matrixmultiply run on 1 only.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
+    /// Weight formats of the model-shape matmul rows (comma-separated ggml names: f32, f16,
+    /// bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k). Square shapes run F32 only.
+    #[arg(long, value_delimiter = ',', default_value = "f32,q8_0,q4_0,q4_1")]
+    dtypes: Vec<chord::backend::DType>,
+    /// Modes of the SIMD backend's quantized matmul rows (comma-separated): exact, fast.
+    #[arg(long, value_delimiter = ',', default_value = "exact,fast")]
+    modes: Vec<chord::backend::Mode>,
     /// Milliseconds spent timing each row, after one warm-up call.
     #[arg(long, default_value_t = 300)]
     budget_ms: u64,
@@ -387,32 +394,45 @@ fn bench_kernels(args: KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
         shapes: args.shapes,
         threads: args.threads,
+        dtypes: args.dtypes,
+        modes: args.modes,
         budget: Duration::from_millis(args.budget_ms),
     };
     eprintln!("measuring roofs on {:?} threads...", cfg.threads);
     let roofs = bench::measure_roofs(&cfg.threads);
     if !args.json {
-        out!("roofs, measured in this run (f32 FMA peak; streaming read of 1 GiB):")?;
+        out!(
+            "roofs, measured in this run (f32 FMA peak; streaming read of 1 GiB; 8-bit dot products):"
+        )?;
         for r in &roofs {
             out!(
-                "  {} thread(s): {:.1} GFLOP/s ({}), {:.1} GB/s",
+                "  {} thread(s): {:.1} GFLOP/s ({}), {:.1} GB/s, {:.1} GOP/s ({})",
                 r.threads,
                 r.fma_gflops,
                 r.fma_level,
-                r.read_gbs
+                r.read_gbs,
+                r.int8_gops,
+                r.int8_kernel
             )?;
         }
         out!("{}", kernels::header())?;
     }
     let json = args.json;
-    let rows = kernels::run(&cfg, &roofs, |row| {
+    let (rows, notes) = kernels::run(&cfg, &roofs, |row| {
         if !json {
             // A closed pipe shows at the next write after the table.
             let _ = out!("{}", kernels::format_row(row));
         }
     })?;
     if json {
-        out!("{}", serde_json::json!({ "roofs": roofs, "rows": rows }))?;
+        out!(
+            "{}",
+            serde_json::json!({ "roofs": roofs, "rows": rows, "notes": notes })
+        )?;
+    } else {
+        for n in &notes {
+            out!("note: {n}")?;
+        }
     }
     Ok(())
 }

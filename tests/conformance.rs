@@ -1,7 +1,7 @@
 //! The conformance suite run against every built-in backend and every kernel variant this
 //! CPU supports, at several thread counts.
 
-use chord::backend::{Backend, DType, Variant, WeightView};
+use chord::backend::{Backend, DType, Mode, Variant, WeightView};
 use chord::conformance::assert_conforms;
 use chord::kernels::simd::Level;
 use chord::{BlockedBackend, ScalarBackend, SimdBackend};
@@ -30,8 +30,18 @@ fn simd_backend_conforms_at_every_level_this_cpu_runs() {
     );
     for level in levels {
         for threads in [1, 2, 3] {
-            eprintln!("conformance: simd-{} on {threads} threads", level.name());
-            assert_conforms(&SimdBackend::with_level(level, threads).unwrap());
+            for mode in [Mode::Exact, Mode::Fast] {
+                eprintln!(
+                    "conformance: simd-{} on {threads} threads, {} mode",
+                    level.name(),
+                    mode.name()
+                );
+                assert_conforms(
+                    &SimdBackend::with_level(level, threads)
+                        .unwrap()
+                        .with_mode(mode),
+                );
+            }
         }
     }
 }
@@ -106,7 +116,6 @@ fn matmul_is_bitwise_identical_for_any_thread_count() {
 /// modes, decoding and prefilling.
 #[test]
 fn matmuls_on_block_weights_equal_one_matmul_each_on_any_thread_count() {
-    use chord::backend::Mode;
     let k = 576;
     let values = |n: usize, seed: usize| -> Vec<f32> {
         (0..n * k)

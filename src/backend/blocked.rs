@@ -48,6 +48,11 @@ impl Backend for BlockedBackend {
         (w.rows, w.cols)
     }
 
+    /// F32 data borrowed where the view's bytes were aligned; dequantized copies otherwise.
+    fn borrows_view(&self, w: &F32Weight<'_>) -> bool {
+        matches!(w.data, std::borrow::Cow::Borrowed(_))
+    }
+
     fn matmul(&self, x: &[f32], w: &F32Weight<'_>, y: &mut [f32], m: usize) -> Result<(), Error> {
         check::matmul(x.len(), (w.rows, w.cols), y.len(), m)?;
         blocked::matmul(&self.pool, x, &w.data, y, m, w.rows, w.cols);

@@ -116,6 +116,15 @@ pub enum Support {
     No,
 }
 
+/// The arithmetic a prepared weight's matmul runs in: what its speed is set against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arithmetic {
+    /// f32 multiply-adds (the FMA roof).
+    F32,
+    /// 8-bit integer dot products on quantized activations (the 8-bit roof).
+    Int8,
+}
+
 /// A compute backend: the ops a llama-family block needs, on host f32 activations.
 ///
 /// Conventions shared by every method:
@@ -150,6 +159,20 @@ pub trait Backend: Send + Sync {
 
     /// `(rows, cols)` of a prepared weight: `(n, k)` of a matmul, `(vocab, dim)` of a table.
     fn weight_dims(&self, w: &Self::Weight<'_>) -> (usize, usize);
+
+    /// Whether a prepared weight still reads the bytes of the view it was prepared from.
+    /// When it does not (it was repacked or dequantized into memory of its own), the caller
+    /// may release those bytes: a model drops the file's pages behind them, so the process
+    /// holds each weight once. The default, `true`, never lets a caller release them.
+    fn borrows_view(&self, _w: &Self::Weight<'_>) -> bool {
+        true
+    }
+
+    /// The arithmetic [`matmul`](Backend::matmul) runs on this weight in (for profiles and
+    /// benchmarks). The default is f32.
+    fn arithmetic(&self, _w: &Self::Weight<'_>) -> Arithmetic {
+        Arithmetic::F32
+    }
 
     /// `y (m, n) = x (m, k) · Wᵀ`, `W (n, k)`.
     fn matmul(&self, x: &[f32], w: &Self::Weight<'_>, y: &mut [f32], m: usize)

@@ -2,13 +2,13 @@
 
 use chord_kernels::simd::{
     self, AttentionScratch, AttentionShape, BlockScratch, BlockWeight, GemmScratch, IntScratch,
-    Isa, Level, PackedWeight, RepackedWeight,
+    Isa, Layout, Level, PackedWeight, RepackedWeight,
 };
 use chord_kernels::team::Team;
 
 use super::{
-    AttentionParams, Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support, WeightView,
-    check,
+    Arithmetic, AttentionParams, Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support,
+    WeightView, check,
 };
 
 /// How the SIMD backend computes on quantized weights.
@@ -50,10 +50,11 @@ impl std::str::FromStr for Mode {
 
 /// A weight prepared by [`SimdBackend`].
 pub enum SimdWeight<'w> {
-    /// Rows of blocks as the file stores them, borrowed: every format in exact mode, the
-    /// formats fast mode does not repack.
+    /// Rows of blocks as the file stores them, borrowed: the formats that are not repacked.
     Blocks(BlockWeight<'w>),
-    /// Fast mode's `Q4_0`, `Q4_1` and `Q8_0`: the same bytes regrouped sixteen rows at a time.
+    /// `Q4_0`, `Q4_1` and `Q8_0`: the same bytes regrouped sixteen rows at a time, in the
+    /// layout of the mode's kernels (`Values` for exact f32 math, `Dots` for fast mode's
+    /// integer dot products).
     Repacked(RepackedWeight),
     /// f32 in the GEMM microkernel's panel layout: rows whose length is no multiple of 32
     /// (the block kernels' unit), dequantized and packed once.
@@ -129,9 +130,14 @@ impl SimdBackend {
         self.mode
     }
 
-    /// Whether `dtype` weights take fast mode's integer dot products.
-    fn integer_dots(&self, dtype: DType) -> bool {
-        self.mode == Mode::Fast && simd::repackable(dtype)
+    /// The repacked layout a weight takes: fast mode's integer dot products for every
+    /// weight but the classifier; exact mode's otherwise.
+    fn layout(&self, name: &str) -> Layout {
+        if self.mode == Mode::Fast && !is_classifier(name) {
+            Layout::Dots
+        } else {
+            Layout::Values
+        }
     }
 }
 
@@ -149,6 +155,29 @@ impl Out {
     unsafe fn rows<'a>(self, r: std::ops::Range<usize>, width: usize) -> &'a mut [f32] {
         // SAFETY: per the contract.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(r.start * width), r.len() * width) }
+    }
+}
+
+impl SimdBackend {
+    /// Repacked weights of one layout that read the same `x`, as one job.
+    fn matmuls_repacked(&self, x: &[f32], ws: &[&RepackedWeight], ys: &mut [&mut [f32]], m: usize) {
+        match ws.first().map(|w| w.layout()) {
+            Some(Layout::Dots) => {
+                simd::matmuls_int(self.isa, &self.team, &self.int_scratch, x, ws, ys, m)
+            }
+            Some(Layout::Values) => {
+                simd::matmuls_grouped(self.isa, &self.team, &self.block_scratch, x, ws, ys, m)
+            }
+            None => {}
+        }
+    }
+}
+
+/// The layout of the first weight, if it is repacked.
+fn first_layout(ws: &[&SimdWeight<'_>]) -> Option<Layout> {
+    match ws.first() {
+        Some(SimdWeight::Repacked(r)) => Some(r.layout()),
+        _ => None,
     }
 }
 
@@ -189,9 +218,8 @@ impl Backend for SimdBackend {
 
     fn prepare<'w>(&self, w: WeightView<'w>) -> Result<SimdWeight<'w>, Error> {
         let (rows, cols) = w.dims();
-        if self.integer_dots(w.dtype())
-            && !is_classifier(w.name())
-            && let Some(r) = RepackedWeight::new(w.dtype(), rows, cols, w.bytes())
+        if let Some(r) =
+            RepackedWeight::new(w.dtype(), self.layout(w.name()), rows, cols, w.bytes())
         {
             return Ok(SimdWeight::Repacked(r));
         }
@@ -204,6 +232,18 @@ impl Backend for SimdBackend {
             rows,
             cols,
         )))
+    }
+
+    /// Rows of blocks read the view; repacked and packed weights are copies.
+    fn borrows_view(&self, w: &SimdWeight<'_>) -> bool {
+        matches!(w, SimdWeight::Blocks(_))
+    }
+
+    fn arithmetic(&self, w: &SimdWeight<'_>) -> Arithmetic {
+        match w {
+            SimdWeight::Repacked(r) if r.layout() == Layout::Dots => Arithmetic::Int8,
+            _ => Arithmetic::F32,
+        }
     }
 
     fn weight_dims(&self, w: &SimdWeight<'_>) -> (usize, usize) {
@@ -230,15 +270,7 @@ impl Backend for SimdBackend {
                 }
                 simd::matmul(&self.team, &self.scratch, x, p, y, m);
             }
-            SimdWeight::Repacked(r) => simd::matmuls_int(
-                self.isa,
-                &self.team,
-                &self.int_scratch,
-                x,
-                &[r],
-                &mut [y],
-                m,
-            ),
+            SimdWeight::Repacked(r) => self.matmuls_repacked(x, &[r], &mut [y], m),
             SimdWeight::Blocks(b) => {
                 simd::matmul_blocks(self.isa, &self.team, &self.block_scratch, x, b, y, m)
             }
@@ -272,11 +304,10 @@ impl Backend for SimdBackend {
                 return Ok(());
             }
             if let Some(reps) = all_of(ws, |w| match w {
-                SimdWeight::Repacked(r) => Some(r),
+                SimdWeight::Repacked(r) if Some(r.layout()) == first_layout(ws) => Some(r),
                 _ => None,
             }) {
-                let reps = &reps[..ws.len()];
-                simd::matmuls_int(self.isa, &self.team, &self.int_scratch, x, reps, ys, m);
+                self.matmuls_repacked(x, &reps[..ws.len()], ys, m);
                 return Ok(());
             }
         }

@@ -14,10 +14,13 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use chord_kernels::quant;
+use chord_kernels::simd::repackable;
+
 use super::{Roof, Timing, time};
 use crate::backend::{
-    Backend, BlockedBackend, Op, RopeLayout, RopeParams, ScalarBackend, SimdBackend, SoftmaxParams,
-    Variant, WeightView,
+    Backend, BlockedBackend, DType, Mode, Op, RopeLayout, RopeParams, ScalarBackend, SimdBackend,
+    SoftmaxParams, Support, Variant, WeightView,
 };
 
 /// Weight bytes a cold decode row cycles through: as much as the read roof streams. The
@@ -121,6 +124,10 @@ pub struct Config {
     pub contenders: Vec<Contender>,
     pub shapes: Vec<ShapeSet>,
     pub threads: Vec<usize>,
+    /// Weight formats of the model-shape matmul rows (the square ones are F32 only).
+    pub dtypes: Vec<DType>,
+    /// Modes of the SIMD backend's quantized matmul rows.
+    pub modes: Vec<Mode>,
     /// Time spent timing one row (after a warm-up call).
     pub budget: Duration,
 }
@@ -134,6 +141,10 @@ pub enum Unit {
     /// Bytes per second, against the streaming read bandwidth.
     #[serde(rename = "GB/s")]
     Gbs,
+    /// Integer operations per second (2 per 8-bit multiply-add), against the 8-bit dot
+    /// product peak.
+    #[serde(rename = "GOP/s")]
+    Gops,
 }
 
 /// One measured row of the table.
@@ -142,6 +153,10 @@ pub struct Row {
     pub op: Op,
     pub backend: String,
     pub shape: String,
+    /// The weight format of a matmul row (`F32` for the other ops).
+    pub dtype: String,
+    /// The SIMD backend's mode on quantized weights, where it matters.
+    pub mode: Option<&'static str>,
     pub threads: usize,
     #[serde(flatten)]
     pub timing: Timing,
@@ -173,6 +188,7 @@ enum Kind {
         m: usize,
         n: usize,
         k: usize,
+        dtype: DType,
     },
     RmsNorm {
         rows: usize,
@@ -195,15 +211,20 @@ enum Kind {
     },
 }
 
-fn cases(ops: &[Op], sets: &[ShapeSet]) -> Vec<Case> {
+fn cases(ops: &[Op], sets: &[ShapeSet], dtypes: &[DType], notes: &mut Vec<String>) -> Vec<Case> {
     let mut out = Vec::new();
     let has = |op| ops.contains(&op);
     for &set in sets {
         let name = set.name();
         if has(Op::Matmul) {
-            let mut mm = |label: &str, m: usize, n: usize, k: usize| {
+            let mut mm = |label: &str, m: usize, n: usize, k: usize, dtype: DType| {
+                // Decode rows: the weight's bytes read; prefill rows: 2mnk operations (the
+                // unit of a fast-mode row is set when it runs).
                 let (work, unit) = if m == 1 {
-                    ((n * k * 4) as f64, Unit::Gbs)
+                    (
+                        dtype.bytes_for(n * k).expect("whole blocks") as f64,
+                        Unit::Gbs,
+                    )
                 } else {
                     ((2 * m * n * k) as f64, Unit::Gflops)
                 };
@@ -218,20 +239,32 @@ fn cases(ops: &[Op], sets: &[ShapeSet]) -> Vec<Case> {
                     shape,
                     work,
                     unit,
-                    kind: Kind::Matmul { m, n, k },
+                    kind: Kind::Matmul { m, n, k, dtype },
                 });
             };
             match set.model() {
                 Some((dim, ffn, _, _, vocab)) => {
-                    for m in [1, 512] {
-                        mm("ffn_up", m, ffn, dim);
-                        mm("ffn_down", m, dim, ffn);
+                    for &dtype in dtypes {
+                        // A weight's rows hold whole blocks (256 values for the K-quants).
+                        if !dim.is_multiple_of(dtype.block_len())
+                            || !ffn.is_multiple_of(dtype.block_len())
+                        {
+                            notes.push(format!(
+                                "{dtype}: {name}'s rows ({dim}, {ffn}) are not whole {}-value blocks: no rows",
+                                dtype.block_len()
+                            ));
+                            continue;
+                        }
+                        for m in [1, 512] {
+                            mm("ffn_up", m, ffn, dim, dtype);
+                            mm("ffn_down", m, dim, ffn, dtype);
+                        }
+                        mm("output", 1, vocab, dim, dtype);
                     }
-                    mm("output", 1, vocab, dim);
                 }
                 None => {
                     for s in [1024, 2048] {
-                        mm("", s, s, s);
+                        mm("", s, s, s, DType::F32);
                     }
                 }
             }
@@ -314,20 +347,29 @@ fn values(n: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Copies of a weight `(n, k)` needed to keep a decode row cold.
-fn cold_copies(n: usize, k: usize) -> usize {
-    COLD_BYTES.div_ceil(n * k * 4).max(1)
+/// Copies of a weight of `bytes` needed to keep a decode row cold.
+fn cold_copies(bytes: usize) -> usize {
+    COLD_BYTES.div_ceil(bytes).max(1)
 }
 
 fn time_case<B: Backend>(b: &B, case: &Case, budget: Duration) -> Result<Timing, crate::Error> {
     const MIN: usize = 5;
     Ok(match case.kind {
-        Kind::Matmul { m, n, k } => {
-            let copies = if m == 1 { cold_copies(n, k) } else { 1 };
-            let raw: Vec<Vec<f32>> = (0..copies).map(|c| values(n * k, c)).collect();
+        Kind::Matmul { m, n, k, dtype } => {
+            let bytes = dtype.bytes_for(n * k).expect("whole blocks");
+            let copies = if m == 1 { cold_copies(bytes) } else { 1 };
+            let raw: Vec<Vec<u8>> = if dtype == DType::F32 {
+                (0..copies)
+                    .map(|c| bytemuck::cast_slice(&values(n * k, c)).to_vec())
+                    .collect()
+            } else {
+                // Formats chord has no quantizer for too; copies of one sample are as cold.
+                let one = quant::sample_blocks(dtype, n * k, 1).expect("whole blocks");
+                vec![one; copies]
+            };
             let ws = raw
                 .iter()
-                .map(|w| b.prepare(WeightView::f32(w, n, k)?))
+                .map(|w| b.prepare(WeightView::new(dtype, n, k, w)?))
                 .collect::<Result<Vec<_>, _>>()?;
             let x = values(m * k, 99);
             let mut y = vec![0.0; m * n];
@@ -414,7 +456,7 @@ pub fn matrixmultiply_matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: u
 /// Times [`matrixmultiply_matmul`] on a matmul case, cold copies for decode as for chord's
 /// own rows.
 fn time_matrixmultiply(m: usize, n: usize, k: usize, budget: Duration) -> Timing {
-    let copies = if m == 1 { cold_copies(n, k) } else { 1 };
+    let copies = if m == 1 { cold_copies(n * k * 4) } else { 1 };
     let ws: Vec<Vec<f32>> = (0..copies).map(|c| values(n * k, c)).collect();
     let x = values(m * k, 99);
     let mut y = vec![0.0f32; m * n];
@@ -426,14 +468,21 @@ fn time_matrixmultiply(m: usize, n: usize, k: usize, budget: Duration) -> Timing
 }
 
 /// Runs the table. `roofs` must hold a roof for every thread count in `cfg.threads`;
-/// `on_row` sees each row as it is measured (for progress output).
+/// `on_row` sees each row as it is measured (for progress output). Returns the rows and
+/// notes on the rows not run (a backend that dequantizes a format at load runs it as F32).
 pub fn run(
     cfg: &Config,
     roofs: &[Roof],
     mut on_row: impl FnMut(&Row),
-) -> Result<Vec<Row>, crate::Error> {
-    let cases = cases(&cfg.ops, &cfg.shapes);
+) -> Result<(Vec<Row>, Vec<String>), crate::Error> {
+    let mut notes: Vec<String> = Vec::new();
+    let cases = cases(&cfg.ops, &cfg.shapes, &cfg.dtypes, &mut notes);
     let mut rows = Vec::new();
+    let mut note = |s: String| {
+        if !notes.contains(&s) {
+            notes.push(s);
+        }
+    };
     for &threads in &cfg.threads {
         let roof = roofs
             .iter()
@@ -449,42 +498,97 @@ pub fn run(
                 continue;
             }
             for case in &cases {
-                let timing = match contender {
+                let dtype = match case.kind {
+                    Kind::Matmul { dtype, .. } => dtype,
+                    _ => DType::F32,
+                };
+                let support = match contender {
                     Contender::Chord(Variant::Scalar) => {
-                        time_case(&ScalarBackend::new(), case, cfg.budget)?
+                        ScalarBackend::new().supports(case.op, dtype)
                     }
                     Contender::Chord(Variant::Blocked) => {
-                        time_case(&BlockedBackend::new(threads)?, case, cfg.budget)?
+                        BlockedBackend::new(1)?.supports(case.op, dtype)
                     }
                     Contender::Chord(Variant::Simd(level)) => {
-                        time_case(&SimdBackend::with_level(level, threads)?, case, cfg.budget)?
+                        SimdBackend::with_level(level, 1)?.supports(case.op, dtype)
                     }
-                    Contender::MatrixMultiply => match case.kind {
-                        Kind::Matmul { m, n, k } => time_matrixmultiply(m, n, k, cfg.budget),
-                        _ => continue,
-                    },
+                    Contender::MatrixMultiply if dtype == DType::F32 => Support::Native,
+                    Contender::MatrixMultiply => continue,
                 };
-                let rate = case.work / timing.median_s / 1e9;
-                let roof_rate = match case.unit {
-                    Unit::Gflops => roof.fma_gflops,
-                    Unit::Gbs => roof.read_gbs,
+                if support != Support::Native {
+                    note(format!(
+                        "{contender}: supports(matmul, {dtype}) = {support:?}: not timed (a weight dequantized when prepared runs as the F32 rows do)"
+                    ));
+                    continue;
+                }
+                // The modes that change this row: quantized matmuls on the SIMD backend.
+                let modes: Vec<Option<Mode>> = match contender {
+                    Contender::Chord(Variant::Simd(_)) if dtype != DType::F32 => cfg
+                        .modes
+                        .iter()
+                        .filter(|&&mode| {
+                            let differs = mode == Mode::Exact || repackable(dtype);
+                            if !differs {
+                                note(format!(
+                                    "fast mode computes {dtype} as exact mode does: no fast row"
+                                ));
+                            }
+                            differs
+                        })
+                        .map(|&mode| Some(mode))
+                        .collect(),
+                    _ => vec![None],
                 };
-                let row = Row {
-                    op: case.op,
-                    backend: contender.to_string(),
-                    shape: case.shape.clone(),
-                    threads,
-                    timing,
-                    rate,
-                    unit: case.unit,
-                    roof_pct: 100.0 * rate / roof_rate,
-                };
-                on_row(&row);
-                rows.push(row);
+                for mode in modes {
+                    let timing = match contender {
+                        Contender::Chord(Variant::Scalar) => {
+                            time_case(&ScalarBackend::new(), case, cfg.budget)?
+                        }
+                        Contender::Chord(Variant::Blocked) => {
+                            time_case(&BlockedBackend::new(threads)?, case, cfg.budget)?
+                        }
+                        Contender::Chord(Variant::Simd(level)) => {
+                            let b = SimdBackend::with_level(level, threads)?
+                                .with_mode(mode.unwrap_or(Mode::Exact));
+                            time_case(&b, case, cfg.budget)?
+                        }
+                        Contender::MatrixMultiply => match case.kind {
+                            Kind::Matmul { m, n, k, .. } => {
+                                time_matrixmultiply(m, n, k, cfg.budget)
+                            }
+                            _ => continue,
+                        },
+                    };
+                    // Fast mode's prefill is integer arithmetic, set against the 8-bit roof.
+                    let unit = match (case.unit, mode) {
+                        (Unit::Gflops, Some(Mode::Fast)) => Unit::Gops,
+                        (u, _) => u,
+                    };
+                    let rate = case.work / timing.median_s / 1e9;
+                    let roof_rate = match unit {
+                        Unit::Gflops => roof.fma_gflops,
+                        Unit::Gbs => roof.read_gbs,
+                        Unit::Gops => roof.int8_gops,
+                    };
+                    let row = Row {
+                        op: case.op,
+                        backend: contender.to_string(),
+                        shape: case.shape.clone(),
+                        dtype: dtype.name().to_string(),
+                        mode: mode.map(Mode::name),
+                        threads,
+                        timing,
+                        rate,
+                        unit,
+                        roof_pct: 100.0 * rate / roof_rate,
+                    };
+                    on_row(&row);
+                    rows.push(row);
+                }
             }
         }
     }
-    Ok(rows)
+    Ok((rows, notes))
 }
 
 /// Formats a duration in seconds with a readable unit.
@@ -499,8 +603,8 @@ pub fn fmt_seconds(s: f64) -> String {
 /// The header line of the table.
 pub fn header() -> String {
     format!(
-        "{:<9} {:<15} {:<42} {:>3} {:>10} {:>7} {:>16} {:>7}",
-        "op", "backend", "shape", "thr", "median", "samples", "rate", "% roof"
+        "{:<9} {:<15} {:<5} {:<5} {:<34} {:>3} {:>10} {:>7} {:>16} {:>7}",
+        "op", "backend", "dtype", "mode", "shape", "thr", "median", "samples", "rate", "% roof"
     )
 }
 
@@ -509,11 +613,14 @@ pub fn format_row(r: &Row) -> String {
     let unit = match r.unit {
         Unit::Gflops => "GFLOP/s",
         Unit::Gbs => "GB/s",
+        Unit::Gops => "GOP/s",
     };
     format!(
-        "{:<9} {:<15} {:<42} {:>3} {:>10} {:>7} {:>16} {:>6.1}%",
+        "{:<9} {:<15} {:<5} {:<5} {:<34} {:>3} {:>10} {:>7} {:>16} {:>6.1}%",
         r.op.name(),
         r.backend,
+        r.dtype,
+        r.mode.unwrap_or("-"),
         r.shape,
         r.threads,
         fmt_seconds(r.timing.median_s),

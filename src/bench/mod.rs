@@ -10,7 +10,7 @@ pub mod profile;
 
 use std::time::{Duration, Instant};
 
-use chord_kernels::simd::{Isa, probe};
+use chord_kernels::simd::{self, Isa, probe};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -25,6 +25,10 @@ pub struct Roof {
     pub fma_level: &'static str,
     /// Streaming read bandwidth (a sum over a buffer far larger than the caches), GB/s.
     pub read_gbs: f64,
+    /// Peak 8-bit dot product throughput of fast mode's kernel, GOP/s (2 per multiply-add).
+    pub int8_gops: f64,
+    /// The integer kernel of the 8-bit probe (`avx512-vnni`, `avx2-maddubs`, `portable`).
+    pub int8_kernel: &'static str,
 }
 
 /// Measures the roofs at each thread count: the best of five FMA probe runs and the best of
@@ -55,6 +59,19 @@ pub fn measure_roofs(thread_counts: &[usize]) -> Vec<Roof> {
                     flops / t.elapsed().as_secs_f64() / 1e9
                 })
                 .fold(0.0, f64::max);
+            let int8_iters = 20_000_000;
+            let int8_ops = (simd::int8_probe_ops_per_iter(isa) * int8_iters * threads) as f64;
+            let int8_gops = (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    pool.install(|| {
+                        (0..threads).into_par_iter().for_each(|_| {
+                            std::hint::black_box(simd::int8_probe(isa, int8_iters));
+                        })
+                    });
+                    int8_ops / t.elapsed().as_secs_f64() / 1e9
+                })
+                .fold(0.0, f64::max);
             let chunk = buf.len().div_ceil(threads);
             let read_gbs = (0..10)
                 .map(|_| {
@@ -77,6 +94,8 @@ pub fn measure_roofs(thread_counts: &[usize]) -> Vec<Roof> {
                 fma_gflops,
                 fma_level: isa.level().name(),
                 read_gbs,
+                int8_gops,
+                int8_kernel: simd::int_kernel_name(isa),
             }
         })
         .collect()

@@ -18,7 +18,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::{
-    AttentionParams, Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support, WeightView,
+    Arithmetic, AttentionParams, Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support,
+    WeightView,
 };
 
 /// A weight of the wrapped backend, with what a profile reports about it.
@@ -29,6 +30,8 @@ pub struct Labeled<W> {
     layer: Option<usize>,
     /// Bytes as the file stores them.
     bytes: usize,
+    /// The arithmetic its matmul runs in.
+    arithmetic: Arithmetic,
 }
 
 /// Totals of one profile row.
@@ -36,8 +39,11 @@ pub struct Labeled<W> {
 pub struct Totals {
     pub calls: u64,
     pub seconds: f64,
+    /// Floating-point or, for 8-bit matmuls, integer operations.
     pub flops: f64,
     pub bytes: f64,
+    /// The operations were 8-bit integer ones.
+    pub int8: bool,
 }
 
 impl Totals {
@@ -97,7 +103,7 @@ impl<B: Backend> Profiled<B> {
     fn timed<T>(
         &self,
         op: Op,
-        weight: Option<(&str, Option<usize>)>,
+        weight: Option<(&str, Option<usize>, Arithmetic)>,
         flops: f64,
         bytes: f64,
         f: impl FnOnce() -> T,
@@ -106,14 +112,16 @@ impl<B: Backend> Profiled<B> {
         let out = f();
         let s = t.elapsed().as_secs_f64();
         let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
-        let label = match weight {
-            Some((label, layer)) => {
+        let (label, int8) = match weight {
+            Some((label, layer, arithmetic)) => {
                 r.layer = layer;
-                label.to_string()
+                (label.to_string(), arithmetic == Arithmetic::Int8)
             }
-            None => String::new(),
+            None => (String::new(), false),
         };
-        r.rows.entry((op, label)).or_default().add(s, flops, bytes);
+        let row = r.rows.entry((op, label)).or_default();
+        row.add(s, flops, bytes);
+        row.int8 = int8;
         let layer = r.layer;
         *r.layers.entry(layer).or_default() += s;
         out
@@ -156,9 +164,12 @@ impl<B: Backend> Backend for Profiled<B> {
         let (label, layer) = parse_name(w.name());
         let (rows, cols) = w.dims();
         let label = format!("{label} {rows}×{cols} {}", w.dtype());
+        let bytes = w.bytes().len();
+        let inner = self.inner.prepare(w)?;
         Ok(Labeled {
-            bytes: w.bytes().len(),
-            inner: self.inner.prepare(w)?,
+            bytes,
+            arithmetic: self.inner.arithmetic(&inner),
+            inner,
             label,
             layer,
         })
@@ -166,6 +177,14 @@ impl<B: Backend> Backend for Profiled<B> {
 
     fn weight_dims(&self, w: &Self::Weight<'_>) -> (usize, usize) {
         self.inner.weight_dims(&w.inner)
+    }
+
+    fn borrows_view(&self, w: &Self::Weight<'_>) -> bool {
+        self.inner.borrows_view(&w.inner)
+    }
+
+    fn arithmetic(&self, w: &Self::Weight<'_>) -> Arithmetic {
+        w.arithmetic
     }
 
     fn matmul(
@@ -178,9 +197,13 @@ impl<B: Backend> Backend for Profiled<B> {
         let (n, k) = self.inner.weight_dims(&w.inner);
         let flops = 2.0 * (m * n * k) as f64;
         let bytes = w.bytes as f64 + F32 * (x.len() + y.len()) as f64;
-        self.timed(Op::Matmul, Some((&w.label, w.layer)), flops, bytes, || {
-            self.inner.matmul(x, &w.inner, y, m)
-        })
+        self.timed(
+            Op::Matmul,
+            Some((&w.label, w.layer, w.arithmetic)),
+            flops,
+            bytes,
+            || self.inner.matmul(x, &w.inner, y, m),
+        )
     }
 
     fn matmuls(
@@ -208,10 +231,15 @@ impl<B: Backend> Backend for Profiled<B> {
                 .map_or("", |w| w.label.rsplit(' ').next().unwrap_or(""))
         );
         let layer = ws.first().and_then(|w| w.layer);
+        let arithmetic = ws.first().map_or(Arithmetic::F32, |w| w.arithmetic);
         let inner: Vec<&B::Weight<'_>> = ws.iter().map(|w| &w.inner).collect();
-        self.timed(Op::Matmul, Some((&label, layer)), flops, bytes, || {
-            self.inner.matmuls(x, &inner, ys, m)
-        })
+        self.timed(
+            Op::Matmul,
+            Some((&label, layer, arithmetic)),
+            flops,
+            bytes,
+            || self.inner.matmuls(x, &inner, ys, m),
+        )
     }
 
     fn rmsnorm(&self, x: &[f32], weight: &[f32], y: &mut [f32], eps: f32) -> Result<(), Error> {
@@ -252,9 +280,13 @@ impl<B: Backend> Backend for Profiled<B> {
         y: &mut [f32],
     ) -> Result<(), Error> {
         let bytes = F32 * y.len() as f64;
-        self.timed(Op::Embedding, Some(("", None)), 0.0, bytes, || {
-            self.inner.embedding(&table.inner, token, y)
-        })
+        self.timed(
+            Op::Embedding,
+            Some(("", None, Arithmetic::F32)),
+            0.0,
+            bytes,
+            || self.inner.embedding(&table.inner, token, y),
+        )
     }
 
     fn attention(
@@ -365,7 +397,9 @@ fn phase(
         .into_iter()
         .map(|(op, weight, t)| {
             let by_flops = matches!(op, Op::Attention) || (op == Op::Matmul && !decode);
-            let (rate, unit, roof) = if by_flops {
+            let (rate, unit, roof) = if by_flops && t.int8 {
+                (t.flops / t.seconds / 1e9, "GOP/s", roof.int8_gops)
+            } else if by_flops {
                 (t.flops / t.seconds / 1e9, "GFLOP/s", roof.fma_gflops)
             } else {
                 (t.bytes / t.seconds / 1e9, "GB/s", roof.read_gbs)

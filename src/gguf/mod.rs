@@ -450,6 +450,50 @@ impl GgufFile {
         &self.map[t.offset..t.offset + t.size]
     }
 
+    /// Releases this process's hold on the whole pages inside `bytes` (bytes of this file,
+    /// as [`tensor_bytes`](GgufFile::tensor_bytes) gives them) once nothing needs them in
+    /// memory: a backend that repacked or dequantized a tensor into memory of its own. The
+    /// pages leave the process's resident set (the page cache keeps them for the next run);
+    /// a later read maps the same bytes again from the file, so releasing never changes what
+    /// is read. Partial pages at either end are kept. On anything but Unix, or if the system
+    /// refuses, nothing happens.
+    pub fn release(&self, bytes: &[u8]) {
+        #[cfg(unix)]
+        {
+            // Page size: 4 KiB on x86-64; other targets may use up to 64 KiB pages.
+            const PAGE: usize = if cfg!(target_arch = "x86_64") {
+                4096
+            } else {
+                65536
+            };
+            let base = self.map.as_ptr() as usize;
+            let (start, end) = (
+                bytes.as_ptr() as usize,
+                bytes.as_ptr() as usize + bytes.len(),
+            );
+            if start < base || end > base + self.map.len() {
+                return;
+            }
+            let first = (start - base).next_multiple_of(PAGE);
+            let last = (end - base) / PAGE * PAGE;
+            if last > first {
+                // SAFETY: the map is a read-only mapping of a file chord does not write:
+                // MADV_DONTNEED drops the pages from this process, and any later read faults
+                // in the same bytes from the file, so every live borrow keeps reading what it
+                // read before. The range lies inside the map (checked above).
+                let _ = unsafe {
+                    self.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        first,
+                        last - first,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = bytes;
+    }
+
     /// The tensor `name` as a weight view `(rows, cols)`, borrowed from the map.
     pub fn weight(&self, name: &str) -> Result<WeightView<'_>, GgufError> {
         let t = self.gguf.tensor(name).ok_or_else(|| GgufError::Tensor {

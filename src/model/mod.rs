@@ -228,7 +228,13 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
                 }
                 .into());
             }
-            Ok(backend.prepare(view)?)
+            let bytes = view.bytes();
+            let w = backend.prepare(view)?;
+            if !backend.borrows_view(&w) {
+                // The backend holds its own copy: the file's pages need not stay resident.
+                file.release(bytes);
+            }
+            Ok(w)
         };
         let norm = |name: &str| -> Result<Vec<f32>, ModelError> {
             let view = file.weight(name)?;

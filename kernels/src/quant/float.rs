@@ -66,6 +66,10 @@ impl Block for BlockF16 {
     const DTYPE: DType = DType::F16;
     const LEN: usize = 32;
 
+    fn halves_mut(&mut self) -> Vec<&mut [u8; 2]> {
+        self.v.iter_mut().collect()
+    }
+
     fn dequantize(&self, out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(&self.v) {
             *o = f16_to_f32(v);

@@ -48,6 +48,12 @@ pub(crate) trait Block: Pod + Send + Sync {
     /// Values `32 s .. 32 s + 32` (`s < LEN / 32`) as two vectors of 16, each value computed
     /// as [`dequantize`](Block::dequantize) computes it.
     fn load32<V: V16>(&self, s: usize) -> [V; 2];
+    /// Every half-float field of the block: the scale first, then the min where there is one
+    /// (`F16`'s values; `BF16` and `F32` have none). [`sample_blocks`] sets them to finite
+    /// values; [`dequantize_parts`] zeroes one.
+    fn halves_mut(&mut self) -> Vec<&mut [u8; 2]> {
+        Vec::new()
+    }
 }
 
 /// Calls `$f::<Block type>($args)` for the block type of a [`DType`].
@@ -173,6 +179,12 @@ impl DType {
         }
     }
 
+    /// Whether a value is `scale · q + min` with a min of its own (`Q4_1`, `Q5_1`, and the
+    /// K-quants `Q4_K`, `Q5_K` with `- dmin · m`), rather than `scale · q`.
+    pub fn has_min(self) -> bool {
+        matches!(self, DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K)
+    }
+
     /// Bytes of `n` values, if `n` is a whole number of blocks and the size fits in `usize`.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         if !n.is_multiple_of(self.block_len()) {
@@ -185,6 +197,20 @@ impl DType {
 impl std::fmt::Display for DType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.pad(self.name())
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    /// ggml's name, in any case: `q4_1`, `Q4_K`, `f16`, ...
+    fn from_str(s: &str) -> Result<DType, String> {
+        DType::ALL
+            .into_iter()
+            .find(|d| d.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let names: Vec<&str> = DType::ALL.iter().map(|d| d.name()).collect();
+                format!("unknown format '{s}': expected one of {}", names.join(", "))
+            })
     }
 }
 
@@ -289,6 +315,32 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     with_block!(dtype, run, bytes, out)
 }
 
+/// The two parts of every value of `bytes` (`n` values of `dtype`): `scaled = scale · q`
+/// and `offset` (the min: `m`, or `- dmin · m` for the K-quants; zero for the formats
+/// without one, see [`DType::has_min`]), each as [`dequantize`] computes it with the other
+/// part's field set to zero. A kernel may sum a block's parts separately
+/// (`d Σ q x + m Σ x`); the magnitudes `|scaled| + |offset|` bound its rounding where
+/// `|value|` alone would not (the parts can cancel).
+pub fn dequantize_parts(dtype: DType, bytes: &[u8], scaled: &mut [f32], offset: &mut [f32]) {
+    if !dtype.has_min() {
+        dequantize(dtype, bytes, scaled);
+        offset.fill(0.0);
+        return;
+    }
+    // The scale field (first) or the min field (second) of every block set to zero.
+    fn without<B: Block>(bytes: &mut [u8], field: usize) {
+        for b in bytemuck::cast_slice_mut::<u8, B>(bytes) {
+            *b.halves_mut()[field] = [0, 0];
+        }
+    }
+    let mut copy = bytes.to_vec();
+    with_block!(dtype, without, &mut copy, 1);
+    dequantize(dtype, &copy, scaled);
+    copy.copy_from_slice(bytes);
+    with_block!(dtype, without, &mut copy, 0);
+    dequantize(dtype, &copy, offset);
+}
+
 /// Encodes f32 values as `dtype` (F32, F16, BF16 rounded to nearest even, or the 32-value
 /// block formats with ggml's reference quantizers). `None` for the K-quants and Q5, which
 /// chord reads but does not write.
@@ -311,6 +363,39 @@ pub fn quantize(dtype: DType, x: &[f32]) -> Option<Vec<u8>> {
         DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q5K | DType::Q6K => return None,
     }
     Some(out)
+}
+
+/// `n` values of `dtype` as deterministic pseudo-random blocks (xorshift64 from `seed`) whose
+/// every value is finite: random quants, with every scale and min (and every value of the
+/// float formats) drawn from `[-1, 1]`. For tests and benchmarks of any format, including
+/// those chord has no quantizer for. `None` if `n` is not a whole number of blocks.
+pub fn sample_blocks(dtype: DType, n: usize, seed: u64) -> Option<Vec<u8>> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    if matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        let values: Vec<f32> = (0..n).map(|_| unit(next())).collect();
+        return quantize(dtype, &values);
+    }
+    let mut bytes = vec![0u8; dtype.bytes_for(n)?];
+    bytes.iter_mut().for_each(|b| *b = (next() >> 56) as u8);
+    fn unit(r: u64) -> f32 {
+        (r % 2001) as f32 / 1000.0 - 1.0
+    }
+    fn fill<B: Block>(bytes: &mut [u8], next: &mut dyn FnMut() -> u64) {
+        let blocks: &mut [B] = bytemuck::cast_slice_mut(bytes);
+        for b in blocks {
+            for h in b.halves_mut() {
+                *h = f32_to_f16(unit(next()));
+            }
+        }
+    }
+    with_block!(dtype, fill, &mut bytes, &mut next);
+    Some(bytes)
 }
 
 /// f32 to bfloat16, rounding to nearest even (NaN kept quiet).

@@ -19,6 +19,10 @@ impl Block for BlockQ4_0 {
     const DTYPE: DType = DType::Q4_0;
     const LEN: usize = 32;
 
+    fn halves_mut(&mut self) -> Vec<&mut [u8; 2]> {
+        vec![&mut self.d]
+    }
+
     fn dequantize(&self, y: &mut [f32]) {
         let d = f16_to_f32(self.d);
         for (j, &q) in self.qs.iter().enumerate() {

@@ -20,6 +20,10 @@ impl Block for BlockQ4_1 {
     const DTYPE: DType = DType::Q4_1;
     const LEN: usize = 32;
 
+    fn halves_mut(&mut self) -> Vec<&mut [u8; 2]> {
+        vec![&mut self.d, &mut self.m]
+    }
+
     fn dequantize(&self, y: &mut [f32]) {
         let (d, m) = (f16_to_f32(self.d), f16_to_f32(self.m));
         for (j, &q) in self.qs.iter().enumerate() {

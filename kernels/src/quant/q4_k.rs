@@ -52,6 +52,10 @@ impl Block for BlockQ4K {
     const DTYPE: DType = DType::Q4K;
     const LEN: usize = 256;
 
+    fn halves_mut(&mut self) -> Vec<&mut [u8; 2]> {
+        vec![&mut self.d, &mut self.dmin]
+    }
+
     fn dequantize(&self, y: &mut [f32]) {
         for (i, (q, y)) in self
             .qs

@@ -36,6 +36,10 @@ impl Block for BlockQ5_0 {
     const DTYPE: DType = DType::Q5_0;
     const LEN: usize = 32;
 
+    fn halves_mut(&mut self) -> Vec<&mut [u8; 2]> {
+        vec![&mut self.d]
+    }
+
     fn dequantize(&self, y: &mut [f32]) {
         let d = f16_to_f32(self.d);
         let qh = u32::from_le_bytes(self.qh);

@@ -21,6 +21,10 @@ impl Block for BlockQ5_1 {
     const DTYPE: DType = DType::Q5_1;
     const LEN: usize = 32;
 
+    fn halves_mut(&mut self) -> Vec<&mut [u8; 2]> {
+        vec![&mut self.d, &mut self.m]
+    }
+
     fn dequantize(&self, y: &mut [f32]) {
         let (d, m) = (f16_to_f32(self.d), f16_to_f32(self.m));
         let qh = u32::from_le_bytes(self.qh);

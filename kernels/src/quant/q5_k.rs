@@ -25,6 +25,10 @@ impl Block for BlockQ5K {
     const DTYPE: DType = DType::Q5K;
     const LEN: usize = 256;
 
+    fn halves_mut(&mut self) -> Vec<&mut [u8; 2]> {
+        vec![&mut self.d, &mut self.dmin]
+    }
+
     fn dequantize(&self, y: &mut [f32]) {
         for s in 0..8 {
             let (d, min) = sub_scale(self.d, self.dmin, &self.scales, s, f16_to_f32);

@@ -28,6 +28,10 @@ impl Block for BlockQ6K {
     const DTYPE: DType = DType::Q6K;
     const LEN: usize = 256;
 
+    fn halves_mut(&mut self) -> Vec<&mut [u8; 2]> {
+        vec![&mut self.d]
+    }
+
     fn dequantize(&self, y: &mut [f32]) {
         let d = f16_to_f32(self.d);
         for half in 0..2 {

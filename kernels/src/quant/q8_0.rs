@@ -18,6 +18,10 @@ impl Block for BlockQ8_0 {
     const DTYPE: DType = DType::Q8_0;
     const LEN: usize = 32;
 
+    fn halves_mut(&mut self) -> Vec<&mut [u8; 2]> {
+        vec![&mut self.d]
+    }
+
     fn dequantize(&self, y: &mut [f32]) {
         let d = f16_to_f32(self.d);
         for (o, &q) in y.iter_mut().zip(&self.qs) {

@@ -56,48 +56,8 @@ impl<B: Block> Kernel16 for Dequant<'_, B> {
 mod tests {
     use super::*;
 
-    /// Random bytes for `n` blocks of `dtype`, with every half-float field (scales, mins and
-    /// F16/BF16 values) set to a finite value, so that the comparison is of numbers.
     fn random_blocks(dtype: DType, n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        let mut bytes: Vec<u8> = (0..dtype.bytes_for(n * dtype.kernel_block_len()).unwrap())
-            .map(|_| next() as u8)
-            .collect();
-        let half = |v: u64| quant::f32_to_f16(((v % 2000) as f32 - 1000.0) / 997.0);
-        let bf = |v: u64| quant::f32_to_bf16(((v % 2000) as f32 - 1000.0) / 991.0);
-        let block = dtype.bytes_for(dtype.kernel_block_len()).unwrap();
-        for b in bytes.chunks_exact_mut(block) {
-            // The half-float fields of each layout.
-            let fields: &[usize] = match dtype {
-                DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
-                DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
-                DType::Q6K => &[208],
-                DType::F16 => &[
-                    0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40,
-                    42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62,
-                ],
-                DType::BF16 | DType::F32 => &[],
-            };
-            for &f in fields {
-                b[f..f + 2].copy_from_slice(&half(next()));
-            }
-            match dtype {
-                DType::BF16 => b
-                    .chunks_exact_mut(2)
-                    .for_each(|c| c.copy_from_slice(&bf(next()))),
-                DType::F32 => b.chunks_exact_mut(4).for_each(|c| {
-                    c.copy_from_slice(&(((next() % 4000) as f32 - 2000.0) / 333.0).to_le_bytes())
-                }),
-                _ => {}
-            }
-        }
-        bytes
+        quant::sample_blocks(dtype, n * dtype.kernel_block_len(), seed).expect("whole blocks")
     }
 
     #[test]

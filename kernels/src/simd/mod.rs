@@ -13,8 +13,10 @@ mod dequant;
 mod elementwise;
 mod gemm;
 pub mod probe;
+mod qgroup;
 mod qint;
 mod qmatmul;
+mod repack;
 pub(crate) mod v16;
 mod vec;
 
@@ -22,10 +24,14 @@ pub use attention::{AttentionScratch, AttentionShape, attention};
 pub use dequant::dequantize;
 pub use elementwise::{add, rmsnorm, rope, softmax, swiglu};
 pub use gemm::{GemmScratch, PackedWeight, matmul, pack_weight};
-pub use qint::{IntScratch, RepackedWeight, int_kernel_name, matmuls as matmuls_int, repackable};
+pub use qgroup::matmuls as matmuls_grouped;
+pub use qint::{
+    IntScratch, int_kernel_name, int8_probe, int8_probe_ops_per_iter, matmuls as matmuls_int,
+};
 pub use qmatmul::{
     BlockScratch, BlockWeight, GEMV_ROWS, matmul as matmul_blocks, matmuls as matmuls_blocks,
 };
+pub use repack::{GROUP, Layout, RepackedWeight, repackable};
 
 /// A SIMD instruction-set level, widest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

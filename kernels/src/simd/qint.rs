@@ -5,15 +5,8 @@
 //! **Activations** ([`QuantizedRows`]): each row of `x` in 8-bit blocks of 32, with each
 //! block's scale `d`, `Σq` and `s = d Σq` in f32 (see `quant::q8_act`).
 //!
-//! **Weights** ([`RepackedWeight`]): `Q4_0`, `Q4_1` and `Q8_0` rows regrouped by sixteen,
-//! the same bytes rearranged (ggml's repacked `Q4_0x8` does the same for eight rows). For a
-//! group of 16 rows and one block column, a record holds the 16 rows' `d` (halves), the
-//! 16 `m` for `Q4_1`, then the quants in chunks of 64 bytes, chunk `c` holding four
-//! consecutive values of each row, row `j` at bytes `4j .. 4j + 4`:
-//! - `Q4_0`/`Q4_1`: 4 chunks of nibble bytes; chunk `c`'s low nibbles are values
-//!   `4c .. 4c + 4` and its high nibbles values `16 + 4c .. 16 + 4c + 4` (the block's own
-//!   nibble order, four bytes at a time);
-//! - `Q8_0`: 8 chunks of values `4c .. 4c + 4`, each stored as `q + 128` (unsigned).
+//! **Weights** ([`RepackedWeight`] in [`Layout::Dots`]): `Q4_0`, `Q4_1` and `Q8_0` rows
+//! regrouped by sixteen, four quant bytes of a row per 32-bit lane (see `simd::repack`).
 //!
 //! **Dot products**: per record and activation row, eight steps of "16 lanes × 4 bytes of
 //! weights times the row's 4 activation bytes, broadcast" (`vpdpbusd` on AVX512-VNNI;
@@ -25,153 +18,17 @@
 
 use std::sync::Mutex;
 
+use super::repack::{GROUP, Layout, Record, RepackedWeight};
 use super::{Isa, Level};
-use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, DType, QuantizedRows, f16_to_f32};
+use crate::quant::{DType, QuantizedRows, f16_to_f32};
 use crate::team::Team;
-
-/// Weight rows per repacked group.
-pub const GROUP: usize = 16;
 
 /// Activation rows up to which a matmul runs as a decode (each weight group read once for
 /// all rows, row by row); above, row blocks of [`MR`].
 const MR: usize = 4;
 
 /// Weight groups per decode task.
-const GROUPS_PER_TASK: usize = 4;
-
-/// A weight `W (n, k)` of `Q4_0`, `Q4_1` or `Q8_0` blocks, repacked (see the module docs).
-#[derive(Clone, Debug)]
-pub struct RepackedWeight {
-    dtype: DType,
-    n: usize,
-    k: usize,
-    /// Records, group-major: record `(g, b)` at `(g * k / 32 + b) * record`.
-    data: Vec<u8>,
-}
-
-/// Bytes of one record (16 rows × one block) of `dtype`.
-fn record_bytes(dtype: DType) -> usize {
-    GROUP * dtype.block_bytes()
-}
-
-/// Whether fast mode repacks `dtype`.
-pub fn repackable(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
-}
-
-impl RepackedWeight {
-    /// Repacks `bytes`, `n` rows of `k / 32` blocks of `dtype` (one of [`repackable`]).
-    /// `None` if the shapes do not fit.
-    pub fn new(dtype: DType, n: usize, k: usize, bytes: &[u8]) -> Option<RepackedWeight> {
-        if !repackable(dtype)
-            || n == 0
-            || !k.is_multiple_of(32)
-            || dtype.bytes_for(k).and_then(|r| r.checked_mul(n)) != Some(bytes.len())
-        {
-            return None;
-        }
-        let (blocks, rec) = (k / 32, record_bytes(dtype));
-        let groups = n.div_ceil(GROUP);
-        let mut data = vec![0u8; groups * blocks * rec];
-        let row_bytes = blocks * dtype.block_bytes();
-        for j in 0..n {
-            let (g, r) = (j / GROUP, j % GROUP);
-            let row = &bytes[j * row_bytes..][..row_bytes];
-            for b in 0..blocks {
-                let out = &mut data[(g * blocks + b) * rec..][..rec];
-                let blk = &row[b * dtype.block_bytes()..][..dtype.block_bytes()];
-                match dtype {
-                    DType::Q4_0 => {
-                        let blk: BlockQ4_0 = bytemuck::pod_read_unaligned(blk);
-                        out[2 * r..2 * r + 2].copy_from_slice(&blk.d);
-                        for c in 0..4 {
-                            out[32 + 64 * c + 4 * r..][..4]
-                                .copy_from_slice(&blk.qs[4 * c..4 * c + 4]);
-                        }
-                    }
-                    DType::Q4_1 => {
-                        let blk: BlockQ4_1 = bytemuck::pod_read_unaligned(blk);
-                        out[2 * r..2 * r + 2].copy_from_slice(&blk.d);
-                        out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&blk.m);
-                        for c in 0..4 {
-                            out[64 + 64 * c + 4 * r..][..4]
-                                .copy_from_slice(&blk.qs[4 * c..4 * c + 4]);
-                        }
-                    }
-                    _ => {
-                        let blk: BlockQ8_0 = bytemuck::pod_read_unaligned(blk);
-                        out[2 * r..2 * r + 2].copy_from_slice(&blk.d);
-                        for c in 0..8 {
-                            for v in 0..4 {
-                                out[32 + 64 * c + 4 * r + v] = (blk.qs[4 * c + v] as u8) ^ 0x80;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Some(RepackedWeight { dtype, n, k, data })
-    }
-
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-    /// `n`: rows of `W`.
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-    /// `k`: columns of `W`.
-    pub fn cols(&self) -> usize {
-        self.k
-    }
-
-    /// Row `j` of the original `W`, dequantized into `out (k,)` (embedding lookups).
-    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
-        let (blocks, rec) = (self.k / 32, record_bytes(self.dtype));
-        let (g, r) = (j / GROUP, j % GROUP);
-        for b in 0..blocks {
-            let rec = &self.data[(g * blocks + b) * rec..][..rec];
-            let y = &mut out[32 * b..32 * b + 32];
-            let d = f16_to_f32([rec[2 * r], rec[2 * r + 1]]);
-            match self.dtype {
-                DType::Q4_0 | DType::Q4_1 => {
-                    let (m, qs) = if self.dtype == DType::Q4_1 {
-                        (
-                            Some(f16_to_f32([rec[32 + 2 * r], rec[33 + 2 * r]])),
-                            &rec[64..],
-                        )
-                    } else {
-                        (None, &rec[32..])
-                    };
-                    for c in 0..4 {
-                        for v in 0..4 {
-                            let q = qs[64 * c + 4 * r + v];
-                            let (lo, hi) = ((q & 0xf) as f32, (q >> 4) as f32);
-                            match m {
-                                Some(m) => {
-                                    y[4 * c + v] = lo * d + m;
-                                    y[16 + 4 * c + v] = hi * d + m;
-                                }
-                                None => {
-                                    y[4 * c + v] = (lo - 8.0) * d;
-                                    y[16 + 4 * c + v] = (hi - 8.0) * d;
-                                }
-                            }
-                        }
-                    }
-                }
-                _ => {
-                    for c in 0..8 {
-                        for v in 0..4 {
-                            let q = (rec[32 + 64 * c + 4 * r + v] ^ 0x80) as i8;
-                            y[4 * c + v] = q as f32 * d;
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
+const GROUPS_PER_TASK: usize = 16;
 
 /// Per-call scratch of the fast path: the quantized activations.
 #[derive(Debug, Default)]
@@ -218,6 +75,46 @@ pub fn int_kernel_name(isa: Isa) -> &'static str {
     }
 }
 
+/// Independent accumulator chains of [`int8_probe`]: enough to cover the latency of a dot
+/// product step times its issue width.
+const PROBE_CHAINS: usize = 16;
+
+/// Integer operations one [`int8_probe`] iteration performs at `isa` (2 per 8-bit
+/// multiply-add).
+pub fn int8_probe_ops_per_iter(isa: Isa) -> usize {
+    let macs = match dot_kind(isa) {
+        DotKind::Vnni512 => 64,
+        DotKind::Avx2 => 32,
+        DotKind::Portable => 1,
+    };
+    PROBE_CHAINS * macs * 2
+}
+
+/// The 8-bit roof's probe: `iters` rounds of [`PROBE_CHAINS`] independent chains of the dot
+/// product step fast mode's kernel at `isa` runs (`vpdpbusd`; `maddubs` + `madd` + add;
+/// a plain multiply-add). Returns a value that depends on every step.
+pub fn int8_probe(isa: Isa, iters: usize) -> i32 {
+    match dot_kind(isa) {
+        // SAFETY: dot_kind checked the features.
+        #[cfg(target_arch = "x86_64")]
+        DotKind::Vnni512 => unsafe { x86::probe_vnni(iters) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        DotKind::Avx2 => unsafe { x86::probe_avx2(iters) },
+        _ => {
+            let mut acc = [0i32; PROBE_CHAINS];
+            let mut b = std::hint::black_box(3i32);
+            for _ in 0..iters {
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = a.wrapping_add((c as i32 + 1).wrapping_mul(b));
+                }
+                b = std::hint::black_box(b ^ 1);
+            }
+            acc.iter().fold(0, |s, a| s.wrapping_add(*a))
+        }
+    }
+}
+
 /// The output shared by tasks that write disjoint groups of columns.
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
@@ -245,6 +142,7 @@ pub fn matmuls(
     m: usize,
 ) {
     debug_assert_eq!(ws.len(), ys.len());
+    debug_assert!(ws.iter().all(|w| w.layout == Layout::Dots));
     let Some(first) = ws.first() else { return };
     let k = first.k;
     let mut act = scratch.act.lock().unwrap_or_else(|e| e.into_inner());
@@ -314,17 +212,6 @@ unsafe fn group(
     }
 }
 
-/// The record of group `g`, block `b`: `(d, m, quants)`.
-#[inline(always)]
-fn record(w: &RepackedWeight, g: usize, b: usize) -> (&[u8], Option<&[u8]>, &[u8]) {
-    let (blocks, rec) = (w.k / 32, record_bytes(w.dtype));
-    let r = &w.data[(g * blocks + b) * rec..][..rec];
-    match w.dtype {
-        DType::Q4_1 => (&r[..32], Some(&r[32..64]), &r[64..]),
-        _ => (&r[..32], None, &r[32..]),
-    }
-}
-
 /// The plain-loop kernel: the reference the vector ones are tested against.
 fn group_portable(
     w: &RepackedWeight,
@@ -336,7 +223,7 @@ fn group_portable(
 ) {
     let blocks = w.k / 32;
     for b in 0..blocks {
-        let (d, mins, qs) = record(w, g, b);
+        let Record { d, m: mins, qs } = w.record(g, b);
         for r in 0..rows {
             let i = i0 + r;
             let xr = x.row(i);
@@ -381,7 +268,7 @@ fn group_portable(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, MR, QuantizedRows, RepackedWeight, record};
+    use super::{GROUP, MR, QuantizedRows, Record, RepackedWeight};
     use crate::quant::DType;
 
     /// The 16 rows' halves at `p` as f32.
@@ -410,7 +297,7 @@ mod x86 {
             let mut acc = [_mm512_setzero_ps(); MR];
             let nib = _mm512_set1_epi8(0x0f);
             for b in 0..blocks {
-                let (d, mins, qs) = record(w, g, b);
+                let Record { d, m: mins, qs } = w.record(g, b);
                 let dw = halves16(d);
                 let mw = mins.map(|m| halves16(m));
                 // The eight operands: 16 rows × 4 values each.
@@ -458,6 +345,51 @@ mod x86 {
         }
     }
 
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn probe_vnni(iters: usize) -> i32 {
+        let (a, mut b) = (
+            _mm512_set1_epi8(3),
+            _mm512_set1_epi8(std::hint::black_box(-2)),
+        );
+        let one = _mm512_set1_epi8(1);
+        let mut acc = [_mm512_setzero_si512(); super::PROBE_CHAINS];
+        for _ in 0..iters {
+            for c in acc.iter_mut() {
+                *c = _mm512_dpbusd_epi32(*c, a, b);
+            }
+            // A new operand each round, so nothing is hoisted out of the loop.
+            b = _mm512_xor_si512(b, one);
+        }
+        let s = acc
+            .iter()
+            .fold(_mm512_setzero_si512(), |s, c| _mm512_add_epi32(s, *c));
+        _mm512_reduce_add_epi32(s)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn probe_avx2(iters: usize) -> i32 {
+        unsafe {
+            let (a, mut b) = (
+                _mm256_set1_epi8(3),
+                _mm256_set1_epi8(std::hint::black_box(-2)),
+            );
+            let one = _mm256_set1_epi8(1);
+            let mut acc = [_mm256_setzero_si256(); super::PROBE_CHAINS];
+            for _ in 0..iters {
+                for c in acc.iter_mut() {
+                    *c = _mm256_add_epi32(*c, dot4(a, b));
+                }
+                b = _mm256_xor_si256(b, one);
+            }
+            let s = acc
+                .iter()
+                .fold(_mm256_setzero_si256(), |s, c| _mm256_add_epi32(s, *c));
+            let mut lanes = [0i32; 8];
+            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, s);
+            lanes.iter().fold(0, |t, v| t.wrapping_add(*v))
+        }
+    }
+
     /// `vpdpbusd` on 8 lanes from AVX2: `maddubs` (u8 × i8 pairs to i16) then `madd` with
     /// ones (i16 pairs to i32). The pairs cannot saturate: weights are at most 15 here.
     #[inline(always)]
@@ -488,7 +420,7 @@ mod x86 {
             let nib = _mm256_set1_epi8(0x0f);
             let flip = _mm256_set1_epi8(-128);
             for b in 0..blocks {
-                let (d, mins, qs) = record(w, g, b);
+                let Record { d, m: mins, qs } = w.record(g, b);
                 for h in 0..2 {
                     let dw =
                         _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(16 * h) as *const __m128i));
@@ -554,7 +486,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant;
+    use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0};
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
@@ -573,15 +505,7 @@ mod tests {
         let (n, k) = (37, 96);
         for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
             let bytes = quant::quantize(dtype, &values(n * k, 1)).unwrap();
-            let w = RepackedWeight::new(dtype, n, k, &bytes).unwrap();
-            // Repacking keeps every value.
-            let mut want = vec![0.0f32; n * k];
-            quant::dequantize(dtype, &bytes, &mut want);
-            let mut row = vec![0.0f32; k];
-            for j in 0..n {
-                w.dequantize_row(j, &mut row);
-                assert_eq!(row, want[j * k..(j + 1) * k], "{dtype} row {j}");
-            }
+            let w = RepackedWeight::new(dtype, Layout::Dots, n, k, &bytes).unwrap();
             for m in [1, 3, 6] {
                 let x = values(m * k, 2);
                 let mut act = QuantizedRows::default();

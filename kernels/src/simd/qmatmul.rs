@@ -58,11 +58,13 @@ impl<'w> BlockWeight<'w> {
     }
 }
 
-/// Per-task scratch of the prefill path: the packed rows of `x` for one depth block and
-/// one decoded weight panel. Owned by the caller (a backend holds one for its team).
+/// Scratch of the exact paths, owned by the caller (a backend holds one for its team):
+/// per prefill task, the packed rows of `x` for one depth block and one decoded weight
+/// panel; for the repacked decode, the block sums of `x`.
 #[derive(Debug)]
 pub struct BlockScratch {
-    slots: Vec<Mutex<(Vec<f32>, Vec<f32>)>>,
+    pub(super) slots: Vec<Mutex<(Vec<f32>, Vec<f32>)>>,
+    pub(super) sums: Mutex<Vec<f32>>,
 }
 
 impl BlockScratch {
@@ -72,6 +74,7 @@ impl BlockScratch {
             slots: (0..tasks.max(1))
                 .map(|_| Mutex::new((Vec::new(), Vec::new())))
                 .collect(),
+            sums: Mutex::new(Vec::new()),
         }
     }
 }
@@ -134,17 +137,19 @@ pub fn matmuls(
                 let blocks: &[B] =
                     bytemuck::try_cast_slice(w.bytes).expect("whole blocks of alignment 1");
                 let out = Out(y.as_mut_ptr());
-                let nr = tile(isa.level()).0;
+                let nr = panel_width(isa);
                 let panels = w.n.div_ceil(nr);
+                let rows = BlockRows {
+                    w: blocks,
+                    per_row: w.k / B::LEN,
+                };
                 let tasks = team.threads().min(scratch.slots.len()).min(panels);
                 team.run(tasks, &|t| {
                     let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
                     let mut slot = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
                     let (xbuf, panel) = &mut *slot;
                     // SAFETY: task `t` writes only the columns of panels p0..p1.
-                    unsafe {
-                        prefill::<B>(isa, x, blocks, w.n, w.k, out.get(), m, p0, p1, xbuf, panel)
-                    };
+                    unsafe { prefill(isa, x, &rows, w.n, w.k, out.get(), m, p0, p1, xbuf, panel) };
                 });
             }
             with_block!(w.dtype, run, isa, team, scratch, x, w, y, m);
@@ -277,15 +282,75 @@ fn gemv_step<B: Block, V: V16, const M: usize>(
     }
 }
 
-/// The prefill path for panels `p0..p1` at `isa`'s level.
+/// Where the prefill path's weight panels come from: rows of blocks ([`BlockRows`]), or a
+/// repacked weight (`simd::qgroup`).
+pub(super) trait Panels: Sync {
+    /// Decodes weight rows `j0 .. j0 + cols` (`cols <= nr`), values `pc .. pc + kc`, into
+    /// `panel` in the microkernel's layout (`panel[p][j]`, row stride `nr`), rows past
+    /// `cols` zero, each value exactly as [`Block::dequantize`] gives it.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_panel<W: V16>(
+        &self,
+        j0: usize,
+        cols: usize,
+        nr: usize,
+        pc: usize,
+        kc: usize,
+        panel: &mut [f32],
+    );
+}
+
+/// Rows of blocks as the file stores them, `per_row` blocks a row.
+pub(super) struct BlockRows<'a, B> {
+    pub w: &'a [B],
+    pub per_row: usize,
+}
+
+impl<B: Block> Panels for BlockRows<'_, B> {
+    /// Sixteen rows at a time: each 32-value sub-block of the 16 rows decoded, transposed in
+    /// two 16 × 16 tiles, and stored as 32 rows of the panel.
+    #[inline(always)]
+    fn decode_panel<W: V16>(
+        &self,
+        j0: usize,
+        cols: usize,
+        nr: usize,
+        pc: usize,
+        kc: usize,
+        panel: &mut [f32],
+    ) {
+        let group = 16.min(nr);
+        for g in (0..nr).step_by(group) {
+            for p in (pc..pc + kc).step_by(32) {
+                let (b, s) = (p / B::LEN, (p % B::LEN) / 32);
+                let mut lo = [W::zero(); 16];
+                let mut hi = [W::zero(); 16];
+                for r in 0..group {
+                    if g + r < cols {
+                        [lo[r], hi[r]] = self.w[(j0 + g + r) * self.per_row + b].load32::<W>(s);
+                    }
+                }
+                W::transpose16(&mut lo);
+                W::transpose16(&mut hi);
+                let at = |c: usize| (p - pc + c) * nr + g;
+                for c in 0..16 {
+                    store_group(lo[c], &mut panel[at(c)..at(c) + group]);
+                    store_group(hi[c], &mut panel[at(16 + c)..at(16 + c) + group]);
+                }
+            }
+        }
+    }
+}
+
+/// The prefill path for panels `p0..p1` of `w (n, k)` at `isa`'s level.
 ///
 /// # Safety
 /// `y` points to `m * n` values of which no other task writes the columns of these panels.
 #[allow(clippy::too_many_arguments)]
-unsafe fn prefill<B: Block>(
+pub(super) unsafe fn prefill<P: Panels>(
     isa: Isa,
     x: &[f32],
-    w: &[B],
+    w: &P,
     n: usize,
     k: usize,
     y: *mut f32,
@@ -298,9 +363,9 @@ unsafe fn prefill<B: Block>(
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn avx512<B: Block>(
+    unsafe fn avx512<P: Panels>(
         x: &[f32],
-        w: &[B],
+        w: &P,
         n: usize,
         k: usize,
         y: *mut f32,
@@ -311,7 +376,7 @@ unsafe fn prefill<B: Block>(
         panel: &mut Vec<f32>,
     ) {
         unsafe {
-            body::<B, super::vec::Avx512, super::vec::Avx512, 6, 4>(
+            body::<P, super::vec::Avx512, super::vec::Avx512, 6, 4>(
                 x, w, n, k, y, m, p0, p1, xbuf, panel,
             )
         }
@@ -319,9 +384,9 @@ unsafe fn prefill<B: Block>(
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn avx2<B: Block>(
+    unsafe fn avx2<P: Panels>(
         x: &[f32],
-        w: &[B],
+        w: &P,
         n: usize,
         k: usize,
         y: *mut f32,
@@ -332,7 +397,7 @@ unsafe fn prefill<B: Block>(
         panel: &mut Vec<f32>,
     ) {
         unsafe {
-            body::<B, super::v16::Pair<super::vec::Avx2>, super::vec::Avx2, 6, 2>(
+            body::<P, super::v16::Pair<super::vec::Avx2>, super::vec::Avx2, 6, 2>(
                 x, w, n, k, y, m, p0, p1, xbuf, panel,
             )
         }
@@ -341,23 +406,28 @@ unsafe fn prefill<B: Block>(
     unsafe {
         match isa.level() {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => avx512::<B>(x, w, n, k, y, m, p0, p1, xbuf, panel),
+            Level::Avx512 => avx512::<P>(x, w, n, k, y, m, p0, p1, xbuf, panel),
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => avx2::<B>(x, w, n, k, y, m, p0, p1, xbuf, panel),
-            _ => body::<B, super::v16::Pair<super::vec::Portable>, super::vec::Portable, 4, 1>(
+            Level::Avx2 => avx2::<P>(x, w, n, k, y, m, p0, p1, xbuf, panel),
+            _ => body::<P, super::v16::Pair<super::vec::Portable>, super::vec::Portable, 4, 1>(
                 x, w, n, k, y, m, p0, p1, xbuf, panel,
             ),
         }
     }
 }
 
+/// The panel width of `isa`'s prefill microkernel.
+pub(super) fn panel_width(isa: Isa) -> usize {
+    tile(isa.level()).0
+}
+
 /// The prefill loop nest: depth blocks; `x` packed for the block; per panel, the panel
 /// decoded, then the microkernel over every row block of `x`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn body<B: Block, W: V16, V: F32Vec, const MR: usize, const NV: usize>(
+unsafe fn body<P: Panels, W: V16, V: F32Vec, const MR: usize, const NV: usize>(
     x: &[f32],
-    w: &[B],
+    w: &P,
     n: usize,
     k: usize,
     y: *mut f32,
@@ -368,7 +438,6 @@ unsafe fn body<B: Block, W: V16, V: F32Vec, const MR: usize, const NV: usize>(
     panel: &mut Vec<f32>,
 ) {
     let nr = NV * V::LANES;
-    let per_row = k / B::LEN;
     let m_padded = m.div_ceil(MR) * MR;
     xbuf.resize(xbuf.len().max(m_padded * KC), 0.0);
     panel.resize(panel.len().max(KC * nr), 0.0);
@@ -378,7 +447,7 @@ unsafe fn body<B: Block, W: V16, V: F32Vec, const MR: usize, const NV: usize>(
         for pj in p0..p1 {
             let j0 = pj * nr;
             let cols = nr.min(n - j0);
-            decode_panel::<B, W>(w, per_row, j0, cols, nr, pc, kc, panel);
+            w.decode_panel::<W>(j0, cols, nr, pc, kc, panel);
             for ir in (0..m).step_by(MR) {
                 let rows = MR.min(m - ir);
                 // SAFETY: the packed micro-panel holds kc * MR values, the panel kc * nr;
@@ -393,47 +462,9 @@ unsafe fn body<B: Block, W: V16, V: F32Vec, const MR: usize, const NV: usize>(
     }
 }
 
-/// Decodes weight rows `j0 .. j0 + cols` (`cols <= nr`), values `pc .. pc + kc`, into
-/// `panel` in the microkernel's layout (`panel[p][j]`, row stride `nr`), rows past `cols`
-/// zero. Sixteen rows at a time: each 32-value sub-block of the 16 rows decoded, transposed
-/// in two 16 × 16 tiles, and stored as 32 rows of the panel.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn decode_panel<B: Block, W: V16>(
-    w: &[B],
-    per_row: usize,
-    j0: usize,
-    cols: usize,
-    nr: usize,
-    pc: usize,
-    kc: usize,
-    panel: &mut [f32],
-) {
-    let group = 16.min(nr);
-    for g in (0..nr).step_by(group) {
-        for p in (pc..pc + kc).step_by(32) {
-            let (b, s) = (p / B::LEN, (p % B::LEN) / 32);
-            let mut lo = [W::zero(); 16];
-            let mut hi = [W::zero(); 16];
-            for r in 0..group {
-                if g + r < cols {
-                    [lo[r], hi[r]] = w[(j0 + g + r) * per_row + b].load32::<W>(s);
-                }
-            }
-            W::transpose16(&mut lo);
-            W::transpose16(&mut hi);
-            let at = |c: usize| (p - pc + c) * nr + g;
-            for c in 0..16 {
-                store_group(lo[c], &mut panel[at(c)..at(c) + group]);
-                store_group(hi[c], &mut panel[at(16 + c)..at(16 + c) + group]);
-            }
-        }
-    }
-}
-
 /// Stores the first `out.len()` (16, or 8 on the portable level's narrower panels) lanes.
 #[inline(always)]
-fn store_group<W: V16>(v: W, out: &mut [f32]) {
+pub(super) fn store_group<W: V16>(v: W, out: &mut [f32]) {
     if out.len() == 16 {
         // SAFETY: 16 values.
         unsafe { v.store(out.as_mut_ptr()) };
@@ -450,39 +481,8 @@ mod tests {
     use super::*;
     use crate::quant;
 
-    /// A random weight of `dtype`, every half-float field finite.
     fn weight(dtype: DType, n: usize, k: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0
-        };
-        let values: Vec<f32> = (0..n * k).map(|_| next()).collect();
-        match quant::quantize(dtype, &values) {
-            Some(b) => b,
-            None => {
-                // Formats chord does not write: random bytes with finite scales.
-                let mut bytes: Vec<u8> = (0..dtype.bytes_for(n * k).unwrap())
-                    .map(|_| (next() * 127.0) as i8 as u8)
-                    .collect();
-                let block = dtype.block_bytes();
-                let half = |v: f32| quant::f32_to_f16(v * 0.01);
-                for b in bytes.chunks_exact_mut(block) {
-                    let fields: &[usize] = match dtype {
-                        DType::Q5_0 => &[0],
-                        DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
-                        DType::Q6K => &[208],
-                        _ => &[],
-                    };
-                    for &f in fields {
-                        b[f..f + 2].copy_from_slice(&half(next()));
-                    }
-                }
-                bytes
-            }
-        }
+        quant::sample_blocks(dtype, n * k, seed).expect("whole blocks")
     }
 
     #[test]

@@ -1,0 +1,382 @@
+//! Exact mode on repacked weights: `Q4_0`, `Q4_1` and `Q8_0` in [`Layout::Values`], sixteen
+//! rows to a record, one value position of the sixteen rows per 16-byte chunk (see
+//! `simd::repack`). The arithmetic is f32 on the weights' exact values, as on rows of blocks
+//! (`simd::qmatmul`); the layout takes away what that path pays per row and block.
+//!
+//! - **decode** (`m <= GEMV_ROWS`): a record's chunk becomes one vector of sixteen weight
+//!   values (`vpmovzxbd` + `vpermps` for a nibble, `vpmovsxbd` + `vcvtdq2ps` for a byte),
+//!   multiplied by one activation value, broadcast: a lane accumulates one output row, so
+//!   there is no horizontal sum and no per-row scale table. Each block's sums are scaled
+//!   once, sixteen rows at a time: `acc += d · Σ_v q_v x_v` (`q - 8` for `Q4_0`), plus
+//!   `m · Σ_v x_v` for `Q4_1`, the block sums of `x` computed once per call. That is the
+//!   dequantized weight's dot product with the scale taken out of each block's sum: the
+//!   same value up to f32 rounding, bounded as a sum's reordering is.
+//! - **prefill**: the packed GEMM of `simd::qmatmul`, its panels decoded from the records:
+//!   sixteen rows of one value position are already one vector, so no transpose.
+//!
+//! Work is split by groups of sixteen rows (decode) or panels (prefill), fixed by the task
+//! index: results are bitwise identical for any thread count.
+
+use super::Isa;
+use super::qmatmul::{BlockScratch, GEMV_ROWS, Panels, panel_width, prefill};
+use super::repack::{GROUP, Layout, RepackedWeight};
+use super::v16::{Kernel16, V16, dispatch16};
+use crate::quant::DType;
+use crate::team::Team;
+
+/// Groups of sixteen rows per decode task: 64 rows, as the block path's tasks.
+const GROUPS_PER_TASK: usize = 4;
+
+/// Most weights one call runs as one job.
+const MAX_WEIGHTS: usize = 4;
+
+/// A raw output pointer shared by tasks that write disjoint columns of `y`.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every task writes the columns of its own groups (decode) or panels (prefill).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+impl Out {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `ys[i] (m, n_i) = x (m, k) · W_iᵀ` for repacked weights ([`Layout::Values`]) that read
+/// the same input: decoding, one job of the team for all of them; prefilling, one job each.
+pub fn matmuls(
+    isa: Isa,
+    team: &Team,
+    scratch: &BlockScratch,
+    x: &[f32],
+    ws: &[&RepackedWeight],
+    ys: &mut [&mut [f32]],
+    m: usize,
+) {
+    debug_assert_eq!(ws.len(), ys.len());
+    debug_assert!(ws.iter().all(|w| w.layout == Layout::Values));
+    let Some(first) = ws.first() else { return };
+    let k = first.k;
+    if m > GEMV_ROWS {
+        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+            debug_assert!(x.len() == m * w.k && y.len() == m * w.n);
+            let out = Out(y.as_mut_ptr());
+            let nr = panel_width(isa);
+            let panels = w.n.div_ceil(nr);
+            let tasks = team.threads().min(scratch.slots.len()).min(panels);
+            let source = GroupPanels { w };
+            team.run(tasks, &|t| {
+                let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
+                let mut slot = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
+                let (xbuf, panel) = &mut *slot;
+                // SAFETY: task `t` writes only the columns of panels p0..p1.
+                unsafe { prefill(isa, x, &source, w.n, w.k, out.get(), m, p0, p1, xbuf, panel) };
+            });
+        }
+        return;
+    }
+    // The block sums of x, for Q4_1's mins.
+    let mut sums = scratch.sums.lock().unwrap_or_else(|e| e.into_inner());
+    if ws.iter().any(|w| w.dtype == DType::Q4_1) {
+        sums.clear();
+        sums.extend(x[..m * k].chunks_exact(32).map(|c| c.iter().sum::<f32>()));
+    }
+    let sums = &sums[..];
+    for (ws, ys) in ws.chunks(MAX_WEIGHTS).zip(ys.chunks_mut(MAX_WEIGHTS)) {
+        // Task t belongs to weight i where starts[i] <= t < starts[i + 1].
+        let mut starts = [0usize; MAX_WEIGHTS + 1];
+        let mut outs = [Out(std::ptr::null_mut()); MAX_WEIGHTS];
+        for (i, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
+            debug_assert!(w.k == k && x.len() == m * k && y.len() == m * w.n);
+            starts[i + 1] = starts[i] + w.groups().div_ceil(GROUPS_PER_TASK);
+            outs[i] = Out(y.as_mut_ptr());
+        }
+        team.run(starts[ws.len()], &|t| {
+            let i = (0..ws.len())
+                .rfind(|&i| starts[i] <= t)
+                .expect("task of some weight");
+            let w = ws[i];
+            let c = t - starts[i];
+            let groups = c * GROUPS_PER_TASK..((c + 1) * GROUPS_PER_TASK).min(w.groups());
+            let g = Gemv {
+                w,
+                x,
+                sums,
+                groups,
+                y: outs[i],
+            };
+            match (m, w.dtype) {
+                (1, DType::Q4_0) => dispatch16(isa, GroupGemv::<1, Q4_0>(g)),
+                (1, DType::Q4_1) => dispatch16(isa, GroupGemv::<1, Q4_1>(g)),
+                (1, _) => dispatch16(isa, GroupGemv::<1, Q8_0>(g)),
+                (2, DType::Q4_0) => dispatch16(isa, GroupGemv::<2, Q4_0>(g)),
+                (2, DType::Q4_1) => dispatch16(isa, GroupGemv::<2, Q4_1>(g)),
+                (2, _) => dispatch16(isa, GroupGemv::<2, Q8_0>(g)),
+                (_, DType::Q4_0) => dispatch16(isa, GroupGemv::<3, Q4_0>(g)),
+                (_, DType::Q4_1) => dispatch16(isa, GroupGemv::<3, Q4_1>(g)),
+                (_, _) => dispatch16(isa, GroupGemv::<3, Q8_0>(g)),
+            }
+        });
+    }
+}
+
+/// The formats, as const parameters of the decode kernel.
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+/// Sixteen rows' values `j` and `j + 16` of a 4-bit chunk, each `table[q]` (`q` or
+/// `q - 8`): a lookup where the level has one, else a conversion plus `offset`.
+#[inline(always)]
+fn nibbles<V: V16>(table: V, offset: V, q: V::U8) -> [V; 2] {
+    if V::LOOKUP16 {
+        [V::lookup16(table, q, false), V::lookup16(table, q, true)]
+    } else {
+        [
+            V::u8_to_f32(V::low_nibbles(q)).add(offset),
+            V::u8_to_f32(V::high_nibbles(q)).add(offset),
+        ]
+    }
+}
+
+/// The decode work of one task: groups `groups` of `w`.
+struct Gemv<'a> {
+    w: &'a RepackedWeight,
+    x: &'a [f32],
+    /// Block sums of `x` (Q4_1 only).
+    sums: &'a [f32],
+    groups: std::ops::Range<usize>,
+    y: Out,
+}
+
+/// [`Gemv`] with `M` activation rows of format `F`.
+struct GroupGemv<'a, const M: usize, const F: u8>(Gemv<'a>);
+
+impl<const M: usize, const F: u8> Kernel16 for GroupGemv<'_, M, F> {
+    type Output = ();
+
+    /// Per group, per block: the chunks' values times the broadcast activations into four
+    /// chains per activation row (two value positions × low and high), then the block's
+    /// scale (and min) applied to all sixteen rows at once.
+    #[inline(always)]
+    fn run<V: V16>(self) {
+        let Gemv {
+            w,
+            x,
+            sums,
+            groups,
+            y,
+        } = self.0;
+        let (k, n) = (w.k, w.n);
+        let blocks = k / 32;
+        let offset = V::splat(if F == Q4_0 { -8.0 } else { 0.0 });
+        let table = V::iota16().add(offset);
+        for g in groups {
+            let mut acc = [V::zero(); M];
+            for b in 0..blocks {
+                let rec = w.record(g, b);
+                let mut p = [[V::zero(); 4]; M];
+                // This block's 32 values of each activation row.
+                let xs: [&[f32]; M] = std::array::from_fn(|i| &x[i * k + 32 * b..][..32]);
+                // Chains by constant index (a runtime index would keep `p` in memory).
+                if F == Q8_0 {
+                    for v in (0..32).step_by(4) {
+                        // SAFETY: a Q8_0 record holds 32 chunks of 16 bytes.
+                        let ws: [V; 4] = std::array::from_fn(|u| unsafe {
+                            V::i8_to_f32(V::load_u8(rec.qs.as_ptr().add(GROUP * (v + u))))
+                        });
+                        for (p, xb) in p.iter_mut().zip(&xs) {
+                            p[0] = ws[0].fma(V::splat(xb[v]), p[0]);
+                            p[1] = ws[1].fma(V::splat(xb[v + 1]), p[1]);
+                            p[2] = ws[2].fma(V::splat(xb[v + 2]), p[2]);
+                            p[3] = ws[3].fma(V::splat(xb[v + 3]), p[3]);
+                        }
+                    }
+                } else {
+                    for j in (0..16).step_by(2) {
+                        // SAFETY: a 4-bit record holds 16 chunks of 16 bytes.
+                        let (q0, q1) = unsafe {
+                            (
+                                V::load_u8(rec.qs.as_ptr().add(GROUP * j)),
+                                V::load_u8(rec.qs.as_ptr().add(GROUP * (j + 1))),
+                            )
+                        };
+                        let [lo0, hi0] = nibbles(table, offset, q0);
+                        let [lo1, hi1] = nibbles(table, offset, q1);
+                        for (p, xb) in p.iter_mut().zip(&xs) {
+                            p[0] = lo0.fma(V::splat(xb[j]), p[0]);
+                            p[1] = lo1.fma(V::splat(xb[j + 1]), p[1]);
+                            p[2] = hi0.fma(V::splat(xb[16 + j]), p[2]);
+                            p[3] = hi1.fma(V::splat(xb[17 + j]), p[3]);
+                        }
+                    }
+                }
+                // SAFETY: 16 halves each.
+                let d = unsafe { V::load_f16(rec.d.as_ptr()) };
+                for (i, (a, p)) in acc.iter_mut().zip(&p).enumerate() {
+                    let s = p[0].add(p[1]).add(p[2].add(p[3]));
+                    *a = s.fma(d, *a);
+                    if F == Q4_1 {
+                        // SAFETY: 16 halves.
+                        let mins = unsafe { V::load_f16(rec.m.expect("Q4_1 mins").as_ptr()) };
+                        *a = mins.fma(V::splat(sums[i * blocks + b]), *a);
+                    }
+                }
+            }
+            let j0 = GROUP * g;
+            let cols = GROUP.min(n - j0);
+            for (i, a) in acc.iter().enumerate() {
+                // SAFETY: row i of y, columns j0 .. j0 + cols: this task's group.
+                let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(i * n + j0), cols) };
+                store_lanes(*a, 0, out);
+            }
+        }
+    }
+}
+
+/// Stores lanes `lane0 .. lane0 + out.len()` of `v`.
+#[inline(always)]
+fn store_lanes<V: V16>(v: V, lane0: usize, out: &mut [f32]) {
+    if lane0 == 0 && out.len() == 16 {
+        // SAFETY: 16 values.
+        unsafe { v.store(out.as_mut_ptr()) };
+    } else {
+        let mut all = [0.0f32; 16];
+        // SAFETY: 16 values.
+        unsafe { v.store(all.as_mut_ptr()) };
+        out.copy_from_slice(&all[lane0..lane0 + out.len()]);
+    }
+}
+
+/// Prefill's panels from a repacked weight.
+struct GroupPanels<'a> {
+    w: &'a RepackedWeight,
+}
+
+impl Panels for GroupPanels<'_> {
+    /// Per group of sixteen panel columns and block: each value position of the sixteen
+    /// rows decoded as one vector, exactly as `quant::dequantize` computes it
+    /// (`(q - 8) · d`, `q · d + m`, `q · d`), and stored as one panel row.
+    #[inline(always)]
+    fn decode_panel<W: V16>(
+        &self,
+        j0: usize,
+        cols: usize,
+        nr: usize,
+        pc: usize,
+        kc: usize,
+        panel: &mut [f32],
+    ) {
+        let w = self.w;
+        let lanes = GROUP.min(nr);
+        let offset = W::splat(if w.dtype == DType::Q4_0 { -8.0 } else { 0.0 });
+        let table = W::iota16().add(offset);
+        for c0 in (0..nr).step_by(lanes) {
+            let at = |p: usize| (p - pc) * nr + c0;
+            if c0 >= cols {
+                for p in pc..pc + kc {
+                    panel[at(p)..at(p) + lanes].fill(0.0);
+                }
+                continue;
+            }
+            let (g, lane0) = ((j0 + c0) / GROUP, (j0 + c0) % GROUP);
+            for p in (pc..pc + kc).step_by(32) {
+                let rec = w.record(g, p / 32);
+                // SAFETY: 16 halves each.
+                let d = unsafe { W::load_f16(rec.d.as_ptr()) };
+                match w.dtype {
+                    DType::Q8_0 => {
+                        for v in 0..32 {
+                            // SAFETY: a Q8_0 record holds 32 chunks of 16 bytes.
+                            let q = unsafe { W::load_u8(rec.qs.as_ptr().add(GROUP * v)) };
+                            let val = W::i8_to_f32(q).mul(d);
+                            store_lanes(val, lane0, &mut panel[at(p + v)..at(p + v) + lanes]);
+                        }
+                    }
+                    _ => {
+                        let m = match rec.m {
+                            // SAFETY: 16 halves.
+                            Some(m) => unsafe { W::load_f16(m.as_ptr()) },
+                            None => W::zero(),
+                        };
+                        for j in 0..16 {
+                            // SAFETY: a 4-bit record holds 16 chunks of 16 bytes.
+                            let q = unsafe { W::load_u8(rec.qs.as_ptr().add(GROUP * j)) };
+                            let [lo, hi] = nibbles(table, offset, q);
+                            let (lo, hi) = if rec.m.is_some() {
+                                (lo.mul(d).add(m), hi.mul(d).add(m))
+                            } else {
+                                (lo.mul(d), hi.mul(d))
+                            };
+                            store_lanes(lo, lane0, &mut panel[at(p + j)..at(p + j) + lanes]);
+                            let h = p + 16 + j;
+                            store_lanes(hi, lane0, &mut panel[at(h)..at(h) + lanes]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant;
+
+    /// Every level and team size, decode and prefill row counts, every format: the f64
+    /// product of the dequantized weight within the bound of f32 sums, and the same bits
+    /// for every thread count.
+    #[test]
+    fn every_format_multiplies_as_its_dequantized_weight_on_every_level_and_team_size() {
+        // 70 rows: a partial last group and panel; k = 608: a partial depth block.
+        let (n, k) = (70, 608);
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+            let bytes = quant::sample_blocks(dtype, n * k, 5).unwrap();
+            let mut wf = vec![0.0f32; n * k];
+            quant::dequantize(dtype, &bytes, &mut wf);
+            let w = RepackedWeight::new(dtype, Layout::Values, n, k, &bytes).unwrap();
+            for m in [1, 2, 3, 4, 7, 13] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0)
+                    .collect();
+                let mut want = vec![0.0f64; m * n];
+                let mut bound = vec![0.0f64; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        for p in 0..k {
+                            let t = x[i * k + p] as f64 * wf[j * k + p] as f64;
+                            want[i * n + j] += t;
+                            bound[i * n + j] += t.abs();
+                        }
+                    }
+                }
+                for isa in Isa::available() {
+                    let mut first: Option<Vec<f32>> = None;
+                    for threads in [1, 2, 3] {
+                        let team = Team::new(threads).unwrap();
+                        let scratch = BlockScratch::new(threads);
+                        let mut y = vec![f32::NAN; m * n];
+                        matmuls(isa, &team, &scratch, &x, &[&w], &mut [&mut y], m);
+                        for (e, ((g, w), b)) in y.iter().zip(&want).zip(&bound).enumerate() {
+                            let tol = (k as f64) * f32::EPSILON as f64 * b + 1e-30;
+                            assert!(
+                                (*g as f64 - w).abs() <= tol,
+                                "{dtype} m {m} {:?} t{threads} y[{e}] = {g}, want {w}",
+                                isa.level()
+                            );
+                        }
+                        match &first {
+                            None => first = Some(y),
+                            Some(f) => assert!(
+                                f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{dtype} m {m} {:?}: thread counts differ",
+                                isa.level()
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
