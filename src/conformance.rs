@@ -874,8 +874,11 @@ struct AttentionCase {
 fn attention_cases() -> impl Strategy<Value = AttentionCase> {
     let pos = prop_oneof![select(vec![0usize, 1, 7, 63, 200]), 0usize..300];
     let head_dim = select(vec![1usize, 2, 3, 8, 16, 17, 32, 64, 65, 80, 128]);
+    // Query rows: decode and short prompts (one per (row, head) pair), and prompts long
+    // enough for a tiled prefill path (units of several rows and heads, a partial last one).
+    let m = prop_oneof![3 => 1usize..=5, 1 => select(vec![6usize, 17, 33])];
     (
-        1usize..=5,
+        m,
         pos,
         1usize..=3,
         1usize..=3,

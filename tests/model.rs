@@ -120,17 +120,23 @@ fn check_against_reference<B: Backend>(
     assert_eq!(compared, 4, "the reference has last logits for 4 prompts");
 }
 
+/// Exact mode's acceptance on every SIMD level this CPU runs (each with its own kernels:
+/// repacked records for Q4_1 and Q8_0, f32 GEMM panels when prefilling).
 #[test]
-fn q4_1_exact_mode_on_simd_matches_llama_cpp_f32_logits_and_all_greedy_tokens() {
+fn q4_1_exact_mode_on_every_simd_level_matches_llama_cpp_f32_logits_and_all_greedy_tokens() {
+    use chord::kernels::simd::Level;
     let cases = greedy_cases("greedy_f32_kvf32.jsonl");
     assert_eq!(cases.len(), 10);
-    check_against_reference(
-        SimdBackend::new(2).unwrap(),
-        &cases,
-        "logits_last_f32_kvf32",
-        0.01,
-        64,
-    );
+    for level in Level::ALL.into_iter().filter(|l| l.is_supported()) {
+        eprintln!("exact mode on simd-{}", level.name());
+        check_against_reference(
+            SimdBackend::with_level(level, 2).unwrap(),
+            &cases,
+            "logits_last_f32_kvf32",
+            0.01,
+            64,
+        );
+    }
 }
 
 #[test]

@@ -2,9 +2,10 @@
 
 use chord_kernels::simd::{
     self, AttentionScratch, AttentionShape, BlockScratch, BlockWeight, GemmScratch, IntScratch,
-    Isa, Layout, Level, PackedWeight, RepackedWeight,
+    Isa, Layout, Level, PackedWeight, RepackedWeight, RopeTable,
 };
 use chord_kernels::team::Team;
+use std::sync::Mutex;
 
 use super::{
     Arithmetic, AttentionParams, Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support,
@@ -65,7 +66,8 @@ pub enum SimdWeight<'w> {
 /// unless forced). Weights stay as the file stores them and are decoded on the fly
 /// ([`Mode::Exact`], the default) or multiplied in integers ([`Mode::Fast`]). Matmuls are
 /// split over the backend's own [`Team`] of `threads` threads, by the task index, so results
-/// are bitwise identical for any thread count; the per-row ops run on the calling thread.
+/// are bitwise identical for any thread count; attention and the per-row ops split over the
+/// same team where the rows pay for it.
 #[derive(Debug)]
 pub struct SimdBackend {
     isa: Isa,
@@ -74,6 +76,9 @@ pub struct SimdBackend {
     scratch: GemmScratch,
     block_scratch: BlockScratch,
     attention_scratch: AttentionScratch,
+    /// RoPE angles of the positions of the current forward pass (queries and keys of every
+    /// layer share them).
+    rope_table: Mutex<RopeTable>,
     /// Quantized activation rows of fast mode, grown to the largest call.
     int_scratch: IntScratch,
 }
@@ -116,6 +121,7 @@ impl SimdBackend {
             scratch: GemmScratch::new(threads),
             block_scratch: BlockScratch::new(threads),
             attention_scratch: AttentionScratch::new(threads),
+            rope_table: Mutex::new(RopeTable::default()),
             int_scratch: IntScratch::new(),
         })
     }
@@ -378,11 +384,15 @@ impl Backend for SimdBackend {
     fn rope(&self, x: &mut [f32], rows: usize, pos: usize, p: &RopeParams) -> Result<(), Error> {
         check::rope(x.len(), rows, pos, p)?;
         let width = x.len() / rows;
+        let mut table = self.rope_table.lock().unwrap_or_else(|e| e.into_inner());
+        table.prepare(rows, pos, p);
+        let table = &*table;
         let out = Out(x.as_mut_ptr());
         self.split(rows, ROWS_PER_TASK, &|r| {
             // SAFETY: rows r of x belong to this task alone.
             let x = unsafe { out.rows(r.clone(), width) };
-            simd::rope(self.isa, x, r.len(), pos + r.start, p);
+            let (cos, sin) = table.rows(r, p.head_dim);
+            simd::rope_rows(self.isa, x, cos, sin, p);
         });
         Ok(())
     }

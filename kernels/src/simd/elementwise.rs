@@ -149,29 +149,111 @@ fn rope_body<V: F32Vec>(x: &mut [f32], rows: usize, pos: usize, p: &RopeParams) 
     if d > ROPE_MAX_HEAD_DIM {
         return crate::scalar::rope(x, rows, pos, p);
     }
-    let half = d / 2;
     let row_len = x.len() / rows;
     // Per row: `cos[j]` and `sin[j]` (sin signed for the lane's role) for every lane j of a head.
     let mut cos = [0.0f32; ROPE_MAX_HEAD_DIM];
     let mut sin = [0.0f32; ROPE_MAX_HEAD_DIM];
     for (r, row) in x.chunks_exact_mut(row_len).enumerate() {
-        let position = (pos + r) as f64;
-        for i in 0..half {
-            let freq = (p.theta as f64).powf(-((2 * i) as f64) / d as f64);
-            let (s, c) = (position * freq).sin_cos();
-            let (ia, ib) = match p.layout {
-                RopeLayout::Interleaved => (2 * i, 2 * i + 1),
-                RopeLayout::Neox => (i, i + half),
-            };
-            (cos[ia], cos[ib]) = (c as f32, c as f32);
-            (sin[ia], sin[ib]) = (-s as f32, s as f32);
+        rope_angles(pos + r, p, &mut cos[..d], &mut sin[..d]);
+        rotate_row::<V>(row, &cos[..d], &sin[..d], p.layout);
+    }
+}
+
+/// `cos[j]`, `sin[j]` of every lane `j` of a head at `position` (sin signed for the lane's
+/// role): angle `position · theta^(-2i / head_dim)` for pair `i`, in f64, rounded once.
+fn rope_angles(position: usize, p: &RopeParams, cos: &mut [f32], sin: &mut [f32]) {
+    let d = p.head_dim;
+    let half = d / 2;
+    for i in 0..half {
+        let freq = (p.theta as f64).powf(-((2 * i) as f64) / d as f64);
+        let (s, c) = (position as f64 * freq).sin_cos();
+        let (ia, ib) = match p.layout {
+            RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+            RopeLayout::Neox => (i, i + half),
+        };
+        (cos[ia], cos[ib]) = (c as f32, c as f32);
+        (sin[ia], sin[ib]) = (-s as f32, s as f32);
+    }
+}
+
+/// Rotates every head of one row with the lanes' `cos` and `sin`.
+#[inline(always)]
+fn rotate_row<V: F32Vec>(row: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
+    for head in row.chunks_exact_mut(cos.len()) {
+        match layout {
+            RopeLayout::Interleaved => rotate_interleaved::<V>(head, cos, sin),
+            RopeLayout::Neox => rotate_neox::<V>(head, cos, sin),
         }
-        for head in row.chunks_exact_mut(d) {
-            match p.layout {
-                RopeLayout::Interleaved => rotate_interleaved::<V>(head, &cos[..d], &sin[..d]),
-                RopeLayout::Neox => rotate_neox::<V>(head, &cos[..d], &sin[..d]),
-            }
+    }
+}
+
+/// The angles' `cos` and `sin` for one run of positions, kept between [`rope_rows`] calls.
+///
+/// A forward pass rotates the queries and the keys of every layer at the same positions:
+/// with the table those angles (`head_dim / 2` calls of `powf` and `sin_cos` per position)
+/// are computed once per pass instead of twice per layer, and the values are the ones
+/// [`rope`] computes, bit for bit.
+#[derive(Debug, Default)]
+pub struct RopeTable {
+    /// `(theta bits, head_dim, layout, pos, rows)` of the run the table holds.
+    key: Option<(u32, usize, RopeLayout, usize, usize)>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Makes the table hold rows `pos..pos + rows` for `p`, computing them unless it already
+    /// does. Memory: `2 · rows · head_dim` values.
+    pub fn prepare(&mut self, rows: usize, pos: usize, p: &RopeParams) {
+        let key = (p.theta.to_bits(), p.head_dim, p.layout, pos, rows);
+        if self.key == Some(key) {
+            return;
         }
+        let d = p.head_dim;
+        self.cos.clear();
+        self.cos.resize(rows * d, 0.0);
+        self.sin.clear();
+        self.sin.resize(rows * d, 0.0);
+        for (r, (c, s)) in self
+            .cos
+            .chunks_exact_mut(d)
+            .zip(self.sin.chunks_exact_mut(d))
+            .enumerate()
+        {
+            rope_angles(pos + r, p, c, s);
+        }
+        self.key = Some(key);
+    }
+
+    /// `(cos, sin)` of rows `r` (counted from the prepared `pos`), `head_dim` values each.
+    pub fn rows(&self, r: std::ops::Range<usize>, head_dim: usize) -> (&[f32], &[f32]) {
+        (
+            &self.cos[r.start * head_dim..r.end * head_dim],
+            &self.sin[r.start * head_dim..r.end * head_dim],
+        )
+    }
+}
+
+stamp! {
+    /// Rotary embedding, in place, with the angles of a [`RopeTable`]: `x (rows,
+    /// n_heads * head_dim)`, `cos`, `sin (rows, head_dim)` from [`RopeTable::rows`].
+    /// Bitwise the result of [`rope`] at the table's positions (heads up to 1024 values;
+    /// [`rope`] gives wider ones to the scalar kernel).
+    pub fn rope_rows(x: &mut [f32], cos: &[f32], sin: &[f32], p: &RopeParams) = rope_rows_body;
+}
+
+#[inline(always)]
+fn rope_rows_body<V: F32Vec>(x: &mut [f32], cos: &[f32], sin: &[f32], p: &RopeParams) {
+    let d = p.head_dim;
+    let rows = cos.len() / d;
+    assert!(cos.len() == sin.len() && rows > 0 && x.len().is_multiple_of(rows * d));
+    let row_len = x.len() / rows;
+    for ((row, c), s) in x
+        .chunks_exact_mut(row_len)
+        .zip(cos.chunks_exact(d))
+        .zip(sin.chunks_exact(d))
+    {
+        rotate_row::<V>(row, c, s, p.layout);
     }
 }
 
