@@ -50,15 +50,28 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 
 /// The default model in `dir`, fetched first if it is absent. `quiet` hides pip's progress.
 /// A file present with the wrong checksum is an error, not silently replaced.
+///
+/// Hashing the file takes about 0.1 s, as long as loading it: once a file has matched, a
+/// stamp beside it (`.FILE.verified`: its size and modification time) lets later runs skip
+/// the hash until the file changes.
 pub fn ensure_default_model(dir: &Path, quiet: bool) -> Result<PathBuf, PullError> {
     let path = dir.join(FILE_NAME);
     if path.exists() {
+        let stamp_path = dir.join(format!(".{FILE_NAME}.verified"));
+        let stamp = file_stamp(&path);
+        if stamp.is_some() && std::fs::read_to_string(&stamp_path).ok() == stamp {
+            return Ok(path);
+        }
         let sum = sha256_file(&path).map_err(|e| PullError(format!("{}: {e}", path.display())))?;
         if sum != SHA256 {
             return Err(PullError(format!(
                 "{} has SHA-256 {sum}, expected {SHA256}; delete it to fetch it again",
                 path.display()
             )));
+        }
+        if let Some(stamp) = stamp {
+            // A stamp that cannot be written only costs the next run a hash.
+            let _ = std::fs::write(&stamp_path, stamp);
         }
         return Ok(path);
     }
@@ -72,6 +85,18 @@ pub fn ensure_default_model(dir: &Path, quiet: bool) -> Result<PathBuf, PullErro
     let result = fetch_into(&tmp, &path, quiet);
     let _ = std::fs::remove_dir_all(&tmp);
     result.map(|()| path)
+}
+
+/// `"SIZE MTIME_NS SHA256"` of a file as it is now, if its metadata can be read.
+fn file_stamp(path: &Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    let mtime = meta
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
+    Some(format!("{} {mtime} {SHA256}", meta.len()))
 }
 
 fn fetch_into(tmp: &Path, dest: &Path, quiet: bool) -> Result<(), PullError> {
@@ -128,4 +153,28 @@ fn fetch_into(tmp: &Path, dest: &Path, quiet: bool) -> Result<(), PullError> {
         )));
     }
     std::fs::rename(&extracted, dest).map_err(|e| PullError(format!("{}: {e}", dest.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file with the right name and the wrong bytes is refused, even beside a stamp that
+    /// names another version of it; the refusal writes no stamp.
+    #[test]
+    fn a_changed_file_is_hashed_again_and_refused() {
+        let dir = std::env::temp_dir().join(format!("chord-pull-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(FILE_NAME);
+        std::fs::write(&path, b"not the model").unwrap();
+        let stamp_path = dir.join(format!(".{FILE_NAME}.verified"));
+        std::fs::write(&stamp_path, format!("98362432 1 {SHA256}")).unwrap();
+        let err = ensure_default_model(&dir, true).unwrap_err().to_string();
+        assert!(err.contains("expected"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&stamp_path).unwrap(),
+            format!("98362432 1 {SHA256}")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -69,10 +69,12 @@ const NC: usize = 4;
 /// Output vectors (of 16 values) per step of the tiled sum: `QB * MW` accumulators.
 const MW: usize = 4;
 
-/// The output shared by tasks that write disjoint heads.
+/// The output shared by tasks that write disjoint heads (and the tiled path's key buffer).
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
-// SAFETY: each (row, head) pair's `head_dim` outputs are written by the one task that owns it.
+// SAFETY: each (row, head) pair's `head_dim` outputs are written by the one task that owns it;
+// the tiled path's packing tasks write disjoint chunks of the key buffer, which its units only
+// read, after the packing job has returned.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 impl Out {
@@ -243,19 +245,6 @@ fn mix_wide(m: Mix<'_>) {
     }
 }
 
-/// A shared buffer written or read by the tasks of one team job.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: packing tasks write disjoint chunks; the units only read, after the packing job
-// has returned.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-impl Shared {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// The tiled path (see the module docs).
 #[allow(clippy::too_many_arguments)] // the op's tensors, side by side
 fn tiled(
@@ -278,7 +267,7 @@ fn tiled(
     let mut kt = scratch.kt.lock().unwrap_or_else(|e| e.into_inner());
     kt.clear();
     kt.resize(t_pad * hd, 0.0);
-    let kt_ptr = Shared(kt.as_mut_ptr());
+    let kt_ptr = Out(kt.as_mut_ptr());
     let queries = p.m * group;
     let units = queries.div_ceil(QB);
     let scale = 1.0 / (hd as f32).sqrt();
