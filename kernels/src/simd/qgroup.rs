@@ -14,18 +14,16 @@
 //! - **prefill**: the packed GEMM of `simd::qmatmul`, its panels decoded from the records:
 //!   sixteen rows of one value position are already one vector, so no transpose.
 //!
-//! Work is split by groups of sixteen rows (decode) or panels (prefill), fixed by the task
-//! index: results are bitwise identical for any thread count.
+//! Work is split by groups of sixteen rows (decode: contiguous runs over the weights of the
+//! call, `RUNS_PER_THREAD` per thread) or panels (prefill), and no group's arithmetic
+//! depends on the split: results are bitwise identical for any thread count.
 
 use super::Isa;
 use super::qmatmul::{BlockScratch, GEMV_ROWS, Panels, panel_width, prefill};
 use super::repack::{GROUP, Layout, RepackedWeight};
 use super::v16::{Kernel16, V16, dispatch16};
 use crate::quant::DType;
-use crate::team::Team;
-
-/// Groups of sixteen rows per decode task: 64 rows, as the block path's tasks.
-const GROUPS_PER_TASK: usize = 4;
+use crate::team::{RUNS_PER_THREAD, Team, for_each_part};
 
 /// Most weights one call runs as one job.
 const MAX_WEIGHTS: usize = 4;
@@ -83,40 +81,50 @@ pub fn matmuls(
     }
     let sums = &sums[..];
     for (ws, ys) in ws.chunks(MAX_WEIGHTS).zip(ys.chunks_mut(MAX_WEIGHTS)) {
-        // Task t belongs to weight i where starts[i] <= t < starts[i + 1].
-        let mut starts = [0usize; MAX_WEIGHTS + 1];
+        let mut counts = [0usize; MAX_WEIGHTS];
         let mut outs = [Out(std::ptr::null_mut()); MAX_WEIGHTS];
         for (i, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
             debug_assert!(w.k == k && x.len() == m * k && y.len() == m * w.n);
-            starts[i + 1] = starts[i] + w.groups().div_ceil(GROUPS_PER_TASK);
+            counts[i] = w.groups();
             outs[i] = Out(y.as_mut_ptr());
         }
-        team.run(starts[ws.len()], &|t| {
-            let i = (0..ws.len())
-                .rfind(|&i| starts[i] <= t)
-                .expect("task of some weight");
-            let w = ws[i];
-            let c = t - starts[i];
-            let groups = c * GROUPS_PER_TASK..((c + 1) * GROUPS_PER_TASK).min(w.groups());
-            let g = Gemv {
-                w,
-                x,
-                sums,
-                groups,
-                y: outs[i],
-            };
-            match (m, w.dtype) {
-                (1, DType::Q4_0) => dispatch16(isa, GroupGemv::<1, Q4_0>(g)),
-                (1, DType::Q4_1) => dispatch16(isa, GroupGemv::<1, Q4_1>(g)),
-                (1, _) => dispatch16(isa, GroupGemv::<1, Q8_0>(g)),
-                (2, DType::Q4_0) => dispatch16(isa, GroupGemv::<2, Q4_0>(g)),
-                (2, DType::Q4_1) => dispatch16(isa, GroupGemv::<2, Q4_1>(g)),
-                (2, _) => dispatch16(isa, GroupGemv::<2, Q8_0>(g)),
-                (_, DType::Q4_0) => dispatch16(isa, GroupGemv::<3, Q4_0>(g)),
-                (_, DType::Q4_1) => dispatch16(isa, GroupGemv::<3, Q4_1>(g)),
-                (_, _) => dispatch16(isa, GroupGemv::<3, Q8_0>(g)),
-            }
+        let counts = &counts[..ws.len()];
+        let runs = (team.threads() * RUNS_PER_THREAD).min(counts.iter().sum());
+        team.run(runs, &|t| {
+            for_each_part(counts, runs, t, |i, groups| {
+                gemv(isa, m, ws[i], x, sums, groups, outs[i]);
+            });
         });
+    }
+}
+
+/// Groups `groups` of `w` for `m` (at most [`GEMV_ROWS`]) activation rows, into `y`.
+fn gemv(
+    isa: Isa,
+    m: usize,
+    w: &RepackedWeight,
+    x: &[f32],
+    sums: &[f32],
+    groups: std::ops::Range<usize>,
+    y: Out,
+) {
+    let g = Gemv {
+        w,
+        x,
+        sums,
+        groups,
+        y,
+    };
+    match (m, w.dtype) {
+        (1, DType::Q4_0) => dispatch16(isa, GroupGemv::<1, Q4_0>(g)),
+        (1, DType::Q4_1) => dispatch16(isa, GroupGemv::<1, Q4_1>(g)),
+        (1, _) => dispatch16(isa, GroupGemv::<1, Q8_0>(g)),
+        (2, DType::Q4_0) => dispatch16(isa, GroupGemv::<2, Q4_0>(g)),
+        (2, DType::Q4_1) => dispatch16(isa, GroupGemv::<2, Q4_1>(g)),
+        (2, _) => dispatch16(isa, GroupGemv::<2, Q8_0>(g)),
+        (_, DType::Q4_0) => dispatch16(isa, GroupGemv::<3, Q4_0>(g)),
+        (_, DType::Q4_1) => dispatch16(isa, GroupGemv::<3, Q4_1>(g)),
+        (_, _) => dispatch16(isa, GroupGemv::<3, Q8_0>(g)),
     }
 }
 

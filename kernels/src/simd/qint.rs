@@ -21,14 +21,11 @@ use std::sync::Mutex;
 use super::repack::{GROUP, Layout, Record, RepackedWeight};
 use super::{Isa, Level};
 use crate::quant::{DType, QuantizedRows, f16_to_f32};
-use crate::team::Team;
+use crate::team::{RUNS_PER_THREAD, Team, for_each_part};
 
 /// Activation rows up to which a matmul runs as a decode (each weight group read once for
 /// all rows, row by row); above, row blocks of [`MR`].
 const MR: usize = 4;
-
-/// Weight groups per decode task.
-const GROUPS_PER_TASK: usize = 16;
 
 /// Per-call scratch of the fast path: the quantized activations.
 #[derive(Debug, Default)]
@@ -150,32 +147,31 @@ pub fn matmuls(
     let act = &*act;
     let kind = dot_kind(isa);
     for (ws, ys) in ws.chunks(MAX_WEIGHTS).zip(ys.chunks_mut(MAX_WEIGHTS)) {
-        // Tasks: runs of groups of each weight; task t belongs to weight i where
-        // starts[i] <= t < starts[i + 1].
-        let per_task = if m <= MR { GROUPS_PER_TASK } else { 1 };
-        let mut starts = [0usize; MAX_WEIGHTS + 1];
+        let mut counts = [0usize; MAX_WEIGHTS];
         let mut outs = [Out(std::ptr::null_mut()); MAX_WEIGHTS];
         for (i, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
             debug_assert!(w.k == k && y.len() == m * w.n);
-            starts[i + 1] = starts[i] + w.n.div_ceil(GROUP).div_ceil(per_task);
+            counts[i] = w.n.div_ceil(GROUP);
             outs[i] = Out(y.as_mut_ptr());
         }
-        team.run(starts[ws.len()], &|t| {
-            let i = (0..ws.len())
-                .rfind(|&i| starts[i] <= t)
-                .expect("task of some weight");
-            let w = ws[i];
-            let c = t - starts[i];
-            let groups = w.n.div_ceil(GROUP);
-            let g0 = c * per_task;
-            let g1 = (g0 + per_task).min(groups);
-            for g in g0..g1 {
-                for i0 in (0..m).step_by(MR) {
-                    let rows = MR.min(m - i0);
-                    // SAFETY: group g's columns of rows i0.. of y belong to this task.
-                    unsafe { group(kind, w, act, g, i0, rows, outs[i].get()) };
+        let counts = &counts[..ws.len()];
+        let total: usize = counts.iter().sum();
+        // Decoding: a few long runs per thread; prefilling: a group per task.
+        let runs = if m <= MR {
+            (team.threads() * RUNS_PER_THREAD).min(total)
+        } else {
+            total
+        };
+        team.run(runs, &|t| {
+            for_each_part(counts, runs, t, |i, groups| {
+                for g in groups {
+                    for i0 in (0..m).step_by(MR) {
+                        let rows = MR.min(m - i0);
+                        // SAFETY: group g's columns of rows i0.. of y belong to this task.
+                        unsafe { group(kind, ws[i], act, g, i0, rows, outs[i].get()) };
+                    }
                 }
-            }
+            });
         });
     }
 }

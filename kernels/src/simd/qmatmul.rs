@@ -15,8 +15,9 @@
 //!
 //! Either way a weight value is exactly the value [`Block::dequantize`] gives: the result is
 //! the f32 matmul of the dequantized weight, up to the order of the sums. Work is split over
-//! a [`Team`] by weight rows (decode) or panels (prefill), fixed by the task index: results
-//! are bitwise identical for any thread count.
+//! a [`Team`] by weight rows (decode: contiguous runs, `RUNS_PER_THREAD` per thread) or
+//! panels (prefill), and no row's arithmetic depends on the split: results are bitwise
+//! identical for any thread count.
 
 use std::sync::Mutex;
 
@@ -25,14 +26,10 @@ use super::v16::{Kernel16, V16, dispatch16};
 use super::vec::F32Vec;
 use super::{Isa, Level};
 use crate::quant::{Block, DType, with_block};
-use crate::team::Team;
+use crate::team::{RUNS_PER_THREAD, Team, for_each_part};
 
 /// Activation rows up to which the decode path runs.
 pub const GEMV_ROWS: usize = 3;
-
-/// Weight rows per decode task: enough tasks to balance the team, few enough to keep
-/// each task's rows streaming.
-const GEMV_TASK_ROWS: usize = 64;
 
 /// A weight `W (n, k)` in its storage format: `n` rows of `k / block length` blocks.
 #[derive(Clone, Copy, Debug)]
@@ -157,48 +154,49 @@ pub fn matmuls(
         return;
     }
     for (ws, ys) in ws.chunks(MAX_WEIGHTS).zip(ys.chunks_mut(MAX_WEIGHTS)) {
-        // Task t belongs to weight i where starts[i] <= t < starts[i + 1].
-        let mut starts = [0usize; MAX_WEIGHTS + 1];
+        let mut counts = [0usize; MAX_WEIGHTS];
         let mut outs = [Out(std::ptr::null_mut()); MAX_WEIGHTS];
         for (i, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
             debug_assert!(x.len() == m * w.k && y.len() == m * w.n);
-            starts[i + 1] = starts[i] + w.n.div_ceil(GEMV_TASK_ROWS);
+            counts[i] = w.n;
             outs[i] = Out(y.as_mut_ptr());
         }
-        team.run(starts[ws.len()], &|t| {
-            let i = (0..ws.len())
-                .rfind(|&i| starts[i] <= t)
-                .expect("task of some weight");
-            let w = &ws[i];
-            let c = t - starts[i];
-            let rows = c * GEMV_TASK_ROWS..((c + 1) * GEMV_TASK_ROWS).min(w.n);
-            fn run<B: Block>(
-                isa: Isa,
-                x: &[f32],
-                w: &BlockWeight<'_>,
-                rows: std::ops::Range<usize>,
-                y: Out,
-                m: usize,
-            ) {
-                let blocks: &[B] =
-                    bytemuck::try_cast_slice(w.bytes).expect("whole blocks of alignment 1");
-                let g = Gemv {
-                    x,
-                    blocks,
-                    k: w.k,
-                    n: w.n,
-                    rows,
-                    y,
-                };
-                match m {
-                    1 => dispatch16(isa, GemvRows::<B, 1>(g)),
-                    2 => dispatch16(isa, GemvRows::<B, 2>(g)),
-                    _ => dispatch16(isa, GemvRows::<B, 3>(g)),
-                }
-            }
-            with_block!(w.dtype, run, isa, x, w, rows, outs[i], m)
+        let counts = &counts[..ws.len()];
+        let runs = (team.threads() * RUNS_PER_THREAD).min(counts.iter().sum());
+        team.run(runs, &|t| {
+            for_each_part(counts, runs, t, |i, rows| {
+                gemv(isa, &ws[i], x, rows, outs[i], m)
+            });
         });
     }
+}
+
+/// Rows `rows` of `w` for `m` (at most [`GEMV_ROWS`]) activation rows, into `y`.
+fn gemv(isa: Isa, w: &BlockWeight<'_>, x: &[f32], rows: std::ops::Range<usize>, y: Out, m: usize) {
+    fn run<B: Block>(
+        isa: Isa,
+        x: &[f32],
+        w: &BlockWeight<'_>,
+        rows: std::ops::Range<usize>,
+        y: Out,
+        m: usize,
+    ) {
+        let blocks: &[B] = bytemuck::try_cast_slice(w.bytes).expect("whole blocks of alignment 1");
+        let g = Gemv {
+            x,
+            blocks,
+            k: w.k,
+            n: w.n,
+            rows,
+            y,
+        };
+        match m {
+            1 => dispatch16(isa, GemvRows::<B, 1>(g)),
+            2 => dispatch16(isa, GemvRows::<B, 2>(g)),
+            _ => dispatch16(isa, GemvRows::<B, 3>(g)),
+        }
+    }
+    with_block!(w.dtype, run, isa, x, w, rows, y, m)
 }
 
 /// The decode path's work for one task: weight rows `rows`.
