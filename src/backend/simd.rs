@@ -384,6 +384,10 @@ impl Backend for SimdBackend {
     fn rope(&self, x: &mut [f32], rows: usize, pos: usize, p: &RopeParams) -> Result<(), Error> {
         check::rope(x.len(), rows, pos, p)?;
         let width = x.len() / rows;
+        if p.head_dim > simd::ROPE_MAX_HEAD_DIM {
+            simd::rope(self.isa, x, rows, pos, p);
+            return Ok(());
+        }
         let mut table = self.rope_table.lock().unwrap_or_else(|e| e.into_inner());
         table.prepare(rows, pos, p);
         let table = &*table;

@@ -19,7 +19,9 @@
 //! `d` order), takes each query's softmax over its own visible positions, zeroes the rest,
 //! and sums `Σ_t p_t v_t` in position order for its `QB` queries at once, sharing each
 //! loaded value vector. The scores' summation order differs from the per-pair path's; a
-//! query's result still does not depend on the unit or task it lands in.
+//! query's result still does not depend on the unit or task it lands in, as long as the
+//! cached values are finite (a query's sum adds `0 · v_t` for the positions up to the
+//! longest query of its unit: an infinite `v_t` there would make it NaN).
 
 use std::sync::Mutex;
 
@@ -95,6 +97,16 @@ pub fn attention(
     out: &mut [f32],
     p: &AttentionShape,
 ) {
+    let kv = p.n_kv_heads * p.head_dim;
+    assert!(
+        p.n_kv_heads > 0
+            && p.n_heads.is_multiple_of(p.n_kv_heads)
+            && q.len() == p.m * p.n_heads * p.head_dim
+            && out.len() == q.len()
+            && k_cache.len() >= (p.pos + p.m) * kv
+            && v_cache.len() >= (p.pos + p.m) * kv,
+        "attention: tensors do not match {p:?}"
+    );
     if p.m >= TILED_MIN_ROWS && p.head_dim.is_multiple_of(16) && p.head_dim <= 256 {
         return tiled(isa, team, scratch, q, k_cache, v_cache, out, p);
     }
@@ -111,7 +123,6 @@ pub fn attention(
             let (i, h) = (pair / p.n_heads, pair % p.n_heads);
             let t_len = p.pos + i + 1;
             let s = &mut scores[..t_len];
-            let kv = p.n_kv_heads * p.head_dim;
             let kv_off = (h / (p.n_heads / p.n_kv_heads)) * p.head_dim;
             let qh = &q[(i * p.n_heads + h) * p.head_dim..][..p.head_dim];
             dispatch16(
@@ -513,8 +524,9 @@ mod tests {
     use super::*;
 
     /// The tiled prefill path against an f64 oracle, and the same bits for every thread
-    /// count, on every level: head sizes 64 and 80 (a 16-wide tail slice), GQA groups 1 and
-    /// 3, query counts leaving a partial last unit, prompts after a cached prefix.
+    /// count, on every level: head sizes giving output slices of every width (64: 4; 80:
+    /// 4 + 1; 48: 3; 112: 4 + 3; 16: 1), GQA groups 1 to 3, query counts leaving a partial
+    /// last unit, prompts after a cached prefix.
     #[test]
     fn tiled_prefill_matches_f64_and_is_bitwise_identical_for_any_thread_count() {
         for (m, pos, n_kv_heads, group, hd) in [
@@ -522,6 +534,8 @@ mod tests {
             (7, 5, 2, 3, 64),
             (33, 70, 1, 3, 80),
             (18, 0, 3, 2, 16),
+            (9, 3, 2, 2, 48),
+            (5, 17, 1, 2, 112),
         ] {
             let n_heads = n_kv_heads * group;
             let (t_all, kv) = (pos + m, n_kv_heads * hd);

@@ -131,7 +131,7 @@ fn scale_in_place<V: F32Vec>(x: &mut [f32], s: V) {
 
 /// Largest `head_dim` whose cos/sin tables the SIMD RoPE keeps on the stack; larger heads
 /// take the scalar kernel.
-const ROPE_MAX_HEAD_DIM: usize = 1024;
+pub const ROPE_MAX_HEAD_DIM: usize = 1024;
 
 stamp! {
     /// Rotary embedding, in place, as [`crate::scalar::rope`]: `x (rows, n_heads * head_dim)`,
@@ -153,19 +153,27 @@ fn rope_body<V: F32Vec>(x: &mut [f32], rows: usize, pos: usize, p: &RopeParams) 
     // Per row: `cos[j]` and `sin[j]` (sin signed for the lane's role) for every lane j of a head.
     let mut cos = [0.0f32; ROPE_MAX_HEAD_DIM];
     let mut sin = [0.0f32; ROPE_MAX_HEAD_DIM];
+    let mut freqs = [0.0f64; ROPE_MAX_HEAD_DIM / 2];
+    rope_freqs(p, &mut freqs[..d / 2]);
     for (r, row) in x.chunks_exact_mut(row_len).enumerate() {
-        rope_angles(pos + r, p, &mut cos[..d], &mut sin[..d]);
+        rope_angles(pos + r, p, &freqs[..d / 2], &mut cos[..d], &mut sin[..d]);
         rotate_row::<V>(row, &cos[..d], &sin[..d], p.layout);
     }
 }
 
+/// `freqs[i] = theta^(-2i / head_dim)` for every pair `i`, in f64.
+fn rope_freqs(p: &RopeParams, freqs: &mut [f64]) {
+    for (i, f) in freqs.iter_mut().enumerate() {
+        *f = (p.theta as f64).powf(-((2 * i) as f64) / p.head_dim as f64);
+    }
+}
+
 /// `cos[j]`, `sin[j]` of every lane `j` of a head at `position` (sin signed for the lane's
-/// role): angle `position · theta^(-2i / head_dim)` for pair `i`, in f64, rounded once.
-fn rope_angles(position: usize, p: &RopeParams, cos: &mut [f32], sin: &mut [f32]) {
+/// role): angle `position · freqs[i]` for pair `i` ([`rope_freqs`]), in f64, rounded once.
+fn rope_angles(position: usize, p: &RopeParams, freqs: &[f64], cos: &mut [f32], sin: &mut [f32]) {
     let d = p.head_dim;
     let half = d / 2;
-    for i in 0..half {
-        let freq = (p.theta as f64).powf(-((2 * i) as f64) / d as f64);
+    for (i, &freq) in freqs.iter().enumerate().take(half) {
         let (s, c) = (position as f64 * freq).sin_cos();
         let (ia, ib) = match p.layout {
             RopeLayout::Interleaved => (2 * i, 2 * i + 1),
@@ -214,13 +222,15 @@ impl RopeTable {
         self.cos.resize(rows * d, 0.0);
         self.sin.clear();
         self.sin.resize(rows * d, 0.0);
+        let mut freqs = vec![0.0f64; d / 2];
+        rope_freqs(p, &mut freqs);
         for (r, (c, s)) in self
             .cos
             .chunks_exact_mut(d)
             .zip(self.sin.chunks_exact_mut(d))
             .enumerate()
         {
-            rope_angles(pos + r, p, c, s);
+            rope_angles(pos + r, p, &freqs, c, s);
         }
         self.key = Some(key);
     }
@@ -237,8 +247,8 @@ impl RopeTable {
 stamp! {
     /// Rotary embedding, in place, with the angles of a [`RopeTable`]: `x (rows,
     /// n_heads * head_dim)`, `cos`, `sin (rows, head_dim)` from [`RopeTable::rows`].
-    /// Bitwise the result of [`rope`] at the table's positions (heads up to 1024 values;
-    /// [`rope`] gives wider ones to the scalar kernel).
+    /// Bitwise the result of [`rope`] at the table's positions, for heads of up to
+    /// [`ROPE_MAX_HEAD_DIM`] values ([`rope`] gives wider ones to the scalar kernel).
     pub fn rope_rows(x: &mut [f32], cos: &[f32], sin: &[f32], p: &RopeParams) = rope_rows_body;
 }
 
@@ -358,5 +368,51 @@ fn add_body<V: F32Vec>(y: &mut [f32], x: &[f32]) {
             load_partial::<V>(tail, 0.0).add(load_partial(&x[s..], 0.0)),
             tail,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::Isa;
+
+    /// The table path gives the bits of `rope` on every level, for both layouts, after a
+    /// cached prefix, for any split of the rows (as the backend splits them over a team).
+    #[test]
+    fn rope_rows_from_the_table_is_bitwise_rope() {
+        for layout in [RopeLayout::Interleaved, RopeLayout::Neox] {
+            for (head_dim, heads, rows, pos) in [(64, 3, 7, 0), (128, 2, 5, 1000), (6, 1, 3, 9)] {
+                let p = RopeParams {
+                    head_dim,
+                    theta: 100_000.0,
+                    layout,
+                };
+                let x: Vec<f32> = (0..rows * heads * head_dim)
+                    .map(|i| ((i * 7919 % 1013) as f32 / 506.5) - 1.0)
+                    .collect();
+                let mut table = RopeTable::default();
+                table.prepare(rows, pos, &p);
+                for isa in Isa::available() {
+                    let mut want = x.clone();
+                    rope(isa, &mut want, rows, pos, &p);
+                    for split in [rows, 1, 2] {
+                        let mut got = x.clone();
+                        let width = heads * head_dim;
+                        for r0 in (0..rows).step_by(split) {
+                            let r = r0..(r0 + split).min(rows);
+                            let (cos, sin) = table.rows(r.clone(), head_dim);
+                            rope_rows(isa, &mut got[r.start * width..r.end * width], cos, sin, &p);
+                        }
+                        assert!(
+                            got.iter()
+                                .zip(&want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{layout:?} {head_dim} pos {pos} split {split} {:?}",
+                            isa.level()
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -22,7 +22,9 @@ mod vec;
 
 pub use attention::{AttentionScratch, AttentionShape, attention};
 pub use dequant::dequantize;
-pub use elementwise::{RopeTable, add, rmsnorm, rope, rope_rows, softmax, swiglu};
+pub use elementwise::{
+    ROPE_MAX_HEAD_DIM, RopeTable, add, rmsnorm, rope, rope_rows, softmax, swiglu,
+};
 pub use gemm::{GemmScratch, PackedWeight, matmul, pack_weight};
 pub use qgroup::matmuls as matmuls_grouped;
 pub use qint::{
