@@ -25,6 +25,7 @@
 
 use std::sync::Mutex;
 
+use super::Out;
 use super::v16::{Kernel16, V16, dispatch16};
 use super::{Isa, softmax};
 use crate::SoftmaxParams;
@@ -70,20 +71,6 @@ const QB: usize = 4;
 const NC: usize = 4;
 /// Output vectors (of 16 values) per step of the tiled sum: `QB * MW` accumulators.
 const MW: usize = 4;
-
-/// The output shared by tasks that write disjoint heads (and the tiled path's key buffer).
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: each (row, head) pair's `head_dim` outputs are written by the one task that owns it;
-// the tiled path's packing tasks write disjoint chunks of the key buffer, which its units only
-// read, after the packing job has returned.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-impl Out {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// Attention of `q` over the caches into `out` (see the module docs for the shapes).
 #[allow(clippy::too_many_arguments)] // the op's tensors, side by side

@@ -33,6 +33,7 @@
 
 use std::sync::Mutex;
 
+use super::Out;
 use super::vec::{F32Vec, Portable};
 use super::{Isa, Level};
 
@@ -121,18 +122,6 @@ impl GemmScratch {
     }
 }
 
-/// A raw output pointer shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges of `y` (their own panels), never the same element.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `y (m, n) = x (m, k) · Wᵀ` with `W` packed by [`pack_weight`], on up to
 /// `team.threads()` tasks (at most the slots of `scratch`), each owning a
 /// contiguous range of panels. The summation order depends only on `KC`, not on the thread
@@ -150,7 +139,7 @@ pub fn matmul(
     let strips = if m == 1 { tile(w.isa.level()).1 } else { 1 };
     let units = w.n.div_ceil(w.nr) * strips;
     let tasks = team.threads().min(scratch.slots.len()).min(units).max(1);
-    let out = OutPtr(y.as_mut_ptr());
+    let out = Out(y.as_mut_ptr());
     let task = |t: usize| {
         let (p0, p1) = (units * t / tasks, units * (t + 1) / tasks);
         let mut buf = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());

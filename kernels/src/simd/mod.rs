@@ -112,6 +112,22 @@ impl Isa {
     }
 }
 
+/// An output pointer shared by the tasks of one team job, each writing (or, after a job that
+/// wrote, reading) elements no other task of the job touches. Only the pointer crosses
+/// threads: every dereference is an `unsafe` block whose SAFETY comment says why its
+/// elements are that task's alone.
+#[derive(Clone, Copy)]
+pub(crate) struct Out(pub(crate) *mut f32);
+// SAFETY: a raw pointer carries no access by itself; see the type's docs.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+impl Out {
+    /// The pointer (a method, so that closures capture the whole `Out`, not its field).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Writes `pub fn $name(isa: Isa, args...)` that runs `$body::<V>(args...)` with the
 /// vector type of `isa`, inside a wrapper compiled for that instruction set.
 macro_rules! stamp {
@@ -141,3 +157,64 @@ macro_rules! stamp {
     };
 }
 pub(crate) use stamp;
+
+/// The kernels' shared check of a quantized matmul against its dequantized weight.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Isa;
+    use crate::team::Team;
+
+    /// Checks that `run(isa, team, threads, x, y, m)`, which writes `y (m, n) = x · Wᵀ`,
+    /// multiplies as the dequantized weight `wf (n, k)`: within `k` ulp of the sum of the
+    /// products' magnitudes of the f64 product, for decode and prefill row counts, on every
+    /// level, and with the same bits for teams of 1, 2 and 3 threads.
+    pub(crate) fn multiplies_as_dequantized(
+        label: &str,
+        wf: &[f32],
+        n: usize,
+        k: usize,
+        run: impl Fn(Isa, &Team, usize, &[f32], &mut [f32], usize),
+    ) {
+        for m in [1, 2, 3, 4, 7, 13] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0)
+                .collect();
+            let mut want = vec![0.0f64; m * n];
+            let mut bound = vec![0.0f64; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    for p in 0..k {
+                        let t = x[i * k + p] as f64 * wf[j * k + p] as f64;
+                        want[i * n + j] += t;
+                        bound[i * n + j] += t.abs();
+                    }
+                }
+            }
+            for isa in Isa::available() {
+                let mut first: Option<Vec<f32>> = None;
+                for threads in [1, 2, 3] {
+                    let team = Team::new(threads).unwrap();
+                    let mut y = vec![f32::NAN; m * n];
+                    run(isa, &team, threads, &x, &mut y, m);
+                    for (e, ((g, w), b)) in y.iter().zip(&want).zip(&bound).enumerate() {
+                        // f32 sums of k terms: k ulp of the sum of magnitudes, generously.
+                        let tol = (k as f64) * f32::EPSILON as f64 * b + 1e-30;
+                        assert!(
+                            (*g as f64 - w).abs() <= tol,
+                            "{label} m {m} {:?} t{threads} y[{e}] = {g}, want {w}",
+                            isa.level()
+                        );
+                    }
+                    match &first {
+                        None => first = Some(y),
+                        Some(f) => assert!(
+                            f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{label} m {m} {:?}: thread counts differ",
+                            isa.level()
+                        ),
+                    }
+                }
+            }
+        }
+    }
+}

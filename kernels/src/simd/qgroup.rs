@@ -19,6 +19,7 @@
 //! depends on the split: results are bitwise identical for any thread count.
 
 use super::Isa;
+use super::Out;
 use super::qmatmul::{BlockScratch, GEMV_ROWS, Panels, panel_width, prefill};
 use super::repack::{GROUP, Layout, RepackedWeight};
 use super::v16::{Kernel16, V16, dispatch16};
@@ -27,18 +28,6 @@ use crate::team::{RUNS_PER_THREAD, Team, for_each_part};
 
 /// Most weights one call runs as one job.
 const MAX_WEIGHTS: usize = 4;
-
-/// A raw output pointer shared by tasks that write disjoint columns of `y`.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every task writes the columns of its own groups (decode) or panels (prefill).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-impl Out {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// `ys[i] (m, n_i) = x (m, k) · W_iᵀ` for repacked weights ([`Layout::Values`]) that read
 /// the same input: decoding, one job of the team for all of them; prefilling, one job each.
@@ -331,6 +320,7 @@ impl Panels for GroupPanels<'_> {
 mod tests {
     use super::*;
     use crate::quant;
+    use crate::simd::testing::multiplies_as_dequantized;
 
     /// Every level and team size, decode and prefill row counts, every format: the f64
     /// product of the dequantized weight within the bound of f32 sums, and the same bits
@@ -344,47 +334,9 @@ mod tests {
             let mut wf = vec![0.0f32; n * k];
             quant::dequantize(dtype, &bytes, &mut wf);
             let w = RepackedWeight::new(dtype, Layout::Values, n, k, &bytes).unwrap();
-            for m in [1, 2, 3, 4, 7, 13] {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0)
-                    .collect();
-                let mut want = vec![0.0f64; m * n];
-                let mut bound = vec![0.0f64; m * n];
-                for i in 0..m {
-                    for j in 0..n {
-                        for p in 0..k {
-                            let t = x[i * k + p] as f64 * wf[j * k + p] as f64;
-                            want[i * n + j] += t;
-                            bound[i * n + j] += t.abs();
-                        }
-                    }
-                }
-                for isa in Isa::available() {
-                    let mut first: Option<Vec<f32>> = None;
-                    for threads in [1, 2, 3] {
-                        let team = Team::new(threads).unwrap();
-                        let scratch = BlockScratch::new(threads);
-                        let mut y = vec![f32::NAN; m * n];
-                        matmuls(isa, &team, &scratch, &x, &[&w], &mut [&mut y], m);
-                        for (e, ((g, w), b)) in y.iter().zip(&want).zip(&bound).enumerate() {
-                            let tol = (k as f64) * f32::EPSILON as f64 * b + 1e-30;
-                            assert!(
-                                (*g as f64 - w).abs() <= tol,
-                                "{dtype} m {m} {:?} t{threads} y[{e}] = {g}, want {w}",
-                                isa.level()
-                            );
-                        }
-                        match &first {
-                            None => first = Some(y),
-                            Some(f) => assert!(
-                                f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
-                                "{dtype} m {m} {:?}: thread counts differ",
-                                isa.level()
-                            ),
-                        }
-                    }
-                }
-            }
+            multiplies_as_dequantized(&dtype.to_string(), &wf, n, k, |isa, team, t, x, y, m| {
+                matmuls(isa, team, &BlockScratch::new(t), x, &[&w], &mut [y], m)
+            });
         }
     }
 }

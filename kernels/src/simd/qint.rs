@@ -18,6 +18,7 @@
 
 use std::sync::Mutex;
 
+use super::Out;
 use super::repack::{GROUP, Layout, Record, RepackedWeight};
 use super::{Isa, Level};
 use crate::quant::{DType, QuantizedRows, f16_to_f32};
@@ -109,18 +110,6 @@ pub fn int8_probe(isa: Isa, iters: usize) -> i32 {
             }
             acc.iter().fold(0, |s, a| s.wrapping_add(*a))
         }
-    }
-}
-
-/// The output shared by tasks that write disjoint groups of columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: each task writes the columns of its own weight groups.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-impl Out {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -21,6 +21,7 @@
 
 use std::sync::Mutex;
 
+use super::Out;
 use super::gemm::{KC, microkernel, pack_x, tile};
 use super::v16::{Kernel16, V16, dispatch16};
 use super::vec::F32Vec;
@@ -73,19 +74,6 @@ impl BlockScratch {
                 .collect(),
             sums: Mutex::new(Vec::new()),
         }
-    }
-}
-
-/// A raw output pointer shared by tasks that write disjoint parts of `y`.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every task writes its own columns of `y` (weight rows / panels), never another's.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-impl Out {
-    /// The pointer (a method, so that closures capture the whole `Out`, not its field).
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -478,6 +466,7 @@ pub(super) fn store_group<W: V16>(v: W, out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::quant;
+    use crate::simd::testing::multiplies_as_dequantized;
 
     fn weight(dtype: DType, n: usize, k: usize, seed: u64) -> Vec<u8> {
         quant::sample_blocks(dtype, n * k, seed).expect("whole blocks")
@@ -491,48 +480,9 @@ mod tests {
             let mut wf = vec![0.0f32; n * k];
             quant::dequantize(dtype, &bytes, &mut wf);
             let w = BlockWeight::new(dtype, n, k, &bytes).unwrap();
-            for m in [1, 2, 3, 4, 7, 13] {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0)
-                    .collect();
-                let mut want = vec![0.0f64; m * n];
-                let mut bound = vec![0.0f64; m * n];
-                for i in 0..m {
-                    for j in 0..n {
-                        for p in 0..k {
-                            let t = x[i * k + p] as f64 * wf[j * k + p] as f64;
-                            want[i * n + j] += t;
-                            bound[i * n + j] += t.abs();
-                        }
-                    }
-                }
-                for isa in Isa::available() {
-                    let mut first: Option<Vec<f32>> = None;
-                    for threads in [1, 2, 3] {
-                        let team = Team::new(threads).unwrap();
-                        let scratch = BlockScratch::new(threads);
-                        let mut y = vec![f32::NAN; m * n];
-                        matmul(isa, &team, &scratch, &x, &w, &mut y, m);
-                        for (e, ((g, w), b)) in y.iter().zip(&want).zip(&bound).enumerate() {
-                            // f32 sums of k terms: k ulp of the sum of magnitudes, generously.
-                            let tol = (k as f64) * f32::EPSILON as f64 * b + 1e-30;
-                            assert!(
-                                (*g as f64 - w).abs() <= tol,
-                                "{dtype} m {m} {:?} t{threads} y[{e}] = {g}, want {w}",
-                                isa.level()
-                            );
-                        }
-                        match &first {
-                            None => first = Some(y),
-                            Some(f) => assert!(
-                                f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
-                                "{dtype} m {m} {:?}: thread counts differ",
-                                isa.level()
-                            ),
-                        }
-                    }
-                }
-            }
+            multiplies_as_dequantized(&dtype.to_string(), &wf, n, k, |isa, team, t, x, y, m| {
+                matmul(isa, team, &BlockScratch::new(t), x, &w, y, m)
+            });
         }
     }
 }
