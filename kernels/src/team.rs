@@ -152,6 +152,25 @@ impl Team {
     }
 }
 
+impl Team {
+    /// Runs of a decode call over `counts` units: [`RUNS_PER_THREAD`] per thread, at most
+    /// one per unit.
+    pub fn decode_runs(&self, counts: &[usize]) -> usize {
+        (self.threads() * RUNS_PER_THREAD).min(counts.iter().sum())
+    }
+
+    /// Runs `f(i, units)` over the units of `counts` (weight `i` has `counts[i]`), laid end
+    /// to end and cut into `runs` contiguous runs, one task each ([`for_each_part`]).
+    pub fn run_parts(
+        &self,
+        counts: &[usize],
+        runs: usize,
+        f: &(dyn Fn(usize, std::ops::Range<usize>) + Sync),
+    ) {
+        self.run(runs, &|t| for_each_part(counts, runs, t, f));
+    }
+}
+
 impl Drop for Team {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);

@@ -24,7 +24,7 @@ use super::qmatmul::{BlockScratch, GEMV_ROWS, Panels, panel_width, prefill};
 use super::repack::{GROUP, Layout, RepackedWeight};
 use super::v16::{Kernel16, V16, dispatch16};
 use crate::quant::DType;
-use crate::team::{RUNS_PER_THREAD, Team, for_each_part};
+use crate::team::Team;
 
 /// Most weights one call runs as one job.
 const MAX_WEIGHTS: usize = 4;
@@ -78,11 +78,8 @@ pub fn matmuls(
             outs[i] = Out(y.as_mut_ptr());
         }
         let counts = &counts[..ws.len()];
-        let runs = (team.threads() * RUNS_PER_THREAD).min(counts.iter().sum());
-        team.run(runs, &|t| {
-            for_each_part(counts, runs, t, |i, groups| {
-                gemv(isa, m, ws[i], x, sums, groups, outs[i]);
-            });
+        team.run_parts(counts, team.decode_runs(counts), &|i, groups| {
+            gemv(isa, m, ws[i], x, sums, groups, outs[i]);
         });
     }
 }

@@ -22,7 +22,7 @@ use super::Out;
 use super::repack::{GROUP, Layout, Record, RepackedWeight};
 use super::{Isa, Level};
 use crate::quant::{DType, QuantizedRows, f16_to_f32};
-use crate::team::{RUNS_PER_THREAD, Team, for_each_part};
+use crate::team::Team;
 
 /// Activation rows up to which a matmul runs as a decode (each weight group read once for
 /// all rows, row by row); above, row blocks of [`MR`].
@@ -144,23 +144,20 @@ pub fn matmuls(
             outs[i] = Out(y.as_mut_ptr());
         }
         let counts = &counts[..ws.len()];
-        let total: usize = counts.iter().sum();
         // Decoding: a few long runs per thread; prefilling: a group per task.
         let runs = if m <= MR {
-            (team.threads() * RUNS_PER_THREAD).min(total)
+            team.decode_runs(counts)
         } else {
-            total
+            counts.iter().sum()
         };
-        team.run(runs, &|t| {
-            for_each_part(counts, runs, t, |i, groups| {
-                for g in groups {
-                    for i0 in (0..m).step_by(MR) {
-                        let rows = MR.min(m - i0);
-                        // SAFETY: group g's columns of rows i0.. of y belong to this task.
-                        unsafe { group(kind, ws[i], act, g, i0, rows, outs[i].get()) };
-                    }
+        team.run_parts(counts, runs, &|i, groups| {
+            for g in groups {
+                for i0 in (0..m).step_by(MR) {
+                    let rows = MR.min(m - i0);
+                    // SAFETY: group g's columns of rows i0.. of y belong to this task.
+                    unsafe { group(kind, ws[i], act, g, i0, rows, outs[i].get()) };
                 }
-            });
+            }
         });
     }
 }

@@ -27,7 +27,7 @@ use super::v16::{Kernel16, V16, dispatch16};
 use super::vec::F32Vec;
 use super::{Isa, Level};
 use crate::quant::{Block, DType, with_block};
-use crate::team::{RUNS_PER_THREAD, Team, for_each_part};
+use crate::team::Team;
 
 /// Activation rows up to which the decode path runs.
 pub const GEMV_ROWS: usize = 3;
@@ -150,11 +150,8 @@ pub fn matmuls(
             outs[i] = Out(y.as_mut_ptr());
         }
         let counts = &counts[..ws.len()];
-        let runs = (team.threads() * RUNS_PER_THREAD).min(counts.iter().sum());
-        team.run(runs, &|t| {
-            for_each_part(counts, runs, t, |i, rows| {
-                gemv(isa, &ws[i], x, rows, outs[i], m)
-            });
+        team.run_parts(counts, team.decode_runs(counts), &|i, rows| {
+            gemv(isa, &ws[i], x, rows, outs[i], m)
         });
     }
 }
