@@ -402,15 +402,16 @@ fn bench_kernels(args: KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
     let roofs = bench::measure_roofs(&cfg.threads);
     if !args.json {
         out!(
-            "roofs, measured in this run (f32 FMA peak; streaming read of 1 GiB; 8-bit dot products):"
+            "roofs, measured in this run (f32 FMA peak; best streaming read of 1 GiB; 8-bit dot products):"
         )?;
         for r in &roofs {
             out!(
-                "  {} thread(s): {:.1} GFLOP/s ({}), {:.1} GB/s, {:.1} GOP/s ({})",
+                "  {} thread(s): {:.1} GFLOP/s ({}), {:.1} GB/s ({}), {:.1} GOP/s ({})",
                 r.threads,
                 r.fma_gflops,
                 r.fma_level,
                 r.read_gbs,
+                r.read_probe,
                 r.int8_gops,
                 r.int8_kernel
             )?;
@@ -874,7 +875,7 @@ fn profile_on<B: chord::Backend>(
         )?;
     } else {
         out!(
-            "{} on {}, {} mode, {threads} thread(s); roofs: {:.1} GFLOP/s, {:.1} GB/s",
+            "{} on {}, {} mode, {threads} thread(s); roofs: {:.1} GFLOP/s, {:.1} GB/s ({})",
             args.run
                 .model
                 .as_ref()
@@ -882,7 +883,8 @@ fn profile_on<B: chord::Backend>(
             model.backend().name(),
             args.run.mode.name(),
             roof.fma_gflops,
-            roof.read_gbs
+            roof.read_gbs,
+            roof.read_probe
         )?;
         for p in &phases {
             out!("\n{}", profile::format(p))?;

@@ -361,6 +361,7 @@ fn the_profiler_sees_every_op_of_a_forward_pass_and_changes_nothing() {
         fma_gflops: 100.0,
         fma_level: "avx512",
         read_gbs: 20.0,
+        read_probe: "huge-pages",
         int8_gops: 400.0,
         int8_kernel: "avx512-vnni",
     };
@@ -390,4 +391,26 @@ fn the_profiler_sees_every_op_of_a_forward_pass_and_changes_nothing() {
     assert_eq!(decode.layers_ms_per_token.len(), 30);
     let share: f64 = decode.rows.iter().map(|r| r.share).sum();
     assert!(share > 0.5 && share <= 1.0, "{share}");
+    // A decoded token reads every projection of every layer and the tied classifier once.
+    let gguf = file.gguf();
+    let matmul_bytes: usize = gguf
+        .tensors
+        .iter()
+        .filter(|t| {
+            t.name.starts_with("blk.") && t.dims.len() == 2 || t.name == "token_embd.weight"
+        })
+        .map(|t| file.tensor_bytes(t).len())
+        .sum();
+    let want = matmul_bytes as f64 / 1e6;
+    assert!(
+        (decode.weights_mb_per_token - want).abs() < 1e-6,
+        "{} MB per token, want {want}",
+        decode.weights_mb_per_token
+    );
+    let gbs = decode.weights_gbs.unwrap();
+    assert_eq!(decode.weights_of_roof, Some(gbs / 20.0));
+    assert_eq!(
+        phases[0].weights_gbs, None,
+        "prefill reads each weight once per pass"
+    );
 }

@@ -20,6 +20,7 @@
 // Kernels index lanes, tiles and accumulator sets by number: the loops say which.
 #![allow(clippy::needless_range_loop)]
 
+pub mod arena;
 pub mod blocked;
 mod params;
 pub mod quant;

@@ -1,5 +1,6 @@
 //! The SIMD backend: chord-kernels' vector kernels at one instruction-set level.
 
+use chord_kernels::arena::Arena;
 use chord_kernels::simd::{
     self, AttentionScratch, AttentionShape, BlockScratch, BlockWeight, GemmScratch, IntScratch,
     Isa, Layout, Level, PackedWeight, RepackedWeight, RopeTable,
@@ -81,6 +82,9 @@ pub struct SimdBackend {
     rope_table: Mutex<RopeTable>,
     /// Quantized activation rows of fast mode, grown to the largest call.
     int_scratch: IntScratch,
+    /// Where prepared (repacked, packed) weights live: side by side on huge pages, which
+    /// decode streams up to twice as fast as scattered 4 KiB pages (see `arena`).
+    arena: Arena,
 }
 
 impl SimdBackend {
@@ -123,6 +127,7 @@ impl SimdBackend {
             attention_scratch: AttentionScratch::new(threads),
             rope_table: Mutex::new(RopeTable::default()),
             int_scratch: IntScratch::new(),
+            arena: Arena::new(),
         })
     }
 
@@ -224,15 +229,21 @@ impl Backend for SimdBackend {
 
     fn prepare<'w>(&self, w: WeightView<'w>) -> Result<SimdWeight<'w>, Error> {
         let (rows, cols) = w.dims();
-        if let Some(r) =
-            RepackedWeight::new(w.dtype(), self.layout(w.name()), rows, cols, w.bytes())
-        {
+        if let Some(r) = RepackedWeight::new(
+            &self.arena,
+            w.dtype(),
+            self.layout(w.name()),
+            rows,
+            cols,
+            w.bytes(),
+        ) {
             return Ok(SimdWeight::Repacked(r));
         }
         if let Some(b) = BlockWeight::new(w.dtype(), rows, cols, w.bytes()) {
             return Ok(SimdWeight::Blocks(b));
         }
         Ok(SimdWeight::Packed(simd::pack_weight(
+            &self.arena,
             self.isa,
             &w.to_f32(),
             rows,

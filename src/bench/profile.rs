@@ -42,16 +42,19 @@ pub struct Totals {
     /// Floating-point or, for 8-bit matmuls, integer operations.
     pub flops: f64,
     pub bytes: f64,
+    /// Of `bytes`, the weights' (as the file stores them).
+    pub weight_bytes: f64,
     /// The operations were 8-bit integer ones.
     pub int8: bool,
 }
 
 impl Totals {
-    fn add(&mut self, seconds: f64, flops: f64, bytes: f64) {
+    fn add(&mut self, seconds: f64, flops: f64, bytes: f64, weight_bytes: f64) {
         self.calls += 1;
         self.seconds += seconds;
         self.flops += flops;
         self.bytes += bytes;
+        self.weight_bytes += weight_bytes;
     }
 }
 
@@ -103,7 +106,7 @@ impl<B: Backend> Profiled<B> {
     fn timed<T>(
         &self,
         op: Op,
-        weight: Option<(&str, Option<usize>, Arithmetic)>,
+        weight: Option<(&str, Option<usize>, Arithmetic, f64)>,
         flops: f64,
         bytes: f64,
         f: impl FnOnce() -> T,
@@ -112,15 +115,19 @@ impl<B: Backend> Profiled<B> {
         let out = f();
         let s = t.elapsed().as_secs_f64();
         let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
-        let (label, int8) = match weight {
-            Some((label, layer, arithmetic)) => {
+        let (label, int8, weight_bytes) = match weight {
+            Some((label, layer, arithmetic, weight_bytes)) => {
                 r.layer = layer;
-                (label.to_string(), arithmetic == Arithmetic::Int8)
+                (
+                    label.to_string(),
+                    arithmetic == Arithmetic::Int8,
+                    weight_bytes,
+                )
             }
-            None => (String::new(), false),
+            None => (String::new(), false, 0.0),
         };
         let row = r.rows.entry((op, label)).or_default();
-        row.add(s, flops, bytes);
+        row.add(s, flops, bytes, weight_bytes);
         row.int8 = int8;
         let layer = r.layer;
         *r.layers.entry(layer).or_default() += s;
@@ -199,7 +206,7 @@ impl<B: Backend> Backend for Profiled<B> {
         let bytes = w.bytes as f64 + F32 * (x.len() + y.len()) as f64;
         self.timed(
             Op::Matmul,
-            Some((&w.label, w.layer, w.arithmetic)),
+            Some((&w.label, w.layer, w.arithmetic, w.bytes as f64)),
             flops,
             bytes,
             || self.inner.matmul(x, &w.inner, y, m),
@@ -214,11 +221,12 @@ impl<B: Backend> Backend for Profiled<B> {
         m: usize,
     ) -> Result<(), Error> {
         let mut flops = 0.0;
-        let mut bytes = F32 * x.len() as f64;
+        let (mut bytes, mut weight_bytes) = (F32 * x.len() as f64, 0.0);
         for (w, y) in ws.iter().zip(ys.iter()) {
             let (n, k) = self.inner.weight_dims(&w.inner);
             flops += 2.0 * (m * n * k) as f64;
             bytes += w.bytes as f64 + F32 * y.len() as f64;
+            weight_bytes += w.bytes as f64;
         }
         let label: Vec<&str> = ws
             .iter()
@@ -235,7 +243,7 @@ impl<B: Backend> Backend for Profiled<B> {
         let inner: Vec<&B::Weight<'_>> = ws.iter().map(|w| &w.inner).collect();
         self.timed(
             Op::Matmul,
-            Some((&label, layer, arithmetic)),
+            Some((&label, layer, arithmetic, weight_bytes)),
             flops,
             bytes,
             || self.inner.matmuls(x, &inner, ys, m),
@@ -282,7 +290,7 @@ impl<B: Backend> Backend for Profiled<B> {
         let bytes = F32 * y.len() as f64;
         self.timed(
             Op::Embedding,
-            Some(("", None, Arithmetic::F32)),
+            Some(("", None, Arithmetic::F32, 0.0)),
             0.0,
             bytes,
             || self.inner.embedding(&table.inner, token, y),
@@ -336,6 +344,13 @@ pub struct Phase {
     pub layers_ms_per_token: Vec<f64>,
     /// Milliseconds per token outside the layers (embedding, final norm, classifier).
     pub outside_layers_ms_per_token: f64,
+    /// Decode only: the weight bytes the matmuls read per token over the whole token's time
+    /// (GB/s; how close decode comes to streaming the weights at the read roof), and that
+    /// over the read roof.
+    pub weights_gbs: Option<f64>,
+    pub weights_of_roof: Option<f64>,
+    /// Weight bytes read per token (MB).
+    pub weights_mb_per_token: f64,
 }
 
 /// Profiles a prefill of `pp` tokens and a decode of `tg` tokens (each from an empty cache,
@@ -393,6 +408,8 @@ fn phase(
     roof: &super::Roof,
 ) -> Phase {
     let per_token = |s: f64| 1e3 * s / tokens as f64;
+    let weight_bytes: f64 = rows.iter().map(|(_, _, t)| t.weight_bytes).sum();
+    let weights_gbs = decode.then(|| weight_bytes / wall / 1e9);
     let mut rows: Vec<ProfileRow> = rows
         .into_iter()
         .map(|(op, weight, t)| {
@@ -433,6 +450,9 @@ fn phase(
             .map(|(_, s)| per_token(*s))
             .collect(),
         outside_layers_ms_per_token: per_token(outside),
+        weights_gbs,
+        weights_of_roof: weights_gbs.map(|r| r / roof.read_gbs),
+        weights_mb_per_token: weight_bytes / tokens as f64 / 1e6,
     }
 }
 
@@ -481,6 +501,13 @@ pub fn format(p: &Phase) -> String {
             l[l.len() / 2],
             l[l.len() - 1],
             p.outside_layers_ms_per_token
+        );
+    }
+    if let (Some(gbs), Some(of_roof)) = (p.weights_gbs, p.weights_of_roof) {
+        out += &format!(
+            "  weights: {:.1} MB per token, read at {gbs:.1} GB/s over the whole token ({:.0}% of the read roof)\n",
+            p.weights_mb_per_token,
+            100.0 * of_roof
         );
     }
     out

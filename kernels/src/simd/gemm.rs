@@ -33,6 +33,8 @@
 
 use std::sync::Mutex;
 
+use crate::arena::{Arena, Chunk};
+
 use super::Out;
 use super::vec::{F32Vec, Portable};
 use super::{Isa, Level};
@@ -67,8 +69,8 @@ pub struct PackedWeight {
     n: usize,
     k: usize,
     nr: usize,
-    /// `(ceil(n / nr), k, nr)`, zero-padded rows past `n`.
-    data: Vec<f32>,
+    /// `(ceil(n / nr), k, nr)` f32, zero-padded rows past `n`.
+    data: Chunk,
 }
 
 impl PackedWeight {
@@ -84,15 +86,20 @@ impl PackedWeight {
     pub fn isa(&self) -> Isa {
         self.isa
     }
+    /// The packed panels.
+    fn values(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.data)
+    }
 }
 
-/// Packs `W (n, k)`, row-major, for `isa`'s microkernel.
-pub fn pack_weight(isa: Isa, w: &[f32], n: usize, k: usize) -> PackedWeight {
+/// Packs `W (n, k)`, row-major, for `isa`'s microkernel, in memory from `arena`.
+pub fn pack_weight(arena: &Arena, isa: Isa, w: &[f32], n: usize, k: usize) -> PackedWeight {
     assert_eq!(w.len(), n * k, "pack_weight: W must hold n * k values");
     let (nr, _) = tile(isa.level());
-    let mut data = vec![0.0f32; n.div_ceil(nr) * k * nr];
+    let mut data = arena.alloc(n.div_ceil(nr) * k * nr * size_of::<f32>());
+    let values: &mut [f32] = bytemuck::cast_slice_mut(&mut data);
     for (j, row) in w.chunks_exact(k).enumerate() {
-        let panel = &mut data[(j / nr) * k * nr..][..k * nr];
+        let panel = &mut values[(j / nr) * k * nr..][..k * nr];
         for (p, &v) in row.iter().enumerate() {
             panel[p * nr + j % nr] = v;
         }
@@ -224,7 +231,7 @@ unsafe fn body<V: F32Vec, const MR: usize, const NV: usize, const SV: usize>(
             }
             // SAFETY: strip `s` of panel `pj` is in range; its columns are this task's.
             unsafe {
-                let b = w.data.as_ptr().add(pj * k * nr + s * sw);
+                let b = w.values().as_ptr().add(pj * k * nr + s * sw);
                 gemv_strip::<V, SV>(x, b, k, nr, y.add(j0), sw.min(n - j0));
             }
         }
@@ -242,7 +249,7 @@ unsafe fn body<V: F32Vec, const MR: usize, const NV: usize, const SV: usize>(
                 let j0 = pj * nr;
                 let cols = nr.min(n - j0);
                 // SAFETY: panel `pj`, depth `pc..pc + kc`, lies inside `w.data`.
-                let b = unsafe { w.data.as_ptr().add(pj * k * nr + pc * nr) };
+                let b = unsafe { w.values().as_ptr().add(pj * k * nr + pc * nr) };
                 // Loop 1: micro-panels of x.
                 for ir in (0..mc).step_by(MR) {
                     let rows = MR.min(mc - ir);
@@ -423,7 +430,7 @@ impl PackedWeight {
             self.n,
             self.k
         );
-        let panel = &self.data[(r / self.nr) * self.k * self.nr..][..self.k * self.nr];
+        let panel = &self.values()[(r / self.nr) * self.k * self.nr..][..self.k * self.nr];
         for (p, o) in out.iter_mut().enumerate() {
             *o = panel[p * self.nr + r % self.nr];
         }

@@ -330,7 +330,15 @@ mod tests {
             let bytes = quant::sample_blocks(dtype, n * k, 5).unwrap();
             let mut wf = vec![0.0f32; n * k];
             quant::dequantize(dtype, &bytes, &mut wf);
-            let w = RepackedWeight::new(dtype, Layout::Values, n, k, &bytes).unwrap();
+            let w = RepackedWeight::new(
+                &crate::arena::Arena::new(),
+                dtype,
+                Layout::Values,
+                n,
+                k,
+                &bytes,
+            )
+            .unwrap();
             multiplies_as_dequantized(&dtype.to_string(), &wf, n, k, |isa, team, t, x, y, m| {
                 matmuls(isa, team, &BlockScratch::new(t), x, &[&w], &mut [y], m)
             });

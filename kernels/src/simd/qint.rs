@@ -487,7 +487,15 @@ mod tests {
         let (n, k) = (37, 96);
         for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
             let bytes = quant::quantize(dtype, &values(n * k, 1)).unwrap();
-            let w = RepackedWeight::new(dtype, Layout::Dots, n, k, &bytes).unwrap();
+            let w = RepackedWeight::new(
+                &crate::arena::Arena::new(),
+                dtype,
+                Layout::Dots,
+                n,
+                k,
+                &bytes,
+            )
+            .unwrap();
             for m in [1, 3, 6] {
                 let x = values(m * k, 2);
                 let mut act = QuantizedRows::default();

@@ -18,6 +18,7 @@
 //!   chunks of `qs[4c .. 4c + 4]`, each stored as `q + 128` (unsigned). One 32-bit lane is
 //!   the operand of one `vpdpbusd` step for its row.
 
+use crate::arena::{Arena, Chunk};
 use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, DType, f16_to_f32};
 
 /// Weight rows per group.
@@ -45,7 +46,7 @@ pub struct RepackedWeight {
     pub(super) n: usize,
     pub(super) k: usize,
     /// Records, group-major: record `(g, b)` at `(g * k / 32 + b) * record_bytes`.
-    data: Vec<u8>,
+    data: Chunk,
 }
 
 /// One record: the 16 rows' scales and mins (halves) and their quants.
@@ -67,8 +68,9 @@ fn quants_at(dtype: DType) -> usize {
 
 impl RepackedWeight {
     /// Repacks `bytes`, `n` rows of `k / 32` blocks of `dtype` (one of [`repackable`]),
-    /// into `layout`. `None` if the format or the shapes do not fit.
+    /// into `layout`, in memory from `arena`. `None` if the format or the shapes do not fit.
     pub fn new(
+        arena: &Arena,
         dtype: DType,
         layout: Layout,
         n: usize,
@@ -84,7 +86,7 @@ impl RepackedWeight {
             return None;
         }
         let (blocks, rec) = (k / 32, record_bytes(dtype));
-        let mut data = vec![0u8; n.div_ceil(GROUP) * blocks * rec];
+        let mut data = arena.alloc(n.div_ceil(GROUP) * blocks * rec);
         let (row_bytes, q0) = (blocks * dtype.block_bytes(), quants_at(dtype));
         for j in 0..n {
             let (g, r) = (j / GROUP, j % GROUP);
@@ -232,7 +234,7 @@ mod tests {
             let mut want = vec![0.0f32; n * k];
             quant::dequantize(dtype, &bytes, &mut want);
             for layout in [Layout::Values, Layout::Dots] {
-                let w = RepackedWeight::new(dtype, layout, n, k, &bytes).unwrap();
+                let w = RepackedWeight::new(&Arena::new(), dtype, layout, n, k, &bytes).unwrap();
                 let mut row = vec![0.0f32; k];
                 for j in 0..n {
                     w.dequantize_row(j, &mut row);
@@ -245,7 +247,13 @@ mod tests {
             }
         }
         // Other formats, and bytes that are not n rows of k, are refused.
-        assert!(RepackedWeight::new(DType::Q4K, Layout::Values, 1, 256, &[0; 144]).is_none());
-        assert!(RepackedWeight::new(DType::Q8_0, Layout::Values, 2, 32, &[0; 34]).is_none());
+        assert!(
+            RepackedWeight::new(&Arena::new(), DType::Q4K, Layout::Values, 1, 256, &[0; 144])
+                .is_none()
+        );
+        assert!(
+            RepackedWeight::new(&Arena::new(), DType::Q8_0, Layout::Values, 2, 32, &[0; 34])
+                .is_none()
+        );
     }
 }
