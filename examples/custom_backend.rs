@@ -2,8 +2,9 @@
 //! the work to another backend. Run it with `cargo run --release --example custom_backend`.
 //!
 //! It shows the three things every backend author does:
-//! 1. implement [`Backend`]: the associated `Weight` type and the seven core ops (the
-//!    composites, like `rmsnorm_matmul`, come with default bodies);
+//! 1. implement [`Backend`]: the associated `Weight` type, `name`, `prepare` and the seven
+//!    core ops (`threads`, `supports`, `weight_dims` and the composites `matmuls` and
+//!    `attention` have defaults); a wrapper like this one forwards only what it changes;
 //! 2. validate shapes at the boundary: here the inner backend does it, a backend with its
 //!    own kernels calls `chord::backend::check` first;
 //! 3. prove it: `chord::conformance::check` runs every op against the f64 reference.
@@ -12,9 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use chord::SimdBackend;
-use chord::backend::{
-    AttentionParams, Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support, WeightView,
-};
+use chord::backend::{AttentionParams, Backend, Error, Op, RopeParams, SoftmaxParams, WeightView};
 use chord::conformance::{self, Config};
 
 /// Counts calls per op, then delegates to `inner`.
@@ -51,16 +50,8 @@ impl<B: Backend> Backend for Counting<B> {
         self.inner.threads()
     }
 
-    fn supports(&self, op: Op, dtype: DType) -> Support {
-        self.inner.supports(op, dtype)
-    }
-
     fn prepare<'w>(&self, w: WeightView<'w>) -> Result<Self::Weight<'w>, Error> {
         self.inner.prepare(w)
-    }
-
-    fn weight_dims(&self, w: &Self::Weight<'_>) -> (usize, usize) {
-        self.inner.weight_dims(w)
     }
 
     fn matmul(

@@ -6,7 +6,9 @@
 //! - [`tokenizer`]: byte-level BPE read from the GGUF, matching llama.cpp's ids;
 //! - [`generate`]: the generation loop with streaming;
 //! - [`model`]: the llama-family transformer, generic over the backend;
-//! - [`bench`]: the measurements behind `chord bench kernels`, roofs included.
+//! - [`bench`]: the measurements behind `chord bench kernels`, roofs included;
+//! - [`research`]: activations dumped to safetensors, and where a backend departs from another
+//!   (through [`model::observe`], the hook that reads and edits every activation).
 //!
 //! The kernels themselves live in the `chord-kernels` crate, re-exported as [`kernels`].
 
@@ -22,6 +24,7 @@ pub mod kld;
 pub mod model;
 pub mod perplexity;
 pub mod pull;
+pub mod research;
 pub mod sample;
 pub mod tokenizer;
 

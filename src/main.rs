@@ -39,6 +39,13 @@ enum Command {
     /// Time every op inside a real forward pass, prefill and decode: each op's share of a
     /// token, its rate and the roof.
     Profile(ProfileArgs),
+    /// Write the activations of a forward pass over a prompt to a safetensors file: one
+    /// tensor `layer.{l}.{point}` (or `{point}` outside the layers) of shape (tokens, cols)
+    /// per chosen point and layer.
+    Dump(DumpArgs),
+    /// Run a backend and a reference backend over the same prompt and report the first
+    /// (layer, point) where they part; exits 1 on a divergence.
+    Diverge(DivergeArgs),
     /// Print the token ids of TEXT as one JSON array.
     Tokenize {
         /// The GGUF file whose tokenizer to use (default: the default model).
@@ -148,6 +155,48 @@ struct RunArgs {
     /// activations and integer dot products, as ggml; simd backend only).
     #[arg(long, default_value = "exact")]
     mode: chord::backend::Mode,
+}
+
+#[derive(Args)]
+struct DumpArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// The prompt (BOS added as the model asks).
+    #[arg(long)]
+    prompt: String,
+    /// Recognise special tokens written in the prompt.
+    #[arg(long)]
+    parse_special: bool,
+    /// Points to record (comma-separated): embedding, attn_norm, q, k, v, q_rope, k_rope,
+    /// attn, attn_out, resid_attn, ffn_norm, gate, up, act, ffn_out, resid_ffn, final_norm,
+    /// logits; or all.
+    #[arg(long, value_delimiter = ',', default_value = "resid_ffn,logits")]
+    points: Vec<String>,
+    /// Layers to record (comma-separated; default: every layer).
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+    /// The safetensors file to write.
+    #[arg(long)]
+    out: std::path::PathBuf,
+}
+
+#[derive(Args)]
+struct DivergeArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// The reference backend, in exact mode on the same threads (same names as --backend).
+    #[arg(long, default_value = "scalar")]
+    reference: chord::Variant,
+    /// The prompt (BOS added as the model asks).
+    #[arg(long)]
+    prompt: String,
+    /// Tolerance on each point's error scaled by the reference's largest magnitude there
+    /// (default: 1e-4 in exact mode, 5e-2 in fast mode).
+    #[arg(long)]
+    tol: Option<f64>,
+    /// Print the whole comparison as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -355,6 +404,8 @@ fn main() -> ExitCode {
         } => tokenize(model, parse_special, &text),
         Command::Template(args) => template(args),
         Command::Profile(args) => profile(args),
+        Command::Dump(args) => dump(args),
+        Command::Diverge(args) => return diverge(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -850,6 +901,93 @@ fn chat_on<B: chord::Backend>(
         }
     }
     Ok(())
+}
+
+fn dump(args: DumpArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use chord::model::observe::Point;
+    let points = if args.points.iter().any(|p| p == "all") {
+        None
+    } else {
+        let points: Vec<Point> = args
+            .points
+            .iter()
+            .map(|p| p.parse().map_err(|e| format!("--points: {e}")))
+            .collect::<Result<_, String>>()?;
+        Some(points)
+    };
+    on_backend!(&args.run, file, b => {
+        let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
+        let model = chord::model::Model::load(&file, b)?;
+        let ids = tok.encode(&args.prompt, args.parse_special);
+        if ids.is_empty() {
+            return Err("--prompt: the prompt is empty".into());
+        }
+        let meta = [
+            ("prompt".to_string(), args.prompt.clone()),
+            ("tokens".to_string(), serde_json::to_string(&ids)?),
+            ("backend".to_string(), chord::Backend::name(model.backend())),
+            ("mode".to_string(), args.run.mode.name().to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let bytes = chord::research::dump(&model, &ids, points.clone(), args.layers.clone(), meta)?;
+        std::fs::write(&args.out, &bytes)
+            .map_err(|e| format!("--out {}: {e}", args.out.display()))?;
+        eprintln!(
+            "wrote {} ({} tokens, {} bytes)",
+            args.out.display(),
+            ids.len(),
+            bytes.len()
+        );
+        Ok(())
+    })
+}
+
+/// `chord diverge`: 0 when the backends agree, 1 on a divergence, 2 on an error.
+fn diverge(args: DivergeArgs) -> ExitCode {
+    match diverge_run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("chord: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn diverge_run(args: &DivergeArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    let reference_run = RunArgs {
+        model: args.run.model.clone(),
+        backend: args.reference,
+        threads: args.run.threads,
+        ctx: args.run.ctx,
+        mode: chord::backend::Mode::Exact,
+    };
+    on_backend!(&args.run, file, b => {
+        on_backend!(&reference_run, ref_file, r => {
+            let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
+            let ids = tok.encode(&args.prompt, false);
+            if ids.is_empty() {
+                return Err("--prompt: the prompt is empty".into());
+            }
+            let model = chord::model::Model::load(&file, b)?;
+            let reference = chord::model::Model::load(&ref_file, r)?;
+            let tol = args.tol.unwrap_or(chord::research::default_tolerance(
+                args.run.mode == chord::backend::Mode::Fast,
+            ));
+            let d = chord::research::diverge(&model, &reference, &ids, tol)?;
+            let (name, ref_name) = (
+                chord::Backend::name(model.backend()),
+                chord::Backend::name(reference.backend()),
+            );
+            if args.json {
+                out!("{}", serde_json::json!({ "backend": name, "reference": ref_name, "divergence": d }))?;
+            } else {
+                out!("{}", chord::research::format_divergence(&d, &name, &ref_name))?;
+            }
+            Ok(d.first.is_none())
+        })
+    })
 }
 
 fn profile(args: ProfileArgs) -> Result<(), Box<dyn std::error::Error>> {

@@ -167,7 +167,7 @@ fn matmuls_on_block_weights_equal_one_matmul_each_on_any_thread_count() {
 /// A backend that is wrong in one op, by a little: the suite must catch it and say where.
 mod broken {
     use chord::backend::{
-        AttentionParams, Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support, WeightView,
+        AttentionParams, Backend, Error, Op, RopeParams, SoftmaxParams, WeightView,
     };
     use chord::conformance::{Config, check};
     use chord::{ScalarBackend, SimdBackend};
@@ -200,14 +200,8 @@ mod broken {
         fn threads(&self) -> usize {
             self.inner.threads()
         }
-        fn supports(&self, op: Op, dtype: DType) -> Support {
-            self.inner.supports(op, dtype)
-        }
         fn prepare<'w>(&self, w: WeightView<'w>) -> Result<Self::Weight<'w>, Error> {
             self.inner.prepare(w)
-        }
-        fn weight_dims(&self, w: &Self::Weight<'_>) -> (usize, usize) {
-            self.inner.weight_dims(w)
         }
         fn matmul(
             &self,

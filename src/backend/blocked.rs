@@ -2,9 +2,7 @@
 
 use chord_kernels::blocked;
 
-use super::{
-    Backend, DType, Error, F32Weight, Op, RopeParams, SoftmaxParams, Support, WeightView, check,
-};
+use super::{Backend, Error, F32Weight, RopeParams, SoftmaxParams, WeightView, check};
 
 /// Runs every op with the cache-tiled, compiler-vectorised kernels, split over its own pool
 /// of `threads` threads. Results do not depend on the thread count.
@@ -33,19 +31,8 @@ impl Backend for BlockedBackend {
         self.pool.current_num_threads()
     }
 
-    fn supports(&self, _op: Op, dtype: DType) -> Support {
-        match dtype {
-            DType::F32 => Support::Native,
-            _ => Support::Dequantized,
-        }
-    }
-
     fn prepare<'w>(&self, w: WeightView<'w>) -> Result<F32Weight<'w>, Error> {
         Ok(F32Weight::from_view(w))
-    }
-
-    fn weight_dims(&self, w: &F32Weight<'_>) -> (usize, usize) {
-        (w.rows, w.cols)
     }
 
     /// F32 data borrowed where the view's bytes were aligned; dequantized copies otherwise.

@@ -132,33 +132,45 @@ pub enum Arithmetic {
 /// - outputs are caller-owned and preallocated; ops never allocate per call;
 /// - shapes are validated on entry (see [`check`]) and a mismatch is an [`Error::Shape`].
 ///
-/// The required core is [`matmul`](Backend::matmul), [`rmsnorm`](Backend::rmsnorm),
+/// A backend implements its [`name`](Backend::name), how it [`prepare`](Backend::prepare)s
+/// weights, and the core ops: [`matmul`](Backend::matmul), [`rmsnorm`](Backend::rmsnorm),
 /// [`rope`](Backend::rope), [`softmax`](Backend::softmax), [`swiglu`](Backend::swiglu),
-/// [`add`](Backend::add) and [`embedding`](Backend::embedding); composites such as
-/// [`rmsnorm_matmul`](Backend::rmsnorm_matmul) have default bodies built from the core that a
-/// backend overrides only where fusing pays.
+/// [`add`](Backend::add) and [`embedding`](Backend::embedding). Everything else has a default:
+/// [`threads`](Backend::threads) (one), [`supports`](Backend::supports) and
+/// [`weight_dims`](Backend::weight_dims) (read from the prepared weight's type, see
+/// [`PreparedWeight`]), and the composites [`matmuls`](Backend::matmuls) and
+/// [`attention`](Backend::attention), built from the core, that a backend overrides only where
+/// its own version pays. A backend that wraps another forwards only what it changes.
 pub trait Backend: Send + Sync {
     /// A weight matrix prepared for this backend's kernels: borrowed from the file where the
     /// layout allows, repacked or dequantized where the kernels need it.
-    type Weight<'w>: Send + Sync
+    type Weight<'w>: PreparedWeight + Send + Sync
     where
         Self: 'w;
 
     /// The name of the backend and the kernel variant it runs, e.g. `simd-avx512`.
     fn name(&self) -> String;
 
-    /// Threads the backend's ops may use.
-    fn threads(&self) -> usize;
+    /// Threads the backend's ops may use. The default is one.
+    fn threads(&self) -> usize {
+        1
+    }
 
     /// Whether `op` runs natively on `dtype` weights, after dequantization, or not at all.
-    fn supports(&self, op: Op, dtype: DType) -> Support;
+    /// The default answers for the weight type ([`PreparedWeight::support`]).
+    fn supports<'a>(&'a self, _op: Op, dtype: DType) -> Support {
+        <Self::Weight<'a> as PreparedWeight>::support(dtype)
+    }
 
     /// Prepares a weight `(rows, cols)` for [`matmul`](Backend::matmul) and
     /// [`embedding`](Backend::embedding).
     fn prepare<'w>(&self, w: WeightView<'w>) -> Result<Self::Weight<'w>, Error>;
 
     /// `(rows, cols)` of a prepared weight: `(n, k)` of a matmul, `(vocab, dim)` of a table.
-    fn weight_dims(&self, w: &Self::Weight<'_>) -> (usize, usize);
+    /// The default asks the weight ([`PreparedWeight::dims`]).
+    fn weight_dims(&self, w: &Self::Weight<'_>) -> (usize, usize) {
+        w.dims()
+    }
 
     /// Whether a prepared weight still reads the bytes of the view it was prepared from.
     /// When it does not (it was repacked or dequantized into memory of its own), the caller
@@ -278,22 +290,17 @@ pub trait Backend: Send + Sync {
         }
         Ok(())
     }
+}
 
-    /// `y (m, n) = rmsnorm(x (m, k), norm (k,), eps) · Wᵀ`, with `normed (m, k)` as scratch.
-    #[allow(clippy::too_many_arguments)] // the two ops' arguments, side by side
-    fn rmsnorm_matmul(
-        &self,
-        x: &[f32],
-        norm: &[f32],
-        eps: f32,
-        w: &Self::Weight<'_>,
-        normed: &mut [f32],
-        y: &mut [f32],
-        m: usize,
-    ) -> Result<(), Error> {
-        self.rmsnorm(x, norm, normed, eps)?;
-        self.matmul(normed, w, y, m)
-    }
+/// What a backend's prepared weight type tells about itself.
+pub trait PreparedWeight {
+    /// `(rows, cols)`: `(n, k)` of a matmul, `(vocab, dim)` of a table.
+    fn dims(&self) -> (usize, usize);
+
+    /// How a weight of `dtype`, prepared as this type, is computed on.
+    fn support(dtype: DType) -> Support
+    where
+        Self: Sized;
 }
 
 /// The shape of an [`Backend::attention`] call.

@@ -2,9 +2,7 @@
 
 use chord_kernels::scalar;
 
-use super::{
-    Backend, DType, Error, F32Weight, Op, RopeParams, SoftmaxParams, Support, WeightView, check,
-};
+use super::{Backend, Error, F32Weight, RopeParams, SoftmaxParams, WeightView, check};
 
 /// Runs every op with the scalar reference kernels, in f32, on the calling thread.
 /// Slow and simple: the baseline the other backends are measured against.
@@ -25,23 +23,8 @@ impl Backend for ScalarBackend {
         "scalar".into()
     }
 
-    fn threads(&self) -> usize {
-        1
-    }
-
-    fn supports(&self, _op: Op, dtype: DType) -> Support {
-        match dtype {
-            DType::F32 => Support::Native,
-            _ => Support::Dequantized,
-        }
-    }
-
     fn prepare<'w>(&self, w: WeightView<'w>) -> Result<F32Weight<'w>, Error> {
         Ok(F32Weight::from_view(w))
-    }
-
-    fn weight_dims(&self, w: &F32Weight<'_>) -> (usize, usize) {
-        (w.rows, w.cols)
     }
 
     /// F32 data borrowed where the view's bytes were aligned; dequantized copies otherwise.

@@ -9,8 +9,8 @@ use chord_kernels::team::Team;
 use std::sync::Mutex;
 
 use super::{
-    Arithmetic, AttentionParams, Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support,
-    WeightView, check,
+    Arithmetic, AttentionParams, Backend, DType, Error, PreparedWeight, RopeParams, SoftmaxParams,
+    Support, WeightView, check,
 };
 
 /// How the SIMD backend computes on quantized weights.
@@ -61,6 +61,22 @@ pub enum SimdWeight<'w> {
     /// f32 in the GEMM microkernel's panel layout: rows whose length is no multiple of 32
     /// (the block kernels' unit), dequantized and packed once.
     Packed(PackedWeight),
+}
+
+impl PreparedWeight for SimdWeight<'_> {
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            SimdWeight::Packed(p) => (p.rows(), p.cols()),
+            SimdWeight::Blocks(b) => (b.n, b.k),
+            SimdWeight::Repacked(r) => (r.rows(), r.cols()),
+        }
+    }
+
+    /// Every format runs natively (rows of a multiple of 32 values; other rows are
+    /// dequantized when prepared).
+    fn support(_dtype: DType) -> Support {
+        Support::Native
+    }
 }
 
 /// Runs every op with explicit vector kernels at one [`Level`] (the widest this CPU runs,
@@ -221,12 +237,6 @@ impl Backend for SimdBackend {
         self.team.threads()
     }
 
-    /// Every format runs natively (rows of a multiple of 32 values; other rows are
-    /// dequantized when prepared).
-    fn supports(&self, _op: Op, _dtype: DType) -> Support {
-        Support::Native
-    }
-
     fn prepare<'w>(&self, w: WeightView<'w>) -> Result<SimdWeight<'w>, Error> {
         let (rows, cols) = w.dims();
         if let Some(r) = RepackedWeight::new(
@@ -260,14 +270,6 @@ impl Backend for SimdBackend {
         match w {
             SimdWeight::Repacked(r) if r.layout() == Layout::Dots => Arithmetic::Int8,
             _ => Arithmetic::F32,
-        }
-    }
-
-    fn weight_dims(&self, w: &SimdWeight<'_>) -> (usize, usize) {
-        match w {
-            SimdWeight::Packed(p) => (p.rows(), p.cols()),
-            SimdWeight::Blocks(b) => (b.n, b.k),
-            SimdWeight::Repacked(r) => (r.rows(), r.cols()),
         }
     }
 

@@ -132,3 +132,17 @@ impl<'w> F32Weight<'w> {
         &self.data[r * self.cols..][..self.cols]
     }
 }
+
+/// F32 weights compute natively; every other format is dequantized when prepared.
+impl super::PreparedWeight for F32Weight<'_> {
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    fn support(dtype: DType) -> super::Support {
+        match dtype {
+            DType::F32 => super::Support::Native,
+            _ => super::Support::Dequantized,
+        }
+    }
+}

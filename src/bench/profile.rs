@@ -18,8 +18,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::{
-    Arithmetic, AttentionParams, Backend, DType, Error, Op, RopeParams, SoftmaxParams, Support,
-    WeightView,
+    Arithmetic, AttentionParams, Backend, DType, Error, Op, PreparedWeight, RopeParams,
+    SoftmaxParams, Support, WeightView,
 };
 
 /// A weight of the wrapped backend, with what a profile reports about it.
@@ -32,6 +32,15 @@ pub struct Labeled<W> {
     bytes: usize,
     /// The arithmetic its matmul runs in.
     arithmetic: Arithmetic,
+}
+
+impl<W: PreparedWeight> PreparedWeight for Labeled<W> {
+    fn dims(&self) -> (usize, usize) {
+        self.inner.dims()
+    }
+    fn support(dtype: DType) -> Support {
+        W::support(dtype)
+    }
 }
 
 /// Totals of one profile row.
@@ -182,10 +191,6 @@ impl<B: Backend> Backend for Profiled<B> {
         })
     }
 
-    fn weight_dims(&self, w: &Self::Weight<'_>) -> (usize, usize) {
-        self.inner.weight_dims(&w.inner)
-    }
-
     fn borrows_view(&self, w: &Self::Weight<'_>) -> bool {
         self.inner.borrows_view(&w.inner)
     }
@@ -201,7 +206,7 @@ impl<B: Backend> Backend for Profiled<B> {
         y: &mut [f32],
         m: usize,
     ) -> Result<(), Error> {
-        let (n, k) = self.inner.weight_dims(&w.inner);
+        let (n, k) = w.inner.dims();
         let flops = 2.0 * (m * n * k) as f64;
         let bytes = w.bytes as f64 + F32 * (x.len() + y.len()) as f64;
         self.timed(
@@ -223,7 +228,7 @@ impl<B: Backend> Backend for Profiled<B> {
         let mut flops = 0.0;
         let (mut bytes, mut weight_bytes) = (F32 * x.len() as f64, 0.0);
         for (w, y) in ws.iter().zip(ys.iter()) {
-            let (n, k) = self.inner.weight_dims(&w.inner);
+            let (n, k) = w.inner.dims();
             flops += 2.0 * (m * n * k) as f64;
             bytes += w.bytes as f64 + F32 * y.len() as f64;
             weight_bytes += w.bytes as f64;

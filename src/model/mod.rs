@@ -6,8 +6,11 @@
 //! in batches of up to `max_batch` rows (one matmul per weight per batch), then one token at
 //! a time. Every buffer lives in [`State`], allocated once.
 
+pub mod observe;
+
 use crate::backend::{AttentionParams, Backend, RopeLayout, RopeParams};
 use crate::gguf::{GgufError, GgufFile};
+use observe::{Activation, NoObserver, Observer, Point};
 
 /// An error building or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -290,8 +293,7 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
         state: &'s mut State,
         tokens: &[u32],
     ) -> Result<&'s [f32], ModelError> {
-        self.run(state, tokens, false)?;
-        Ok(&state.logits)
+        self.forward_observed(state, tokens, &mut NoObserver)
     }
 
     /// Runs `tokens` like [`forward`](Model::forward) and returns the logits of every one,
@@ -301,15 +303,43 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
         state: &'s mut State,
         tokens: &[u32],
     ) -> Result<&'s [f32], ModelError> {
+        self.forward_all_observed(state, tokens, &mut NoObserver)
+    }
+
+    /// [`forward`](Model::forward), calling `observer` at every point of the pass (see
+    /// [`observe`]).
+    pub fn forward_observed<'s, O: Observer>(
+        &self,
+        state: &'s mut State,
+        tokens: &[u32],
+        observer: &mut O,
+    ) -> Result<&'s [f32], ModelError> {
+        self.run(state, tokens, false, observer)?;
+        Ok(&state.logits)
+    }
+
+    /// [`forward_all`](Model::forward_all), calling `observer` at every point of the pass.
+    pub fn forward_all_observed<'s, O: Observer>(
+        &self,
+        state: &'s mut State,
+        tokens: &[u32],
+        observer: &mut O,
+    ) -> Result<&'s [f32], ModelError> {
         let n = tokens.len() * self.config.vocab;
         if state.all_logits.len() < n {
             state.all_logits.resize(n, 0.0);
         }
-        self.run(state, tokens, true)?;
+        self.run(state, tokens, true, observer)?;
         Ok(&state.all_logits[..n])
     }
 
-    fn run(&self, state: &mut State, tokens: &[u32], all: bool) -> Result<(), ModelError> {
+    fn run<O: Observer>(
+        &self,
+        state: &mut State,
+        tokens: &[u32],
+        all: bool,
+        obs: &mut O,
+    ) -> Result<(), ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::Input("forward: no tokens".into()));
         }
@@ -334,13 +364,19 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
                 (false, true) => Logits::Last,
                 (false, false) => Logits::None,
             };
-            self.run_batch(state, chunk, logits)?;
+            self.run_batch(state, chunk, logits, obs)?;
         }
         Ok(())
     }
 
     /// One batch of `m` tokens at positions `state.pos ..`, computing the logits `want` asks for.
-    fn run_batch(&self, s: &mut State, tokens: &[u32], want: Logits) -> Result<(), ModelError> {
+    fn run_batch<O: Observer>(
+        &self,
+        s: &mut State,
+        tokens: &[u32],
+        want: Logits,
+        obs: &mut O,
+    ) -> Result<(), ModelError> {
         let b = &self.backend;
         let c = &self.config;
         let (m, d, kv, f) = (tokens.len(), c.dim, c.kv_dim(), c.ffn_dim);
@@ -369,13 +405,21 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
         for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
             b.embedding(&self.embed, t as usize, row)?;
         }
+        at(obs, Point::Embedding, None, pos, d, x);
         let layer_cache = s.max_seq * kv;
         for (l, w) in self.layers.iter().enumerate() {
+            let ly = Some(l);
             // Attention: norm, project, rotate, cache, attend, project back, residual.
             b.rmsnorm(x, &w.attn_norm, xb, c.norm_eps)?;
+            at(obs, Point::AttnNorm, ly, pos, d, xb);
             b.matmuls(xb, &[&w.wq, &w.wk, &w.wv], &mut [q, k, v], m)?;
+            at(obs, Point::Q, ly, pos, d, q);
+            at(obs, Point::K, ly, pos, kv, k);
+            at(obs, Point::V, ly, pos, kv, v);
             b.rope(q, m, pos, &rope)?;
             b.rope(k, m, pos, &rope)?;
+            at(obs, Point::QRope, ly, pos, d, q);
+            at(obs, Point::KRope, ly, pos, kv, k);
             let kc = &mut s.key_cache[l * layer_cache..][..layer_cache];
             let vc = &mut s.value_cache[l * layer_cache..][..layer_cache];
             kc[pos * kv..(pos + m) * kv].copy_from_slice(k);
@@ -388,14 +432,23 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
                 &mut s.scores,
                 &attn,
             )?;
+            at(obs, Point::Attn, ly, pos, d, xb);
             b.matmul(xb, &w.wo, xb2, m)?;
+            at(obs, Point::AttnOut, ly, pos, d, xb2);
             b.add(x, xb2)?;
+            at(obs, Point::ResidAttn, ly, pos, d, x);
             // Feed-forward: norm, gate and up, SwiGLU, down, residual.
             b.rmsnorm(x, &w.ffn_norm, xb, c.norm_eps)?;
+            at(obs, Point::FfnNorm, ly, pos, d, xb);
             b.matmuls(xb, &[&w.w_gate, &w.w_up], &mut [gate, up], m)?;
+            at(obs, Point::Gate, ly, pos, f, gate);
+            at(obs, Point::Up, ly, pos, f, up);
             b.swiglu(gate, up, hidden)?;
+            at(obs, Point::Act, ly, pos, f, hidden);
             b.matmul(hidden, &w.w_down, xb2, m)?;
+            at(obs, Point::FfnOut, ly, pos, d, xb2);
             b.add(x, xb2)?;
+            at(obs, Point::ResidFfn, ly, pos, d, x);
         }
         s.pos += m;
         // Final norm and classifier, for the rows asked for.
@@ -405,14 +458,46 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
             Logits::Last => {
                 let normed = &mut xb[..d];
                 b.rmsnorm(&x[(m - 1) * d..], &self.output_norm, normed, c.norm_eps)?;
+                at(obs, Point::FinalNorm, None, pos + m - 1, d, normed);
                 b.matmul(normed, classifier, &mut s.logits, 1)?;
+                at(
+                    obs,
+                    Point::Logits,
+                    None,
+                    pos + m - 1,
+                    c.vocab,
+                    &mut s.logits,
+                );
             }
             Logits::Rows(first) => {
                 b.rmsnorm(x, &self.output_norm, xb, c.norm_eps)?;
+                at(obs, Point::FinalNorm, None, pos, d, xb);
                 let out = &mut s.all_logits[first * c.vocab..(first + m) * c.vocab];
                 b.matmul(xb, classifier, out, m)?;
+                at(obs, Point::Logits, None, pos, c.vocab, out);
             }
         }
         Ok(())
     }
+}
+
+/// Hands the activation `data (rows, cols)` of rows at positions `pos ..` to `obs`.
+#[inline(always)]
+fn at<O: Observer>(
+    obs: &mut O,
+    point: Point,
+    layer: Option<usize>,
+    pos: usize,
+    cols: usize,
+    data: &mut [f32],
+) {
+    let rows = data.len() / cols;
+    obs.observe(Activation {
+        point,
+        layer,
+        positions: pos..pos + rows,
+        rows,
+        cols,
+        data,
+    });
 }
