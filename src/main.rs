@@ -142,9 +142,10 @@ struct RunArgs {
     #[arg(long)]
     model: Option<std::path::PathBuf>,
     /// Backend: scalar, blocked, simd (the widest level this CPU runs), simd-avx512,
-    /// simd-avx2, simd-portable.
+    /// simd-avx2, simd-portable; or a mix, op by op: matmul=simd,softmax=scalar,*=blocked
+    /// (ops: matmul, rmsnorm, rope, softmax, swiglu, add, attention; * for the rest).
     #[arg(long, default_value = "simd")]
-    backend: chord::Variant,
+    backend: chord::backend::BackendSpec,
     /// Threads for the backend.
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
@@ -186,7 +187,7 @@ struct DivergeArgs {
     run: RunArgs,
     /// The reference backend, in exact mode on the same threads (same names as --backend).
     #[arg(long, default_value = "scalar")]
-    reference: chord::Variant,
+    reference: chord::backend::BackendSpec,
     /// The prompt (BOS added as the model asks).
     #[arg(long)]
     prompt: String,
@@ -233,7 +234,7 @@ struct PerplexityArgs {
     ctx: usize,
     /// Backend (as for generate).
     #[arg(long, default_value = "simd")]
-    backend: chord::Variant,
+    backend: chord::backend::BackendSpec,
     /// Threads for the backend.
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
@@ -632,31 +633,57 @@ fn tokenize(
     Ok(())
 }
 
+/// Evaluates `$body` with `$b` bound to the backend `$spec` names (a
+/// [`chord::backend::BackendSpec`]) on `$threads` threads in `$mode`: the generic code is
+/// instantiated once per backend type, a mixed backend's matmul backend included.
+macro_rules! with_backend {
+    ($spec:expr, $threads:expr, $mode:expr, $b:ident => $body:expr) => {{
+        let spec: &chord::backend::BackendSpec = $spec;
+        let (threads, mode): (usize, chord::backend::Mode) = ($threads, $mode);
+        match spec {
+            chord::backend::BackendSpec::One(v) => with_variant!(*v, threads, mode, $b => $body),
+            chord::backend::BackendSpec::Mixed { matmul, ops, rest } => {
+                with_variant!(*matmul, threads, mode, m => {
+                    let $b = chord::backend::Mixed::from_variants(m, *matmul, ops, *rest, threads)?;
+                    $body
+                })
+            }
+        }
+    }};
+}
+
+/// `$body` with `$b` bound to the built-in backend `$variant` names.
+macro_rules! with_variant {
+    ($variant:expr, $threads:expr, $mode:expr, $b:ident => $body:expr) => {{
+        match $variant {
+            chord::Variant::Scalar => {
+                let $b = chord::ScalarBackend::new();
+                $body
+            }
+            chord::Variant::Blocked => {
+                let $b = chord::BlockedBackend::new($threads)?;
+                $body
+            }
+            chord::Variant::Simd(level) => {
+                let $b = chord::SimdBackend::with_level(level, $threads)?.with_mode($mode);
+                $body
+            }
+        }
+    }};
+}
+
 /// Opens the model `run` names, checks the run flags, and evaluates `$body` with `$b` bound to
-/// the backend `run` names: the generic code is instantiated once per backend type.
+/// the backend `run` names (see [`with_backend`]).
 macro_rules! on_backend {
     ($run:expr, $file:ident, $b:ident => $body:expr) => {{
         let run: &RunArgs = $run;
         if run.threads == 0 {
             return Err("--threads 0: a thread count must be at least 1".into());
         }
-        check_mode(run.backend, run.mode)?;
+        check_mode(&run.backend, run.mode)?;
         let path = model_path(run.model.clone())?;
         let $file = chord::gguf::GgufFile::open(&path)?;
-        match run.backend {
-            chord::Variant::Scalar => {
-                let $b = chord::ScalarBackend::new();
-                $body
-            }
-            chord::Variant::Blocked => {
-                let $b = chord::BlockedBackend::new(run.threads)?;
-                $body
-            }
-            chord::Variant::Simd(level) => {
-                let $b = chord::SimdBackend::with_level(level, run.threads)?.with_mode(run.mode);
-                $body
-            }
-        }
+        with_backend!(&run.backend, run.threads, run.mode, $b => $body)
     }};
 }
 
@@ -958,7 +985,7 @@ fn diverge(args: DivergeArgs) -> ExitCode {
 fn diverge_run(args: &DivergeArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let reference_run = RunArgs {
         model: args.run.model.clone(),
-        backend: args.reference,
+        backend: args.reference.clone(),
         threads: args.run.threads,
         ctx: args.run.ctx,
         mode: chord::backend::Mode::Exact,
@@ -1127,8 +1154,7 @@ fn file_label(args: &GenerateArgs) -> String {
 }
 
 fn perplexity(args: PerplexityArgs) -> Result<(), Box<dyn std::error::Error>> {
-    use chord::backend::Variant;
-    check_mode(args.backend, args.mode)?;
+    check_mode(&args.backend, args.mode)?;
     if args.threads == 0 {
         return Err("--threads 0: a thread count must be at least 1".into());
     }
@@ -1137,23 +1163,9 @@ fn perplexity(args: PerplexityArgs) -> Result<(), Box<dyn std::error::Error>> {
     let file = chord::gguf::GgufFile::open(model_path(args.model.clone())?)?;
     let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
     let threads = args.threads;
-    let (result, kld) = match args.backend {
-        Variant::Scalar => perplexity_on(chord::ScalarBackend::new(), &file, &tok, &text, &args)?,
-        Variant::Blocked => perplexity_on(
-            chord::BlockedBackend::new(threads)?,
-            &file,
-            &tok,
-            &text,
-            &args,
-        )?,
-        Variant::Simd(level) => perplexity_on(
-            chord::SimdBackend::with_level(level, threads)?.with_mode(args.mode),
-            &file,
-            &tok,
-            &text,
-            &args,
-        )?,
-    };
+    let (result, kld) = with_backend!(&args.backend, threads, args.mode, b => {
+        perplexity_on(b, &file, &tok, &text, &args)?
+    });
     let mode = args.mode.name();
     if args.json {
         let mut v = serde_json::to_value(&result)?;
@@ -1272,10 +1284,10 @@ fn perplexity_on<B: chord::Backend>(
 
 /// Fast mode is the simd backend's: refuse it elsewhere rather than silently run exact math.
 fn check_mode(
-    backend: chord::Variant,
+    backend: &chord::backend::BackendSpec,
     mode: chord::backend::Mode,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    if mode == chord::backend::Mode::Fast && !matches!(backend, chord::Variant::Simd(_)) {
+    if mode == chord::backend::Mode::Fast && !matches!(backend.matmul(), chord::Variant::Simd(_)) {
         return Err(format!("--mode fast runs on the simd backend, not {backend} (use --backend simd or --mode exact)").into());
     }
     Ok(())

@@ -299,3 +299,99 @@ fn zero_size_tensors_are_listed_and_the_model_runs() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["generated_ids"][0], 7042);
 }
+
+/// `dump` writes the chosen activations; `diverge` exits 0 when a mixed backend agrees with
+/// the reference and 1 when the tolerance is below what it measures; bad names are errors.
+#[test]
+fn dump_and_diverge_work_from_the_command_line() {
+    let m = model();
+    let m = m.to_str().unwrap();
+    let out = std::env::temp_dir().join(format!("chord-dump-{}.safetensors", std::process::id()));
+    let o = chord(&[
+        "dump",
+        "--model",
+        m,
+        "--prompt",
+        "Hi there",
+        "--points",
+        "q_rope,logits",
+        "--layers",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names = st.names();
+    names.sort();
+    assert_eq!(names, ["layer.2.q_rope", "logits"]);
+
+    let mixed = "matmul=simd,softmax=scalar,*=blocked";
+    let base = [
+        "diverge",
+        "--model",
+        m,
+        "--prompt",
+        "Hi there",
+        "--backend",
+        mixed,
+    ];
+    let o = chord(&base);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("agrees with scalar at every point"));
+    let o = chord(&[&base[..], &["--tol", "1e-12"]].concat());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("departs from scalar at "));
+
+    for (args, says) in [
+        (
+            vec![
+                "dump",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--points",
+                "qq",
+                "--out",
+                "/dev/null",
+            ],
+            "unknown point 'qq'",
+        ),
+        (
+            vec![
+                "dump",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--layers",
+                "99",
+                "--out",
+                "/dev/null",
+            ],
+            "layer 99 does not exist",
+        ),
+        (
+            vec![
+                "diverge",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--backend",
+                "softmax=scalar",
+            ],
+            "names matmul=BACKEND or *=BACKEND",
+        ),
+    ] {
+        let o = chord(&args);
+        assert!(
+            !o.status.success() && stderr(&o).contains(says),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+}

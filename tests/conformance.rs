@@ -46,6 +46,42 @@ fn simd_backend_conforms_at_every_level_this_cpu_runs() {
     }
 }
 
+/// A backend mixed op by op passes like its parts: matmul from simd, softmax from scalar
+/// (so attention runs as the composite over it), the rest from blocked; and one that names
+/// attention too.
+#[test]
+fn mixed_backends_conform() {
+    use chord::backend::{Mixed, Op};
+    let best = chord::kernels::simd::Isa::best().level();
+    let mixed = Mixed::from_variants(
+        SimdBackend::new(2).unwrap(),
+        Variant::Simd(best),
+        &[(Op::Softmax, Variant::Scalar)],
+        Variant::Blocked,
+        2,
+    )
+    .unwrap();
+    assert!(mixed.name().contains("softmax=scalar"), "{}", mixed.name());
+    assert!(
+        mixed.name().contains("attention=default-body"),
+        "{}",
+        mixed.name()
+    );
+    assert_conforms(&mixed);
+    let mixed = Mixed::from_variants(
+        ScalarBackend::new(),
+        Variant::Scalar,
+        &[
+            (Op::Attention, Variant::Simd(best)),
+            (Op::RmsNorm, Variant::Blocked),
+        ],
+        Variant::Simd(Level::Portable),
+        2,
+    )
+    .unwrap();
+    assert_conforms(&mixed);
+}
+
 #[test]
 fn every_variant_name_round_trips_and_unknown_names_are_errors() {
     for v in Variant::available() {

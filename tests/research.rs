@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chord::backend::{
@@ -274,4 +275,46 @@ fn diverge_reports_a_broken_softmax_at_its_layer() {
         d.local.iter().map(|e| e.scaled).fold(0.0, f64::max)
     );
     assert_eq!(d.local.len(), 15 * reference.config.n_layers + 3);
+}
+
+/// A mixed backend runs the model; `diverge` against it isolates one op's numerical effect:
+/// SIMD for everything but RoPE and softmax, taken from the broken backend, is reported at
+/// layer 7's attention, as the broken backend alone is.
+#[test]
+fn a_mixed_backend_runs_the_model_and_isolates_one_op() {
+    use chord::backend::{ActivationOps, Mixed, Op};
+    let file = GgufFile::open(model_path()).unwrap();
+    let reference = Model::load(&file, ScalarBackend::new()).unwrap();
+    let simd = Arc::new(SimdBackend::new(2).unwrap());
+    let broken: Arc<dyn ActivationOps> = Arc::new(BrokenSoftmax {
+        inner: ScalarBackend::new(),
+        layer: 7,
+        n_layers: reference.config.n_layers,
+        ropes: AtomicUsize::new(0),
+    });
+    let mixed = Mixed::new(
+        Arc::clone(&simd),
+        vec![(Op::Rope, Arc::clone(&broken)), (Op::Softmax, broken)],
+        simd.clone(),
+    )
+    .unwrap();
+    let model = Model::load(&file, mixed).unwrap();
+    let tol = chord::research::default_tolerance(false);
+    let d = chord::research::diverge(&model, &reference, &PROMPT, tol).unwrap();
+    let first = &d.local[d.first.expect("the broken softmax is found")];
+    assert_eq!(
+        (first.layer, first.point),
+        (Some(7), Point::Attn),
+        "{first:?}"
+    );
+
+    // Built from names, as --backend takes them, it agrees with the reference everywhere.
+    let spec: chord::backend::BackendSpec = "matmul=simd,softmax=scalar,*=blocked".parse().unwrap();
+    let chord::backend::BackendSpec::Mixed { matmul, ops, rest } = spec else {
+        panic!("a mixed spec")
+    };
+    let mixed = Mixed::from_variants(SimdBackend::new(2).unwrap(), matmul, &ops, rest, 2).unwrap();
+    let model = Model::load(&file, mixed).unwrap();
+    let d = chord::research::diverge(&model, &reference, &PROMPT, tol).unwrap();
+    assert_eq!(d.first, None);
 }

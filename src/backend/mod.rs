@@ -11,6 +11,7 @@
 
 mod blocked;
 pub mod check;
+pub mod mixed;
 mod scalar;
 mod simd;
 mod variant;
@@ -18,9 +19,10 @@ mod weight;
 
 pub use blocked::BlockedBackend;
 pub use chord_kernels::{RopeLayout, RopeParams, SoftmaxParams};
+pub use mixed::{ActivationOps, Mixed};
 pub use scalar::ScalarBackend;
 pub use simd::{Mode, SimdBackend, SimdWeight};
-pub use variant::Variant;
+pub use variant::{BackendSpec, Variant};
 pub use weight::{DType, F32Weight, WeightView};
 
 /// An error from a backend op or from building a backend.
@@ -251,44 +253,7 @@ pub trait Backend: Send + Sync {
         scores: &mut [f32],
         p: &AttentionParams,
     ) -> Result<(), Error> {
-        check::attention(
-            q.len(),
-            k_cache.len(),
-            v_cache.len(),
-            out.len(),
-            scores.len(),
-            p,
-        )?;
-        let (hd, kv_dim) = (p.head_dim, p.n_kv_heads * p.head_dim);
-        let group = p.n_heads / p.n_kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
-        for i in 0..p.m {
-            let t_len = p.pos + i + 1;
-            for h in 0..p.n_heads {
-                let qh = &q[(i * p.n_heads + h) * hd..][..hd];
-                let kv_off = (h / group) * hd;
-                let s = &mut scores[..t_len];
-                for (t, sc) in s.iter_mut().enumerate() {
-                    *sc = dot(qh, &k_cache[t * kv_dim + kv_off..][..hd]);
-                }
-                self.softmax(
-                    s,
-                    t_len,
-                    &SoftmaxParams {
-                        scale,
-                        causal: None,
-                    },
-                )?;
-                let o = &mut out[(i * p.n_heads + h) * hd..][..hd];
-                o.fill(0.0);
-                for (t, &w) in s.iter().enumerate() {
-                    for (oj, &vj) in o.iter_mut().zip(&v_cache[t * kv_dim + kv_off..][..hd]) {
-                        *oj += w * vj;
-                    }
-                }
-            }
-        }
-        Ok(())
+        default_attention(self, q, k_cache, v_cache, out, scores, p)
     }
 }
 
@@ -301,6 +266,58 @@ pub trait PreparedWeight {
     fn support(dtype: DType) -> Support
     where
         Self: Sized;
+}
+
+/// [`Backend::attention`]'s default body, on `b`'s [`softmax`](Backend::softmax) and plain
+/// dot products: for a backend that overrides `attention` and still wants the composite
+/// (a wrapper that changes softmax, a mixed backend).
+pub fn default_attention<B: Backend + ?Sized>(
+    b: &B,
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    out: &mut [f32],
+    scores: &mut [f32],
+    p: &AttentionParams,
+) -> Result<(), Error> {
+    check::attention(
+        q.len(),
+        k_cache.len(),
+        v_cache.len(),
+        out.len(),
+        scores.len(),
+        p,
+    )?;
+    let (hd, kv_dim) = (p.head_dim, p.n_kv_heads * p.head_dim);
+    let group = p.n_heads / p.n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    for i in 0..p.m {
+        let t_len = p.pos + i + 1;
+        for h in 0..p.n_heads {
+            let qh = &q[(i * p.n_heads + h) * hd..][..hd];
+            let kv_off = (h / group) * hd;
+            let s = &mut scores[..t_len];
+            for (t, sc) in s.iter_mut().enumerate() {
+                *sc = dot(qh, &k_cache[t * kv_dim + kv_off..][..hd]);
+            }
+            b.softmax(
+                s,
+                t_len,
+                &SoftmaxParams {
+                    scale,
+                    causal: None,
+                },
+            )?;
+            let o = &mut out[(i * p.n_heads + h) * hd..][..hd];
+            o.fill(0.0);
+            for (t, &w) in s.iter().enumerate() {
+                for (oj, &vj) in o.iter_mut().zip(&v_cache[t * kv_dim + kv_off..][..hd]) {
+                    *oj += w * vj;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The shape of an [`Backend::attention`] call.

@@ -5,6 +5,9 @@ use std::str::FromStr;
 
 use chord_kernels::simd::Level;
 
+use super::Op;
+use super::mixed::MIXED_OPS;
+
 /// A built-in backend with its kernel variant: what `--backend` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Variant {
@@ -67,5 +70,138 @@ impl FromStr for Variant {
             .ok_or_else(|| {
                 format!("unknown backend '{s}': expected scalar, blocked, simd, simd-avx512, simd-avx2 or simd-portable")
             })
+    }
+}
+
+/// What `--backend` names: one built-in backend, or a mix of them op by op
+/// ([`super::Mixed`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendSpec {
+    One(Variant),
+    /// `matmul=V,op=V,...,*=V`: matmul (with embedding) on `matmul`, each of `ops` on its
+    /// variant, the rest on `rest`.
+    Mixed {
+        matmul: Variant,
+        ops: Vec<(Op, Variant)>,
+        rest: Variant,
+    },
+}
+
+impl BackendSpec {
+    /// The variant that prepares the weights and runs the matmuls.
+    pub fn matmul(&self) -> Variant {
+        match self {
+            BackendSpec::One(v) => *v,
+            BackendSpec::Mixed { matmul, .. } => *matmul,
+        }
+    }
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendSpec::One(v) => write!(f, "{v}"),
+            BackendSpec::Mixed { matmul, ops, rest } => {
+                write!(f, "matmul={matmul}")?;
+                for (op, v) in ops {
+                    write!(f, ",{op}={v}")?;
+                }
+                write!(f, ",*={rest}")
+            }
+        }
+    }
+}
+
+impl FromStr for BackendSpec {
+    type Err = String;
+
+    /// A [`Variant`] name, or `OP=VARIANT` pairs separated by commas: OP is `matmul`,
+    /// `rmsnorm`, `rope`, `softmax`, `swiglu`, `add`, `attention` or `*` (every op not
+    /// named). Without `*` the unnamed ops run on the matmul backend; without `matmul`,
+    /// matmul runs on `*`'s.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if !s.contains('=') {
+            return s.parse().map(BackendSpec::One);
+        }
+        let (mut matmul, mut rest, mut ops) = (None, None, Vec::<(Op, Variant)>::new());
+        for part in s.split(',') {
+            let (op, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("'{part}' in a mixed backend: expected OP=BACKEND"))?;
+            let v: Variant = v.trim().parse()?;
+            let dup = || format!("'{}' is named twice in a mixed backend", op.trim());
+            match op.trim() {
+                "*" => {
+                    if rest.replace(v).is_some() {
+                        return Err(dup());
+                    }
+                }
+                "matmul" => {
+                    if matmul.replace(v).is_some() {
+                        return Err(dup());
+                    }
+                }
+                name => {
+                    let op: Op = name.parse()?;
+                    if !MIXED_OPS.contains(&op) {
+                        return Err(format!(
+                            "a mixed backend assigns matmul, rmsnorm, rope, softmax, swiglu, add and attention, not {op} (embedding goes with matmul)"
+                        ));
+                    }
+                    if ops.iter().any(|(o, _)| *o == op) {
+                        return Err(dup());
+                    }
+                    ops.push((op, v));
+                }
+            }
+        }
+        let (matmul, rest) = match (matmul, rest) {
+            (Some(m), Some(r)) => (m, r),
+            (Some(m), None) => (m, m),
+            (None, Some(r)) => (r, r),
+            (None, None) => {
+                return Err("a mixed backend names matmul=BACKEND or *=BACKEND".into());
+            }
+        };
+        Ok(BackendSpec::Mixed { matmul, ops, rest })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixed_specs_parse_and_print_back() {
+        let s: BackendSpec = "matmul=simd-portable,softmax=scalar,*=blocked"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            s,
+            BackendSpec::Mixed {
+                matmul: Variant::Simd(Level::Portable),
+                ops: vec![(Op::Softmax, Variant::Scalar)],
+                rest: Variant::Blocked
+            }
+        );
+        assert_eq!(
+            s.to_string(),
+            "matmul=simd-portable,softmax=scalar,*=blocked"
+        );
+        assert_eq!(s.matmul(), Variant::Simd(Level::Portable));
+        assert_eq!("scalar".parse(), Ok(BackendSpec::One(Variant::Scalar)));
+        let only_rest: BackendSpec = "*=blocked,rope=scalar".parse().unwrap();
+        assert_eq!(only_rest.matmul(), Variant::Blocked);
+        for (bad, says) in [
+            ("softmax=scalar", "names matmul=BACKEND or *=BACKEND"),
+            ("matmul=simd,matmul=scalar", "named twice"),
+            ("matmul=simd,embedding=scalar", "embedding goes with matmul"),
+            ("matmul=simd,softmax", "expected OP=BACKEND"),
+            ("matmul=gpu", "unknown backend 'gpu'"),
+            ("matmul=simd,norm=scalar", "unknown op 'norm'"),
+        ] {
+            let e = bad.parse::<BackendSpec>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }
