@@ -15,7 +15,7 @@ use chord::tokenizer::Tokenizer;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let layer: usize = std::env::args().nth(1).map_or(Ok(24), |a| a.parse())?;
-    let path = chord::pull::ensure_default_model(std::path::Path::new("models"), false)?;
+    let path = chord::pull::ensure_default_model(&chord::pull::models_dir(), false)?;
     let file = GgufFile::open(&path)?;
     let tok = Tokenizer::from_gguf(file.gguf())?;
     let model = Model::load(&file, SimdBackend::new(2)?)?;

@@ -191,6 +191,9 @@ struct DivergeArgs {
     /// The prompt (BOS added as the model asks).
     #[arg(long)]
     prompt: String,
+    /// Recognise special tokens written in the prompt.
+    #[arg(long)]
+    parse_special: bool,
     /// Tolerance on each point's error scaled by the reference's largest magnitude there
     /// (default: 1e-4 in exact mode, 5e-2 in fast mode).
     #[arg(long)]
@@ -944,11 +947,12 @@ fn dump(args: DumpArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     on_backend!(&args.run, file, b => {
         let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
-        let model = chord::model::Model::load(&file, b)?;
         let ids = tok.encode(&args.prompt, args.parse_special);
         if ids.is_empty() {
             return Err("--prompt: the prompt is empty".into());
         }
+        let model = chord::model::Model::load(&file, b)?;
+        check_prompt_fits(ids.len(), &model.config, args.run.ctx)?;
         let meta = [
             ("prompt".to_string(), args.prompt.clone()),
             ("tokens".to_string(), serde_json::to_string(&ids)?),
@@ -968,6 +972,22 @@ fn dump(args: DumpArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
         Ok(())
     })
+}
+
+/// A prompt of `tokens` fits the context (`--ctx`, at most the model's).
+fn check_prompt_fits(
+    tokens: usize,
+    config: &chord::model::Config,
+    ctx: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let ctx = ctx.min(config.ctx_len);
+    if tokens > ctx {
+        return Err(format!(
+            "the prompt ({tokens} tokens) exceeds the {ctx}-token context (--ctx)"
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// `chord diverge`: 0 when the backends agree, 1 on a divergence, 2 on an error.
@@ -993,11 +1013,12 @@ fn diverge_run(args: &DivergeArgs) -> Result<bool, Box<dyn std::error::Error>> {
     on_backend!(&args.run, file, b => {
         on_backend!(&reference_run, ref_file, r => {
             let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
-            let ids = tok.encode(&args.prompt, false);
+            let ids = tok.encode(&args.prompt, args.parse_special);
             if ids.is_empty() {
                 return Err("--prompt: the prompt is empty".into());
             }
             let model = chord::model::Model::load(&file, b)?;
+            check_prompt_fits(ids.len(), &model.config, args.run.ctx)?;
             let reference = chord::model::Model::load(&ref_file, r)?;
             let tol = args.tol.unwrap_or(chord::research::default_tolerance(
                 args.run.mode == chord::backend::Mode::Fast,

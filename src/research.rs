@@ -10,7 +10,7 @@ use crate::model::{Model, ModelError, State};
 
 /// A forward pass over `tokens` from an empty cache, logits for every token, with
 /// `observer` attached.
-fn run_all<B: Backend, O: Observer>(
+fn run_all<B: Backend, O: Observer + ?Sized>(
     model: &Model<'_, B>,
     tokens: &[u32],
     observer: &mut O,
@@ -90,45 +90,63 @@ pub struct PointError {
     /// `max_abs` over the reference's largest magnitude: the error on the activation's own
     /// scale, what the tolerance bounds.
     pub scaled: f64,
-    /// Flat index (`row * cols + col`) of the element with the largest `|got - want|`.
+    /// Flat index (`token * cols + col`) of the element with the largest `|got - want|`.
     pub worst: usize,
+    /// Values per token at the point.
+    pub cols: usize,
     pub tolerance: f64,
 }
 
-impl PointError {
-    fn of(layer: Option<usize>, point: Point, got: &[f32], want: &[f32], tolerance: f64) -> Self {
-        let (mut max_abs, mut max_rel, mut worst, mut scale) = (0.0f64, 0.0f64, 0, 0.0f64);
+/// Running maxima of a comparison over the batches of a pass.
+#[derive(Clone, Copy, Debug, Default)]
+struct Acc {
+    max_abs: f64,
+    max_rel: f64,
+    /// The reference's largest finite magnitude.
+    scale: f64,
+    worst: usize,
+}
+
+impl Acc {
+    /// Adds `got` against `want`, whose first element is element `base` of the whole pass.
+    fn add(&mut self, got: &[f32], want: &[f32], base: usize) {
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
             let (g, w) = (g as f64, w as f64);
             // A NaN, or an infinity where the reference has none, is as far off as it gets.
             let e = if g == w { 0.0 } else { (g - w).abs() };
             let e = if e.is_nan() { f64::INFINITY } else { e };
-            if e > max_abs {
-                max_abs = e;
-                worst = i;
+            if e > self.max_abs {
+                self.max_abs = e;
+                self.worst = base + i;
             }
             if w != 0.0 {
-                max_rel = max_rel.max(e / w.abs());
+                self.max_rel = self.max_rel.max(e / w.abs());
             }
             if w.is_finite() {
-                scale = scale.max(w.abs());
+                self.scale = self.scale.max(w.abs());
             }
-        }
-        PointError {
-            layer,
-            point,
-            max_abs,
-            max_rel,
-            scaled: if scale > 0.0 {
-                max_abs / scale
-            } else {
-                max_abs
-            },
-            worst,
-            tolerance,
         }
     }
 
+    fn error(self, layer: Option<usize>, point: Point, cols: usize, tolerance: f64) -> PointError {
+        PointError {
+            layer,
+            point,
+            max_abs: self.max_abs,
+            max_rel: self.max_rel,
+            scaled: if self.scale > 0.0 {
+                self.max_abs / self.scale
+            } else {
+                self.max_abs
+            },
+            worst: self.worst,
+            cols,
+            tolerance,
+        }
+    }
+}
+
+impl PointError {
     /// Whether the error is over the tolerance (a NaN error always is).
     pub fn exceeds(&self) -> bool {
         self.scaled.is_nan() || self.scaled > self.tolerance
@@ -161,18 +179,25 @@ pub struct Divergence {
 /// Runs `model` and `reference` (the same file on two backends) over `tokens` and compares
 /// them at every point of every layer.
 ///
-/// In lockstep: the reference runs first, recording every activation; `model` then runs
-/// with each activation compared and then replaced by the reference's, so that every op
-/// starts from the reference's inputs and each error is that op's own (the first point past
-/// `tolerance` is where the backend departs). A second pass of `model`, with nothing
-/// replaced, measures how the error grows layer by layer. Works for any backend, inside
-/// this crate or outside it.
+/// The reference runs first, recording every activation; `model` then runs with each
+/// activation compared and then replaced by the reference's, so that every op starts from
+/// the reference's inputs and each error is that op's own (the first point past `tolerance`
+/// is where the backend departs). A second pass of `model`, with nothing replaced, measures
+/// how the error grows layer by layer. Works for any backend, inside this crate or outside
+/// it. Memory: the reference's activations at every point, `tokens × n_layers × (8 dim +
+/// 3 kv_dim + 3 ffn) + tokens × vocab` f32 (about 2.3 MB per token on the default model):
+/// meant for prompts of tens to hundreds of tokens.
 pub fn diverge<A: Backend, R: Backend>(
     model: &Model<'_, A>,
     reference: &Model<'_, R>,
     tokens: &[u32],
     tolerance: f64,
 ) -> Result<Divergence, ModelError> {
+    if tolerance.is_nan() || tolerance < 0.0 {
+        return Err(ModelError::Input(format!(
+            "diverge: the tolerance {tolerance} is not a number >= 0"
+        )));
+    }
     if model.config != reference.config {
         return Err(ModelError::Input(
             "diverge: the two models have different configurations".into(),
@@ -181,8 +206,9 @@ pub fn diverge<A: Backend, R: Backend>(
     let mut rec = Recorder::new(None, None);
     run_all(reference, tokens, &mut rec)?;
     let want = rec.recorded;
-    // Positions seen so far per (layer, point): prompts longer than a batch arrive in parts.
-    let mut local: BTreeMap<(Option<usize>, Point), PointError> = BTreeMap::new();
+    // Running maxima per (layer, point), in the order the pass reaches them: a prompt longer
+    // than a batch arrives in parts.
+    let mut local: BTreeMap<(Option<usize>, Point), Acc> = BTreeMap::new();
     let mut order = Vec::new();
     let mut forced = |a: Activation<'_>| {
         let key = (a.layer, a.point);
@@ -190,34 +216,35 @@ pub fn diverge<A: Backend, R: Backend>(
             return;
         };
         let w = &w[a.positions.start * cols..a.positions.end * cols];
-        let e = PointError::of(a.layer, a.point, a.data, w, tolerance);
-        match local.get_mut(&key) {
-            Some(prev) if prev.scaled >= e.scaled => {}
-            Some(prev) => {
-                let base = a.positions.start * cols;
-                *prev = PointError {
-                    worst: base + e.worst,
-                    ..e
-                };
-            }
-            None => {
+        local
+            .entry(key)
+            .or_insert_with(|| {
                 order.push(key);
-                local.insert(key, e);
-            }
-        }
+                Acc::default()
+            })
+            .add(a.data, w, a.positions.start * cols);
         a.data.copy_from_slice(w);
     };
     run_all(model, tokens, &mut forced)?;
-    let local: Vec<PointError> = order.iter().map(|k| local[k].clone()).collect();
-    let mut free = Recorder::new(Some(vec![Point::ResidFfn, Point::Logits]), None);
-    run_all(model, tokens, &mut free)?;
-    let growth = free
-        .recorded
+    let local: Vec<PointError> = order
         .iter()
-        .map(|(&(layer, point), (_, got))| {
-            PointError::of(layer, point, got, &want[&(layer, point)].1, tolerance)
+        .map(|&(layer, point)| {
+            local[&(layer, point)].error(layer, point, want[&(layer, point)].0, tolerance)
         })
         .collect();
+    let mut free = Recorder::new(Some(vec![Point::ResidFfn, Point::Logits]), None);
+    run_all(model, tokens, &mut free)?;
+    // Layers in order, then the logits.
+    let mut growth: Vec<PointError> = free
+        .recorded
+        .iter()
+        .map(|(&(layer, point), (cols, got))| {
+            let mut acc = Acc::default();
+            acc.add(got, &want[&(layer, point)].1, 0);
+            acc.error(layer, point, *cols, tolerance)
+        })
+        .collect();
+    growth.sort_by_key(|e| e.layer.map_or(usize::MAX, |l| l));
     let first = local.iter().position(PointError::exceeds);
     Ok(Divergence {
         local,

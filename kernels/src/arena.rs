@@ -3,19 +3,21 @@
 //! A decoded token streams every weight from memory once, a few hundred KiB to a few MiB
 //! per matmul. On 4 KiB pages that stream crosses a page boundary every 64 cache lines, and
 //! each crossing costs a TLB walk and restarts the hardware prefetcher, which does not follow
-//! a stream into the next physical page. On Zen 4 (`chord bench kernels`'s read probe over
-//! 256 KiB to 32 MiB buffers, binaries alternated), the same reads ran 1.5-1.9x faster on one
-//! thread and 1.1-1.6x on two when the buffers sat on 2 MiB pages. Linux gives an anonymous
+//! a stream into the next physical page. On Zen 4, a plain read over many buffers of 256 KiB to 32 MiB (probe's `sum_probe`
+//! split over a `Team`, 96 MiB in all, runs alternated) ran 1.5-1.9x faster on one thread and
+//! 1.1-1.6x on two when the buffers sat on 2 MiB pages; fast-mode decode of the default
+//! model, 1.3-1.45x on one thread. Linux gives an anonymous
 //! mapping huge pages when it is asked (`madvise(MADV_HUGEPAGE)`, honoured unless
 //! `/sys/kernel/mm/transparent_hugepage/enabled` is `never`) for each 2 MiB-aligned 2 MiB of
 //! it, so small weights only get them when many share one mapping.
 //!
 //! An [`Arena`] is that mapping: weights prepared through it are [`Chunk`]s cut one after
 //! another from 2 MiB-aligned regions of [`REGION`] bytes (a chunk larger than a quarter of
-//! that gets a region of its own). Regions are freed when their last chunk is; only the
-//! pages a chunk touches become resident, so an arena costs at most the part of one huge
-//! page past its last chunk. Where anonymous mappings are unavailable, regions are plain heap
-//! allocations.
+//! that gets a region of its own, on huge pages up to its last whole 2 MiB, 4 KiB pages past
+//! it). A region is freed when its last chunk is and the arena has moved on from it. Only the
+//! pages a chunk touches become resident: a shared region costs at most the rest of the huge
+//! page its last chunk ends in, a region of its own nothing. Where anonymous mappings are
+//! unavailable, regions are plain heap allocations.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
@@ -32,7 +34,7 @@ enum Backing {
     /// An anonymous mapping, over-allocated by a huge page so that its base can be aligned.
     Map(#[allow(dead_code)] memmap2::MmapMut),
     /// The fallback: heap bytes, aligned to a cache line.
-    Heap(#[allow(dead_code)] Box<[u8]>),
+    Heap(#[allow(dead_code)] Vec<u8>),
 }
 
 /// One region: `len` zeroed bytes at `base`, kept alive by its chunks.
@@ -48,8 +50,9 @@ unsafe impl Send for Region {}
 unsafe impl Sync for Region {}
 
 impl Region {
-    /// `len` zeroed bytes, 2 MiB-aligned and advised onto huge pages where possible.
-    fn new(len: usize) -> Region {
+    /// `len` zeroed bytes, 2 MiB-aligned, its first `huge` bytes advised onto huge pages
+    /// where possible.
+    fn new(len: usize, huge: usize) -> Region {
         let len = len.max(1);
         if let Ok(mut map) = memmap2::MmapOptions::new().len(len + HUGE_PAGE).map_anon() {
             let start = map.as_mut_ptr();
@@ -57,7 +60,9 @@ impl Region {
             #[cfg(target_os = "linux")]
             {
                 // Advice only: a kernel without transparent huge pages keeps 4 KiB pages.
-                let _ = map.advise_range(memmap2::Advice::HugePage, skip, len);
+                if huge > 0 {
+                    let _ = map.advise_range(memmap2::Advice::HugePage, skip, huge.min(len));
+                }
             }
             // SAFETY: `skip + len <= len + HUGE_PAGE`, inside the mapping.
             let base = unsafe { start.add(skip) };
@@ -67,7 +72,7 @@ impl Region {
                 len,
             };
         }
-        let mut heap = vec![0u8; len + CHUNK_ALIGN].into_boxed_slice();
+        let mut heap = vec![0u8; len + CHUNK_ALIGN];
         let start = heap.as_mut_ptr();
         let skip = start.align_offset(CHUNK_ALIGN).min(CHUNK_ALIGN);
         // SAFETY: `skip + len <= len + CHUNK_ALIGN`, inside the allocation.
@@ -110,9 +115,14 @@ impl DerefMut for Chunk {
 }
 
 impl Clone for Chunk {
-    /// A copy in a region of its own.
+    /// A copy in a region of its own, on huge pages for its whole 2 MiB stretches.
     fn clone(&self) -> Chunk {
-        let mut c = Arena::new().alloc(self.len);
+        let region = Arc::new(Region::new(self.len, self.len / HUGE_PAGE * HUGE_PAGE));
+        let mut c = Chunk {
+            ptr: region.base,
+            region,
+            len: self.len,
+        };
         c.copy_from_slice(self);
         c
     }
@@ -145,7 +155,9 @@ impl Arena {
     /// `len` zeroed bytes, aligned to [`CHUNK_ALIGN`].
     pub fn alloc(&self, len: usize) -> Chunk {
         if len > REGION / 4 {
-            let region = Arc::new(Region::new(len.next_multiple_of(HUGE_PAGE)));
+            // Huge pages for the whole 2 MiB stretches only: a last, partly used huge page
+            // would be resident in full.
+            let region = Arc::new(Region::new(len, len / HUGE_PAGE * HUGE_PAGE));
             return Chunk {
                 ptr: region.base,
                 region,
@@ -156,7 +168,7 @@ impl Arena {
         let fits =
             |(r, used): &(Arc<Region>, usize)| used.next_multiple_of(CHUNK_ALIGN) + len <= r.len;
         if !current.as_ref().is_some_and(fits) {
-            *current = Some((Arc::new(Region::new(REGION)), 0));
+            *current = Some((Arc::new(Region::new(REGION, REGION)), 0));
         }
         let (region, used) = current.as_mut().expect("a region was just made");
         let at = used.next_multiple_of(CHUNK_ALIGN);

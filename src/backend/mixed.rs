@@ -9,7 +9,9 @@
 //! Attention is a composite. Named (`attention=B`), it runs as `B`'s own attention, softmax
 //! included; not named while `softmax` is, it runs as the trait's default body on this
 //! backend, so that the chosen softmax is the one attention uses; neither named, it runs as
-//! the `*` backend's attention.
+//! the `*` backend's attention. So naming `softmax` changes attention even when it names the
+//! same backend as `*` (the default body runs instead of that backend's own attention, on
+//! one thread); and with `attention` named, a named `softmax` has nothing left to call it.
 
 use std::sync::Arc;
 
@@ -107,7 +109,7 @@ impl<M: Backend> Mixed<M> {
             })?;
             parts[i] = Some(b);
         }
-        let softmax_named = parts[2].is_some();
+        let softmax_named = parts[slot(Op::Softmax)].is_some();
         for (i, p) in parts.iter_mut().enumerate() {
             let default_body = MIXED_OPS[i] == Op::Attention && softmax_named;
             if p.is_none() && !default_body {
@@ -118,8 +120,7 @@ impl<M: Backend> Mixed<M> {
     }
 
     fn part(&self, op: Op) -> &dyn ActivationOps {
-        let i = MIXED_OPS.iter().position(|&o| o == op).expect("a mixed op");
-        self.parts[i]
+        self.parts[slot(op)]
             .as_deref()
             .expect("every op but a default-body attention has a backend")
     }
@@ -161,6 +162,14 @@ impl<M: Backend + 'static> Mixed<M> {
         let rest = get(rest)?;
         Mixed::new(matmul, assigned, rest)
     }
+}
+
+/// The index of `op` in [`MIXED_OPS`].
+fn slot(op: Op) -> usize {
+    MIXED_OPS
+        .iter()
+        .position(|&o| o == op)
+        .expect("one of the mixed ops")
 }
 
 fn names(ops: &[Op]) -> String {
@@ -266,7 +275,7 @@ impl<M: Backend> Backend for Mixed<M> {
         scores: &mut [f32],
         p: &AttentionParams,
     ) -> Result<(), Error> {
-        match &self.parts[5] {
+        match &self.parts[slot(Op::Attention)] {
             Some(b) => b.attention(q, k_cache, v_cache, out, scores, p),
             None => super::default_attention(self, q, k_cache, v_cache, out, scores, p),
         }

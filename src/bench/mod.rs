@@ -34,10 +34,11 @@ pub struct Roof {
     pub int8_kernel: &'static str,
 }
 
-/// The read probes: a 1 GiB buffer on the heap (4 KiB pages) and one from a
+/// The read probes: a 1 GiB buffer on the heap (4 KiB pages unless the OS backs every
+/// mapping with huge pages) and one from a
 /// [`chord_kernels::arena::Arena`], on huge pages where the OS gives them, as the backends'
 /// prepared weights are. Each thread reads one contiguous part.
-pub const READ_PROBES: [&str; 2] = ["4k-pages", "huge-pages"];
+pub const READ_PROBES: [&str; 2] = ["heap", "huge-pages"];
 
 /// Measures the roofs at each thread count: the best of five FMA probe runs and the best of
 /// ten streaming reads of each of the [`READ_PROBES`], split over the threads. A roof is a

@@ -308,7 +308,7 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
 
     /// [`forward`](Model::forward), calling `observer` at every point of the pass (see
     /// [`observe`]).
-    pub fn forward_observed<'s, O: Observer>(
+    pub fn forward_observed<'s, O: Observer + ?Sized>(
         &self,
         state: &'s mut State,
         tokens: &[u32],
@@ -319,7 +319,7 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
     }
 
     /// [`forward_all`](Model::forward_all), calling `observer` at every point of the pass.
-    pub fn forward_all_observed<'s, O: Observer>(
+    pub fn forward_all_observed<'s, O: Observer + ?Sized>(
         &self,
         state: &'s mut State,
         tokens: &[u32],
@@ -333,7 +333,7 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
         Ok(&state.all_logits[..n])
     }
 
-    fn run<O: Observer>(
+    fn run<O: Observer + ?Sized>(
         &self,
         state: &mut State,
         tokens: &[u32],
@@ -370,7 +370,7 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
     }
 
     /// One batch of `m` tokens at positions `state.pos ..`, computing the logits `want` asks for.
-    fn run_batch<O: Observer>(
+    fn run_batch<O: Observer + ?Sized>(
         &self,
         s: &mut State,
         tokens: &[u32],
@@ -483,7 +483,7 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
 
 /// Hands the activation `data (rows, cols)` of rows at positions `pos ..` to `obs`.
 #[inline(always)]
-fn at<O: Observer>(
+fn at<O: Observer + ?Sized>(
     obs: &mut O,
     point: Point,
     layer: Option<usize>,

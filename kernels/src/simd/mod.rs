@@ -166,8 +166,10 @@ pub(crate) mod testing {
 
     /// Checks that `run(isa, team, threads, x, y, m)`, which writes `y (m, n) = x · Wᵀ`,
     /// multiplies as the dequantized weight `wf (n, k)`: within `k` ulp of the sum of the
-    /// products' magnitudes of the f64 product, for decode and prefill row counts, on every
-    /// level, and with the same bits for teams of 1, 2 and 3 threads.
+    /// products' magnitudes of the f64 product, for decode and prefill row counts (prefills
+    /// of 100 and 151 rows split by rows, `qmatmul::ROW_SPLIT`, on some team sizes and by
+    /// panels on others), on every level, and with the same bits for teams of 1, 2 and 3
+    /// threads.
     pub(crate) fn multiplies_as_dequantized(
         label: &str,
         wf: &[f32],
@@ -175,7 +177,7 @@ pub(crate) mod testing {
         k: usize,
         run: impl Fn(Isa, &Team, usize, &[f32], &mut [f32], usize),
     ) {
-        for m in [1, 2, 3, 4, 7, 13] {
+        for m in [1, 2, 3, 4, 7, 13, 100, 151] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0)
                 .collect();

@@ -15,12 +15,15 @@
 //!   sixteen rows of one value position are already one vector, so no transpose.
 //!
 //! Work is split by groups of sixteen rows (decode: contiguous runs over the weights of the
-//! call, `RUNS_PER_THREAD` per thread) or panels (prefill), and no group's arithmetic
+//! call, `RUNS_PER_THREAD` per thread) or by rows of `x` or panels (prefill, see
+//! `qmatmul::prefill_part`), and no output's arithmetic
 //! depends on the split: results are bitwise identical for any thread count.
 
 use super::Isa;
 use super::Out;
-use super::qmatmul::{BlockScratch, GEMV_ROWS, Panels, panel_width, prefill};
+use super::qmatmul::{
+    BlockScratch, GEMV_ROWS, Panels, panel_width, prefill, prefill_part, prefill_tasks,
+};
 use super::repack::{GROUP, Layout, RepackedWeight};
 use super::v16::{Kernel16, V16, dispatch16};
 use crate::quant::DType;
@@ -50,14 +53,29 @@ pub fn matmuls(
             let out = Out(y.as_mut_ptr());
             let nr = panel_width(isa);
             let panels = w.n.div_ceil(nr);
-            let tasks = team.threads().min(scratch.slots.len()).min(panels);
+            let tasks = prefill_tasks(m, panels, team.threads().min(scratch.slots.len()));
             let source = GroupPanels { w };
             team.run(tasks, &|t| {
-                let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
+                let (r0, r1, p0, p1) = prefill_part(m, panels, tasks, t);
                 let mut slot = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
                 let (xbuf, panel) = &mut *slot;
-                // SAFETY: task `t` writes only the columns of panels p0..p1.
-                unsafe { prefill(isa, x, &source, w.n, w.k, out.get(), m, p0, p1, xbuf, panel) };
+                // SAFETY: task `t` writes only rows r0..r1 of panels p0..p1's columns.
+                unsafe {
+                    prefill(
+                        isa,
+                        x,
+                        &source,
+                        w.n,
+                        w.k,
+                        out.get(),
+                        r0,
+                        r1,
+                        p0,
+                        p1,
+                        xbuf,
+                        panel,
+                    )
+                };
             });
         }
         return;

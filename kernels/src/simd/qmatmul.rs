@@ -128,13 +128,28 @@ pub fn matmuls(
                     w: blocks,
                     per_row: w.k / B::LEN,
                 };
-                let tasks = team.threads().min(scratch.slots.len()).min(panels);
+                let tasks = prefill_tasks(m, panels, team.threads().min(scratch.slots.len()));
                 team.run(tasks, &|t| {
-                    let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
+                    let (r0, r1, p0, p1) = prefill_part(m, panels, tasks, t);
                     let mut slot = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
                     let (xbuf, panel) = &mut *slot;
-                    // SAFETY: task `t` writes only the columns of panels p0..p1.
-                    unsafe { prefill(isa, x, &rows, w.n, w.k, out.get(), m, p0, p1, xbuf, panel) };
+                    // SAFETY: task `t` writes only rows r0..r1 of panels p0..p1's columns.
+                    unsafe {
+                        prefill(
+                            isa,
+                            x,
+                            &rows,
+                            w.n,
+                            w.k,
+                            out.get(),
+                            r0,
+                            r1,
+                            p0,
+                            p1,
+                            xbuf,
+                            panel,
+                        )
+                    };
                 });
             }
             with_block!(w.dtype, run, isa, team, scratch, x, w, y, m);
@@ -325,10 +340,12 @@ impl<B: Block> Panels for BlockRows<'_, B> {
     }
 }
 
-/// The prefill path for panels `p0..p1` of `w (n, k)` at `isa`'s level.
+/// The prefill path for rows `r0..r1` of `x` and panels `p0..p1` of `w (n, k)` at `isa`'s
+/// level, into the same rows and the panels' columns of `y`.
 ///
 /// # Safety
-/// `y` points to `m * n` values of which no other task writes the columns of these panels.
+/// `y` points to `m * n` values (`m >= r1`) of which no other task writes these rows of these
+/// panels' columns.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn prefill<P: Panels>(
     isa: Isa,
@@ -337,7 +354,8 @@ pub(super) unsafe fn prefill<P: Panels>(
     n: usize,
     k: usize,
     y: *mut f32,
-    m: usize,
+    r0: usize,
+    r1: usize,
     p0: usize,
     p1: usize,
     xbuf: &mut Vec<f32>,
@@ -352,7 +370,8 @@ pub(super) unsafe fn prefill<P: Panels>(
         n: usize,
         k: usize,
         y: *mut f32,
-        m: usize,
+        r0: usize,
+        r1: usize,
         p0: usize,
         p1: usize,
         xbuf: &mut Vec<f32>,
@@ -360,7 +379,7 @@ pub(super) unsafe fn prefill<P: Panels>(
     ) {
         unsafe {
             body::<P, super::vec::Avx512, super::vec::Avx512, 6, 4>(
-                x, w, n, k, y, m, p0, p1, xbuf, panel,
+                x, w, n, k, y, r0, r1, p0, p1, xbuf, panel,
             )
         }
     }
@@ -373,7 +392,8 @@ pub(super) unsafe fn prefill<P: Panels>(
         n: usize,
         k: usize,
         y: *mut f32,
-        m: usize,
+        r0: usize,
+        r1: usize,
         p0: usize,
         p1: usize,
         xbuf: &mut Vec<f32>,
@@ -381,7 +401,7 @@ pub(super) unsafe fn prefill<P: Panels>(
     ) {
         unsafe {
             body::<P, super::v16::Pair<super::vec::Avx2>, super::vec::Avx2, 6, 2>(
-                x, w, n, k, y, m, p0, p1, xbuf, panel,
+                x, w, n, k, y, r0, r1, p0, p1, xbuf, panel,
             )
         }
     }
@@ -389,13 +409,51 @@ pub(super) unsafe fn prefill<P: Panels>(
     unsafe {
         match isa.level() {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => avx512::<P>(x, w, n, k, y, m, p0, p1, xbuf, panel),
+            Level::Avx512 => avx512::<P>(x, w, n, k, y, r0, r1, p0, p1, xbuf, panel),
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => avx2::<P>(x, w, n, k, y, m, p0, p1, xbuf, panel),
+            Level::Avx2 => avx2::<P>(x, w, n, k, y, r0, r1, p0, p1, xbuf, panel),
             _ => body::<P, super::v16::Pair<super::vec::Portable>, super::vec::Portable, 4, 1>(
-                x, w, n, k, y, m, p0, p1, xbuf, panel,
+                x, w, n, k, y, r0, r1, p0, p1, xbuf, panel,
             ),
         }
+    }
+}
+
+/// Rows per task from which a prefill splits by rows rather than by panels. Split by panels,
+/// a weight of few panels leaves a thread idle (three 64-row panels of a 192-row `attn_k`
+/// over two threads: two and one); split by rows, every task decodes every panel for its
+/// own rows, which costs one panel decode per `ROW_SPLIT`-odd rows of multiply-adds.
+pub(super) const ROW_SPLIT: usize = 48;
+
+/// Tasks of a prefill of `m` rows over `panels` panels with at most `max` tasks.
+pub(super) fn prefill_tasks(m: usize, panels: usize, max: usize) -> usize {
+    if m >= ROW_SPLIT * max {
+        max
+    } else {
+        max.min(panels)
+    }
+}
+
+/// The rows `r0..r1` and panels `p0..p1` of task `t` of `tasks` ([`prefill_tasks`]). Row cuts
+/// fall on multiples of 12, which every level's `MR` divides. No output element's arithmetic
+/// depends on the split.
+pub(super) fn prefill_part(
+    m: usize,
+    panels: usize,
+    tasks: usize,
+    t: usize,
+) -> (usize, usize, usize, usize) {
+    if m >= ROW_SPLIT * tasks {
+        let cut = |t: usize| {
+            if t == tasks {
+                m
+            } else {
+                (m * t / tasks) / 12 * 12
+            }
+        };
+        (cut(t), cut(t + 1), 0, panels)
+    } else {
+        (0, m, panels * t / tasks, panels * (t + 1) / tasks)
     }
 }
 
@@ -414,19 +472,21 @@ unsafe fn body<P: Panels, W: V16, V: F32Vec, const MR: usize, const NV: usize>(
     n: usize,
     k: usize,
     y: *mut f32,
-    m: usize,
+    r0: usize,
+    r1: usize,
     p0: usize,
     p1: usize,
     xbuf: &mut Vec<f32>,
     panel: &mut Vec<f32>,
 ) {
     let nr = NV * V::LANES;
+    let m = r1 - r0;
     let m_padded = m.div_ceil(MR) * MR;
     xbuf.resize(xbuf.len().max(m_padded * KC), 0.0);
     panel.resize(panel.len().max(KC * nr), 0.0);
     for pc in (0..k).step_by(KC) {
         let kc = KC.min(k - pc);
-        pack_x::<MR>(x, k, 0, m, pc, kc, xbuf);
+        pack_x::<MR>(x, k, r0, m, pc, kc, xbuf);
         for pj in p0..p1 {
             let j0 = pj * nr;
             let cols = nr.min(n - j0);
@@ -434,10 +494,10 @@ unsafe fn body<P: Panels, W: V16, V: F32Vec, const MR: usize, const NV: usize>(
             for ir in (0..m).step_by(MR) {
                 let rows = MR.min(m - ir);
                 // SAFETY: the packed micro-panel holds kc * MR values, the panel kc * nr;
-                // the tile (ir.., j0..) of rows × cols lies inside y, in this task's columns.
+                // the tile (r0 + ir.., j0..) of rows × cols lies inside y, in this task's part.
                 unsafe {
                     let a = xbuf.as_ptr().add(ir * kc);
-                    let c = y.add(ir * n + j0);
+                    let c = y.add((r0 + ir) * n + j0);
                     microkernel::<V, MR, NV>(kc, a, panel.as_ptr(), c, n, pc > 0, rows, cols);
                 }
             }
