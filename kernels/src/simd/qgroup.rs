@@ -21,9 +21,7 @@
 
 use super::Isa;
 use super::Out;
-use super::qmatmul::{
-    BlockScratch, GEMV_ROWS, Panels, panel_width, prefill, prefill_part, prefill_tasks,
-};
+use super::qmatmul::{BlockScratch, GEMV_ROWS, Panels, prefill_on_team};
 use super::repack::{GROUP, Layout, RepackedWeight};
 use super::v16::{Kernel16, V16, dispatch16};
 use crate::quant::DType;
@@ -51,32 +49,7 @@ pub fn matmuls(
         for (w, y) in ws.iter().zip(ys.iter_mut()) {
             debug_assert!(x.len() == m * w.k && y.len() == m * w.n);
             let out = Out(y.as_mut_ptr());
-            let nr = panel_width(isa);
-            let panels = w.n.div_ceil(nr);
-            let tasks = prefill_tasks(m, panels, team.threads().min(scratch.slots.len()));
-            let source = GroupPanels { w };
-            team.run(tasks, &|t| {
-                let (r0, r1, p0, p1) = prefill_part(m, panels, tasks, t);
-                let mut slot = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
-                let (xbuf, panel) = &mut *slot;
-                // SAFETY: task `t` writes only rows r0..r1 of panels p0..p1's columns.
-                unsafe {
-                    prefill(
-                        isa,
-                        x,
-                        &source,
-                        w.n,
-                        w.k,
-                        out.get(),
-                        r0,
-                        r1,
-                        p0,
-                        p1,
-                        xbuf,
-                        panel,
-                    )
-                };
-            });
+            prefill_on_team(isa, team, scratch, x, &GroupPanels { w }, w.n, w.k, out, m);
         }
         return;
     }

@@ -122,35 +122,11 @@ pub fn matmuls(
                 let blocks: &[B] =
                     bytemuck::try_cast_slice(w.bytes).expect("whole blocks of alignment 1");
                 let out = Out(y.as_mut_ptr());
-                let nr = panel_width(isa);
-                let panels = w.n.div_ceil(nr);
                 let rows = BlockRows {
                     w: blocks,
                     per_row: w.k / B::LEN,
                 };
-                let tasks = prefill_tasks(m, panels, team.threads().min(scratch.slots.len()));
-                team.run(tasks, &|t| {
-                    let (r0, r1, p0, p1) = prefill_part(m, panels, tasks, t);
-                    let mut slot = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
-                    let (xbuf, panel) = &mut *slot;
-                    // SAFETY: task `t` writes only rows r0..r1 of panels p0..p1's columns.
-                    unsafe {
-                        prefill(
-                            isa,
-                            x,
-                            &rows,
-                            w.n,
-                            w.k,
-                            out.get(),
-                            r0,
-                            r1,
-                            p0,
-                            p1,
-                            xbuf,
-                            panel,
-                        )
-                    };
-                });
+                prefill_on_team(isa, team, scratch, x, &rows, w.n, w.k, out, m);
             }
             with_block!(w.dtype, run, isa, team, scratch, x, w, y, m);
         }
@@ -455,6 +431,32 @@ pub(super) fn prefill_part(
     } else {
         (0, m, panels * t / tasks, panels * (t + 1) / tasks)
     }
+}
+
+/// `y (m, n) = x (m, k) · Wᵀ` for the panels `w` decodes, as one job of `team`: each task
+/// takes its part ([`prefill_part`]) with its own scratch slot.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn prefill_on_team<P: Panels + Sync>(
+    isa: Isa,
+    team: &Team,
+    scratch: &BlockScratch,
+    x: &[f32],
+    w: &P,
+    n: usize,
+    k: usize,
+    y: Out,
+    m: usize,
+) {
+    let panels = n.div_ceil(panel_width(isa));
+    let tasks = prefill_tasks(m, panels, team.threads().min(scratch.slots.len()));
+    team.run(tasks, &|t| {
+        let (r0, r1, p0, p1) = prefill_part(m, panels, tasks, t);
+        let mut slot = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
+        let (xbuf, panel) = &mut *slot;
+        // SAFETY: task `t` writes only rows r0..r1 of panels p0..p1's columns of `y`, which
+        // holds m * n values (the callers' contract).
+        unsafe { prefill(isa, x, w, n, k, y.get(), r0, r1, p0, p1, xbuf, panel) };
+    });
 }
 
 /// The panel width of `isa`'s prefill microkernel.
