@@ -1030,15 +1030,9 @@ fn diverge(args: DivergeArgs) -> ExitCode {
 }
 
 fn diverge_run(args: &DivergeArgs) -> Result<bool, Box<dyn std::error::Error>> {
-    let reference_run = RunArgs {
-        model: args.run.model.clone(),
-        backend: args.reference.clone(),
-        threads: args.run.threads,
-        ctx: args.run.ctx,
-        mode: chord::backend::Mode::Exact,
-    };
     on_backend!(&args.run, file, b => {
-        on_backend!(&reference_run, ref_file, r => {
+        // The reference reads the same file, in exact mode on the same threads.
+        with_backend!(&args.reference, args.run.threads, chord::backend::Mode::Exact, r => {
             let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
             let ids = tok.encode(&args.prompt, args.parse_special);
             if ids.is_empty() {
@@ -1046,7 +1040,7 @@ fn diverge_run(args: &DivergeArgs) -> Result<bool, Box<dyn std::error::Error>> {
             }
             let model = chord::model::Model::load(&file, b)?;
             check_prompt_fits(ids.len(), &model.config, args.run.ctx)?;
-            let reference = chord::model::Model::load(&ref_file, r)?;
+            let reference = chord::model::Model::load(&file, r)?;
             let tol = args.tol.unwrap_or(chord::research::default_tolerance(
                 args.run.mode == chord::backend::Mode::Fast,
             ));

@@ -280,20 +280,9 @@ pub fn format_divergence(d: &Divergence, backend: &str, reference: &str) -> Stri
         "\n{:<7} {:<12} {:>12} {:>12}   {:>18}\n",
         "layer", "worst point", "local err", "max rel", "resid_ffn, free"
     );
-    let free: BTreeMap<Option<usize>, &PointError> = d
-        .growth
-        .iter()
-        .map(|e| {
-            (
-                if e.point == Point::Logits {
-                    None
-                } else {
-                    e.layer
-                },
-                e,
-            )
-        })
-        .collect();
+    // resid_ffn per layer, and the logits (outside the layers) on the last line.
+    let free: BTreeMap<Option<usize>, &PointError> =
+        d.growth.iter().map(|e| (e.layer, e)).collect();
     let mut rows: BTreeMap<Option<usize>, &PointError> = BTreeMap::new();
     for e in &d.local {
         let slot = rows.entry(e.layer).or_insert(e);

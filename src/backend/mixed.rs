@@ -101,15 +101,10 @@ impl<M: Backend> Mixed<M> {
     ) -> Result<Mixed<M>, Error> {
         let mut parts: [Option<Arc<dyn ActivationOps>>; 6] = Default::default();
         for (op, b) in assigned {
-            let i = MIXED_OPS.iter().position(|&o| o == op).ok_or_else(|| {
-                Error::Unavailable(format!(
-                    "a mixed backend assigns {}, not {op} (embedding goes with matmul)",
-                    names(&MIXED_OPS)
-                ))
-            })?;
+            let i = slot(op).ok_or_else(|| Error::Unavailable(not_mixed(op)))?;
             parts[i] = Some(b);
         }
-        let softmax_named = parts[slot(Op::Softmax)].is_some();
+        let softmax_named = parts[slot(Op::Softmax).expect("a mixed op")].is_some();
         for (i, p) in parts.iter_mut().enumerate() {
             let default_body = MIXED_OPS[i] == Op::Attention && softmax_named;
             if p.is_none() && !default_body {
@@ -120,7 +115,7 @@ impl<M: Backend> Mixed<M> {
     }
 
     fn part(&self, op: Op) -> &dyn ActivationOps {
-        self.parts[slot(op)]
+        self.parts[slot(op).expect("a mixed op")]
             .as_deref()
             .expect("every op but a default-body attention has a backend")
     }
@@ -164,16 +159,18 @@ impl<M: Backend + 'static> Mixed<M> {
     }
 }
 
-/// The index of `op` in [`MIXED_OPS`].
-fn slot(op: Op) -> usize {
-    MIXED_OPS
-        .iter()
-        .position(|&o| o == op)
-        .expect("one of the mixed ops")
+/// The index of `op` in [`MIXED_OPS`], if it is one.
+pub(super) fn slot(op: Op) -> Option<usize> {
+    MIXED_OPS.iter().position(|&o| o == op)
 }
 
-fn names(ops: &[Op]) -> String {
-    ops.iter().map(|o| o.name()).collect::<Vec<_>>().join(", ")
+/// Why `op` cannot be assigned in a mixed backend.
+pub(super) fn not_mixed(op: Op) -> String {
+    let names: Vec<&str> = MIXED_OPS.iter().map(|o| o.name()).collect();
+    format!(
+        "a mixed backend assigns matmul, {}, not {op} (embedding goes with matmul)",
+        names.join(", ")
+    )
 }
 
 impl<M: Backend> Backend for Mixed<M> {
@@ -275,7 +272,7 @@ impl<M: Backend> Backend for Mixed<M> {
         scores: &mut [f32],
         p: &AttentionParams,
     ) -> Result<(), Error> {
-        match &self.parts[slot(Op::Attention)] {
+        match &self.parts[slot(Op::Attention).expect("a mixed op")] {
             Some(b) => b.attention(q, k_cache, v_cache, out, scores, p),
             None => super::default_attention(self, q, k_cache, v_cache, out, scores, p),
         }

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use chord_kernels::simd::Level;
 
 use super::Op;
-use super::mixed::MIXED_OPS;
+use super::mixed::{not_mixed, slot};
 
 /// A built-in backend with its kernel variant: what `--backend` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -143,10 +143,8 @@ impl FromStr for BackendSpec {
                 }
                 name => {
                     let op: Op = name.parse()?;
-                    if !MIXED_OPS.contains(&op) {
-                        return Err(format!(
-                            "a mixed backend assigns matmul, rmsnorm, rope, softmax, swiglu, add and attention, not {op} (embedding goes with matmul)"
-                        ));
+                    if slot(op).is_none() {
+                        return Err(not_mixed(op));
                     }
                     if ops.iter().any(|(o, _)| *o == op) {
                         return Err(dup());
