@@ -173,6 +173,16 @@ impl<B: Backend> BenchBackend for B {
                     b.iter(|| self.swiglu(black_box(&a), &u, &mut y).unwrap())
                 });
             }
+            "geglu" => {
+                let (a, u, mut y) = (
+                    values(rows * ffn, 5),
+                    values(rows * ffn, 6),
+                    vec![0.0; rows * ffn],
+                );
+                g.bench_function(id, |b| {
+                    b.iter(|| self.geglu(black_box(&a), &u, &mut y).unwrap())
+                });
+            }
             "add" => {
                 let (x, mut y) = (values(rows * dim, 7), values(rows * dim, 8));
                 g.bench_function(id, |b| b.iter(|| self.add(black_box(&mut y), &x).unwrap()));
@@ -231,7 +241,7 @@ fn bench_matmul(c: &mut Criterion) {
 }
 
 fn bench_per_row(c: &mut Criterion) {
-    for op in ["rmsnorm", "rope", "softmax", "swiglu", "add"] {
+    for op in ["rmsnorm", "rope", "softmax", "swiglu", "geglu", "add"] {
         for (name, dim, ffn, heads, head_dim, _) in MODELS {
             let row_counts = if op == "softmax" {
                 [1, heads]
@@ -242,7 +252,7 @@ fn bench_per_row(c: &mut Criterion) {
                 let mut g = c.benchmark_group(format!("{op}/{name}_rows{rows}"));
                 configure(&mut g);
                 let len = match op {
-                    "swiglu" => 3 * rows * ffn,
+                    "swiglu" | "geglu" => 3 * rows * ffn,
                     "rope" => 2 * rows * heads * head_dim,
                     "add" => 3 * rows * dim,
                     _ => 2 * rows * dim,

@@ -85,6 +85,11 @@ impl<B: Backend> Backend for Counting<B> {
         self.inner.swiglu(a, b, y)
     }
 
+    fn geglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
+        self.count(Op::GeGlu);
+        self.inner.geglu(a, b, y)
+    }
+
     fn add(&self, y: &mut [f32], x: &[f32]) -> Result<(), Error> {
         self.count(Op::Add);
         self.inner.add(y, x)

@@ -76,7 +76,9 @@ pub struct RenderOptions<'a> {
 /// A template that cannot be made or cannot render.
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
-    #[error("unknown template '{0}': expected chatml, llama2, alpaca, zephyr, llama3 or model")]
+    #[error(
+        "unknown template '{0}': expected chatml, llama2, alpaca, zephyr, llama3, plain or model"
+    )]
     Unknown(String),
     /// A Jinja template failed to parse or to render: where, and what.
     #[error("chat template, line {line}: {message}{}", at(construct))]
@@ -110,6 +112,11 @@ pub enum Template {
     Zephyr,
     /// `{bos}<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>`.
     Llama3,
+    /// No template: each message's text on a line of its own, so that the model continues
+    /// the text. What `chord chat` uses for a base model, one whose file has no
+    /// `tokenizer.chat_template` (Gemma 3 270M), rather than markers of another model's
+    /// training that it has never seen.
+    Plain,
     /// A Jinja template, as `tokenizer.chat_template` holds one, compiled.
     Jinja(Box<JinjaTemplate>),
 }
@@ -129,7 +136,8 @@ const MAX_DEPTH: usize = 512;
 const NAME: &str = "chat_template";
 
 impl Template {
-    /// The built-in template named `name`: `chatml`, `llama2`, `alpaca`, `zephyr`, `llama3`.
+    /// The built-in template named `name`: `chatml`, `llama2`, `alpaca`, `zephyr`, `llama3`,
+    /// `plain`.
     pub fn named(name: &str) -> Result<Template, TemplateError> {
         Ok(match name {
             "chatml" => Template::ChatMl,
@@ -137,6 +145,7 @@ impl Template {
             "alpaca" => Template::Alpaca,
             "zephyr" => Template::Zephyr,
             "llama3" => Template::Llama3,
+            "plain" => Template::Plain,
             _ => return Err(TemplateError::Unknown(name.into())),
         })
     }
@@ -242,6 +251,11 @@ impl Template {
                 }
                 if generation {
                     out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
+                }
+            }
+            Template::Plain => {
+                for (_, text) in &turns {
+                    out += &format!("{text}\n");
                 }
             }
             Template::Jinja(_) => unreachable!("rendered above"),

@@ -111,6 +111,7 @@ pub fn check_op<B: Backend>(backend: &B, op: Op, cfg: &Config) -> Result<(), Fai
         Op::SwiGlu => run(backend, op, cfg, swiglu_cases(), |c| {
             swiglu_case(backend, c)
         }),
+        Op::GeGlu => run(backend, op, cfg, swiglu_cases(), |c| geglu_case(backend, c)),
         Op::Add => run(backend, op, cfg, add_cases(), |c| add_case(backend, c)),
         Op::Embedding => run(backend, op, cfg, embedding_cases(), |c| {
             embedding_case(backend, c)
@@ -207,6 +208,16 @@ pub mod tolerance {
     /// returns about 0 for a true value below `|a b| 1e-38`.
     pub fn swiglu(a: f64, b: f64, y: f64) -> f64 {
         10.0 * U * y.abs() + (a * b).abs() * 1e-37 + 1e-37
+    }
+
+    /// GEGLU output `y = a b / (1 + exp(-z))`, `z = c (a + k a³)` (see
+    /// [`crate::backend::Backend::geglu`]): SwiGLU's 10 U, plus the error of `z` itself (its
+    /// four roundings on terms of at most `z_abs = c (|a| + k |a|³)`, with margin 6 U `z_abs`),
+    /// which moves the sigmoid by a relative `(1 - σ) δz <= δz`.
+    pub fn geglu(a: f64, b: f64, y: f64) -> f64 {
+        let z_abs = crate::backend::GELU_2_SQRT_2_OVER_PI
+            * (a.abs() + crate::backend::GELU_COEF_A * a.abs().powi(3));
+        (10.0 + 6.0 * z_abs) * U * y.abs() + (a * b).abs() * 1e-37 + 1e-37
     }
 
     /// Residual add: one rounding of the exact sum.
@@ -788,6 +799,23 @@ fn swiglu_case<B: Backend>(backend: &B, c: EltCase) -> Result<(), TestCaseError>
     )
 }
 
+fn geglu_case<B: Backend>(backend: &B, c: EltCase) -> Result<(), TestCaseError> {
+    let mut vals = Values(c.seed);
+    let a = vals.vec(c.len, c.mag_a);
+    let b = vals.vec(c.len, c.mag_b);
+    let mut y = vec![f32::NAN; c.len];
+    backend.geglu(&a, &b, &mut y).map_err(op_error)?;
+    let mut want = vec![0.0f64; c.len];
+    scalar::geglu(&widen(&a), &widen(&b), &mut want);
+    compare(
+        "y",
+        &y,
+        &want,
+        |i| tolerance::geglu(a[i] as f64, b[i] as f64, want[i]),
+        |i| format!("[{i}]"),
+    )
+}
+
 fn add_cases() -> impl Strategy<Value = EltCase> {
     let mag = select(vec![1e-3f32, 1.0, 1e5, 1e30]);
     (dim(), 1usize..=3, mag.clone(), mag, any::<u64>()).prop_map(|(d, r, mag_a, mag_b, seed)| {
@@ -868,6 +896,9 @@ struct AttentionCase {
     head_dim: usize,
     mag_qk: f32,
     mag_v: f32,
+    /// Times `1 / sqrt(head_dim)`.
+    scale_factor: f32,
+    window: Option<usize>,
     seed: u64,
 }
 
@@ -885,18 +916,26 @@ fn attention_cases() -> impl Strategy<Value = AttentionCase> {
         head_dim,
         select(vec![0.1f32, 1.0, 4.0]),
         select(vec![1.0f32, 1e3]),
+        (
+            select(vec![1.0f32, 1.0, 0.5]),
+            prop_oneof![2 => Just(None), 1 => (1usize..=70).prop_map(Some)],
+        ),
         any::<u64>(),
     )
         .prop_map(
-            |(m, pos, n_kv_heads, group, head_dim, mag_qk, mag_v, seed)| AttentionCase {
-                m,
-                pos,
-                n_kv_heads,
-                group,
-                head_dim,
-                mag_qk,
-                mag_v,
-                seed,
+            |(m, pos, n_kv_heads, group, head_dim, mag_qk, mag_v, (scale_factor, window), seed)| {
+                AttentionCase {
+                    m,
+                    pos,
+                    n_kv_heads,
+                    group,
+                    head_dim,
+                    mag_qk,
+                    mag_v,
+                    scale_factor,
+                    window,
+                    seed,
+                }
             },
         )
 }
@@ -914,6 +953,8 @@ fn attention_case<B: Backend>(backend: &B, c: AttentionCase) -> Result<(), TestC
         n_heads: heads,
         n_kv_heads: kvh,
         head_dim: hd,
+        scale: c.scale_factor * AttentionParams::standard_scale(hd),
+        window: c.window,
     };
     let mut out = vec![f32::NAN; q.len()];
     let mut scores = vec![0.0f32; t_max];
@@ -922,15 +963,18 @@ fn attention_case<B: Backend>(backend: &B, c: AttentionCase) -> Result<(), TestC
         .map_err(op_error)?;
 
     // The oracle in f64, and each element's tolerance from the same quantities.
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = p.scale as f64;
     let (mut want, mut tol) = (vec![0.0f64; out.len()], vec![0.0f64; out.len()]);
     let kv_dim = kvh * hd;
     for i in 0..c.m {
-        let t_len = c.pos + i + 1;
+        // The positions this query sees: `lo .. lo + t_len`.
+        let lo = p.first_visible(c.pos + i);
+        let t_len = c.pos + i + 1 - lo;
         for h in 0..heads {
             let qh = &q[(i * heads + h) * hd..][..hd];
             let off = (h / c.group) * hd;
-            let row = |t: usize, x: &[f32]| -> Vec<f64> { widen(&x[t * kv_dim + off..][..hd]) };
+            let row =
+                |t: usize, x: &[f32]| -> Vec<f64> { widen(&x[(lo + t) * kv_dim + off..][..hd]) };
             let s: Vec<f64> = (0..t_len)
                 .map(|t| {
                     row(t, &k)
@@ -966,7 +1010,7 @@ fn attention_case<B: Backend>(backend: &B, c: AttentionCase) -> Result<(), TestC
             for j in 0..hd {
                 let (mut acc, mut abs_pv) = (0.0f64, 0.0f64);
                 for t in 0..t_len {
-                    let vt = v[t * kv_dim + off + j] as f64;
+                    let vt = v[(lo + t) * kv_dim + off + j] as f64;
                     acc += pr[t] * vt;
                     abs_pv += pr[t] * vt.abs();
                 }
@@ -991,6 +1035,19 @@ fn attention_case<B: Backend>(backend: &B, c: AttentionCase) -> Result<(), TestC
             )
         },
     )
+}
+
+/// Attention of `m` rows at `pos`, 2 heads over 1 kv head of 4, the standard scale.
+fn attention_params(m: usize, pos: usize, window: Option<usize>) -> AttentionParams {
+    AttentionParams {
+        m,
+        pos,
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 4,
+        scale: AttentionParams::standard_scale(4),
+        window,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1080,6 +1137,11 @@ pub fn check_shape_errors<B: Backend>(backend: &B) -> Result<(), Failure> {
             Box::new(|| backend.swiglu(&v(5), &v(4), &mut v(5))),
         ),
         (
+            Op::GeGlu,
+            "a of 5, b of 4",
+            Box::new(|| backend.geglu(&v(5), &v(4), &mut v(5))),
+        ),
+        (
             Op::Add,
             "y of 5, x of 4",
             Box::new(|| backend.add(&mut v(5), &v(4))),
@@ -1093,6 +1155,30 @@ pub fn check_shape_errors<B: Backend>(backend: &B) -> Result<(), Failure> {
             Op::Embedding,
             "y of 5, rows of 6",
             Box::new(|| backend.embedding(&w, 0, &mut v(5))),
+        ),
+        (
+            Op::Attention,
+            "q of 7 for 1 row of 2 heads × 4",
+            Box::new(|| {
+                let p = attention_params(1, 0, None);
+                backend.attention(&v(7), &v(4), &v(4), &mut v(8), &mut v(1), &p)
+            }),
+        ),
+        (
+            Op::Attention,
+            "a window of 0 positions",
+            Box::new(|| {
+                let p = attention_params(1, 0, Some(0));
+                backend.attention(&v(8), &v(4), &v(4), &mut v(8), &mut v(1), &p)
+            }),
+        ),
+        (
+            Op::Attention,
+            "caches of 4 values for 2 positions of 4",
+            Box::new(|| {
+                let p = attention_params(1, 1, None);
+                backend.attention(&v(8), &v(4), &v(4), &mut v(8), &mut v(2), &p)
+            }),
         ),
     ];
     for (op, case, call) in &cases {

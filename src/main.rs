@@ -147,7 +147,7 @@ struct RunArgs {
     model: Option<std::path::PathBuf>,
     /// Backend: scalar, blocked, simd (the widest level this CPU runs), simd-avx512,
     /// simd-avx2, simd-portable; or a mix, op by op: matmul=simd,softmax=scalar,*=blocked
-    /// (ops: matmul, rmsnorm, rope, softmax, swiglu, add, attention; * for the rest).
+    /// (ops: matmul, rmsnorm, rope, softmax, swiglu, geglu, add, attention; * for the rest).
     #[arg(long, default_value = "simd")]
     backend: chord::backend::BackendSpec,
     /// Threads for the backend.
@@ -172,9 +172,10 @@ struct DumpArgs {
     /// Recognise special tokens written in the prompt.
     #[arg(long)]
     parse_special: bool,
-    /// Points to record (comma-separated): embedding, attn_norm, q, k, v, q_rope, k_rope,
-    /// attn, attn_out, resid_attn, ffn_norm, gate, up, act, ffn_out, resid_ffn, final_norm,
-    /// logits; or all.
+    /// Points to record (comma-separated): embedding, attn_norm, q, k, v, q_norm, k_norm,
+    /// q_rope, k_rope, attn, attn_out, attn_post_norm, resid_attn, ffn_norm, gate, up, act,
+    /// ffn_out, ffn_post_norm, resid_ffn, final_norm, logits (q_norm, k_norm and the post-norms
+    /// where the model has them); or all.
     #[arg(long, value_delimiter = ',', default_value = "resid_ffn,logits")]
     points: Vec<String>,
     /// Layers to record (comma-separated; default: every layer).
@@ -214,7 +215,8 @@ struct ChatArgs {
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Chat template: model (the GGUF's own, the default when it has one), chatml, llama2,
-    /// alpaca, zephyr, llama3, or a file holding a Jinja template.
+    /// alpaca, zephyr, llama3, plain (each message's text on a line: the default for a model
+    /// without a template), or a file holding a Jinja template.
     #[arg(long)]
     template: Option<String>,
     /// System prompt to start with (also: /system TEXT).
@@ -289,8 +291,8 @@ struct TemplateArgs {
     /// Leave out the opening of the assistant's turn.
     #[arg(long)]
     no_generation_prompt: bool,
-    /// Chat template: model (the default), chatml, llama2, alpaca, zephyr, llama3, or a file
-    /// holding a Jinja template.
+    /// Chat template: model (the default), chatml, llama2, alpaca, zephyr, llama3, plain, or
+    /// a file holding a Jinja template.
     #[arg(long)]
     template: Option<String>,
 }
@@ -354,7 +356,7 @@ impl SamplingArgs {
 
 #[derive(Args)]
 struct KernelArgs {
-    /// Ops to time (comma-separated): matmul, rmsnorm, rope, softmax, swiglu, add.
+    /// Ops to time (comma-separated): matmul, rmsnorm, rope, softmax, swiglu, geglu, add.
     #[arg(
         long,
         value_delimiter = ',',
@@ -740,7 +742,7 @@ fn chosen_template(name: &str) -> Result<chord::chat::Template, Box<dyn std::err
     }
     if !std::path::Path::new(name).is_file() {
         return Err(format!(
-            "--template {name}: unknown template '{name}': expected chatml, llama2, alpaca, zephyr, llama3, model, or a file holding a Jinja template"
+            "--template {name}: unknown template '{name}': expected chatml, llama2, alpaca, zephyr, llama3, plain, model, or a file holding a Jinja template"
         )
         .into());
     }
@@ -748,7 +750,8 @@ fn chosen_template(name: &str) -> Result<chord::chat::Template, Box<dyn std::err
     Ok(chord::chat::Template::jinja(&source).map_err(|e| format!("--template {name}: {e}"))?)
 }
 
-/// The template `--template` asks for (default: the model's own, else ChatML).
+/// The template `--template` asks for (default: the model's own; for a model without one,
+/// a base model, plain continuation, with a notice on stderr).
 fn model_template(
     file: &chord::gguf::GgufFile,
     flag: Option<&str>,
@@ -760,7 +763,12 @@ fn model_template(
         (Some("model"), None) => {
             return Err("--template model: this model file has no tokenizer.chat_template".into());
         }
-        (None, None) => chord::chat::Template::ChatMl,
+        (None, None) => {
+            eprintln!(
+                "note: this model has no chat template (tokenizer.chat_template): it is likely a base model, so the conversation is given as plain text to continue (--template chatml|llama2|alpaca|zephyr|llama3 chooses a chat format)"
+            );
+            chord::chat::Template::Plain
+        }
         (Some(name), _) => chosen_template(name)?,
     })
 }

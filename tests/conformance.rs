@@ -276,6 +276,11 @@ mod broken {
             self.spoil(Op::SwiGlu, y);
             Ok(())
         }
+        fn geglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
+            self.inner.geglu(a, b, y)?;
+            self.spoil(Op::GeGlu, y);
+            Ok(())
+        }
         fn add(&self, y: &mut [f32], x: &[f32]) -> Result<(), Error> {
             self.inner.add(y, x)?;
             self.spoil(Op::Add, y);

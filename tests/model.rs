@@ -8,76 +8,28 @@ mod common;
 
 use std::path::Path;
 
-use common::{f32_model_path, model_path};
+use common::{argmax, f32_model_path, max_abs_diff, model_path};
 
 use chord::backend::Backend;
 use chord::gguf::GgufFile;
 use chord::model::{Model, State};
 use chord::{ScalarBackend, SimdBackend};
-use serde_json::Value;
 
 const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/reference");
 
-struct Case {
-    name: String,
-    prompt_ids: Vec<u32>,
-    gen_ids: Vec<u32>,
-}
-
-fn greedy_cases(file: &str) -> Vec<Case> {
-    let text = std::fs::read_to_string(Path::new(REFERENCE).join(file)).unwrap();
-    let ids = |v: &Value| {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect::<Vec<_>>()
-    };
-    text.lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            Case {
-                name: v["name"].as_str().unwrap().into(),
-                prompt_ids: ids(&v["prompt_ids"]),
-                gen_ids: ids(&v["gen_ids"]),
-            }
-        })
-        .collect()
+fn greedy_cases(file: &str) -> Vec<common::Case> {
+    common::greedy_cases(&Path::new(REFERENCE).join(file))
 }
 
 fn reference_logits(file: &str) -> Option<Vec<f32>> {
-    let bytes = std::fs::read(Path::new(REFERENCE).join(file)).ok()?;
-    Some(
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-    )
-}
-
-/// Argmax, the lower id on ties (as the reference).
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    common::read_f32s(&Path::new(REFERENCE).join(file))
 }
 
 /// For each case: the last prompt logits against `logits_prefix_<name>.bin` (where the
 /// reference has them) within `tol`, and `n_gen` greedy tokens identical to the reference.
 fn check_against_reference<B: Backend>(
     backend: B,
-    cases: &[Case],
+    cases: &[common::Case],
     logits_prefix: &str,
     tol: f32,
     n_gen: usize,
@@ -318,7 +270,7 @@ fn f32_model_perplexity_matches_llama_cpp_within_1_percent() {
 /// logits within 0.01, the first 16 greedy tokens), to keep CI time down.
 #[test]
 fn q4_1_exact_mode_on_blocked_matches_llama_cpp_on_one_prompt() {
-    let cases: Vec<Case> = greedy_cases("greedy_f32_kvf32.jsonl")
+    let cases: Vec<common::Case> = greedy_cases("greedy_f32_kvf32.jsonl")
         .into_iter()
         .filter(|c| c.name == "capital_france")
         .collect();

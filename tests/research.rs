@@ -221,6 +221,9 @@ impl Backend for BrokenSoftmax {
     fn swiglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
         self.inner.swiglu(a, b, y)
     }
+    fn geglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
+        self.inner.geglu(a, b, y)
+    }
     fn add(&self, y: &mut [f32], x: &[f32]) -> Result<(), Error> {
         self.inner.add(y, x)
     }

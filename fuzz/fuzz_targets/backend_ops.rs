@@ -45,6 +45,11 @@ enum Call {
         b: u16,
         y: u16,
     },
+    GeGlu {
+        a: u16,
+        b: u16,
+        y: u16,
+    },
     Add {
         y: u16,
         x: u16,
@@ -114,6 +119,7 @@ fn run<B: Backend>(b: &B, call: &Call) {
             b.softmax(&mut v(x), cols as usize, &p)
         }
         Call::SwiGlu { a, b: bb, y } => b.swiglu(&v(a), &v(bb), &mut v(y)),
+        Call::GeGlu { a, b: bb, y } => b.geglu(&v(a), &v(bb), &mut v(y)),
         Call::Add { y, x } => b.add(&mut v(y), &v(x)),
         Call::Embedding {
             rows,

@@ -259,16 +259,24 @@ pub fn softmax(pool: &ThreadPool, x: &mut [f32], cols: usize, p: &SoftmaxParams)
 
 /// SwiGLU gate, as [`scalar::swiglu`], split over the pool.
 pub fn swiglu(pool: &ThreadPool, a: &[f32], b: &[f32], y: &mut [f32]) {
+    gate(pool, a, b, y, scalar::swiglu);
+}
+
+/// GELU gate, as [`scalar::geglu`], split over the pool.
+pub fn geglu(pool: &ThreadPool, a: &[f32], b: &[f32], y: &mut [f32]) {
+    gate(pool, a, b, y, scalar::geglu);
+}
+
+/// An elementwise gate `f(a, b) -> y` in chunks of `PAR_MIN` over the pool.
+fn gate(pool: &ThreadPool, a: &[f32], b: &[f32], y: &mut [f32], f: fn(&[f32], &[f32], &mut [f32])) {
     debug_assert!(a.len() == b.len() && a.len() == y.len());
-    let f = |(o, (g, u)): (&mut [f32], (&[f32], &[f32]))| scalar::swiglu(g, u, o);
-    let chunk = PAR_MIN;
     if y.len() < 2 * PAR_MIN || pool.current_num_threads() == 1 {
-        scalar::swiglu(a, b, y);
+        f(a, b, y);
     } else {
         pool.install(|| {
-            y.par_chunks_mut(chunk)
-                .zip(a.par_chunks(chunk).zip(b.par_chunks(chunk)))
-                .for_each(f)
+            y.par_chunks_mut(PAR_MIN)
+                .zip(a.par_chunks(PAR_MIN).zip(b.par_chunks(PAR_MIN)))
+                .for_each(|(o, (g, u))| f(g, u, o))
         });
     }
 }

@@ -110,6 +110,26 @@ pub fn swiglu<T: Float>(a: &[T], b: &[T], y: &mut [T]) {
     }
 }
 
+/// GELU gate: `y[i] = gelu(a[i]) * b[i]`, GELU in its tanh approximation (Hendrycks &
+/// Gimpel 2016, eq. 3; PyTorch's `gelu(approximate="tanh")`, ggml's `ggml_gelu_f32`):
+/// `gelu(a) = a/2 (1 + tanh(u))`, `u = sqrt(2/π) (a + 0.044715 a³)`, computed in the equal
+/// form `a / (1 + exp(-2u))` (since `(1 + tanh u)/2 = 1/(1 + e^(-2u))`), which shares
+/// SiLU's shape and stays finite for every finite `a`.
+pub fn geglu<T: Float>(a: &[T], b: &[T], y: &mut [T]) {
+    debug_assert!(a.len() == b.len() && a.len() == y.len());
+    let c = T::from(GELU_2_SQRT_2_OVER_PI).unwrap_or_else(T::one);
+    let k = T::from(GELU_COEF_A).unwrap_or_else(T::zero);
+    for ((out, &g), &u) in y.iter_mut().zip(a).zip(b) {
+        let z = c * (g + k * g * g * g);
+        *out = g / (T::one() + (-z).exp()) * u;
+    }
+}
+
+/// `2 sqrt(2/π)`: the GELU tanh approximation's `sqrt(2/π)`, doubled for the sigmoid form.
+pub const GELU_2_SQRT_2_OVER_PI: f64 = 1.595_769_121_605_730_7;
+/// The cubic coefficient of the GELU tanh approximation (Hendrycks & Gimpel 2016).
+pub const GELU_COEF_A: f64 = 0.044715;
+
 /// Residual add, in place: `y[i] += x[i]`.
 pub fn add<T: Float>(y: &mut [T], x: &[T]) {
     debug_assert!(y.len() == x.len());

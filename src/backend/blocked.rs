@@ -70,6 +70,12 @@ impl Backend for BlockedBackend {
         Ok(())
     }
 
+    fn geglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
+        check::geglu(a.len(), b.len(), y.len())?;
+        blocked::geglu(&self.pool, a, b, y);
+        Ok(())
+    }
+
     fn add(&self, y: &mut [f32], x: &[f32]) -> Result<(), Error> {
         check::add(y.len(), x.len())?;
         blocked::add(&self.pool, y, x);

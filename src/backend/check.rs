@@ -104,9 +104,18 @@ pub fn softmax(x: usize, cols: usize, p: &SoftmaxParams) -> Result<(), Error> {
 
 /// `a`, `b`, `y` of one length.
 pub fn swiglu(a: usize, b: usize, y: usize) -> Result<(), Error> {
+    gate("swiglu", a, b, y)
+}
+
+/// `a`, `b`, `y` of one length.
+pub fn geglu(a: usize, b: usize, y: usize) -> Result<(), Error> {
+    gate("geglu", a, b, y)
+}
+
+fn gate(op: &'static str, a: usize, b: usize, y: usize) -> Result<(), Error> {
     if a != b || a != y {
         return Err(shape(
-            "swiglu",
+            op,
             format!("a has {a} values, b {b}, y {y}; expected equal lengths"),
         ));
     }
@@ -164,6 +173,15 @@ pub fn attention(
             format!(
                 "m = {}, {} heads over {} kv heads of {}: expected positive sizes, kv heads dividing heads",
                 p.m, p.n_heads, p.n_kv_heads, p.head_dim
+            ),
+        ));
+    }
+    if !(p.scale.is_finite() && p.scale > 0.0) || p.window == Some(0) {
+        return Err(param(
+            op,
+            format!(
+                "scale {} and window {:?}: expected a positive finite scale and a window of at least one position",
+                p.scale, p.window
             ),
         ));
     }

@@ -28,6 +28,7 @@ pub trait ActivationOps: Send + Sync {
     fn rope(&self, x: &mut [f32], rows: usize, pos: usize, p: &RopeParams) -> Result<(), Error>;
     fn softmax(&self, x: &mut [f32], cols: usize, p: &SoftmaxParams) -> Result<(), Error>;
     fn swiglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error>;
+    fn geglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error>;
     fn add(&self, y: &mut [f32], x: &[f32]) -> Result<(), Error>;
     fn attention(
         &self,
@@ -56,6 +57,9 @@ impl<B: Backend> ActivationOps for B {
     fn swiglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
         Backend::swiglu(self, a, b, y)
     }
+    fn geglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
+        Backend::geglu(self, a, b, y)
+    }
     fn add(&self, y: &mut [f32], x: &[f32]) -> Result<(), Error> {
         Backend::add(self, y, x)
     }
@@ -73,11 +77,12 @@ impl<B: Backend> ActivationOps for B {
 }
 
 /// The ops a [`Mixed`] backend assigns, besides matmul.
-pub const MIXED_OPS: [Op; 6] = [
+pub const MIXED_OPS: [Op; 7] = [
     Op::RmsNorm,
     Op::Rope,
     Op::Softmax,
     Op::SwiGlu,
+    Op::GeGlu,
     Op::Add,
     Op::Attention,
 ];
@@ -87,7 +92,7 @@ pub struct Mixed<M> {
     matmul: Arc<M>,
     /// The backend of each of [`MIXED_OPS`], in that order; `None` for attention when it
     /// runs as the trait's default body on this backend.
-    parts: [Option<Arc<dyn ActivationOps>>; 6],
+    parts: [Option<Arc<dyn ActivationOps>>; MIXED_OPS.len()],
 }
 
 impl<M: Backend> Mixed<M> {
@@ -99,7 +104,7 @@ impl<M: Backend> Mixed<M> {
         assigned: Vec<(Op, Arc<dyn ActivationOps>)>,
         rest: Arc<dyn ActivationOps>,
     ) -> Result<Mixed<M>, Error> {
-        let mut parts: [Option<Arc<dyn ActivationOps>>; 6] = Default::default();
+        let mut parts: [Option<Arc<dyn ActivationOps>>; MIXED_OPS.len()] = Default::default();
         for (op, b) in assigned {
             let i = slot(op).ok_or_else(|| Error::Unavailable(not_mixed(op)))?;
             parts[i] = Some(b);
@@ -257,6 +262,10 @@ impl<M: Backend> Backend for Mixed<M> {
 
     fn swiglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
         self.part(Op::SwiGlu).swiglu(a, b, y)
+    }
+
+    fn geglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
+        self.part(Op::GeGlu).geglu(a, b, y)
     }
 
     fn add(&self, y: &mut [f32], x: &[f32]) -> Result<(), Error> {

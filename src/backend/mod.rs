@@ -18,6 +18,7 @@ mod variant;
 mod weight;
 
 pub use blocked::BlockedBackend;
+pub use chord_kernels::scalar::{GELU_2_SQRT_2_OVER_PI, GELU_COEF_A};
 pub use chord_kernels::{RopeLayout, RopeParams, SoftmaxParams};
 pub use mixed::{ActivationOps, Mixed};
 pub use scalar::ScalarBackend;
@@ -54,6 +55,7 @@ pub enum Op {
     Rope,
     Softmax,
     SwiGlu,
+    GeGlu,
     Add,
     Embedding,
     /// The attention composite (its default body, or a backend's own).
@@ -62,12 +64,13 @@ pub enum Op {
 
 impl Op {
     /// Every op, in the order benchmark tables list them.
-    pub const ALL: [Op; 8] = [
+    pub const ALL: [Op; 9] = [
         Op::Matmul,
         Op::RmsNorm,
         Op::Rope,
         Op::Softmax,
         Op::SwiGlu,
+        Op::GeGlu,
         Op::Add,
         Op::Embedding,
         Op::Attention,
@@ -81,6 +84,7 @@ impl Op {
             Op::Rope => "rope",
             Op::Softmax => "softmax",
             Op::SwiGlu => "swiglu",
+            Op::GeGlu => "geglu",
             Op::Add => "add",
             Op::Embedding => "embedding",
             Op::Attention => "attention",
@@ -137,7 +141,7 @@ pub enum Arithmetic {
 /// A backend implements its [`name`](Backend::name), how it [`prepare`](Backend::prepare)s
 /// weights, and the core ops: [`matmul`](Backend::matmul), [`rmsnorm`](Backend::rmsnorm),
 /// [`rope`](Backend::rope), [`softmax`](Backend::softmax), [`swiglu`](Backend::swiglu),
-/// [`add`](Backend::add) and [`embedding`](Backend::embedding). Everything else has a default:
+/// [`geglu`](Backend::geglu), [`add`](Backend::add) and [`embedding`](Backend::embedding). Everything else has a default:
 /// [`threads`](Backend::threads) (one), [`supports`](Backend::supports) and
 /// [`weight_dims`](Backend::weight_dims) (read from the prepared weight's type, see
 /// [`PreparedWeight`]), and the composites [`matmuls`](Backend::matmuls) and
@@ -225,8 +229,13 @@ pub trait Backend: Send + Sync {
     /// Softmax in place of each row of `cols` values of `x`, scaled and masked as `p` says.
     fn softmax(&self, x: &mut [f32], cols: usize, p: &SoftmaxParams) -> Result<(), Error>;
 
-    /// `y = silu(a) * b`, elementwise.
+    /// `y = silu(a) * b`, elementwise (Shazeer 2020, "GLU Variants Improve Transformer").
     fn swiglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error>;
+
+    /// `y = gelu(a) * b`, elementwise, GELU in its tanh approximation (GEGLU, Shazeer 2020;
+    /// Gemma's feed-forward): the formula and its reference are at
+    /// [`chord_kernels::scalar::geglu`].
+    fn geglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error>;
 
     /// `y += x`, elementwise (the residual connection).
     fn add(&self, y: &mut [f32], x: &[f32]) -> Result<(), Error>;
@@ -241,7 +250,8 @@ pub trait Backend: Send + Sync {
     /// `k_cache`, `v_cache`: `(≥ p.pos + m, n_kv_heads * head_dim)`, rows by position, holding
     /// the keys and values of positions `0 .. p.pos + m`. Query head `h` reads kv head
     /// `h / (n_heads / n_kv_heads)`. `out (m, n_heads * head_dim)` receives
-    /// `softmax(q·kᵀ / sqrt(head_dim)) · v` per row and head; `scores (p.pos + m,)` is scratch.
+    /// `softmax(p.scale · q·kᵀ) · v` per row and head over the positions the query sees (all
+    /// up to its own, or the last `p.window` of them); `scores (p.pos + m,)` is scratch.
     ///
     /// The default body uses [`softmax`](Backend::softmax) and plain dot products.
     fn attention(
@@ -290,27 +300,27 @@ pub fn default_attention<B: Backend + ?Sized>(
     )?;
     let (hd, kv_dim) = (p.head_dim, p.n_kv_heads * p.head_dim);
     let group = p.n_heads / p.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     for i in 0..p.m {
         let t_len = p.pos + i + 1;
+        let lo = p.first_visible(p.pos + i);
         for h in 0..p.n_heads {
             let qh = &q[(i * p.n_heads + h) * hd..][..hd];
             let kv_off = (h / group) * hd;
-            let s = &mut scores[..t_len];
-            for (t, sc) in s.iter_mut().enumerate() {
+            let s = &mut scores[..t_len - lo];
+            for (t, sc) in (lo..).zip(s.iter_mut()) {
                 *sc = dot(qh, &k_cache[t * kv_dim + kv_off..][..hd]);
             }
             b.softmax(
                 s,
-                t_len,
+                t_len - lo,
                 &SoftmaxParams {
-                    scale,
+                    scale: p.scale,
                     causal: None,
                 },
             )?;
             let o = &mut out[(i * p.n_heads + h) * hd..][..hd];
             o.fill(0.0);
-            for (t, &w) in s.iter().enumerate() {
+            for (t, &w) in (lo..).zip(s.iter()) {
                 for (oj, &vj) in o.iter_mut().zip(&v_cache[t * kv_dim + kv_off..][..hd]) {
                     *oj += w * vj;
                 }
@@ -321,7 +331,7 @@ pub fn default_attention<B: Backend + ?Sized>(
 }
 
 /// The shape of an [`Backend::attention`] call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionParams {
     /// Query rows.
     pub m: usize,
@@ -331,6 +341,28 @@ pub struct AttentionParams {
     /// Divides `n_heads`.
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// The factor on `q · k` before the softmax: `1 / sqrt(head_dim)` in most models
+    /// (Vaswani et al. 2017), [`AttentionParams::standard_scale`].
+    pub scale: f32,
+    /// Sliding-window attention (Beltagy et al. 2020; Gemma's local layers): the query at
+    /// position `p` sees positions `p + 1 - window ..= p` only, as llama.cpp's
+    /// `LLAMA_SWA_TYPE_STANDARD` masks `t` when `p - t >= window`. `None`: all of `0 ..= p`.
+    pub window: Option<usize>,
+}
+
+impl AttentionParams {
+    /// `1 / sqrt(head_dim)`.
+    pub fn standard_scale(head_dim: usize) -> f32 {
+        1.0 / (head_dim as f32).sqrt()
+    }
+
+    /// The first position the query at position `p` sees.
+    pub fn first_visible(&self, p: usize) -> usize {
+        match self.window {
+            Some(w) => (p + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
 }
 
 /// Dot product in eight lane-parallel partial sums (which the compiler vectorises), combined

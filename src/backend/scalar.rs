@@ -62,6 +62,12 @@ impl Backend for ScalarBackend {
         Ok(())
     }
 
+    fn geglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
+        check::geglu(a.len(), b.len(), y.len())?;
+        scalar::geglu(a, b, y);
+        Ok(())
+    }
+
     fn add(&self, y: &mut [f32], x: &[f32]) -> Result<(), Error> {
         check::add(y.len(), x.len())?;
         scalar::add(y, x);

@@ -211,7 +211,7 @@ fn first_layout(ws: &[&SimdWeight<'_>]) -> Option<Layout> {
 
 /// Rows of a per-row op (RMSNorm, RoPE, softmax) below which it runs on one thread.
 const ROWS_PER_TASK: usize = 32;
-/// Values of an elementwise op (SwiGLU, add) below which it runs on one thread.
+/// Values of an elementwise op (SwiGLU, GEGLU, add) below which it runs on one thread.
 const VALUES_PER_TASK: usize = 32 * 1024;
 
 impl SimdBackend {
@@ -224,6 +224,16 @@ impl SimdBackend {
         }
         self.team
             .run(tasks, &|t| f(units * t / tasks..units * (t + 1) / tasks));
+    }
+
+    /// An elementwise gate kernel `f(isa, a, b, y)` over the team.
+    fn gate(&self, a: &[f32], b: &[f32], y: &mut [f32], f: fn(Isa, &[f32], &[f32], &mut [f32])) {
+        let out = Out(y.as_mut_ptr());
+        self.split(y.len(), VALUES_PER_TASK, &|r| {
+            // SAFETY: values r of y belong to this task alone.
+            let y = unsafe { out.rows(r.clone(), 1) };
+            f(self.isa, &a[r.clone()], &b[r], y);
+        });
     }
 }
 
@@ -362,6 +372,8 @@ impl Backend for SimdBackend {
             n_heads: p.n_heads,
             n_kv_heads: p.n_kv_heads,
             head_dim: p.head_dim,
+            scale: p.scale,
+            window: p.window,
         };
         simd::attention(
             self.isa,
@@ -432,12 +444,13 @@ impl Backend for SimdBackend {
 
     fn swiglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
         check::swiglu(a.len(), b.len(), y.len())?;
-        let out = Out(y.as_mut_ptr());
-        self.split(y.len(), VALUES_PER_TASK, &|r| {
-            // SAFETY: values r of y belong to this task alone.
-            let y = unsafe { out.rows(r.clone(), 1) };
-            simd::swiglu(self.isa, &a[r.clone()], &b[r], y);
-        });
+        self.gate(a, b, y, simd::swiglu);
+        Ok(())
+    }
+
+    fn geglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
+        check::geglu(a.len(), b.len(), y.len())?;
+        self.gate(a, b, y, simd::geglu);
         Ok(())
     }
 

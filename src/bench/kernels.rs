@@ -206,6 +206,9 @@ enum Kind {
     SwiGlu {
         len: usize,
     },
+    GeGlu {
+        len: usize,
+    },
     Add {
         len: usize,
     },
@@ -307,6 +310,16 @@ fn cases(ops: &[Op], sets: &[ShapeSet], dtypes: &[DType], notes: &mut Vec<String
                     work: f(3 * len),
                     unit: Unit::Gbs,
                     kind: Kind::SwiGlu { len },
+                });
+            }
+            if has(Op::GeGlu) {
+                let len = rows * ffn;
+                out.push(Case {
+                    op: Op::GeGlu,
+                    shape: format!("{name} rows={rows} ffn={ffn}"),
+                    work: f(3 * len),
+                    unit: Unit::Gbs,
+                    kind: Kind::GeGlu { len },
                 });
             }
             if has(Op::Add) {
@@ -415,6 +428,12 @@ fn time_case<B: Backend>(b: &B, case: &Case, budget: Duration) -> Result<Timing,
             let (a, g, mut y) = (values(len, 5), values(len, 6), vec![0.0; len]);
             time(budget, MIN, || {
                 b.swiglu(&a, &g, &mut y).expect("shapes checked")
+            })
+        }
+        Kind::GeGlu { len } => {
+            let (a, g, mut y) = (values(len, 5), values(len, 6), vec![0.0; len]);
+            time(budget, MIN, || {
+                b.geglu(&a, &g, &mut y).expect("shapes checked")
             })
         }
         Kind::Add { len } => {

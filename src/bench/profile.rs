@@ -281,6 +281,11 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed(Op::SwiGlu, None, 0.0, bytes, || self.inner.swiglu(a, b, y))
     }
 
+    fn geglu(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<(), Error> {
+        let bytes = F32 * 3.0 * y.len() as f64;
+        self.timed(Op::GeGlu, None, 0.0, bytes, || self.inner.geglu(a, b, y))
+    }
+
     fn add(&self, y: &mut [f32], x: &[f32]) -> Result<(), Error> {
         let bytes = F32 * 3.0 * y.len() as f64;
         self.timed(Op::Add, None, 0.0, bytes, || self.inner.add(y, x))
@@ -312,7 +317,9 @@ impl<B: Backend> Backend for Profiled<B> {
         p: &AttentionParams,
     ) -> Result<(), Error> {
         // Per query row i: pos + i + 1 cached positions, each a dot and an axpy per head.
-        let positions: usize = (0..p.m).map(|i| p.pos + i + 1).sum();
+        let positions: usize = (0..p.m)
+            .map(|i| p.pos + i + 1 - p.first_visible(p.pos + i))
+            .sum();
         let flops = 4.0 * (positions * p.n_heads * p.head_dim) as f64;
         let bytes = F32 * (q.len() + out.len() + k_cache.len() + v_cache.len()) as f64;
         self.timed(Op::Attention, None, flops, bytes, || {

@@ -2,13 +2,18 @@
 //!
 //! The forward pass reads as the architecture does: embed; per layer RMSNorm, Q/K/V
 //! projections, RoPE, causal grouped-query attention over the KV cache, output projection,
-//! residual, RMSNorm, SwiGLU feed-forward, residual; final RMSNorm; classifier. A prompt runs
-//! in batches of up to `max_batch` rows (one matmul per weight per batch), then one token at
-//! a time. Every buffer lives in [`State`], allocated once.
+//! residual, RMSNorm, gated feed-forward, residual; final RMSNorm; classifier. The
+//! switches of [`Config`] add what other families change (Gemma 3: scaled embeddings, q/k
+//! norms, post-norms, GEGLU, sliding windows). A prompt runs in batches of up to
+//! `max_batch` rows (one matmul per weight per batch), then one token at a time. Every
+//! buffer lives in [`State`], allocated once.
 
+mod config;
 pub mod observe;
 
-use crate::backend::{AttentionParams, Backend, RopeLayout, RopeParams};
+pub use config::{Config, GateActivation};
+
+use crate::backend::{AttentionParams, Backend, RopeParams};
 use crate::gguf::{GgufError, GgufFile};
 use observe::{Activation, NoObserver, Observer, Point};
 
@@ -27,102 +32,6 @@ pub enum ModelError {
     Input(String),
 }
 
-/// Hyper-parameters, all read from the GGUF metadata.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Config {
-    /// `general.architecture`.
-    pub arch: String,
-    pub dim: usize,
-    pub n_layers: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    pub ffn_dim: usize,
-    pub vocab: usize,
-    /// The context length the model was trained for.
-    pub ctx_len: usize,
-    pub rope_theta: f32,
-    pub rope_layout: RopeLayout,
-    pub norm_eps: f32,
-}
-
-impl Config {
-    /// Reads the hyper-parameters of a llama-family model.
-    pub fn from_gguf(file: &GgufFile) -> Result<Config, ModelError> {
-        let g = file.gguf();
-        let arch = g.str("general.architecture")?.to_string();
-        if arch != "llama" {
-            return Err(ModelError::Unsupported(format!(
-                "architecture '{arch}' (chord runs llama)"
-            )));
-        }
-        let key = |k: &str| format!("{arch}.{k}");
-        let dim = g.usize(&key("embedding_length"))?;
-        let n_heads = g.usize(&key("attention.head_count"))?;
-        let n_kv_heads = match g.get(&key("attention.head_count_kv")) {
-            Some(_) => g.usize(&key("attention.head_count_kv"))?,
-            None => n_heads,
-        };
-        let embed = g
-            .tensor("token_embd.weight")
-            .ok_or_else(|| GgufError::Tensor {
-                name: "token_embd.weight".into(),
-                problem: "missing".into(),
-            })?;
-        let vocab = match g.get(&key("vocab_size")) {
-            Some(_) => g.usize(&key("vocab_size"))?,
-            None => embed.rows(),
-        };
-        let c = Config {
-            dim,
-            n_layers: g.usize(&key("block_count"))?,
-            n_heads,
-            n_kv_heads,
-            head_dim: dim.checked_div(n_heads).unwrap_or(0),
-            ffn_dim: g.usize(&key("feed_forward_length"))?,
-            vocab,
-            ctx_len: g.usize(&key("context_length"))?,
-            rope_theta: match g.get(&key("rope.freq_base")) {
-                Some(_) => g.f32(&key("rope.freq_base"))?,
-                None => 10_000.0,
-            },
-            // GGUF llama weights are permuted at conversion for adjacent-pair rotation.
-            rope_layout: RopeLayout::Interleaved,
-            norm_eps: g.f32(&key("attention.layer_norm_rms_epsilon"))?,
-            arch,
-        };
-        let bad = |what: String| Err(ModelError::Unsupported(what));
-        if c.dim == 0 || c.n_layers == 0 || c.n_heads == 0 || c.ffn_dim == 0 || c.vocab == 0 {
-            return bad(format!("zero-sized hyper-parameters: {c:?}"));
-        }
-        if !c.dim.is_multiple_of(c.n_heads)
-            || !c.head_dim.is_multiple_of(2)
-            || c.n_kv_heads == 0
-            || !c.n_heads.is_multiple_of(c.n_kv_heads)
-        {
-            return bad(format!(
-                "{} heads of {} over {} kv heads in dim {}",
-                c.n_heads, c.head_dim, c.n_kv_heads, c.dim
-            ));
-        }
-        if embed.rows() != c.vocab || embed.cols() != c.dim {
-            return bad(format!(
-                "token_embd.weight is {} × {}, expected vocab × dim = {} × {}",
-                embed.rows(),
-                embed.cols(),
-                c.vocab,
-                c.dim
-            ));
-        }
-        Ok(c)
-    }
-
-    /// `n_kv_heads * head_dim`: the width of a key or value row.
-    pub fn kv_dim(&self) -> usize {
-        self.n_kv_heads * self.head_dim
-    }
-}
-
 /// Which logits a batch computes.
 #[derive(Clone, Copy)]
 enum Logits {
@@ -133,17 +42,21 @@ enum Logits {
     Rows(usize),
 }
 
-/// One transformer block's weights.
+/// One transformer block's weights. `attn = n_heads * head_dim`, `kv = n_kv_heads * head_dim`.
 struct Layer<W> {
     attn_norm: Vec<f32>, // (dim,)
-    wq: W,               // (dim, dim)
-    wk: W,               // (kv_dim, dim)
-    wv: W,               // (kv_dim, dim)
-    wo: W,               // (dim, dim)
-    ffn_norm: Vec<f32>,  // (dim,)
-    w_gate: W,           // (ffn, dim)
-    w_up: W,             // (ffn, dim)
-    w_down: W,           // (dim, ffn)
+    wq: W,               // (attn, dim)
+    wk: W,               // (kv, dim)
+    wv: W,               // (kv, dim)
+    /// Per-head norms of q and k, `(head_dim,)` each, when [`Config::qk_norm`].
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    wo: W, // (dim, attn)
+    /// Norms of the attention and feed-forward outputs, `(dim,)`, when [`Config::post_norms`].
+    post_norms: Option<(Vec<f32>, Vec<f32>)>,
+    ffn_norm: Vec<f32>, // (dim,)
+    w_gate: W,          // (ffn, dim)
+    w_up: W,            // (ffn, dim)
+    w_down: W,          // (dim, ffn)
 }
 
 /// A llama-family model prepared for backend `B`, borrowing from the file where `B` keeps
@@ -158,21 +71,23 @@ pub struct Model<'f, B: Backend + 'f> {
 }
 
 /// Every activation buffer of a forward pass, and the KV cache: allocated once.
+/// `attn = n_heads * head_dim`, `kv = n_kv_heads * head_dim`.
 pub struct State {
     max_batch: usize,
     max_seq: usize,
     x: Vec<f32>,           // (max_batch, dim) residual stream
-    xb: Vec<f32>,          // (max_batch, dim) normed input / attention output
+    xb: Vec<f32>,          // (max_batch, dim) normed input
     xb2: Vec<f32>,         // (max_batch, dim) projection output
-    q: Vec<f32>,           // (max_batch, dim)
-    k: Vec<f32>,           // (max_batch, kv_dim)
-    v: Vec<f32>,           // (max_batch, kv_dim)
+    q: Vec<f32>,           // (max_batch, attn)
+    k: Vec<f32>,           // (max_batch, kv)
+    v: Vec<f32>,           // (max_batch, kv)
+    att: Vec<f32>,         // (max_batch, attn) attention output; scratch of the q/k norms
     gate: Vec<f32>,        // (max_batch, ffn)
     up: Vec<f32>,          // (max_batch, ffn)
     hidden: Vec<f32>,      // (max_batch, ffn)
     scores: Vec<f32>,      // (max_seq,)
-    key_cache: Vec<f32>,   // (n_layers, max_seq, kv_dim)
-    value_cache: Vec<f32>, // (n_layers, max_seq, kv_dim)
+    key_cache: Vec<f32>,   // (n_layers, max_seq, kv)
+    value_cache: Vec<f32>, // (n_layers, max_seq, kv)
     logits: Vec<f32>,      // (vocab,)
     all_logits: Vec<f32>,  // (tokens of the last forward_all, vocab), grown on first use
     /// Positions filled in the KV cache.
@@ -182,7 +97,12 @@ pub struct State {
 impl State {
     /// Buffers for `config`, a context of `max_seq` tokens and prompt batches of `max_batch`.
     pub fn new(config: &Config, max_seq: usize, max_batch: usize) -> State {
-        let (d, kv, f) = (config.dim, config.kv_dim(), config.ffn_dim);
+        let (d, a, kv, f) = (
+            config.dim,
+            config.attn_dim(),
+            config.kv_dim(),
+            config.ffn_dim,
+        );
         let b = max_batch.max(1);
         let cache = config.n_layers * max_seq * kv;
         State {
@@ -191,9 +111,10 @@ impl State {
             x: vec![0.0; b * d],
             xb: vec![0.0; b * d],
             xb2: vec![0.0; b * d],
-            q: vec![0.0; b * d],
+            q: vec![0.0; b * a],
             k: vec![0.0; b * kv],
             v: vec![0.0; b * kv],
+            att: vec![0.0; b * a],
             gate: vec![0.0; b * f],
             up: vec![0.0; b * f],
             hidden: vec![0.0; b * f],
@@ -221,7 +142,12 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
     /// Prepares every weight of `file` for `backend`.
     pub fn load(file: &'f GgufFile, backend: B) -> Result<Model<'f, B>, ModelError> {
         let config = Config::from_gguf(file)?;
-        let (d, kv, f) = (config.dim, config.kv_dim(), config.ffn_dim);
+        let (d, a, kv, f) = (
+            config.dim,
+            config.attn_dim(),
+            config.kv_dim(),
+            config.ffn_dim,
+        );
         let weight = |name: &str, rows: usize, cols: usize| -> Result<B::Weight<'f>, ModelError> {
             let view = file.weight(name)?;
             if view.dims() != (rows, cols) {
@@ -239,12 +165,12 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
             }
             Ok(w)
         };
-        let norm = |name: &str| -> Result<Vec<f32>, ModelError> {
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
             let view = file.weight(name)?;
-            if view.dims() != (1, d) {
+            if view.dims() != (1, len) {
                 return Err(GgufError::Tensor {
                     name: name.into(),
-                    problem: format!("is {:?}, expected a vector of {d}", view.dims()),
+                    problem: format!("is {:?}, expected a vector of {len}", view.dims()),
                 }
                 .into());
             }
@@ -253,13 +179,28 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
         let mut layers = Vec::with_capacity(config.n_layers);
         for l in 0..config.n_layers {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
+            let hd = config.head_dim;
             layers.push(Layer {
-                attn_norm: norm(&n("attn_norm"))?,
-                wq: weight(&n("attn_q"), d, d)?,
+                attn_norm: vector(&n("attn_norm"), d)?,
+                wq: weight(&n("attn_q"), a, d)?,
                 wk: weight(&n("attn_k"), kv, d)?,
                 wv: weight(&n("attn_v"), kv, d)?,
-                wo: weight(&n("attn_output"), d, d)?,
-                ffn_norm: norm(&n("ffn_norm"))?,
+                qk_norm: match config.qk_norm {
+                    true => Some((
+                        vector(&n("attn_q_norm"), hd)?,
+                        vector(&n("attn_k_norm"), hd)?,
+                    )),
+                    false => None,
+                },
+                wo: weight(&n("attn_output"), d, a)?,
+                post_norms: match config.post_norms {
+                    true => Some((
+                        vector(&n("post_attention_norm"), d)?,
+                        vector(&n("post_ffw_norm"), d)?,
+                    )),
+                    false => None,
+                },
+                ffn_norm: vector(&n("ffn_norm"), d)?,
                 w_gate: weight(&n("ffn_gate"), f, d)?,
                 w_up: weight(&n("ffn_up"), f, d)?,
                 w_down: weight(&n("ffn_down"), d, f)?,
@@ -270,7 +211,7 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
             Some(_) => Some(weight("output.weight", config.vocab, d)?),
             None => None,
         };
-        let output_norm = norm("output_norm.weight")?;
+        let output_norm = vector("output_norm.weight", d)?;
         Ok(Model {
             config,
             backend,
@@ -379,22 +320,11 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
     ) -> Result<(), ModelError> {
         let b = &self.backend;
         let c = &self.config;
-        let (m, d, kv, f) = (tokens.len(), c.dim, c.kv_dim(), c.ffn_dim);
+        let (m, d, a, kv, f) = (tokens.len(), c.dim, c.attn_dim(), c.kv_dim(), c.ffn_dim);
         let pos = s.pos;
-        let rope = RopeParams {
-            head_dim: c.head_dim,
-            theta: c.rope_theta,
-            layout: c.rope_layout,
-        };
-        let attn = AttentionParams {
-            m,
-            pos,
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-        };
         let (x, xb, xb2) = (&mut s.x[..m * d], &mut s.xb[..m * d], &mut s.xb2[..m * d]);
-        let (q, k, v) = (&mut s.q[..m * d], &mut s.k[..m * kv], &mut s.v[..m * kv]);
+        let (q, k, v) = (&mut s.q[..m * a], &mut s.k[..m * kv], &mut s.v[..m * kv]);
+        let att = &mut s.att[..m * a];
         let (gate, up, hidden) = (
             &mut s.gate[..m * f],
             &mut s.up[..m * f],
@@ -405,49 +335,95 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
         for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
             b.embedding(&self.embed, t as usize, row)?;
         }
+        if c.embed_scale != 1.0 {
+            x.iter_mut().for_each(|v| *v *= c.embed_scale);
+        }
         at(obs, Point::Embedding, None, pos, d, x);
         let layer_cache = s.max_seq * kv;
         for (l, w) in self.layers.iter().enumerate() {
             let ly = Some(l);
-            // Attention: norm, project, rotate, cache, attend, project back, residual.
+            let (window, theta) = c.layer_attention(l);
+            let rope = RopeParams {
+                head_dim: c.head_dim,
+                theta,
+                layout: c.rope_layout,
+            };
+            // Attention: norm, project, (norm heads), rotate, cache, attend, project back,
+            // (norm), residual.
             b.rmsnorm(x, &w.attn_norm, xb, c.norm_eps)?;
             at(obs, Point::AttnNorm, ly, pos, d, xb);
             b.matmuls(xb, &[&w.wq, &w.wk, &w.wv], &mut [q, k, v], m)?;
-            at(obs, Point::Q, ly, pos, d, q);
+            at(obs, Point::Q, ly, pos, a, q);
             at(obs, Point::K, ly, pos, kv, k);
             at(obs, Point::V, ly, pos, kv, v);
+            if let Some((q_norm, k_norm)) = &w.qk_norm {
+                // Every head a row of head_dim; `att` is free until attention writes it.
+                b.rmsnorm(q, q_norm, att, c.norm_eps)?;
+                q.copy_from_slice(att);
+                let kn = &mut att[..m * kv];
+                b.rmsnorm(k, k_norm, kn, c.norm_eps)?;
+                k.copy_from_slice(kn);
+                at(obs, Point::QNorm, ly, pos, a, q);
+                at(obs, Point::KNorm, ly, pos, kv, k);
+            }
             b.rope(q, m, pos, &rope)?;
             b.rope(k, m, pos, &rope)?;
-            at(obs, Point::QRope, ly, pos, d, q);
+            at(obs, Point::QRope, ly, pos, a, q);
             at(obs, Point::KRope, ly, pos, kv, k);
             let kc = &mut s.key_cache[l * layer_cache..][..layer_cache];
             let vc = &mut s.value_cache[l * layer_cache..][..layer_cache];
             kc[pos * kv..(pos + m) * kv].copy_from_slice(k);
             vc[pos * kv..(pos + m) * kv].copy_from_slice(v);
+            let params = AttentionParams {
+                m,
+                pos,
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: c.head_dim,
+                scale: c.attn_scale,
+                window,
+            };
             b.attention(
                 q,
                 &kc[..(pos + m) * kv],
                 &vc[..(pos + m) * kv],
-                xb,
+                att,
                 &mut s.scores,
-                &attn,
+                &params,
             )?;
-            at(obs, Point::Attn, ly, pos, d, xb);
-            b.matmul(xb, &w.wo, xb2, m)?;
+            at(obs, Point::Attn, ly, pos, a, att);
+            b.matmul(att, &w.wo, xb2, m)?;
             at(obs, Point::AttnOut, ly, pos, d, xb2);
-            b.add(x, xb2)?;
+            match &w.post_norms {
+                Some((attn_post, _)) => {
+                    b.rmsnorm(xb2, attn_post, xb, c.norm_eps)?;
+                    at(obs, Point::AttnPostNorm, ly, pos, d, xb);
+                    b.add(x, xb)?;
+                }
+                None => b.add(x, xb2)?,
+            }
             at(obs, Point::ResidAttn, ly, pos, d, x);
-            // Feed-forward: norm, gate and up, SwiGLU, down, residual.
+            // Feed-forward: norm, gate and up, gated activation, down, (norm), residual.
             b.rmsnorm(x, &w.ffn_norm, xb, c.norm_eps)?;
             at(obs, Point::FfnNorm, ly, pos, d, xb);
             b.matmuls(xb, &[&w.w_gate, &w.w_up], &mut [gate, up], m)?;
             at(obs, Point::Gate, ly, pos, f, gate);
             at(obs, Point::Up, ly, pos, f, up);
-            b.swiglu(gate, up, hidden)?;
+            match c.activation {
+                GateActivation::Silu => b.swiglu(gate, up, hidden)?,
+                GateActivation::Gelu => b.geglu(gate, up, hidden)?,
+            }
             at(obs, Point::Act, ly, pos, f, hidden);
             b.matmul(hidden, &w.w_down, xb2, m)?;
             at(obs, Point::FfnOut, ly, pos, d, xb2);
-            b.add(x, xb2)?;
+            match &w.post_norms {
+                Some((_, ffn_post)) => {
+                    b.rmsnorm(xb2, ffn_post, xb, c.norm_eps)?;
+                    at(obs, Point::FfnPostNorm, ly, pos, d, xb);
+                    b.add(x, xb)?;
+                }
+                None => b.add(x, xb2)?,
+            }
             at(obs, Point::ResidFfn, ly, pos, d, x);
         }
         s.pos += m;
@@ -460,6 +436,7 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
                 b.rmsnorm(&x[(m - 1) * d..], &self.output_norm, normed, c.norm_eps)?;
                 at(obs, Point::FinalNorm, None, pos + m - 1, d, normed);
                 b.matmul(normed, classifier, &mut s.logits, 1)?;
+                soft_cap(&mut s.logits, c.final_logit_softcap);
                 at(
                     obs,
                     Point::Logits,
@@ -474,10 +451,18 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
                 at(obs, Point::FinalNorm, None, pos, d, xb);
                 let out = &mut s.all_logits[first * c.vocab..(first + m) * c.vocab];
                 b.matmul(xb, classifier, out, m)?;
+                soft_cap(out, c.final_logit_softcap);
                 at(obs, Point::Logits, None, pos, c.vocab, out);
             }
         }
         Ok(())
+    }
+}
+
+/// `c tanh(v / c)` on every logit, when the model caps them.
+fn soft_cap(logits: &mut [f32], cap: Option<f32>) {
+    if let Some(c) = cap {
+        logits.iter_mut().for_each(|v| *v = c * (*v / c).tanh());
     }
 }
 

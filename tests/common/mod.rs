@@ -21,21 +21,7 @@ pub fn model_path() -> &'static Path {
 /// its weights are then llama.cpp's F32 reference weights.
 pub fn f32_model_path() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-f32.test.gguf");
-        if !path.exists() {
-            let q4 = GgufFile::open(model_path()).unwrap();
-            let writer = chord::convert::convert(&q4, chord::gguf::DType::F32).unwrap();
-            let tmp = path.with_extension(format!("partial-{}", std::process::id()));
-            writer
-                .write_to(&mut std::io::BufWriter::new(
-                    std::fs::File::create(&tmp).unwrap(),
-                ))
-                .unwrap();
-            std::fs::rename(&tmp, &path).unwrap();
-        }
-        path
-    })
+    PATH.get_or_init(|| converted_f32(model_path(), "smollm2-135m-f32.test.gguf"))
 }
 
 /// A copy of the default model (every metadata entry and tensor, bytes unchanged) with
@@ -67,5 +53,106 @@ pub fn model_variant(name: &str, edit: impl FnOnce(&mut chord::gguf::Writer)) ->
     std::io::Write::flush(&mut f).unwrap();
     drop(f);
     std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+/// A greedy continuation from a reference file: the prompt's ids, the generated ids and,
+/// where the file records them, each step's margin (top-1 minus top-2 logit).
+pub struct Case {
+    pub name: String,
+    pub prompt_ids: Vec<u32>,
+    pub gen_ids: Vec<u32>,
+    pub margins: Vec<f32>,
+}
+
+/// The cases of a `greedy*.jsonl` reference file.
+pub fn greedy_cases(path: &Path) -> Vec<Case> {
+    use serde_json::Value;
+    let text = std::fs::read_to_string(path).unwrap();
+    let ids = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            Case {
+                name: v["name"].as_str().unwrap().into(),
+                prompt_ids: ids(&v["prompt_ids"]),
+                gen_ids: ids(&v["gen_ids"]),
+                margins: v["margins"].as_array().map_or(Vec::new(), |m| {
+                    m.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+                }),
+            }
+        })
+        .collect()
+}
+
+/// A file of little-endian f32 values, no header (`None` if it does not exist).
+pub fn read_f32s(path: &Path) -> Option<Vec<f32>> {
+    let bytes = std::fs::read(path).ok()?;
+    Some(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+    )
+}
+
+/// Argmax, the lower id on ties (as the references).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Gemma 3 270M (Q4_K_M), fetched and checked as `chord pull gemma3-270m` does.
+pub fn gemma3_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let model = chord::pull::known("gemma3-270m").expect("a known model");
+        chord::pull::ensure(&model, &dir, true)
+            .unwrap_or_else(|e| panic!("the Gemma 3 tests need gemma3-270m: {e}"))
+    })
+}
+
+/// Gemma 3's F32 conversion (`chord convert --to f32`), made on first use: the weights of
+/// llama.cpp's F32 reference.
+pub fn gemma3_f32_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| converted_f32(gemma3_path(), "gemma3-270m-f32.test.gguf"))
+}
+
+/// `src` converted to F32 as `models/NAME`, written once (atomically) and reused.
+fn converted_f32(src: &Path, name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(name);
+    if !path.exists() {
+        let q = GgufFile::open(src).unwrap();
+        let writer = chord::convert::convert(&q, chord::gguf::DType::F32).unwrap();
+        let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+        writer
+            .write_to(&mut std::io::BufWriter::new(
+                std::fs::File::create(&tmp).unwrap(),
+            ))
+            .unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
     path
 }

@@ -32,7 +32,7 @@ use crate::SoftmaxParams;
 use crate::team::Team;
 
 /// The shape of an attention call (see the module docs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionShape {
     /// Query rows.
     pub m: usize,
@@ -42,6 +42,22 @@ pub struct AttentionShape {
     /// Divides `n_heads`.
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// The factor on `q · k` before the softmax, usually `1 / sqrt(head_dim)`.
+    pub scale: f32,
+    /// Sliding-window attention: the query at position `p` sees the `window` positions
+    /// `p + 1 - window ..= p` (llama.cpp's `LLAMA_SWA_TYPE_STANDARD`: masked when
+    /// `p - t >= window`). `None`: every position up to `p`.
+    pub window: Option<usize>,
+}
+
+impl AttentionShape {
+    /// The first position the query at position `p` sees.
+    pub fn first_visible(&self, p: usize) -> usize {
+        match self.window {
+            Some(w) => (p + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
 }
 
 /// Per-task score buffers, owned by the caller (a backend holds one for its team).
@@ -109,26 +125,26 @@ pub fn attention(
         for pair in (t..pairs).step_by(tasks) {
             let (i, h) = (pair / p.n_heads, pair % p.n_heads);
             let t_len = p.pos + i + 1;
-            let s = &mut scores[..t_len];
+            let lo = p.first_visible(p.pos + i);
+            let s = &mut scores[..t_len - lo];
             let kv_off = (h / (p.n_heads / p.n_kv_heads)) * p.head_dim;
             let qh = &q[(i * p.n_heads + h) * p.head_dim..][..p.head_dim];
             dispatch16(
                 isa,
                 Scores {
                     qh,
-                    k: k_cache,
+                    k: &k_cache[lo * kv..],
                     kv,
                     kv_off,
                     s,
                 },
             );
-            let scale = 1.0 / (p.head_dim as f32).sqrt();
             softmax(
                 isa,
                 s,
-                t_len,
+                t_len - lo,
                 &SoftmaxParams {
-                    scale,
+                    scale: p.scale,
                     causal: None,
                 },
             );
@@ -143,7 +159,7 @@ pub fn attention(
                 isa,
                 Mix {
                     p: s,
-                    v: v_cache,
+                    v: &v_cache[lo * kv..],
                     kv,
                     kv_off,
                     out: oh,
@@ -268,7 +284,6 @@ fn tiled(
     let kt_ptr = Out(kt.as_mut_ptr());
     let queries = p.m * group;
     let units = queries.div_ceil(QB);
-    let scale = 1.0 / (hd as f32).sqrt();
     let o = Out(out.as_mut_ptr());
     for g in 0..p.n_kv_heads {
         let kv_off = g * hd;
@@ -324,16 +339,19 @@ fn tiled(
                     },
                 );
                 for (i, &len) in lens.iter().enumerate() {
+                    // A window leaves positions before `lo` out: weight 0 in the sum.
+                    let lo = p.first_visible(len - 1);
                     let si = &mut s[i * t_pad..][..steps * 16 * NC];
                     softmax(
                         isa,
-                        &mut si[..len],
-                        len,
+                        &mut si[lo..len],
+                        len - lo,
                         &SoftmaxParams {
-                            scale,
+                            scale: p.scale,
                             causal: None,
                         },
                     );
+                    si[..lo].fill(0.0);
                     si[len..len_max].fill(0.0);
                 }
                 let mut acc = [0.0f32; QB * 256];
@@ -510,19 +528,27 @@ impl<const W: usize> Kernel16 for TileMixW<'_, W> {
 mod tests {
     use super::*;
 
-    /// The tiled prefill path against an f64 oracle, and the same bits for every thread
-    /// count, on every level: head sizes giving output slices of every width (64: 4; 80:
-    /// 4 + 1; 48: 3; 112: 4 + 3; 16: 1), GQA groups 1 to 3, query counts leaving a partial
-    /// last unit, prompts after a cached prefix.
+    /// Both paths (tiled prefill from 4 rows, per pair below) against an f64 oracle, and the
+    /// same bits for every thread count, on every level: head sizes giving output slices of
+    /// every width (64: 4; 80: 4 + 1; 48: 3; 112: 4 + 3; 16: 1), GQA groups 1 to 3, query
+    /// counts leaving a partial last unit, prompts after a cached prefix, sliding windows
+    /// shorter and longer than the visible positions, a scale other than `1/sqrt(head_dim)`.
     #[test]
-    fn tiled_prefill_matches_f64_and_is_bitwise_identical_for_any_thread_count() {
-        for (m, pos, n_kv_heads, group, hd) in [
-            (4, 0, 1, 1, 64),
-            (7, 5, 2, 3, 64),
-            (33, 70, 1, 3, 80),
-            (18, 0, 3, 2, 16),
-            (9, 3, 2, 2, 48),
-            (5, 17, 1, 2, 112),
+    fn attention_matches_f64_and_is_bitwise_identical_for_any_thread_count() {
+        for (m, pos, n_kv_heads, group, hd, window) in [
+            (4, 0, 1, 1, 64, None),
+            (7, 5, 2, 3, 64, None),
+            (33, 70, 1, 3, 80, None),
+            (18, 0, 3, 2, 16, None),
+            (9, 3, 2, 2, 48, None),
+            (5, 17, 1, 2, 112, None),
+            (33, 70, 1, 3, 80, Some(20)),
+            (9, 3, 2, 2, 256, Some(5)),
+            (6, 0, 1, 4, 64, Some(1)),
+            (7, 5, 2, 3, 64, Some(500)),
+            (1, 40, 1, 2, 64, Some(8)),
+            (2, 9, 2, 1, 48, Some(3)),
+            (3, 30, 1, 1, 256, None),
         ] {
             let n_heads = n_kv_heads * group;
             let (t_all, kv) = (pos + m, n_kv_heads * hd);
@@ -536,15 +562,18 @@ mod tests {
                 n_heads,
                 n_kv_heads,
                 head_dim: hd,
+                scale: 0.7 / (hd as f32).sqrt(),
+                window,
             };
-            let scale = 1.0 / (hd as f64).sqrt();
+            let scale = p.scale as f64;
             let mut want = vec![0.0f64; q.len()];
             for i in 0..m {
                 for h in 0..n_heads {
                     let off = (h / group) * hd;
                     let qh = &q[(i * n_heads + h) * hd..][..hd];
                     let len = pos + i + 1;
-                    let s: Vec<f64> = (0..len)
+                    let lo = window.map_or(0, |w| len.saturating_sub(w));
+                    let s: Vec<f64> = (lo..len)
                         .map(|t| {
                             let kt = &k[t * kv + off..][..hd];
                             qh.iter()
@@ -558,8 +587,8 @@ mod tests {
                     let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
                     let z: f64 = e.iter().sum();
                     for d in 0..hd {
-                        want[(i * n_heads + h) * hd + d] = (0..len)
-                            .map(|t| e[t] / z * v[t * kv + off + d] as f64)
+                        want[(i * n_heads + h) * hd + d] = (lo..len)
+                            .map(|t| e[t - lo] / z * v[t * kv + off + d] as f64)
                             .sum();
                     }
                 }

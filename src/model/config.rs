@@ -1,0 +1,259 @@
+//! The architecture a GGUF file describes: its sizes and the parts of the block graph that
+//! differ between families, read from `general.architecture` and that architecture's keys.
+//!
+//! Families and where each rule comes from (llama.cpp's `src/models/*.cpp` graphs and
+//! `load_arch_hparams`, which read the same keys):
+//!
+//! | family | `general.architecture` | differs from llama by |
+//! |---|---|---|
+//! | llama (SmolLM, TinyLlama, Mistral 7B) | `llama` | (the base graph) |
+//! | Gemma 3 | `gemma3` | see [`Config::from_gguf`]'s Gemma 3 notes |
+//!
+//! Mistral 7B's GGUF files say `llama` (its converter writes the llama graph), so they run as
+//! llama. Qwen2 (q/k/v biases) and Qwen3 (q/k norms) need only switches this description
+//! already has, but no file of either has been checked against llama.cpp, so they are
+//! refused rather than run unverified.
+
+use crate::backend::RopeLayout;
+use crate::gguf::{Array, GgufError, GgufFile, Value};
+
+use super::ModelError;
+
+/// The feed-forward gate's activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateActivation {
+    /// SwiGLU: `silu(gate) * up` (llama).
+    Silu,
+    /// GEGLU: `gelu(gate) * up`, GELU in its tanh approximation (Gemma).
+    Gelu,
+}
+
+/// Hyper-parameters and graph switches, all read from the GGUF metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// `general.architecture`.
+    pub arch: String,
+    /// Width of the residual stream.
+    pub dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    /// Size of one query/key/value head: `attention.key_length` where the file gives it
+    /// (Gemma 3: 256, so that `n_heads * head_dim` is not `dim`), else `dim / n_heads`.
+    pub head_dim: usize,
+    pub ffn_dim: usize,
+    pub vocab: usize,
+    /// The context length the model was trained for.
+    pub ctx_len: usize,
+    /// RoPE base of the global (full-attention) layers: `rope.freq_base`, default 10,000.
+    pub rope_theta: f32,
+    pub rope_layout: RopeLayout,
+    pub norm_eps: f32,
+    /// The factor on the token embeddings: 1, or `sqrt(dim)` (Gemma).
+    pub embed_scale: f32,
+    /// The factor on `q · k` before the softmax.
+    pub attn_scale: f32,
+    pub activation: GateActivation,
+    /// RMSNorm of each query and key head before RoPE (`attn_q_norm`, `attn_k_norm`).
+    pub qk_norm: bool,
+    /// RMSNorm of the attention and feed-forward outputs before each residual add
+    /// (`post_attention_norm`, `post_ffw_norm`).
+    pub post_norms: bool,
+    /// Sliding-window attention: the window, in positions, of the local layers.
+    pub window: Option<usize>,
+    /// Per layer: whether it is local (windowed, with [`Config::rope_theta_local`]).
+    pub local_layers: Vec<bool>,
+    /// RoPE base of the local layers.
+    pub rope_theta_local: f32,
+    /// `c tanh(logits / c)` on the logits (Gemma 2's soft cap; Gemma 3 files may carry it).
+    pub final_logit_softcap: Option<f32>,
+}
+
+impl Config {
+    /// Reads the architecture of `file`.
+    ///
+    /// Gemma 3 (`gemma3`), as llama.cpp's `llama_model_gemma3` builds it:
+    /// - embeddings times `sqrt(dim)` (`ggml_scale(inpL, sqrtf(n_embd))`);
+    /// - RoPE in the NeoX layout (`LLAMA_ROPE_TYPE_NEOX`);
+    /// - per-head RMSNorm of q and k before RoPE; RMSNorm after attention and after the
+    ///   feed-forward, before each residual add (the norm weights already hold Gemma's
+    ///   `1 + w`: the converter adds the one);
+    /// - GEGLU (`LLM_FFN_GELU`, `LLM_FFN_PAR`);
+    /// - `attention.sliding_window` positions of window on the local layers; layer `l` is
+    ///   local unless `l % n == n - 1`, `n` = `attention.sliding_window_pattern` or 6 (an
+    ///   array of booleans there gives each layer's flag instead); no window key, no local
+    ///   layers;
+    /// - RoPE base `rope.freq_base_swa` (default 10,000) on local layers, `rope.freq_base`
+    ///   on global ones;
+    /// - attention scale `1 / sqrt(key_length)`, except for the 62-layer (27B) model:
+    ///   `1 / sqrt(dim / n_heads)` (llama.cpp, after gemma_pytorch's `query_pre_attn_scalar`);
+    /// - `final_logit_softcapping` if the file has it; the output tied to the embeddings
+    ///   when there is no `output.weight`.
+    pub fn from_gguf(file: &GgufFile) -> Result<Config, ModelError> {
+        let g = file.gguf();
+        let arch = g.str("general.architecture")?.to_string();
+        let gemma3 = match arch.as_str() {
+            "llama" => false,
+            "gemma3" => true,
+            _ => {
+                return Err(ModelError::Unsupported(format!(
+                    "architecture '{arch}' (chord runs llama and gemma3)"
+                )));
+            }
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        let opt_usize = |k: &str| -> Result<Option<usize>, GgufError> {
+            g.get(&key(k)).map(|_| g.usize(&key(k))).transpose()
+        };
+        let opt_f32 = |k: &str| -> Result<Option<f32>, GgufError> {
+            g.get(&key(k)).map(|_| g.f32(&key(k))).transpose()
+        };
+        let dim = g.usize(&key("embedding_length"))?;
+        let n_layers = g.usize(&key("block_count"))?;
+        let n_heads = g.usize(&key("attention.head_count"))?;
+        let n_kv_heads = opt_usize("attention.head_count_kv")?.unwrap_or(n_heads);
+        let head_dim = match opt_usize("attention.key_length")? {
+            Some(k) => k,
+            None => dim.checked_div(n_heads).unwrap_or(0),
+        };
+        if let Some(v) = opt_usize("attention.value_length")?
+            && v != head_dim
+        {
+            return Err(ModelError::Unsupported(format!(
+                "value heads of {v} beside key heads of {head_dim} (chord needs them equal)"
+            )));
+        }
+        if let Some(Value::String(kind)) = g.get(&key("rope.scaling.type"))
+            && kind != "none"
+        {
+            return Err(ModelError::Unsupported(format!("RoPE scaling '{kind}'")));
+        }
+        let embed = g
+            .tensor("token_embd.weight")
+            .ok_or_else(|| GgufError::Tensor {
+                name: "token_embd.weight".into(),
+                problem: "missing".into(),
+            })?;
+        let vocab = opt_usize("vocab_size")?.unwrap_or(embed.rows());
+        let window = if gemma3 {
+            opt_usize("attention.sliding_window")?.filter(|&w| w > 0)
+        } else {
+            None
+        };
+        let local_layers = match (window, g.get(&key("attention.sliding_window_pattern"))) {
+            (None, _) => vec![false; n_layers],
+            (Some(_), Some(Value::Array(Array::Bool(flags)))) => {
+                if flags.len() != n_layers {
+                    return Err(ModelError::Unsupported(format!(
+                        "attention.sliding_window_pattern has {} flags for {n_layers} layers",
+                        flags.len()
+                    )));
+                }
+                flags.clone()
+            }
+            (Some(_), _) => {
+                let n = opt_usize("attention.sliding_window_pattern")?.unwrap_or(6);
+                (0..n_layers).map(|l| n == 0 || l % n < n - 1).collect()
+            }
+        };
+        let c = Config {
+            dim,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn_dim: g.usize(&key("feed_forward_length"))?,
+            vocab,
+            ctx_len: g.usize(&key("context_length"))?,
+            rope_theta: opt_f32("rope.freq_base")?.unwrap_or(10_000.0),
+            // GGUF llama weights are permuted at conversion for adjacent-pair rotation;
+            // Gemma's are not.
+            rope_layout: if gemma3 {
+                RopeLayout::Neox
+            } else {
+                RopeLayout::Interleaved
+            },
+            norm_eps: g.f32(&key("attention.layer_norm_rms_epsilon"))?,
+            embed_scale: if gemma3 { (dim as f32).sqrt() } else { 1.0 },
+            attn_scale: if gemma3 && n_layers == 62 {
+                1.0 / ((dim / n_heads.max(1)) as f32).sqrt()
+            } else {
+                1.0 / (head_dim as f32).sqrt()
+            },
+            activation: if gemma3 {
+                GateActivation::Gelu
+            } else {
+                GateActivation::Silu
+            },
+            qk_norm: gemma3,
+            post_norms: gemma3,
+            window,
+            local_layers,
+            rope_theta_local: if gemma3 {
+                opt_f32("rope.freq_base_swa")?.unwrap_or(10_000.0)
+            } else {
+                10_000.0
+            },
+            final_logit_softcap: opt_f32("final_logit_softcapping")?.filter(|&c| c > 0.0),
+            arch,
+        };
+        c.validate(embed.rows(), embed.cols())?;
+        Ok(c)
+    }
+
+    fn validate(&self, embed_rows: usize, embed_cols: usize) -> Result<(), ModelError> {
+        let c = self;
+        let bad = |what: String| Err(ModelError::Unsupported(what));
+        if c.dim == 0 || c.n_layers == 0 || c.n_heads == 0 || c.ffn_dim == 0 || c.vocab == 0 {
+            return bad(format!("zero-sized hyper-parameters: {c:?}"));
+        }
+        if c.head_dim == 0
+            || !c.head_dim.is_multiple_of(2)
+            || c.n_kv_heads == 0
+            || !c.n_heads.is_multiple_of(c.n_kv_heads)
+            || c.q_dim().is_none()
+        {
+            return bad(format!(
+                "{} heads of {} over {} kv heads in dim {}",
+                c.n_heads, c.head_dim, c.n_kv_heads, c.dim
+            ));
+        }
+        if embed_rows != c.vocab || embed_cols != c.dim {
+            return bad(format!(
+                "token_embd.weight is {embed_rows} × {embed_cols}, expected vocab × dim = {} × {}",
+                c.vocab, c.dim
+            ));
+        }
+        if !(c.rope_theta > 0.0 && c.rope_theta_local > 0.0 && c.norm_eps >= 0.0) {
+            return bad(format!(
+                "RoPE bases {} / {} and norm epsilon {}",
+                c.rope_theta, c.rope_theta_local, c.norm_eps
+            ));
+        }
+        Ok(())
+    }
+
+    /// `n_heads * head_dim`: the width of a query row (`None` on overflow).
+    fn q_dim(&self) -> Option<usize> {
+        self.n_heads.checked_mul(self.head_dim)
+    }
+
+    /// `n_heads * head_dim`: the width of a query row and of the attention output.
+    pub fn attn_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// `n_kv_heads * head_dim`: the width of a key or value row.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Layer `l`'s attention window (`None`: global) and RoPE base.
+    pub fn layer_attention(&self, l: usize) -> (Option<usize>, f32) {
+        if self.local_layers.get(l).copied().unwrap_or(false) {
+            (self.window, self.rope_theta_local)
+        } else {
+            (None, self.rope_theta)
+        }
+    }
+}
