@@ -324,51 +324,67 @@ stamp! {
     pub fn geglu(a: &[f32], b: &[f32], y: &mut [f32]) = geglu_body;
 }
 
+/// A gated activation `y = f(g, u)`, one vector at a time. A trait, not a closure or a
+/// function value: the call must be inlined into the `#[target_feature]` wrapper, or every
+/// intrinsic becomes a call (measured 40x slower).
+trait Gate {
+    fn apply<V: F32Vec>(g: V, u: V) -> V;
+}
+
 /// `g / (1 + exp(-z)) * u`: the sigmoid gate both GLUs share.
 #[inline(always)]
 fn sigmoid_gate<V: F32Vec>(g: V, z: V, u: V) -> V {
     g.div(V::splat(1.0).add(exp(V::zero().sub(z)))).mul(u)
 }
 
-#[inline(always)]
-fn swiglu_body<V: F32Vec>(a: &[f32], b: &[f32], y: &mut [f32]) {
-    // A function, not a closure: a closure may be compiled outside the `#[target_feature]`
-    // wrapper, turning every intrinsic into a call (measured 5x slower than scalar).
+/// SiLU gate: `z = g`.
+struct Silu;
+
+impl Gate for Silu {
     #[inline(always)]
-    fn f<V: F32Vec>(g: V, u: V) -> V {
+    fn apply<V: F32Vec>(g: V, u: V) -> V {
         sigmoid_gate(g, g, u)
     }
-    gate_body::<V, _>(a, b, y, f::<V>);
 }
 
-#[inline(always)]
-fn geglu_body<V: F32Vec>(a: &[f32], b: &[f32], y: &mut [f32]) {
+/// GELU gate (tanh approximation): `z = 2 sqrt(2/π) (g + 0.044715 g³)`.
+struct Gelu;
+
+impl Gate for Gelu {
     #[inline(always)]
-    fn f<V: F32Vec>(g: V, u: V) -> V {
+    fn apply<V: F32Vec>(g: V, u: V) -> V {
         let c = V::splat(crate::scalar::GELU_2_SQRT_2_OVER_PI as f32);
         let k = V::splat(crate::scalar::GELU_COEF_A as f32);
         let z = c.mul(g.add(k.mul(g).mul(g).mul(g)));
         sigmoid_gate(g, z, u)
     }
-    gate_body::<V, _>(a, b, y, f::<V>);
 }
 
-/// `y = f(a, b)` a vector at a time, the tail through partial loads. `f` is a function item
-/// (static dispatch, inlined into the `#[target_feature]` wrapper), never a pointer.
 #[inline(always)]
-fn gate_body<V: F32Vec, F: Fn(V, V) -> V>(a: &[f32], b: &[f32], y: &mut [f32], f: F) {
+fn swiglu_body<V: F32Vec>(a: &[f32], b: &[f32], y: &mut [f32]) {
+    gate_body::<V, Silu>(a, b, y);
+}
+
+#[inline(always)]
+fn geglu_body<V: F32Vec>(a: &[f32], b: &[f32], y: &mut [f32]) {
+    gate_body::<V, Gelu>(a, b, y);
+}
+
+/// `y = G(a, b)` a vector at a time, the tail through partial loads.
+#[inline(always)]
+fn gate_body<V: F32Vec, G: Gate>(a: &[f32], b: &[f32], y: &mut [f32]) {
     debug_assert!(a.len() == b.len() && a.len() == y.len());
     let l = V::LANES;
     let mut outs = y.chunks_exact_mut(l);
     for ((o, g), u) in (&mut outs).zip(a.chunks_exact(l)).zip(b.chunks_exact(l)) {
         // SAFETY: each chunk holds exactly LANES values.
-        unsafe { f(V::load(g.as_ptr()), V::load(u.as_ptr())).store(o.as_mut_ptr()) };
+        unsafe { G::apply(V::load(g.as_ptr()), V::load(u.as_ptr())).store(o.as_mut_ptr()) };
     }
     let tail = outs.into_remainder();
     if !tail.is_empty() {
         let s = a.len() - tail.len();
         store_partial(
-            f(load_partial(&a[s..], 0.0), load_partial(&b[s..], 0.0)),
+            G::apply::<V>(load_partial(&a[s..], 0.0), load_partial(&b[s..], 0.0)),
             tail,
         );
     }
