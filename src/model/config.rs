@@ -7,12 +7,13 @@
 //! | family | `general.architecture` | differs from llama by |
 //! |---|---|---|
 //! | llama (SmolLM, TinyLlama, Mistral 7B) | `llama` | (the base graph) |
+//! | Qwen2 | `qwen2` | NeoX RoPE; q, k and v biases (`attn_{q,k,v}.bias`) where the file has them |
+//! | Qwen3 | `qwen3` | NeoX RoPE; per-head q/k norms; head size `attention.key_length` |
 //! | Gemma 3 | `gemma3` | see [`Config::from_gguf`]'s Gemma 3 notes |
 //!
 //! Mistral 7B's GGUF files say `llama` (its converter writes the llama graph), so they run as
-//! llama. Qwen2 (q/k/v biases) and Qwen3 (q/k norms) need only switches this description
-//! already has, but no file of either has been checked against llama.cpp, so they are
-//! refused rather than run unverified.
+//! llama. Qwen2 and Qwen3 are checked on synthetic files against llama.cpp
+//! (tests/families.rs), Gemma 3 on the real 270M model (tests/gemma3.rs).
 
 use crate::backend::RopeLayout;
 use crate::gguf::{Array, GgufError, GgufFile, Value};
@@ -56,6 +57,8 @@ pub struct Config {
     pub activation: GateActivation,
     /// RMSNorm of each query and key head before RoPE (`attn_q_norm`, `attn_k_norm`).
     pub qk_norm: bool,
+    /// Biases added to the q, k and v projections (`attn_q.bias`...; Qwen2).
+    pub qkv_bias: bool,
     /// RMSNorm of the attention and feed-forward outputs before each residual add
     /// (`post_attention_norm`, `post_ffw_norm`).
     pub post_norms: bool,
@@ -92,15 +95,14 @@ impl Config {
     pub fn from_gguf(file: &GgufFile) -> Result<Config, ModelError> {
         let g = file.gguf();
         let arch = g.str("general.architecture")?.to_string();
-        let gemma3 = match arch.as_str() {
-            "llama" => false,
-            "gemma3" => true,
-            _ => {
-                return Err(ModelError::Unsupported(format!(
-                    "architecture '{arch}' (chord runs llama and gemma3)"
-                )));
-            }
-        };
+        if !["llama", "qwen2", "qwen3", "gemma3"].contains(&arch.as_str()) {
+            return Err(ModelError::Unsupported(format!(
+                "architecture '{arch}' (chord runs llama, qwen2, qwen3 and gemma3)"
+            )));
+        }
+        let gemma3 = arch == "gemma3";
+        let qwen3 = arch == "qwen3";
+        let neox = arch != "llama";
         let key = |k: &str| format!("{arch}.{k}");
         let opt_usize = |k: &str| -> Result<Option<usize>, GgufError> {
             g.get(&key(k)).map(|_| g.usize(&key(k))).transpose()
@@ -135,6 +137,11 @@ impl Config {
                 problem: "missing".into(),
             })?;
         let vocab = opt_usize("vocab_size")?.unwrap_or(embed.rows());
+        if g.tensor("output.bias").is_some() {
+            return Err(ModelError::Unsupported(
+                "a bias on the output projection (output.bias)".into(),
+            ));
+        }
         let window = if gemma3 {
             opt_usize("attention.sliding_window")?.filter(|&w| w > 0)
         } else {
@@ -167,8 +174,8 @@ impl Config {
             ctx_len: g.usize(&key("context_length"))?,
             rope_theta: opt_f32("rope.freq_base")?.unwrap_or(10_000.0),
             // GGUF llama weights are permuted at conversion for adjacent-pair rotation;
-            // Gemma's are not.
-            rope_layout: if gemma3 {
+            // Qwen's and Gemma's are not (llama.cpp: LLAMA_ROPE_TYPE_NEOX).
+            rope_layout: if neox {
                 RopeLayout::Neox
             } else {
                 RopeLayout::Interleaved
@@ -185,7 +192,8 @@ impl Config {
             } else {
                 GateActivation::Silu
             },
-            qk_norm: gemma3,
+            qk_norm: gemma3 || qwen3,
+            qkv_bias: g.tensor("blk.0.attn_q.bias").is_some(),
             post_norms: gemma3,
             window,
             local_layers,

@@ -48,6 +48,8 @@ struct Layer<W> {
     wq: W,               // (attn, dim)
     wk: W,               // (kv, dim)
     wv: W,               // (kv, dim)
+    /// Biases of q, k and v, `(attn,)`, `(kv,)`, `(kv,)`, when [`Config::qkv_bias`].
+    qkv_bias: Option<[Vec<f32>; 3]>,
     /// Per-head norms of q and k, `(head_dim,)` each, when [`Config::qk_norm`].
     qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     wo: W, // (dim, attn)
@@ -185,6 +187,13 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
                 wq: weight(&n("attn_q"), a, d)?,
                 wk: weight(&n("attn_k"), kv, d)?,
                 wv: weight(&n("attn_v"), kv, d)?,
+                qkv_bias: match config.qkv_bias {
+                    true => {
+                        let bias = |s: &str, len| vector(&format!("blk.{l}.{s}.bias"), len);
+                        Some([bias("attn_q", a)?, bias("attn_k", kv)?, bias("attn_v", kv)?])
+                    }
+                    false => None,
+                },
                 qk_norm: match config.qk_norm {
                     true => Some((
                         vector(&n("attn_q_norm"), hd)?,
@@ -353,6 +362,13 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
             b.rmsnorm(x, &w.attn_norm, xb, c.norm_eps)?;
             at(obs, Point::AttnNorm, ly, pos, d, xb);
             b.matmuls(xb, &[&w.wq, &w.wk, &w.wv], &mut [q, k, v], m)?;
+            if let Some(biases) = &w.qkv_bias {
+                for (y, bias) in [&mut *q, &mut *k, &mut *v].into_iter().zip(biases) {
+                    for row in y.chunks_exact_mut(bias.len()) {
+                        b.add(row, bias)?;
+                    }
+                }
+            }
             at(obs, Point::Q, ly, pos, a, q);
             at(obs, Point::K, ly, pos, kv, k);
             at(obs, Point::V, ly, pos, kv, v);
