@@ -324,3 +324,41 @@ fn the_architecture_is_read_from_the_file() {
     assert!(c.qk_norm && c.post_norms);
     assert_eq!((c.final_logit_softcap, c.norm_eps), (None, 1e-6));
 }
+
+/// Sliding-window attention at model level: a 661-token prompt (the first 3,000 characters
+/// of the GPL-3 text), long enough that the local layers' 512-position window masks the
+/// start of it. chord's 24 greedy tokens after it, on the F32 conversion, give llama.cpp's
+/// text (tests/data/gemma3/long_prompt_greedy.txt: `llama-completion -m F32 -f PROMPT -n 24
+/// --temp 0 -ctk f32 -ctv f32 -c 1024 -b 1024 -ub 1024 -no-cnv`, two trailing newlines
+/// dropped); the same run with the window taken away (every layer global) moves the last
+/// logits by far more than any rounding.
+#[test]
+fn a_prompt_longer_than_the_window_continues_as_llama_cpp() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/GPL-3.txt"))
+            .unwrap();
+    let prompt: String = text.chars().take(3000).collect();
+    let want =
+        std::fs::read_to_string(Path::new(REFERENCE).join("long_prompt_greedy.txt")).unwrap();
+    let file = GgufFile::open(gemma3_f32_path()).unwrap();
+    let tok = Tokenizer::from_gguf(file.gguf()).unwrap();
+    let ids = tok.encode(&prompt, false);
+    assert_eq!(ids.len(), 661);
+    let mut model = Model::load(&file, SimdBackend::new(2).unwrap()).unwrap();
+    let mut state = State::new(&model.config, 1024, 512);
+    let windowed = model.forward(&mut state, &ids).unwrap().to_vec();
+    let mut got = vec![argmax(&windowed)];
+    while got.len() < 24 {
+        let next = *got.last().unwrap();
+        got.push(argmax(model.forward(&mut state, &[next]).unwrap()));
+    }
+    let got = String::from_utf8_lossy(&tok.decode(&got, false).unwrap()).into_owned();
+    assert_eq!(got, want);
+
+    model.config.window = None;
+    state.reset();
+    let global = model.forward(&mut state, &ids).unwrap();
+    let moved = max_abs_diff(&windowed, global);
+    eprintln!("without the window the last logits move by {moved}");
+    assert!(moved > 0.5, "the window changed the logits by only {moved}");
+}
