@@ -108,10 +108,14 @@ pub fn check_op<B: Backend>(backend: &B, op: Op, cfg: &Config) -> Result<(), Fai
         Op::Softmax => run(backend, op, cfg, softmax_cases(), |c| {
             softmax_case(backend, c)
         }),
-        Op::SwiGlu => run(backend, op, cfg, swiglu_cases(), |c| {
-            swiglu_case(backend, c)
+        Op::SwiGlu => run(backend, op, cfg, gate_cases(), |c| {
+            let f = |a: &[f32], b: &[f32], y: &mut [f32]| backend.swiglu(a, b, y);
+            gate_case(c, f, scalar::swiglu, tolerance::swiglu)
         }),
-        Op::GeGlu => run(backend, op, cfg, swiglu_cases(), |c| geglu_case(backend, c)),
+        Op::GeGlu => run(backend, op, cfg, gate_cases(), |c| {
+            let f = |a: &[f32], b: &[f32], y: &mut [f32]| backend.geglu(a, b, y);
+            gate_case(c, f, scalar::geglu, tolerance::geglu)
+        }),
         Op::Add => run(backend, op, cfg, add_cases(), |c| add_case(backend, c)),
         Op::Embedding => run(backend, op, cfg, embedding_cases(), |c| {
             embedding_case(backend, c)
@@ -770,7 +774,7 @@ struct EltCase {
     seed: u64,
 }
 
-fn swiglu_cases() -> impl Strategy<Value = EltCase> {
+fn gate_cases() -> impl Strategy<Value = EltCase> {
     let mag = select(vec![1e-3f32, 1.0, 10.0, 100.0, 1e4]);
     (dim(), 1usize..=3, mag.clone(), mag, any::<u64>()).prop_map(|(d, r, mag_a, mag_b, seed)| {
         EltCase {
@@ -782,36 +786,25 @@ fn swiglu_cases() -> impl Strategy<Value = EltCase> {
     })
 }
 
-fn swiglu_case<B: Backend>(backend: &B, c: EltCase) -> Result<(), TestCaseError> {
+/// A gate op (`swiglu`, `geglu`) against its f64 oracle and tolerance.
+fn gate_case(
+    c: EltCase,
+    run: impl Fn(&[f32], &[f32], &mut [f32]) -> Result<(), crate::Error>,
+    oracle: fn(&[f64], &[f64], &mut [f64]),
+    tol: fn(f64, f64, f64) -> f64,
+) -> Result<(), TestCaseError> {
     let mut vals = Values(c.seed);
     let a = vals.vec(c.len, c.mag_a);
     let b = vals.vec(c.len, c.mag_b);
     let mut y = vec![f32::NAN; c.len];
-    backend.swiglu(&a, &b, &mut y).map_err(op_error)?;
+    run(&a, &b, &mut y).map_err(op_error)?;
     let mut want = vec![0.0f64; c.len];
-    scalar::swiglu(&widen(&a), &widen(&b), &mut want);
+    oracle(&widen(&a), &widen(&b), &mut want);
     compare(
         "y",
         &y,
         &want,
-        |i| tolerance::swiglu(a[i] as f64, b[i] as f64, want[i]),
-        |i| format!("[{i}]"),
-    )
-}
-
-fn geglu_case<B: Backend>(backend: &B, c: EltCase) -> Result<(), TestCaseError> {
-    let mut vals = Values(c.seed);
-    let a = vals.vec(c.len, c.mag_a);
-    let b = vals.vec(c.len, c.mag_b);
-    let mut y = vec![f32::NAN; c.len];
-    backend.geglu(&a, &b, &mut y).map_err(op_error)?;
-    let mut want = vec![0.0f64; c.len];
-    scalar::geglu(&widen(&a), &widen(&b), &mut want);
-    compare(
-        "y",
-        &y,
-        &want,
-        |i| tolerance::geglu(a[i] as f64, b[i] as f64, want[i]),
+        |i| tol(a[i] as f64, b[i] as f64, want[i]),
         |i| format!("[{i}]"),
     )
 }

@@ -164,16 +164,7 @@ fn synthetic(shape: &Shape) -> PathBuf {
             0.0,
         );
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/variants");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{a}-synthetic.gguf"));
-    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).unwrap());
-    w.write_to(&mut f).unwrap();
-    std::io::Write::flush(&mut f).unwrap();
-    drop(f);
-    std::fs::rename(&tmp, &path).unwrap();
-    path
+    common::write_variant(&format!("{a}-synthetic"), &w)
 }
 
 const PROMPT: &str = "The capital of France is";

@@ -203,10 +203,9 @@ enum Kind {
         rows: usize,
         cols: usize,
     },
-    SwiGlu {
-        len: usize,
-    },
-    GeGlu {
+    /// SwiGLU, or GEGLU when `gelu`.
+    Gate {
+        gelu: bool,
         len: usize,
     },
     Add {
@@ -302,25 +301,17 @@ fn cases(ops: &[Op], sets: &[ShapeSet], dtypes: &[DType], notes: &mut Vec<String
                     kind,
                 });
             }
-            if has(Op::SwiGlu) {
-                let len = rows * ffn;
-                out.push(Case {
-                    op: Op::SwiGlu,
-                    shape: format!("{name} rows={rows} ffn={ffn}"),
-                    work: f(3 * len),
-                    unit: Unit::Gbs,
-                    kind: Kind::SwiGlu { len },
-                });
-            }
-            if has(Op::GeGlu) {
-                let len = rows * ffn;
-                out.push(Case {
-                    op: Op::GeGlu,
-                    shape: format!("{name} rows={rows} ffn={ffn}"),
-                    work: f(3 * len),
-                    unit: Unit::Gbs,
-                    kind: Kind::GeGlu { len },
-                });
+            for (op, gelu) in [(Op::SwiGlu, false), (Op::GeGlu, true)] {
+                if has(op) {
+                    let len = rows * ffn;
+                    out.push(Case {
+                        op,
+                        shape: format!("{name} rows={rows} ffn={ffn}"),
+                        work: f(3 * len),
+                        unit: Unit::Gbs,
+                        kind: Kind::Gate { gelu, len },
+                    });
+                }
             }
             if has(Op::Add) {
                 let len = rows * dim;
@@ -424,16 +415,14 @@ fn time_case<B: Backend>(b: &B, case: &Case, budget: Duration) -> Result<Timing,
                 b.softmax(&mut x, cols, &p).expect("shapes checked")
             })
         }
-        Kind::SwiGlu { len } => {
+        Kind::Gate { gelu, len } => {
             let (a, g, mut y) = (values(len, 5), values(len, 6), vec![0.0; len]);
             time(budget, MIN, || {
-                b.swiglu(&a, &g, &mut y).expect("shapes checked")
-            })
-        }
-        Kind::GeGlu { len } => {
-            let (a, g, mut y) = (values(len, 5), values(len, 6), vec![0.0; len]);
-            time(budget, MIN, || {
-                b.geglu(&a, &g, &mut y).expect("shapes checked")
+                match gelu {
+                    false => b.swiglu(&a, &g, &mut y),
+                    true => b.geglu(&a, &g, &mut y),
+                }
+                .expect("shapes checked")
             })
         }
         Kind::Add { len } => {

@@ -44,6 +44,11 @@ pub fn model_variant(name: &str, edit: impl FnOnce(&mut chord::gguf::Writer)) ->
         .unwrap();
     }
     edit(&mut w);
+    write_variant(name, &w)
+}
+
+/// Writes `w` to `models/variants/NAME.gguf` (atomically: a partial file, then a rename).
+pub fn write_variant(name: &str, w: &chord::gguf::Writer) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/variants");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{name}.gguf"));
