@@ -257,6 +257,7 @@ impl Backend for SimdBackend {
             rows,
             cols,
             w.bytes(),
+            |part| w.release(part),
         ) {
             return Ok(SimdWeight::Repacked(r));
         }

@@ -8,7 +8,7 @@ pub use chord_kernels::quant::DType;
 
 /// A weight `(rows, cols)`, row-major, as stored: its format and its bytes (typically a view
 /// into a memory-mapped file).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct WeightView<'w> {
     dtype: DType,
     rows: usize,
@@ -16,6 +16,19 @@ pub struct WeightView<'w> {
     bytes: &'w [u8],
     /// The tensor's name in its file (`blk.3.attn_q.weight`), or empty.
     name: &'w str,
+    /// The mapped file the bytes come from, if any: see [`WeightView::release`].
+    file: Option<&'w crate::gguf::GgufFile>,
+}
+
+impl std::fmt::Debug for WeightView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightView")
+            .field("dtype", &self.dtype)
+            .field("dims", &(self.rows, self.cols))
+            .field("name", &self.name)
+            .field("mapped", &self.file.is_some())
+            .finish()
+    }
 }
 
 impl<'w> WeightView<'w> {
@@ -52,12 +65,33 @@ impl<'w> WeightView<'w> {
             cols,
             bytes,
             name: "",
+            file: None,
         })
     }
 
     /// The same view, labelled with the tensor's name (for profiles and errors).
     pub fn named(self, name: &'w str) -> Self {
         WeightView { name, ..self }
+    }
+
+    /// The same view, its bytes part of `file`'s map (so [`release`](WeightView::release)
+    /// can drop their pages).
+    pub fn mapped_from(self, file: &'w crate::gguf::GgufFile) -> Self {
+        WeightView {
+            file: Some(file),
+            ..self
+        }
+    }
+
+    /// Tells the view that `part` of its bytes (a sub-slice) has been copied and will not be
+    /// read again by the caller: when the view is part of a mapped file, that range's pages
+    /// are dropped from the process (`GgufFile::release`; a later read faults them back in
+    /// from the file, so any borrow stays valid). A backend that repacks a weight calls it as
+    /// it goes, so that a large tensor is never held twice. Otherwise nothing happens.
+    pub fn release(&self, part: &[u8]) {
+        if let Some(file) = self.file {
+            file.release(part);
+        }
     }
 
     /// The tensor's name in its file, or empty.

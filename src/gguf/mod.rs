@@ -508,7 +508,7 @@ impl GgufFile {
             ),
         })?;
         WeightView::new(dtype, t.rows(), t.cols(), self.tensor_bytes(t))
-            .map(|v| v.named(&t.name))
+            .map(|v| v.named(&t.name).mapped_from(self))
             .map_err(|e| GgufError::Tensor {
                 name: name.into(),
                 problem: e.to_string(),

@@ -328,6 +328,7 @@ mod tests {
                 n,
                 k,
                 &bytes,
+                |_| {},
             )
             .unwrap();
             multiplies_as_dequantized(&dtype.to_string(), &wf, n, k, |isa, team, t, x, y, m| {

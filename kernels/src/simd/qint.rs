@@ -494,6 +494,7 @@ mod tests {
                 n,
                 k,
                 &bytes,
+                |_| {},
             )
             .unwrap();
             for m in [1, 3, 6] {
