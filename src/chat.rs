@@ -115,7 +115,7 @@ pub enum Template {
     /// No template: each message's text on a line of its own, so that the model continues
     /// the text. What `chord chat` uses for a base model, one whose file has no
     /// `tokenizer.chat_template` (Gemma 3 270M), rather than markers of another model's
-    /// training that it has never seen.
+    /// training that it has never seen. A chat reply in it ends at the end of its line.
     Plain,
     /// A Jinja template, as `tokenizer.chat_template` holds one, compiled.
     Jinja(Box<JinjaTemplate>),
@@ -988,11 +988,17 @@ impl Session {
             .count()
             .min(ids.len() - 1);
         state.pos = common;
+        // Plain continuation has no end-of-turn token: a message is a line, so the reply
+        // ends where its line does.
+        let line_end = ["\n".to_string()];
         let req = crate::generate::Request {
             prompt_ids: &ids[common..],
             max_new: reserve,
             ignore_eos: false,
-            stop: &[],
+            stop: match self.template {
+                Template::Plain => &line_end,
+                _ => &[],
+            },
         };
         let result = crate::generate::generate(model, state, tok, sampler, req, on_token);
         let g = match result {

@@ -5,7 +5,7 @@
 //! - [`gguf`]: the GGUF reader (memory-mapped, hostile-file safe) and writer;
 //! - [`tokenizer`]: byte-level BPE read from the GGUF, matching llama.cpp's ids;
 //! - [`generate`]: the generation loop with streaming;
-//! - [`model`]: the llama-family transformer, generic over the backend;
+//! - [`model`]: the transformer (llama, Qwen2, Qwen3, Gemma 3), generic over the backend;
 //! - [`bench`]: the measurements behind `chord bench kernels`, roofs included;
 //! - [`research`]: activations dumped to safetensors, and where a backend departs from another
 //!   (through [`model::observe`], the hook that reads and edits every activation).

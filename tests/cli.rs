@@ -395,3 +395,46 @@ fn dump_and_diverge_work_from_the_command_line() {
         );
     }
 }
+
+/// Hostile architecture metadata is a clear error before anything is sized by it: a block
+/// count of 4 billion (no allocation, no panic), a RoPE base of 0, a partial rotary.
+#[test]
+fn hostile_architecture_metadata_is_a_clear_error() {
+    use chord::gguf::Value;
+    for (name, key, value, says) in [
+        (
+            "huge_block_count",
+            "llama.block_count",
+            Value::U32(u32::MAX),
+            "block_count 4294967295",
+        ),
+        (
+            "zero_rope_base",
+            "llama.rope.freq_base",
+            Value::F32(0.0),
+            "RoPE bases 0",
+        ),
+        (
+            "partial_rotary",
+            "llama.rope.dimension_count",
+            Value::U32(32),
+            "partial rotary",
+        ),
+    ] {
+        let path = common::model_variant(name, |w| {
+            w.metadata(key, value);
+        });
+        let o = chord(&[
+            "generate",
+            "--model",
+            path.to_str().unwrap(),
+            "--prompt",
+            "Hi",
+            "-n",
+            "1",
+        ]);
+        let err = stderr(&o);
+        assert!(!o.status.success() && err.contains(says), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
+}

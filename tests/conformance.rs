@@ -345,3 +345,32 @@ mod broken {
         assert_eq!(f.op, Op::Embedding, "{f}");
     }
 }
+
+/// The window's first visible position at its boundaries, by llama.cpp's rule (the query at
+/// `p` sees `t` when `p - t < window`).
+#[test]
+fn the_first_visible_position_follows_llama_cpps_window_rule() {
+    use chord::backend::AttentionParams;
+    let p = |window| AttentionParams {
+        m: 1,
+        pos: 0,
+        n_heads: 1,
+        n_kv_heads: 1,
+        head_dim: 2,
+        scale: 1.0,
+        window,
+    };
+    for (w, at, first) in [
+        (512, 510, 0),
+        (512, 511, 0),
+        (512, 512, 1),
+        (512, 513, 2),
+        (1, 0, 0),
+        (1, 7, 7),
+        (3, 2, 0),
+        (3, 3, 1),
+    ] {
+        assert_eq!(p(Some(w)).first_visible(at), first, "window {w} at {at}");
+    }
+    assert_eq!(p(None).first_visible(100_000), 0);
+}

@@ -229,7 +229,7 @@ fn the_model_is_named_by_its_short_name() {
 
 /// A base model without `tokenizer.chat_template` chats as plain continuation, with a notice,
 /// instead of another model's markers: the conversation renders as its texts, one per line,
-/// and `chord chat` replies to piped input.
+/// and `chord chat` replies to each piped line with one line.
 #[test]
 fn a_base_model_without_a_template_chats_as_plain_continuation() {
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
@@ -262,7 +262,7 @@ fn a_base_model_without_a_template_chats_as_plain_continuation() {
             "--model",
             "gemma3-270m",
             "-n",
-            "8",
+            "40",
             "--temperature",
             "0",
         ])
@@ -276,7 +276,7 @@ fn a_base_model_without_a_template_chats_as_plain_continuation() {
         .stdin
         .take()
         .unwrap()
-        .write_all(b"Once upon a time\n")
+        .write_all(b"The three primary colors are\nName a fruit:\n")
         .unwrap();
     let o = child.wait_with_output().unwrap();
     let (out, err) = (
@@ -285,7 +285,11 @@ fn a_base_model_without_a_template_chats_as_plain_continuation() {
     );
     assert!(o.status.success(), "{err}");
     assert!(err.contains("no chat template"), "{err}");
-    assert!(!out.trim().is_empty(), "no reply: {out:?} {err}");
+    // Two replies, each ending with its line (greedy: "A. red, blue, and yellow"), well
+    // before the 40 tokens allowed.
+    let replies: Vec<&str> = out.lines().collect();
+    assert_eq!(replies.len(), 2, "{out:?} {err}");
+    assert!(replies.iter().all(|r| !r.trim().is_empty()), "{out:?}");
 }
 
 /// The architecture read from the file, rule by rule as llama.cpp's `gemma3` reads it
@@ -330,8 +334,8 @@ fn the_architecture_is_read_from_the_file() {
 /// start of it. chord's 24 greedy tokens after it, on the F32 conversion, give llama.cpp's
 /// text (tests/data/gemma3/long_prompt_greedy.txt: `llama-completion -m F32 -f PROMPT -n 24
 /// --temp 0 -ctk f32 -ctv f32 -c 1024 -b 1024 -ub 1024 -no-cnv`, two trailing newlines
-/// dropped); the same run with the window taken away (every layer global) moves the last
-/// logits by far more than any rounding.
+/// dropped); the same run with the window taken away (the local layers attending to every
+/// position, their RoPE base unchanged) moves the last logits by far more than any rounding.
 #[test]
 fn a_prompt_longer_than_the_window_continues_as_llama_cpp() {
     let text =

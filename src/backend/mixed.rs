@@ -2,7 +2,7 @@
 //!
 //! The matmul backend prepares the weights and runs everything that reads them (`matmul`,
 //! `matmuls`, `embedding`); each op that reads no weights (`rmsnorm`, `rope`, `softmax`,
-//! `swiglu`, `add`, `attention`) runs on the backend chosen for it. On the command line:
+//! `swiglu`, `geglu`, `add`, `attention`) runs on the backend chosen for it. On the command line:
 //! `--backend matmul=simd-avx512,softmax=scalar,*=blocked`, where `*` stands for every op
 //! not named.
 //!

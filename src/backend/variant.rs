@@ -116,7 +116,7 @@ impl FromStr for BackendSpec {
     type Err = String;
 
     /// A [`Variant`] name, or `OP=VARIANT` pairs separated by commas: OP is `matmul`,
-    /// `rmsnorm`, `rope`, `softmax`, `swiglu`, `add`, `attention` or `*` (every op not
+    /// `rmsnorm`, `rope`, `softmax`, `swiglu`, `geglu`, `add`, `attention` or `*` (every op not
     /// named). Without `*` the unnamed ops run on the matmul backend; without `matmul`,
     /// matmul runs on `*`'s.
     fn from_str(s: &str) -> Result<Self, String> {

@@ -9,11 +9,14 @@
 //! | llama (SmolLM, TinyLlama, Mistral 7B) | `llama` | (the base graph) |
 //! | Qwen2 | `qwen2` | NeoX RoPE; q, k and v biases (`attn_{q,k,v}.bias`) where the file has them |
 //! | Qwen3 | `qwen3` | NeoX RoPE; per-head q/k norms; head size `attention.key_length` |
-//! | Gemma 3 | `gemma3` | see [`Config::from_gguf`]'s Gemma 3 notes |
+//! | Gemma 3 (270M, 1B) | `gemma3` | see [`Config::from_gguf`]'s Gemma 3 notes |
 //!
 //! Mistral 7B's GGUF files say `llama` (its converter writes the llama graph), so they run as
 //! llama. Qwen2 and Qwen3 are checked on synthetic files against llama.cpp
-//! (tests/families.rs), Gemma 3 on the real 270M model (tests/gemma3.rs).
+//! (tests/families.rs), Gemma 3 on the real 270M model (tests/gemma3.rs). Refused, with a
+//! message: other architectures, RoPE scaling (so Gemma 3 4B, 12B and 27B, which scale
+//! their global layers linearly), partial rotary, value heads unlike key heads, biases on
+//! the output, attention-output or feed-forward projections.
 
 use crate::backend::RopeLayout;
 use crate::gguf::{Array, GgufError, GgufFile, Value};
@@ -112,6 +115,16 @@ impl Config {
         };
         let dim = g.usize(&key("embedding_length"))?;
         let n_layers = g.usize(&key("block_count"))?;
+        // Before anything is sized by it: a block count the file's tensors cannot hold.
+        if n_layers == 0
+            || g.tensor(&format!("blk.{}.attn_norm.weight", n_layers - 1))
+                .is_none()
+        {
+            return Err(ModelError::Unsupported(format!(
+                "block_count {n_layers}, but the file has no blk.{}.attn_norm.weight",
+                n_layers.saturating_sub(1)
+            )));
+        }
         let n_heads = g.usize(&key("attention.head_count"))?;
         let n_kv_heads = opt_usize("attention.head_count_kv")?.unwrap_or(n_heads);
         let head_dim = match opt_usize("attention.key_length")? {
@@ -128,7 +141,25 @@ impl Config {
         if let Some(Value::String(kind)) = g.get(&key("rope.scaling.type"))
             && kind != "none"
         {
+            // Gemma 3 4B/12B/27B: linear scaling of the global layers, not implemented.
             return Err(ModelError::Unsupported(format!("RoPE scaling '{kind}'")));
+        }
+        if let Some(r) = opt_usize("rope.dimension_count")?
+            && r != head_dim
+        {
+            return Err(ModelError::Unsupported(format!(
+                "RoPE on {r} of each head's {head_dim} values (partial rotary)"
+            )));
+        }
+        for t in [
+            "blk.0.attn_output.bias",
+            "blk.0.ffn_gate.bias",
+            "blk.0.ffn_up.bias",
+            "blk.0.ffn_down.bias",
+        ] {
+            if g.tensor(t).is_some() {
+                return Err(ModelError::Unsupported(format!("a bias tensor {t}")));
+            }
         }
         let embed = g
             .tensor("token_embd.weight")
@@ -232,10 +263,20 @@ impl Config {
                 c.vocab, c.dim
             ));
         }
-        if !(c.rope_theta > 0.0 && c.rope_theta_local > 0.0 && c.norm_eps >= 0.0) {
+        let finite_pos = |v: f32| v.is_finite() && v > 0.0;
+        if !(c.rope_theta.is_finite()
+            && c.rope_theta > 1.0
+            && c.rope_theta_local.is_finite()
+            && c.rope_theta_local > 1.0
+            && c.norm_eps.is_finite()
+            && c.norm_eps >= 0.0
+            && finite_pos(c.attn_scale)
+            && c.final_logit_softcap.is_none_or(finite_pos))
+        {
             return bad(format!(
-                "RoPE bases {} / {} and norm epsilon {}",
-                c.rope_theta, c.rope_theta_local, c.norm_eps
+                "RoPE bases {} / {}, norm epsilon {}, attention scale {}, logit cap {:?}: \
+                 expected bases above 1 and finite positive values",
+                c.rope_theta, c.rope_theta_local, c.norm_eps, c.attn_scale, c.final_logit_softcap
             ));
         }
         Ok(())

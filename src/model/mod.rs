@@ -61,9 +61,13 @@ struct Layer<W> {
     w_down: W,          // (dim, ffn)
 }
 
-/// A llama-family model prepared for backend `B`, borrowing from the file where `B` keeps
-/// weights as stored.
+/// A model prepared for backend `B`, borrowing from the file where `B` keeps weights as
+/// stored.
 pub struct Model<'f, B: Backend + 'f> {
+    /// The architecture, read at load. A researcher may change the run-time switches
+    /// (window, local layers, RoPE bases and layout, scales, activation, soft cap, norm
+    /// epsilon) between passes; the ones that decide which tensors were loaded (`qk_norm`,
+    /// `qkv_bias`, `post_norms`) and the sizes are fixed at load and must not change.
     pub config: Config,
     backend: B,
     embed: B::Weight<'f>, // (vocab, dim)

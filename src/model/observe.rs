@@ -8,21 +8,25 @@
 //! [`Model::forward`](super::Model::forward) uses, does nothing and compiles away.
 //!
 //! The points, in the order a layer calls them (names as `chord dump --points` takes them;
-//! cols: `dim`, `kv_dim` = `n_kv_heads · head_dim`, `ffn` = the feed-forward width):
+//! cols: `dim`, `attn` = `n_heads · head_dim` (`dim` in llama models, not in Gemma 3 or
+//! Qwen3), `kv_dim` = `n_kv_heads · head_dim`, `ffn` = the feed-forward width):
 //!
 //! | point | layer | cols | what |
 //! |---|---|---|---|
-//! | `embedding` | — | dim | the token embeddings |
+//! | `embedding` | — | dim | the token embeddings (times `sqrt(dim)` in Gemma) |
 //! | `attn_norm` | l | dim | RMSNorm before attention |
-//! | `q`, `k`, `v` | l | dim, kv_dim, kv_dim | the projections, before RoPE |
-//! | `q_rope`, `k_rope` | l | dim, kv_dim | after RoPE (`k_rope` is what the KV cache stores) |
-//! | `attn` | l | dim | attention's output per head (head `h` at cols `h·head_dim ..`), before `attn_output` |
+//! | `q`, `k`, `v` | l | attn, kv_dim, kv_dim | the projections (with their biases in Qwen2), before RoPE |
+//! | `q_norm`, `k_norm` | l | attn, kv_dim | after the per-head norms (Gemma 3, Qwen3 only) |
+//! | `q_rope`, `k_rope` | l | attn, kv_dim | after RoPE (`k_rope` is what the KV cache stores) |
+//! | `attn` | l | attn | attention's output per head (head `h` at cols `h·head_dim ..`), before `attn_output` |
 //! | `attn_out` | l | dim | after the `attn_output` projection |
+//! | `attn_post_norm` | l | dim | `attn_out` after its post-norm (Gemma 3 only) |
 //! | `resid_attn` | l | dim | the residual stream after attention |
 //! | `ffn_norm` | l | dim | RMSNorm before the feed-forward |
 //! | `gate`, `up` | l | ffn | the two projections |
-//! | `act` | l | ffn | `silu(gate) · up` |
+//! | `act` | l | ffn | `silu(gate) · up`, or `gelu(gate) · up` (Gemma) |
 //! | `ffn_out` | l | dim | after `ffn_down` |
+//! | `ffn_post_norm` | l | dim | `ffn_out` after its post-norm (Gemma 3 only) |
 //! | `resid_ffn` | l | dim | the residual stream after the layer (the next layer's input) |
 //! | `final_norm` | — | dim | the final RMSNorm, of the rows whose logits are computed |
 //! | `logits` | — | vocab | the classifier's output, of those rows |

@@ -3,9 +3,9 @@
 //! Shapes: `q (m, n_heads * head_dim)`, row `i` the query at position `pos + i`; the caches
 //! `(≥ pos + m, n_kv_heads * head_dim)`, rows by position; query head `h` reads kv head
 //! `h / (n_heads / n_kv_heads)`; `out (m, n_heads * head_dim)`. Each (query row, head) pair:
-//! scores `q · k_t` for the `pos + i + 1` visible positions (16-lane dots), the softmax of
-//! the scores times `1 / sqrt(head_dim)` ([`super::softmax`]), then `Σ_t p_t v_t`
-//! accumulated in position order. The pairs are dealt round-robin to the team's tasks
+//! scores `q · k_t` for the visible positions (16-lane dots: all `pos + i + 1` of them, or
+//! the last `window` with a sliding window), the softmax of the scores times the shape's
+//! `scale` ([`super::softmax`]), then `Σ_t p_t v_t` accumulated in position order. The pairs are dealt round-robin to the team's tasks
 //! (prefill rows grow longer down the prompt), each task keeping its own score buffer; a
 //! pair's arithmetic does not depend on which task runs it, so results are bitwise
 //! identical for any thread count.
@@ -20,8 +20,10 @@
 //! and sums `Σ_t p_t v_t` in position order for its `QB` queries at once, sharing each
 //! loaded value vector. The scores' summation order differs from the per-pair path's; a
 //! query's result still does not depend on the unit or task it lands in, as long as the
-//! cached values are finite (a query's sum adds `0 · v_t` for the positions up to the
-//! longest query of its unit: an infinite `v_t` there would make it NaN).
+//! cached values are finite (a query's sum adds `0 · v_t` for the positions before its
+//! window and up to the longest query of its unit: an infinite `v_t` there would make it
+//! NaN). With a window the tiled path still scores every position from 0 (work `O(T²)`, not
+//! `O(T · window)`): right, but wasteful on contexts far beyond the window.
 
 use std::sync::Mutex;
 
