@@ -51,8 +51,20 @@ pub fn dump<B: Backend>(
             model.config.n_layers - 1
         )));
     }
-    let mut rec = Recorder::new(points, layers);
+    let mut rec = Recorder::new(points.clone(), layers);
     run_all(model, tokens, &mut rec)?;
+    // A point asked for by name that the architecture never reaches (`q_norm` in a model
+    // without q/k norms) is an error, not a file without it.
+    if let Some(missing) = points
+        .iter()
+        .flatten()
+        .find(|p| !rec.recorded.keys().any(|(_, q)| q == *p))
+    {
+        return Err(ModelError::Input(format!(
+            "point {missing} does not occur in a forward pass of this model ({})",
+            model.config.arch
+        )));
+    }
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = rec
         .recorded
         .iter()

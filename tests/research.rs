@@ -170,6 +170,17 @@ fn dump_writes_the_recorded_activations_as_safetensors() {
             .to_string()
             .contains("layer 30 does not exist")
     );
+    // A point this architecture never reaches (llama has no q/k norms) is named, not
+    // silently left out of the file.
+    let err = chord::research::dump(
+        &model,
+        &PROMPT,
+        Some(vec![Point::Q, Point::QNorm]),
+        None,
+        Default::default(),
+    );
+    let err = err.unwrap_err().to_string();
+    assert!(err.contains("point q_norm does not occur"), "{err}");
 }
 
 /// The scalar backend with its softmax rounded to bf16 (8 bits of mantissa) in one layer
