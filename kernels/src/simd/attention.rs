@@ -22,8 +22,9 @@
 //! query's result still does not depend on the unit or task it lands in, as long as the
 //! cached values are finite (a query's sum adds `0 · v_t` for the positions before its
 //! window and up to the longest query of its unit: an infinite `v_t` there would make it
-//! NaN). With a window the tiled path still scores every position from 0 (work `O(T²)`, not
-//! `O(T · window)`): right, but wasteful on contexts far beyond the window.
+//! NaN). With a window, a unit scores and sums only from the step of 64 positions holding
+//! its first query's first visible one: work `O(T · window)`, not `O(T²)` (the keys are still
+//! packed whole, `O(T · head_dim)` per kv head).
 
 use std::sync::Mutex;
 
@@ -329,12 +330,16 @@ fn tiled(
                 let lens: [usize; QB] = std::array::from_fn(|i| p.pos + row(idx[i]) + 1);
                 let len_max = lens[QB - 1];
                 let steps = len_max.div_ceil(16 * NC);
+                // With a window, the steps before the first query's window are skipped (the
+                // unit's queries are in position order, so the first sees the least).
+                let first_step = p.first_visible(lens[0] - 1) / (16 * NC);
                 dispatch16(
                     isa,
                     TileScores {
                         kt: kt_all,
                         hd,
                         q: std::array::from_fn(|i| &q[at(idx[i])..][..hd]),
+                        first_step,
                         steps,
                         s: &mut s[..QB * t_pad],
                         stride: t_pad,
@@ -353,7 +358,7 @@ fn tiled(
                             causal: None,
                         },
                     );
-                    si[..lo].fill(0.0);
+                    si[first_step * 16 * NC..lo].fill(0.0);
                     si[len..len_max].fill(0.0);
                 }
                 let mut acc = [0.0f32; QB * 256];
@@ -364,6 +369,7 @@ fn tiled(
                     let mix = TileMix {
                         p: &s[..QB * t_pad],
                         stride: t_pad,
+                        first: first_step * 16 * NC,
                         len: len_max,
                         v: v_cache,
                         kv,
@@ -426,11 +432,13 @@ impl Kernel16 for PackKeys<'_> {
     }
 }
 
-/// `s[i][t] = q_i · k_t` for `QB` queries and the positions of `steps` steps of `NC` chunks.
+/// `s[i][t] = q_i · k_t` for `QB` queries and the positions of steps `first_step .. steps`
+/// of `NC` chunks (earlier positions are outside every query's window).
 struct TileScores<'a> {
     kt: &'a [f32],
     hd: usize,
     q: [&'a [f32]; QB],
+    first_step: usize,
     steps: usize,
     s: &'a mut [f32],
     stride: usize,
@@ -445,7 +453,7 @@ impl Kernel16 for TileScores<'_> {
         assert!(self.kt.len() >= self.steps * NC * 16 * hd);
         assert!(self.s.len() >= (QB - 1) * self.stride + self.steps * NC * 16);
         assert!(self.q.iter().all(|q| q.len() == hd));
-        for step in 0..self.steps {
+        for step in self.first_step..self.steps {
             let mut acc = [[V::zero(); NC]; QB];
             let base = self.kt[step * NC * 16 * hd..].as_ptr();
             for d in 0..hd {
@@ -481,6 +489,8 @@ impl Kernel16 for TileScores<'_> {
 struct TileMix<'a> {
     p: &'a [f32],
     stride: usize,
+    /// Positions `first .. len` (every query's weight is 0 outside them).
+    first: usize,
     len: usize,
     v: &'a [f32],
     kv: usize,
@@ -504,7 +514,7 @@ impl<const W: usize> Kernel16 for TileMixW<'_, W> {
         assert!(m.len == 0 || m.v.len() >= (m.len - 1) * m.kv + m.v_off + 16 * W);
         assert!(m.out.len() >= QB * m.hd && m.col + 16 * W <= m.hd);
         let mut acc = [[V::zero(); W]; QB];
-        for t in 0..m.len {
+        for t in m.first..m.len {
             // SAFETY: row t's 16 W values at v_off (asserted above).
             let vt: [V; W] = std::array::from_fn(|c| unsafe {
                 V::load(m.v.as_ptr().add(t * m.kv + m.v_off + 16 * c))
@@ -545,6 +555,8 @@ mod tests {
             (9, 3, 2, 2, 48, None),
             (5, 17, 1, 2, 112, None),
             (33, 70, 1, 3, 80, Some(20)),
+            (40, 300, 1, 2, 64, Some(50)),
+            (20, 130, 2, 1, 32, Some(64)),
             (9, 3, 2, 2, 256, Some(5)),
             (6, 0, 1, 4, 64, Some(1)),
             (7, 5, 2, 3, 64, Some(500)),
