@@ -9,7 +9,7 @@
 //! | llama (SmolLM, TinyLlama, Mistral 7B) | `llama` | (the base graph) |
 //! | Qwen2 | `qwen2` | NeoX RoPE; q, k and v biases (`attn_{q,k,v}.bias`) where the file has them |
 //! | Qwen3 | `qwen3` | NeoX RoPE; per-head q/k norms; head size `attention.key_length` |
-//! | Gemma 3 (270M, 1B) | `gemma3` | see [`Config::from_gguf`]'s Gemma 3 notes |
+//! | Gemma 3 (270M; the 1B untried) | `gemma3` | see [`Config::from_gguf`]'s Gemma 3 notes |
 //!
 //! Mistral 7B's GGUF files say `llama` (its converter writes the llama graph), so they run as
 //! llama. Qwen2 and Qwen3 are checked on synthetic files against llama.cpp
