@@ -28,4 +28,4 @@ pub mod scalar;
 pub mod simd;
 pub mod team;
 
-pub use params::{RopeLayout, RopeParams, SoftmaxParams};
+pub use params::{RopeLayout, RopeParams, SoftmaxParams, first_visible};

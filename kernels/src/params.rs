@@ -55,3 +55,13 @@ impl SoftmaxParams {
         }
     }
 }
+
+/// The first position the query at position `p` sees under a sliding window of `window`
+/// positions: `p + 1 - window` (llama.cpp's `LLAMA_SWA_TYPE_STANDARD` masks `t` when
+/// `p - t >= window`), or 0 without a window.
+pub fn first_visible(p: usize, window: Option<usize>) -> usize {
+    match window {
+        Some(w) => (p + 1).saturating_sub(w),
+        None => 0,
+    }
+}

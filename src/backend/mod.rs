@@ -358,10 +358,7 @@ impl AttentionParams {
 
     /// The first position the query at position `p` sees.
     pub fn first_visible(&self, p: usize) -> usize {
-        match self.window {
-            Some(w) => (p + 1).saturating_sub(w),
-            None => 0,
-        }
+        chord_kernels::first_visible(p, self.window)
     }
 }
 

@@ -216,7 +216,7 @@ impl Config {
             attn_scale: if gemma3 && n_layers == 62 {
                 1.0 / ((dim / n_heads.max(1)) as f32).sqrt()
             } else {
-                1.0 / (head_dim as f32).sqrt()
+                crate::backend::AttentionParams::standard_scale(head_dim)
             },
             activation: if gemma3 {
                 GateActivation::Gelu

@@ -56,10 +56,7 @@ pub struct AttentionShape {
 impl AttentionShape {
     /// The first position the query at position `p` sees.
     pub fn first_visible(&self, p: usize) -> usize {
-        match self.window {
-            Some(w) => (p + 1).saturating_sub(w),
-            None => 0,
-        }
+        crate::first_visible(p, self.window)
     }
 }
 
