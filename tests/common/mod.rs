@@ -47,18 +47,24 @@ pub fn model_variant(name: &str, edit: impl FnOnce(&mut chord::gguf::Writer)) ->
     write_variant(name, &w)
 }
 
-/// Writes `w` to `models/variants/NAME.gguf` (atomically: a partial file, then a rename).
+/// Writes `w` to `models/variants/NAME.gguf` (atomically).
 pub fn write_variant(name: &str, w: &chord::gguf::Writer) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/variants");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{name}.gguf"));
+    write_atomically(&path, w);
+    path
+}
+
+/// Writes `w` to `path` through a partial file and a rename, so that a reader (another
+/// test process) never sees half a file.
+fn write_atomically(path: &Path, w: &chord::gguf::Writer) {
     let tmp = path.with_extension(format!("partial-{}", std::process::id()));
     let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).unwrap());
     w.write_to(&mut f).unwrap();
     std::io::Write::flush(&mut f).unwrap();
     drop(f);
-    std::fs::rename(&tmp, &path).unwrap();
-    path
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// A greedy continuation from a reference file: the prompt's ids, the generated ids and,
@@ -151,13 +157,7 @@ fn converted_f32(src: &Path, name: &str) -> PathBuf {
     if !path.exists() {
         let q = GgufFile::open(src).unwrap();
         let writer = chord::convert::convert(&q, chord::gguf::DType::F32).unwrap();
-        let tmp = path.with_extension(format!("partial-{}", std::process::id()));
-        writer
-            .write_to(&mut std::io::BufWriter::new(
-                std::fs::File::create(&tmp).unwrap(),
-            ))
-            .unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
+        write_atomically(&path, &writer);
     }
     path
 }
