@@ -11,7 +11,6 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use chord::backend::{Backend, RopeLayout, RopeParams, SoftmaxParams, Variant, WeightView};
-use chord::{BlockedBackend, ScalarBackend, SimdBackend};
 use criterion::{
     BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime,
 };
@@ -61,14 +60,13 @@ fn for_each_backend(mut f: impl FnMut(&str, &dyn Fn(&mut dyn FnMut(&dyn BenchBac
         };
         for t in threads {
             let id = format!("{variant}/t{t}");
-            f(
-                &id,
-                &|run: &mut dyn FnMut(&dyn BenchBackend)| match variant {
-                    Variant::Scalar => run(&ScalarBackend::new()),
-                    Variant::Blocked => run(&BlockedBackend::new(t).unwrap()),
-                    Variant::Simd(level) => run(&SimdBackend::with_level(level, t).unwrap()),
-                },
-            );
+            f(&id, &|run: &mut dyn FnMut(&dyn BenchBackend)| {
+                let mut built = || -> Result<(), chord::Error> {
+                    chord::with_variant!(variant, t, chord::backend::Mode::Exact, b => run(&b));
+                    Ok(())
+                };
+                built().unwrap()
+            });
         }
     }
 }

@@ -147,11 +147,8 @@ impl<M: Backend + 'static> Mixed<M> {
             if let Some((_, b)) = built.iter().find(|(w, _)| *w == v) {
                 return Ok(Arc::clone(b));
             }
-            let b: Arc<dyn ActivationOps> = match v {
-                Variant::Scalar => Arc::new(super::ScalarBackend::new()),
-                Variant::Blocked => Arc::new(super::BlockedBackend::new(threads)?),
-                Variant::Simd(level) => Arc::new(super::SimdBackend::with_level(level, threads)?),
-            };
+            let b: Arc<dyn ActivationOps> =
+                crate::with_variant!(v, threads, super::Mode::Exact, b => Arc::new(b));
             built.push((v, Arc::clone(&b)));
             Ok(b)
         };

@@ -165,6 +165,72 @@ impl FromStr for BackendSpec {
     }
 }
 
+/// Evaluates `$body` with `$b` bound to the built-in backend that the [`Variant`] `$variant`
+/// names, built with `$threads` threads (the simd backend in [`Mode`](super::Mode) `$mode`;
+/// the others have one mode). The body is instantiated once per backend type, so generic
+/// code runs on each without a trait object. A backend that cannot be built (a SIMD level this
+/// CPU lacks, no threads) returns its [`Error`](super::Error) through `?`, so the enclosing
+/// function's error type must take it.
+///
+/// This is the one place where a variant becomes a backend: the command line, `chord bench
+/// kernels`, the criterion benches and [`Mixed::from_variants`](super::Mixed::from_variants)
+/// all go through it.
+///
+/// ```
+/// # fn main() -> Result<(), chord::Error> {
+/// use chord::{Backend, Variant, backend::Mode};
+/// for v in Variant::available() {
+///     let name = chord::with_variant!(v, 1, Mode::Exact, b => b.name());
+///     assert!(name.starts_with(&v.to_string()[..4]));
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[macro_export]
+macro_rules! with_variant {
+    ($variant:expr, $threads:expr, $mode:expr, $b:ident => $body:expr) => {{
+        let threads: usize = $threads;
+        let mode: $crate::backend::Mode = $mode;
+        match $variant {
+            $crate::Variant::Scalar => {
+                let _ = (threads, mode);
+                let $b = $crate::ScalarBackend::new();
+                $body
+            }
+            $crate::Variant::Blocked => {
+                let _ = mode;
+                let $b = $crate::BlockedBackend::new(threads)?;
+                $body
+            }
+            $crate::Variant::Simd(level) => {
+                let $b = $crate::SimdBackend::with_level(level, threads)?.with_mode(mode);
+                $body
+            }
+        }
+    }};
+}
+
+/// [`with_variant!`] for a [`BackendSpec`]: one variant, or a [`Mixed`](super::Mixed) backend
+/// whose matmul backend is instantiated per variant, as `with_variant!` does.
+#[macro_export]
+macro_rules! with_backend {
+    ($spec:expr, $threads:expr, $mode:expr, $b:ident => $body:expr) => {{
+        let spec: &$crate::backend::BackendSpec = $spec;
+        let (threads, mode): (usize, $crate::backend::Mode) = ($threads, $mode);
+        match spec {
+            $crate::backend::BackendSpec::One(v) => {
+                $crate::with_variant!(*v, threads, mode, $b => $body)
+            }
+            $crate::backend::BackendSpec::Mixed { matmul, ops, rest } => {
+                $crate::with_variant!(*matmul, threads, mode, m => {
+                    let $b = $crate::backend::Mixed::from_variants(m, *matmul, ops, *rest, threads)?;
+                    $body
+                })
+            }
+        }
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
