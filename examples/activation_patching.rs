@@ -7,6 +7,8 @@
 //! `Activation`: it sees every named point of the pass (`chord::model::observe`) and may
 //! change the values in place.
 
+use std::path::PathBuf;
+
 use chord::SimdBackend;
 use chord::gguf::GgufFile;
 use chord::model::observe::{Activation, Point};
@@ -15,7 +17,16 @@ use chord::tokenizer::Tokenizer;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let layer: usize = std::env::args().nth(1).map_or(Ok(24), |a| a.parse())?;
-    let path = chord::pull::ensure_default_model(&chord::pull::models_dir(), false)?;
+    // The default model, where `chord pull` puts it ($CHORD_MODELS, else ./models).
+    let dir = std::env::var_os("CHORD_MODELS").map_or_else(|| "models".into(), PathBuf::from);
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        return Err(format!(
+            "{} is absent: fetch it with `cargo run --release -- pull`",
+            path.display()
+        )
+        .into());
+    }
     let file = GgufFile::open(&path)?;
     let tok = Tokenizer::from_gguf(file.gguf())?;
     let model = Model::load(&file, SimdBackend::new(2)?)?;

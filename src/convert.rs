@@ -9,7 +9,7 @@ use chord_kernels::quant;
 use crate::gguf::{DType, GgufError, GgufFile, Value, Writer};
 
 /// llama.cpp's `general.file_type` for a model mostly in `dtype`.
-fn file_type(dtype: DType) -> u32 {
+pub(crate) fn file_type(dtype: DType) -> u32 {
     match dtype {
         DType::F32 => 0,
         DType::F16 => 1,

@@ -6,6 +6,7 @@
 //! - [`tokenizer`]: byte-level BPE read from the GGUF, matching llama.cpp's ids;
 //! - [`generate`]: the generation loop with streaming;
 //! - [`model`]: the transformer (llama, Qwen2, Qwen3, Gemma 3), generic over the backend;
+//! - [`synth`]: synthetic llama-family models of any shape, seeded, written as a stream;
 //! - [`bench`]: the measurements behind `chord bench kernels`, roofs included;
 //! - [`research`]: activations dumped to safetensors, and where a backend departs from another
 //!   (through [`model::observe`], the hook that reads and edits every activation).
@@ -23,9 +24,9 @@ pub mod gguf;
 pub mod kld;
 pub mod model;
 pub mod perplexity;
-pub mod pull;
 pub mod research;
 pub mod sample;
+pub mod synth;
 pub mod tokenizer;
 
 pub use backend::{Backend, BlockedBackend, Error, ScalarBackend, SimdBackend, Variant};

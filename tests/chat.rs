@@ -32,10 +32,7 @@ fn conversation() -> Vec<Message> {
 
 #[test]
 fn the_models_own_template_reproduces_every_reference_rendering_and_prompt() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    let path = chord::pull::ensure_default_model(&dir, true)
-        .unwrap_or_else(|e| panic!("the chat tests need the default model: {e}"));
-    let file = GgufFile::open(path).unwrap();
+    let file = GgufFile::open(common::model_path()).unwrap();
     let source = file
         .gguf()
         .str("tokenizer.chat_template")

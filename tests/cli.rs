@@ -438,3 +438,71 @@ fn hostile_architecture_metadata_is_a_clear_error() {
         assert!(!err.contains("panicked"), "{name}: {err}");
     }
 }
+
+/// `chord synth`: bad shapes, presets and formats are refused by name before any file is
+/// made; a good one writes a file that `chord inspect` reads as llama and `chord bench model
+/// --svg` runs and draws.
+#[test]
+fn synth_refuses_bad_shapes_and_writes_a_model_that_runs() {
+    let dir = std::env::temp_dir().join(format!("chord-synth-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("m.gguf");
+    let o = out.to_str().unwrap();
+    // dim, heads, vocab, dtype
+    let shape =
+        |dim: &'static str, heads: &'static str, vocab: &'static str, dtype: &'static str| {
+            vec![
+                "--dim", dim, "--layers", "2", "--heads", heads, "--ffn", "96", "--vocab", vocab,
+                "--dtype", dtype,
+            ]
+        };
+    let small = shape("64", "2", "300", "f32");
+    let refused: [(Vec<&str>, &str); 5] = [
+        (vec!["--preset", "gpt-5"], "tinyllama-1.1b"),
+        (vec!["--dim", "64", "--layers", "1"], "--heads is needed"),
+        (
+            shape("64", "3", "300", "f32"),
+            "dim 64 is not a multiple of heads 3",
+        ),
+        (shape("64", "2", "300", "q4_k"), "does not write Q4_K"),
+        (shape("64", "2", "100", "f32"), "vocab 100"),
+    ];
+    for (flags, want) in refused {
+        let args = [&["synth", o][..], &flags].concat();
+        let r = chord(&args);
+        assert!(!r.status.success(), "{flags:?} was accepted");
+        assert!(stderr(&r).contains(want), "{flags:?}: {}", stderr(&r));
+        assert!(!out.exists(), "{flags:?} left a file");
+        assert!(!dir.join("m.gguf.partial").exists());
+    }
+    let r = chord(&[&["synth", o, "--kv-heads", "1", "--seed", "3"][..], &small].concat());
+    assert!(r.status.success(), "{}", stderr(&r));
+    let info = chord(&["inspect", o]);
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(text.contains("general.architecture") && text.contains("\"llama\""));
+    assert!(text.contains("llama.attention.head_count_kv") && text.contains("300 tokens"));
+    let svg = dir.join("bench.svg");
+    let r = chord(&[
+        "bench",
+        "model",
+        "--model",
+        o,
+        "--pp",
+        "8",
+        "--tg",
+        "4",
+        "--reps",
+        "1",
+        "--threads",
+        "1",
+        "--modes",
+        "exact",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.starts_with("<svg"));
+    assert!(picture.contains("pp8 1 thread") && picture.contains("tg4 1 thread"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,15 +1,12 @@
 //! `chord convert` on the default model: metadata kept, matrices re-encoded, vectors F32.
 
-use std::path::Path;
+mod common;
 
 use chord::gguf::{DType, Gguf, GgufFile, Value};
 use chord::kernels::quant;
 
 fn source() -> GgufFile {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    let path = chord::pull::ensure_default_model(&dir, true)
-        .unwrap_or_else(|e| panic!("the convert tests need the default model: {e}"));
-    GgufFile::open(path).unwrap()
+    GgufFile::open(common::model_path()).unwrap()
 }
 
 fn values(file: &GgufFile, t: &chord::gguf::TensorInfo) -> Vec<f32> {

@@ -12,10 +12,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use chord::gguf::{DType, GgufFile, Value, Writer};
-use chord::model::{Model, State};
 use chord::tokenizer::Tokenizer;
 use chord::{ScalarBackend, SimdBackend};
-use common::{argmax, model_path};
+use common::{greedy_ids, model_path};
 
 /// A synthetic model's shape.
 struct Shape {
@@ -179,27 +178,8 @@ fn reference(arch: &str) -> String {
 /// chord's greedy continuation of [`PROMPT`], `n` tokens, on `backend`, as text; and the
 /// smallest top-1 minus top-2 margin met on the way.
 fn greedy<B: chord::Backend>(path: &Path, backend: B, n: usize) -> (String, f32) {
-    let file = GgufFile::open(path).unwrap();
-    let tok = Tokenizer::from_gguf(file.gguf()).unwrap();
-    let model = Model::load(&file, backend).unwrap();
-    let mut state = State::new(&model.config, 256, 64);
-    let mut logits = model
-        .forward(&mut state, &tok.encode(PROMPT, false))
-        .unwrap()
-        .to_vec();
-    let (mut ids, mut margin) = (Vec::new(), f32::INFINITY);
-    while ids.len() < n {
-        let best = argmax(&logits);
-        let second = logits
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i as u32 != best)
-            .map(|(_, &v)| v)
-            .fold(f32::NEG_INFINITY, f32::max);
-        margin = margin.min(logits[best as usize] - second);
-        ids.push(best);
-        logits = model.forward(&mut state, &[best]).unwrap().to_vec();
-    }
+    let tok = Tokenizer::from_gguf(GgufFile::open(path).unwrap().gguf()).unwrap();
+    let (ids, margin) = greedy_ids(path, backend, &tok.encode(PROMPT, false), n);
     let text = String::from_utf8_lossy(&tok.decode(&ids, false).unwrap()).into_owned();
     (text, margin)
 }

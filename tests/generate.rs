@@ -1,7 +1,7 @@
 //! The generation loop: the iterator and the callback over one loop, stop sequences held
 //! back across tokens, end tokens, and stopping from the callback.
 
-use std::path::Path;
+mod common;
 
 use chord::SimdBackend;
 use chord::generate::{Event, Request, Stream, generate};
@@ -11,10 +11,7 @@ use chord::sample::{GenerationConfig, Sampler};
 use chord::tokenizer::Tokenizer;
 
 fn setup() -> GgufFile {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    let path = chord::pull::ensure_default_model(&dir, true)
-        .unwrap_or_else(|e| panic!("the generation tests need the default model: {e}"));
-    GgufFile::open(path).unwrap()
+    GgufFile::open(common::model_path()).unwrap()
 }
 
 #[test]

@@ -245,3 +245,62 @@ fn the_writer_refuses_tensors_whose_bytes_do_not_match_their_shape() {
         "added twice"
     );
 }
+
+/// A streamed write gives the same bytes as a writer holding its tensors, and a tensor whose
+/// bytes come out short or long is an error naming it.
+#[test]
+fn streamed_writes_equal_held_writes_and_wrong_sizes_are_refused() {
+    use chord::gguf::TensorEntry;
+    let a: Vec<u8> = (0..64u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let b: Vec<u8> = vec![7u8; 34]; // one Q8_0 block
+    let mut held = Writer::new();
+    held.metadata("general.name", Value::String("streamed".into()));
+    held.tensor("a", &[16, 4], DType::F32, a.clone()).unwrap();
+    held.tensor("b", &[32], DType::Q8_0, b.clone()).unwrap();
+    let mut meta = Writer::new();
+    meta.metadata("general.name", Value::String("streamed".into()));
+    let table = [
+        TensorEntry {
+            name: "a".into(),
+            dims: vec![16, 4],
+            dtype: DType::F32,
+        },
+        TensorEntry {
+            name: "b".into(),
+            dims: vec![32],
+            dtype: DType::Q8_0,
+        },
+    ];
+    let mut streamed = Vec::new();
+    meta.write_streamed(&table, &mut streamed, |i, out| {
+        // In pieces, as a generator writes rows.
+        let data = if i == 0 { &a } else { &b };
+        data.chunks(10).try_for_each(|c| out.write_all(c))
+    })
+    .unwrap();
+    assert_eq!(streamed, held.to_bytes());
+    for short in [true, false] {
+        let e = meta
+            .write_streamed(&table, &mut Vec::new(), |i, out| {
+                let data = if i == 0 { &a } else { &b };
+                if i == 1 && short {
+                    out.write_all(&data[1..])
+                } else if i == 1 {
+                    out.write_all(data).and_then(|()| out.write_all(&[0]))
+                } else {
+                    out.write_all(data)
+                }
+            })
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        let want = if short {
+            "33 bytes written, 34"
+        } else {
+            "35 bytes written, 34"
+        };
+        assert!(
+            e.to_string().contains("tensor b") && e.to_string().contains(want),
+            "{e}"
+        );
+    }
+}

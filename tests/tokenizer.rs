@@ -1,7 +1,7 @@
 //! The tokenizer of the default model against llama.cpp's ids and bytes
 //! (tests/data/reference/tokenize.jsonl and detokenize.jsonl).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use chord::gguf::GgufFile;
 use chord::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -10,10 +10,7 @@ use serde_json::Value;
 const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/reference");
 
 fn tokenizer() -> Tokenizer {
-    let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    let path = chord::pull::ensure_default_model(&dir, true)
-        .unwrap_or_else(|e| panic!("the tokenizer tests need the default model: {e}"));
-    Tokenizer::from_gguf(GgufFile::open(path).unwrap().gguf()).unwrap()
+    Tokenizer::from_gguf(GgufFile::open(common::model_path()).unwrap().gguf()).unwrap()
 }
 
 fn lines(file: &str) -> Vec<Value> {

@@ -19,8 +19,7 @@ use chord_kernels::simd::repackable;
 
 use super::{Roof, Timing, time};
 use crate::backend::{
-    Backend, BlockedBackend, DType, Mode, Op, RopeLayout, RopeParams, ScalarBackend, SimdBackend,
-    SoftmaxParams, Support, Variant, WeightView,
+    Backend, DType, Mode, Op, RopeLayout, RopeParams, SoftmaxParams, Support, Variant, WeightView,
 };
 
 /// Weight bytes a cold decode row cycles through: as much as the read roof streams. The
@@ -511,14 +510,8 @@ pub fn run(
                     _ => DType::F32,
                 };
                 let support = match contender {
-                    Contender::Chord(Variant::Scalar) => {
-                        ScalarBackend::new().supports(case.op, dtype)
-                    }
-                    Contender::Chord(Variant::Blocked) => {
-                        BlockedBackend::new(1)?.supports(case.op, dtype)
-                    }
-                    Contender::Chord(Variant::Simd(level)) => {
-                        SimdBackend::with_level(level, 1)?.supports(case.op, dtype)
+                    Contender::Chord(v) => {
+                        crate::with_variant!(v, 1, Mode::Exact, b => b.supports(case.op, dtype))
                     }
                     Contender::MatrixMultiply if dtype == DType::F32 => Support::Native,
                     Contender::MatrixMultiply => continue,
@@ -549,16 +542,9 @@ pub fn run(
                 };
                 for mode in modes {
                     let timing = match contender {
-                        Contender::Chord(Variant::Scalar) => {
-                            time_case(&ScalarBackend::new(), case, cfg.budget)?
-                        }
-                        Contender::Chord(Variant::Blocked) => {
-                            time_case(&BlockedBackend::new(threads)?, case, cfg.budget)?
-                        }
-                        Contender::Chord(Variant::Simd(level)) => {
-                            let b = SimdBackend::with_level(level, threads)?
-                                .with_mode(mode.unwrap_or(Mode::Exact));
-                            time_case(&b, case, cfg.budget)?
+                        Contender::Chord(v) => {
+                            let mode = mode.unwrap_or(Mode::Exact);
+                            crate::with_variant!(v, threads, mode, b => time_case(&b, case, cfg.budget)?)
                         }
                         Contender::MatrixMultiply => match case.kind {
                             Kind::Matmul { m, n, k, .. } => {

@@ -7,12 +7,28 @@
 pub mod kernels;
 pub mod model;
 pub mod profile;
+#[cfg(feature = "svg")]
+pub mod svg;
 
 use std::time::{Duration, Instant};
 
 use chord_kernels::simd::{self, Isa, probe};
 use rayon::prelude::*;
 use serde::Serialize;
+
+/// The processor's name (`model name` in /proc/cpuinfo), for titles; "unknown CPU" where
+/// the system does not say.
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
 
 /// The roofs at one thread count.
 #[derive(Clone, Debug, Serialize)]

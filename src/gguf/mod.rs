@@ -16,7 +16,7 @@ mod write;
 use std::path::Path;
 
 pub use chord_kernels::quant::DType;
-pub use write::Writer;
+pub use write::{TensorEntry, Writer};
 
 use crate::backend::WeightView;
 

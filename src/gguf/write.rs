@@ -79,11 +79,44 @@ impl Writer {
 
     /// Writes the file.
     pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        let table: Vec<TensorEntry> = self
+            .tensors
+            .iter()
+            .map(|(name, dims, dtype, _)| TensorEntry {
+                name: name.clone(),
+                dims: dims.clone(),
+                dtype: *dtype,
+            })
+            .collect();
+        self.write_streamed(&table, w, |i, out| out.write_all(&self.tensors[i].3))
+    }
+
+    /// Writes the metadata, then `table` as the file's whole tensor table (tensors added with
+    /// [`Writer::tensor`] are not written), then each of its tensors from `fill(i, out)`, in
+    /// order, one at a time: a file larger than memory can be written this way. `fill` must write exactly
+    /// `table[i].dtype.bytes_for(n)` bytes; another count is an `InvalidData` error.
+    pub fn write_streamed(
+        &self,
+        table: &[TensorEntry],
+        w: &mut impl Write,
+        mut fill: impl FnMut(usize, &mut dyn Write) -> io::Result<()>,
+    ) -> io::Result<()> {
         let align = self.alignment();
+        let mut sizes = Vec::with_capacity(table.len());
+        for t in table {
+            let n = t.dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let size = n.and_then(|n| t.dtype.bytes_for(n)).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("tensor {}: {:?} values of {}", t.name, t.dims, t.dtype),
+                )
+            })?;
+            sizes.push(size);
+        }
         let mut header = Vec::new();
         header.extend_from_slice(b"GGUF");
         header.extend_from_slice(&3u32.to_le_bytes());
-        header.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        header.extend_from_slice(&(table.len() as u64).to_le_bytes());
         header.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
         for (k, v) in &self.metadata {
             put_string(&mut header, k);
@@ -91,22 +124,35 @@ impl Writer {
             put_value(&mut header, v);
         }
         let mut offset = 0usize;
-        for (name, dims, dtype, data) in &self.tensors {
-            put_string(&mut header, name);
-            header.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            for &d in dims {
+        for (t, size) in table.iter().zip(&sizes) {
+            put_string(&mut header, &t.name);
+            header.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for &d in &t.dims {
                 header.extend_from_slice(&(d as u64).to_le_bytes());
             }
-            header.extend_from_slice(&dtype.ggml_id().to_le_bytes());
+            header.extend_from_slice(&t.dtype.ggml_id().to_le_bytes());
             header.extend_from_slice(&(offset as u64).to_le_bytes());
-            offset = (offset + data.len()).next_multiple_of(align);
+            offset = (offset + size).next_multiple_of(align);
         }
         header.resize(header.len().next_multiple_of(align), 0);
         w.write_all(&header)?;
-        for (i, (.., data)) in self.tensors.iter().enumerate() {
-            w.write_all(data)?;
-            if i + 1 < self.tensors.len() {
-                w.write_all(&vec![0u8; data.len().next_multiple_of(align) - data.len()])?;
+        for (i, &size) in sizes.iter().enumerate() {
+            let mut counted = Counted {
+                inner: &mut *w,
+                n: 0,
+            };
+            fill(i, &mut counted)?;
+            if counted.n != size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "tensor {}: {} bytes written, {size} expected",
+                        table[i].name, counted.n
+                    ),
+                ));
+            }
+            if i + 1 < sizes.len() {
+                w.write_all(&vec![0u8; size.next_multiple_of(align) - size])?;
             }
         }
         Ok(())
@@ -118,6 +164,36 @@ impl Writer {
         self.write_to(&mut out)
             .expect("writing to a Vec cannot fail");
         out
+    }
+}
+
+/// A tensor's entry in the file's table: its bytes come later (see
+/// [`Writer::write_streamed`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorEntry {
+    /// The tensor's name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// Dimensions, contiguous first (GGUF order).
+    pub dims: Vec<usize>,
+    /// Storage format.
+    pub dtype: DType,
+}
+
+/// A writer that counts what passes through it.
+struct Counted<'a, W: Write + ?Sized> {
+    inner: &'a mut W,
+    n: usize,
+}
+
+impl<W: Write + ?Sized> Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.n += k;
+        Ok(k)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 

@@ -111,7 +111,7 @@ struct SpecialPiece {
 }
 
 /// GPT-2's table: printable bytes map to themselves, the others to U+0100 onwards.
-fn byte_alphabet() -> [char; 256] {
+pub(crate) fn byte_alphabet() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut next = 256u32;
     for b in 0..256u32 {

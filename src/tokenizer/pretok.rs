@@ -48,7 +48,8 @@ impl PreTokenizer {
     /// The pre-tokenizer `tokenizer.ggml.pre` names, if chord has it.
     pub fn named(name: &str) -> Option<PreTokenizer> {
         match name {
-            "gpt2" | "mpt" | "olmo" | "jais" => Some(PreTokenizer::Gpt2),
+            // llama.cpp spells GPT-2's own `gpt-2` (phi-2 shares it); `gpt2` is accepted too.
+            "gpt-2" | "gpt2" | "phi-2" | "mpt" | "olmo" | "jais" => Some(PreTokenizer::Gpt2),
             "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" => {
                 Some(PreTokenizer::DigitsThenGpt2)
             }

