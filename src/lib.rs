@@ -1,6 +1,8 @@
 //! chord: transformer inference on the CPU, built around one [`Backend`] trait.
 //!
 //! - [`backend`]: the trait, shape checks, and the built-in backends (scalar, blocked, SIMD);
+//! - [`harness`]: one table of op cases (inputs, oracle, tolerance, work) for the
+//!   conformance suite and the benchmarks;
 //! - [`conformance`]: the suite any backend runs to prove it matches the f64 reference;
 //! - [`gguf`]: the GGUF reader (memory-mapped, hostile-file safe) and writer;
 //! - [`tokenizer`]: byte-level BPE read from the GGUF, matching llama.cpp's ids;
@@ -21,6 +23,7 @@ pub mod conformance;
 pub mod convert;
 pub mod generate;
 pub mod gguf;
+pub mod harness;
 pub mod kld;
 pub mod model;
 pub mod perplexity;

@@ -506,3 +506,58 @@ fn synth_refuses_bad_shapes_and_writes_a_model_that_runs() {
     assert!(picture.contains("pp8 1 thread") && picture.contains("tg4 1 thread"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `chord bench kernels` times attention and embedding from the shared case table, names
+/// the probe that set each roof, and draws the rows with --svg.
+#[test]
+fn bench_kernels_times_every_op_of_the_table_against_named_roofs() {
+    let svg = std::env::temp_dir().join(format!("chord-kernels-{}.svg", std::process::id()));
+    let o = chord(&[
+        "bench",
+        "kernels",
+        "--ops",
+        "attention,embedding",
+        "--shapes",
+        "smollm",
+        "--threads",
+        "1",
+        "--backends",
+        "scalar",
+        "--budget-ms",
+        "5",
+        "--json",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let probe = v["roofs"][0]["read_probe"].as_str().unwrap();
+    assert!(chord::bench::READ_PROBES.contains(&probe), "{probe}");
+    let rows: Vec<(String, String)> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap().to_string();
+            (s("op"), s("shape"))
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("embedding".into(), "smollm vocab=49152 dim=576".into()),
+            (
+                "attention".into(),
+                "smollm m=1 pos=511 heads=9x64 kv=3".into()
+            ),
+            (
+                "attention".into(),
+                "smollm m=512 pos=0 heads=9x64 kv=3".into()
+            ),
+        ]
+    );
+    assert_eq!(v["rows"][2]["unit"], "GFLOP/s");
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.contains("attention F32 smollm m=512 pos=0 heads=9x64 kv=3"));
+    std::fs::remove_file(&svg).unwrap();
+}

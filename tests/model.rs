@@ -313,7 +313,7 @@ fn the_profiler_sees_every_op_of_a_forward_pass_and_changes_nothing() {
         fma_gflops: 100.0,
         fma_level: "avx512",
         read_gbs: 20.0,
-        read_probe: "huge-pages",
+        read_probe: "huge-pages 1-stream",
         int8_gops: 400.0,
         int8_kernel: "avx512-vnni",
     };

@@ -14,18 +14,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use chord_kernels::quant;
 use chord_kernels::simd::repackable;
 
 use super::{Roof, Timing, time};
-use crate::backend::{
-    Backend, DType, Mode, Op, RopeLayout, RopeParams, SoftmaxParams, Support, Variant, WeightView,
-};
-
-/// Weight bytes a cold decode row cycles through: as much as the read roof streams. The
-/// guest reports a 32 MiB L3, but the host's may be several times larger (3D V-cache parts
-/// hold 96 MiB per CCD): 256 MiB of copies measured 30% above the roof here, 1 GiB does not.
-const COLD_BYTES: usize = 1 << 30;
+use crate::backend::{Backend, DType, Mode, Op, Support, Variant};
+pub use crate::harness::ShapeSet;
+use crate::harness::{Case, MatmulCase, OpCase, Visit, model_cases};
 
 /// Something `chord bench kernels` can time: a built-in backend variant, or the
 /// `matrixmultiply` crate as the matmul baseline.
@@ -70,49 +64,6 @@ impl FromStr for Contender {
             return Err(format!("this CPU does not run the {v} kernels"));
         }
         Ok(Contender::Chord(v))
-    }
-}
-
-/// Shapes of real models, and square matmuls.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ShapeSet {
-    /// SmolLM2-135M: dim 576, ffn 1536, 9 heads of 64, 3 kv heads, vocab 49152.
-    SmolLm,
-    /// TinyLlama-1.1B: dim 2048, ffn 5632, 32 heads of 64, 4 kv heads, vocab 32000.
-    TinyLlama,
-    /// Square matmuls, 1024³ and 2048³.
-    Square,
-}
-
-impl ShapeSet {
-    /// Every set.
-    pub const ALL: [ShapeSet; 3] = [ShapeSet::SmolLm, ShapeSet::TinyLlama, ShapeSet::Square];
-
-    fn name(self) -> &'static str {
-        match self {
-            ShapeSet::SmolLm => "smollm",
-            ShapeSet::TinyLlama => "tinyllama",
-            ShapeSet::Square => "square",
-        }
-    }
-
-    /// `(dim, ffn, heads, head_dim, vocab)` of a model set.
-    fn model(self) -> Option<(usize, usize, usize, usize, usize)> {
-        match self {
-            ShapeSet::SmolLm => Some((576, 1536, 9, 64, 49152)),
-            ShapeSet::TinyLlama => Some((2048, 5632, 32, 64, 32000)),
-            ShapeSet::Square => None,
-        }
-    }
-}
-
-impl FromStr for ShapeSet {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        ShapeSet::ALL
-            .into_iter()
-            .find(|set| set.name() == s)
-            .ok_or_else(|| format!("unknown shape set '{s}': expected smollm, tinyllama or square"))
     }
 }
 
@@ -172,263 +123,24 @@ impl Serialize for Op {
     }
 }
 
-/// One timed case before the backend runs it.
-struct Case {
-    op: Op,
-    shape: String,
-    /// FLOP (Gflops rows) or bytes (Gbs rows) per call.
-    work: f64,
-    unit: Unit,
-    kind: Kind,
+/// Times `run` on a case's state, after its setup: the [`Visit`] that times a row.
+struct Timer<'a, B> {
+    backend: &'a B,
+    budget: Duration,
 }
 
-enum Kind {
-    Matmul {
-        m: usize,
-        n: usize,
-        k: usize,
-        dtype: DType,
-    },
-    RmsNorm {
-        rows: usize,
-        dim: usize,
-    },
-    Rope {
-        rows: usize,
-        heads: usize,
-        head_dim: usize,
-    },
-    Softmax {
-        rows: usize,
-        cols: usize,
-    },
-    /// SwiGLU, or GEGLU when `gelu`.
-    Gate {
-        gelu: bool,
-        len: usize,
-    },
-    Add {
-        len: usize,
-    },
-}
-
-fn cases(ops: &[Op], sets: &[ShapeSet], dtypes: &[DType], notes: &mut Vec<String>) -> Vec<Case> {
-    let mut out = Vec::new();
-    let has = |op| ops.contains(&op);
-    for &set in sets {
-        let name = set.name();
-        if has(Op::Matmul) {
-            let mut mm = |label: &str, m: usize, n: usize, k: usize, dtype: DType| {
-                // Decode rows: the weight's bytes read; prefill rows: 2mnk operations (the
-                // unit of a fast-mode row is set when it runs).
-                let (work, unit) = if m == 1 {
-                    (
-                        dtype.bytes_for(n * k).expect("whole blocks") as f64,
-                        Unit::Gbs,
-                    )
-                } else {
-                    ((2 * m * n * k) as f64, Unit::Gflops)
-                };
-                let shape = [name, label, &format!("m={m} n={n} k={k}")]
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .copied()
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                out.push(Case {
-                    op: Op::Matmul,
-                    shape,
-                    work,
-                    unit,
-                    kind: Kind::Matmul { m, n, k, dtype },
-                });
-            };
-            match set.model() {
-                Some((dim, ffn, _, _, vocab)) => {
-                    for &dtype in dtypes {
-                        // A weight's rows hold whole blocks (256 values for the K-quants).
-                        if !dim.is_multiple_of(dtype.block_len())
-                            || !ffn.is_multiple_of(dtype.block_len())
-                        {
-                            notes.push(format!(
-                                "{dtype}: {name}'s rows ({dim}, {ffn}) are not whole {}-value blocks: no rows",
-                                dtype.block_len()
-                            ));
-                            continue;
-                        }
-                        for m in [1, 512] {
-                            mm("ffn_up", m, ffn, dim, dtype);
-                            mm("ffn_down", m, dim, ffn, dtype);
-                        }
-                        mm("output", 1, vocab, dim, dtype);
-                    }
-                }
-                None => {
-                    for s in [1024, 2048] {
-                        mm("", s, s, s, DType::F32);
-                    }
-                }
-            }
-        }
-        let Some((dim, ffn, heads, head_dim, _)) = set.model() else {
-            continue;
-        };
-        for rows in [1, 512] {
-            let f = |bytes: usize| (bytes * 4) as f64;
-            if has(Op::RmsNorm) {
-                let kind = Kind::RmsNorm { rows, dim };
-                out.push(Case {
-                    op: Op::RmsNorm,
-                    shape: format!("{name} rows={rows} dim={dim}"),
-                    work: f(2 * rows * dim + dim),
-                    unit: Unit::Gbs,
-                    kind,
-                });
-            }
-            if has(Op::Rope) {
-                let kind = Kind::Rope {
-                    rows,
-                    heads,
-                    head_dim,
-                };
-                let shape = format!("{name} rows={rows} heads={heads}x{head_dim}");
-                out.push(Case {
-                    op: Op::Rope,
-                    shape,
-                    work: f(2 * rows * heads * head_dim),
-                    unit: Unit::Gbs,
-                    kind,
-                });
-            }
-            for (op, gelu) in [(Op::SwiGlu, false), (Op::GeGlu, true)] {
-                if has(op) {
-                    let len = rows * ffn;
-                    out.push(Case {
-                        op,
-                        shape: format!("{name} rows={rows} ffn={ffn}"),
-                        work: f(3 * len),
-                        unit: Unit::Gbs,
-                        kind: Kind::Gate { gelu, len },
-                    });
-                }
-            }
-            if has(Op::Add) {
-                let len = rows * dim;
-                out.push(Case {
-                    op: Op::Add,
-                    shape: format!("{name} rows={rows} dim={dim}"),
-                    work: f(3 * len),
-                    unit: Unit::Gbs,
-                    kind: Kind::Add { len },
-                });
-            }
-        }
-        if has(Op::Softmax) {
-            // One row of `dim` scores, and decode attention: every head over a context of `dim`.
-            for rows in [1, heads] {
-                let kind = Kind::Softmax { rows, cols: dim };
-                out.push(Case {
-                    op: Op::Softmax,
-                    shape: format!("{name} rows={rows} cols={dim}"),
-                    work: (2 * rows * dim * 4) as f64,
-                    unit: Unit::Gbs,
-                    kind,
-                });
-            }
-        }
+impl<B: Backend> Visit for Timer<'_, B> {
+    type Out = Result<Timing, crate::Error>;
+    fn visit<C: OpCase>(self, case: &C) -> Self::Out {
+        let inputs = case.inputs();
+        let mut state = case.setup(self.backend, &inputs)?;
+        // The first call fails on a shape the backend refuses; the timed ones cannot.
+        case.run(self.backend, &inputs, &mut state)?;
+        Ok(time(self.budget, 5, || {
+            case.run(self.backend, &inputs, &mut state)
+                .expect("the same call succeeded once")
+        }))
     }
-    out
-}
-
-/// Deterministic values in `[-1, 1)`.
-fn values(n: usize, seed: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            ((i.wrapping_mul(2_654_435_761).wrapping_add(seed * 40_503)) % 65_521) as f32 / 32_760.5
-                - 1.0
-        })
-        .collect()
-}
-
-/// Copies of a weight of `bytes` needed to keep a decode row cold.
-fn cold_copies(bytes: usize) -> usize {
-    COLD_BYTES.div_ceil(bytes).max(1)
-}
-
-fn time_case<B: Backend>(b: &B, case: &Case, budget: Duration) -> Result<Timing, crate::Error> {
-    const MIN: usize = 5;
-    Ok(match case.kind {
-        Kind::Matmul { m, n, k, dtype } => {
-            let bytes = dtype.bytes_for(n * k).expect("whole blocks");
-            let copies = if m == 1 { cold_copies(bytes) } else { 1 };
-            let raw: Vec<Vec<u8>> = if dtype == DType::F32 {
-                (0..copies)
-                    .map(|c| bytemuck::cast_slice(&values(n * k, c)).to_vec())
-                    .collect()
-            } else {
-                // Formats chord has no quantizer for too; copies of one sample are as cold.
-                let one = quant::sample_blocks(dtype, n * k, 1).expect("whole blocks");
-                vec![one; copies]
-            };
-            let ws = raw
-                .iter()
-                .map(|w| b.prepare(WeightView::new(dtype, n, k, w)?))
-                .collect::<Result<Vec<_>, _>>()?;
-            let x = values(m * k, 99);
-            let mut y = vec![0.0; m * n];
-            let mut i = 0;
-            time(budget, MIN, || {
-                b.matmul(&x, &ws[i % copies], &mut y, m)
-                    .expect("shapes checked");
-                i += 1;
-            })
-        }
-        Kind::RmsNorm { rows, dim } => {
-            let (x, g, mut y) = (values(rows * dim, 1), values(dim, 2), vec![0.0; rows * dim]);
-            time(budget, MIN, || {
-                b.rmsnorm(&x, &g, &mut y, 1e-5).expect("shapes checked")
-            })
-        }
-        Kind::Rope {
-            rows,
-            heads,
-            head_dim,
-        } => {
-            let mut x = values(rows * heads * head_dim, 3);
-            let p = RopeParams {
-                head_dim,
-                theta: 10_000.0,
-                layout: RopeLayout::Interleaved,
-            };
-            time(budget, MIN, || {
-                b.rope(&mut x, rows, 100, &p).expect("shapes checked")
-            })
-        }
-        Kind::Softmax { rows, cols } => {
-            let mut x = values(rows * cols, 4);
-            let p = SoftmaxParams {
-                scale: 0.125,
-                causal: None,
-            };
-            time(budget, MIN, || {
-                b.softmax(&mut x, cols, &p).expect("shapes checked")
-            })
-        }
-        Kind::Gate { gelu, len } => {
-            let (a, g, mut y) = (values(len, 5), values(len, 6), vec![0.0; len]);
-            time(budget, MIN, || {
-                match gelu {
-                    false => b.swiglu(&a, &g, &mut y),
-                    true => b.geglu(&a, &g, &mut y),
-                }
-                .expect("shapes checked")
-            })
-        }
-        Kind::Add { len } => {
-            let (x, mut y) = (values(len, 7), values(len, 8));
-            time(budget, MIN, || b.add(&mut y, &x).expect("shapes checked"))
-        }
-    })
 }
 
 /// `y (m, n) = x (m, k) · W (n, k)ᵀ` with `matrixmultiply::sgemm` on one thread: the
@@ -460,12 +172,13 @@ pub fn matrixmultiply_matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: u
     }
 }
 
-/// Times [`matrixmultiply_matmul`] on a matmul case, cold copies for decode as for chord's
-/// own rows.
-fn time_matrixmultiply(m: usize, n: usize, k: usize, budget: Duration) -> Timing {
-    let copies = if m == 1 { cold_copies(n * k * 4) } else { 1 };
-    let ws: Vec<Vec<f32>> = (0..copies).map(|c| values(n * k, c)).collect();
-    let x = values(m * k, 99);
+/// Times [`matrixmultiply_matmul`] on an F32 matmul case, with the case's weight copies
+/// (cold for decode) as chord's rows have them.
+fn time_matrixmultiply(c: &MatmulCase, budget: Duration) -> Timing {
+    let (m, n, k) = (c.m, c.n, c.k);
+    let copies = c.copies.max(1);
+    let (x, one) = c.f32_inputs();
+    let ws: Vec<Vec<f32>> = vec![one; copies];
     let mut y = vec![0.0f32; m * n];
     let mut i = 0;
     time(budget, 5, || {
@@ -483,7 +196,7 @@ pub fn run(
     mut on_row: impl FnMut(&Row),
 ) -> Result<(Vec<Row>, Vec<String>), crate::Error> {
     let mut notes: Vec<String> = Vec::new();
-    let cases = cases(&cfg.ops, &cfg.shapes, &cfg.dtypes, &mut notes);
+    let cases = model_cases(&cfg.ops, &cfg.shapes, &cfg.dtypes, &mut notes);
     let mut rows = Vec::new();
     let mut note = |s: String| {
         if !notes.contains(&s) {
@@ -504,21 +217,20 @@ pub fn run(
             if single && threads != 1 {
                 continue;
             }
-            for case in &cases {
-                let dtype = match case.kind {
-                    Kind::Matmul { dtype, .. } => dtype,
-                    _ => DType::F32,
-                };
+            for (label, case) in &cases {
+                let (op, dtype) = (case.op(), case.dtype());
                 let support = match contender {
                     Contender::Chord(v) => {
-                        crate::with_variant!(v, 1, Mode::Exact, b => b.supports(case.op, dtype))
+                        crate::with_variant!(v, 1, Mode::Exact, b => b.supports(op, dtype))
                     }
-                    Contender::MatrixMultiply if dtype == DType::F32 => Support::Native,
+                    Contender::MatrixMultiply if op == Op::Matmul && dtype == DType::F32 => {
+                        Support::Native
+                    }
                     Contender::MatrixMultiply => continue,
                 };
                 if support != Support::Native {
                     note(format!(
-                        "{contender}: supports(matmul, {dtype}) = {support:?}: not timed (a weight dequantized when prepared runs as the F32 rows do)"
+                        "{contender}: supports({op}, {dtype}) = {support:?}: not timed (a weight dequantized when prepared runs as the F32 rows do)"
                     ));
                     continue;
                 }
@@ -544,30 +256,32 @@ pub fn run(
                     let timing = match contender {
                         Contender::Chord(v) => {
                             let mode = mode.unwrap_or(Mode::Exact);
-                            crate::with_variant!(v, threads, mode, b => time_case(&b, case, cfg.budget)?)
+                            crate::with_variant!(v, threads, mode, b => {
+                                let timer = Timer { backend: &b, budget: cfg.budget };
+                                case.visit(timer)?
+                            })
                         }
-                        Contender::MatrixMultiply => match case.kind {
-                            Kind::Matmul { m, n, k, .. } => {
-                                time_matrixmultiply(m, n, k, cfg.budget)
-                            }
+                        Contender::MatrixMultiply => match case {
+                            Case::Matmul(c) => time_matrixmultiply(c, cfg.budget),
                             _ => continue,
                         },
                     };
                     // Fast mode's prefill is integer arithmetic, set against the 8-bit roof.
-                    let unit = match (case.unit, mode) {
+                    let (work, unit) = case.work();
+                    let unit = match (unit, mode) {
                         (Unit::Gflops, Some(Mode::Fast)) => Unit::Gops,
                         (u, _) => u,
                     };
-                    let rate = case.work / timing.median_s / 1e9;
+                    let rate = work / timing.median_s / 1e9;
                     let roof_rate = match unit {
                         Unit::Gflops => roof.fma_gflops,
                         Unit::Gbs => roof.read_gbs,
                         Unit::Gops => roof.int8_gops,
                     };
                     let row = Row {
-                        op: case.op,
+                        op,
                         backend: contender.to_string(),
-                        shape: case.shape.clone(),
+                        shape: format!("{label} {}", case.shape()),
                         dtype: dtype.name().to_string(),
                         mode: mode.map(Mode::name),
                         threads,

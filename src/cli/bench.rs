@@ -9,11 +9,12 @@ use super::*;
 
 #[derive(Args)]
 pub(crate) struct KernelArgs {
-    /// Ops to time (comma-separated): matmul, rmsnorm, rope, softmax, swiglu, geglu, add.
+    /// Ops to time (comma-separated): matmul, rmsnorm, rope, softmax, swiglu, geglu, add,
+    /// embedding, attention.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "matmul,rmsnorm,rope,softmax,swiglu,add"
+        default_value = "matmul,rmsnorm,rope,softmax,swiglu,add,attention"
     )]
     ops: Vec<Op>,
     /// Backends (comma-separated): scalar, blocked, simd, simd-avx512, simd-avx2,
@@ -45,13 +46,6 @@ pub(crate) struct KernelArgs {
 }
 
 pub(crate) fn bench_kernels(args: KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if let Some(op) = args
-        .ops
-        .iter()
-        .find(|op| matches!(op, Op::Embedding | Op::Attention))
-    {
-        return Err(format!("bench kernels: {op} has no kernel benchmark (embedding is a row copy; attention is timed inside bench model)").into());
-    }
     if let Some(&t) = args.threads.iter().find(|&&t| t == 0) {
         return Err(
             format!("bench kernels: --threads {t}: a thread count must be at least 1").into(),
