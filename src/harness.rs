@@ -230,67 +230,46 @@ pub trait Visit {
     fn visit<C: OpCase>(self, case: &C) -> Self::Out;
 }
 
+/// `$e` with `$c` bound to the case inside `$case`, whatever its type.
+macro_rules! each_case {
+    ($case:expr, $c:ident => $e:expr) => {
+        match $case {
+            Case::Matmul($c) => $e,
+            Case::RmsNorm($c) => $e,
+            Case::Rope($c) => $e,
+            Case::Softmax($c) => $e,
+            Case::Gate($c) => $e,
+            Case::Add($c) => $e,
+            Case::Embedding($c) => $e,
+            Case::Attention($c) => $e,
+        }
+    };
+}
+
 impl Case {
     /// Runs `v` on the case inside.
     pub fn visit<V: Visit>(&self, v: V) -> V::Out {
-        match self {
-            Case::Matmul(c) => v.visit(c),
-            Case::RmsNorm(c) => v.visit(c),
-            Case::Rope(c) => v.visit(c),
-            Case::Softmax(c) => v.visit(c),
-            Case::Gate(c) => v.visit(c),
-            Case::Add(c) => v.visit(c),
-            Case::Embedding(c) => v.visit(c),
-            Case::Attention(c) => v.visit(c),
-        }
+        each_case!(self, c => v.visit(c))
     }
 
     /// The case's op.
     pub fn op(&self) -> Op {
-        struct GetOp;
-        impl Visit for GetOp {
-            type Out = Op;
-            fn visit<C: OpCase>(self, c: &C) -> Op {
-                c.op()
-            }
-        }
-        self.visit(GetOp)
+        each_case!(self, c => c.op())
     }
 
     /// The case's weight format.
     pub fn dtype(&self) -> DType {
-        struct GetDType;
-        impl Visit for GetDType {
-            type Out = DType;
-            fn visit<C: OpCase>(self, c: &C) -> DType {
-                c.dtype()
-            }
-        }
-        self.visit(GetDType)
+        each_case!(self, c => c.dtype())
     }
 
     /// The case's shape text.
     pub fn shape(&self) -> String {
-        struct GetShape;
-        impl Visit for GetShape {
-            type Out = String;
-            fn visit<C: OpCase>(self, c: &C) -> String {
-                c.shape()
-            }
-        }
-        self.visit(GetShape)
+        each_case!(self, c => c.shape())
     }
 
-    /// The case's work per call.
+    /// The case's work per call and its unit.
     pub fn work(&self) -> (f64, Unit) {
-        struct GetWork;
-        impl Visit for GetWork {
-            type Out = (f64, Unit);
-            fn visit<C: OpCase>(self, c: &C) -> (f64, Unit) {
-                c.work()
-            }
-        }
-        self.visit(GetWork)
+        each_case!(self, c => c.work())
     }
 }
 
@@ -1101,6 +1080,18 @@ pub struct Pair {
     b: Vec<f32>,
 }
 
+impl Pair {
+    /// `len` values of magnitude `mag_a`, then `len` of `mag_b`, from `seed`.
+    fn draw(seed: u64, len: usize, mag_a: f32, mag_b: f32) -> Pair {
+        let mut vals = Values(seed);
+        let a = vals.vec(len, mag_a);
+        Pair {
+            a,
+            b: vals.vec(len, mag_b),
+        }
+    }
+}
+
 impl OpCase for GateCase {
     type Inputs = Pair;
     type State<'a, B: Backend + 'a> = Output;
@@ -1118,12 +1109,7 @@ impl OpCase for GateCase {
     }
 
     fn inputs(&self) -> Pair {
-        let mut vals = Values(self.seed);
-        let a = vals.vec(self.len, self.mag_a);
-        Pair {
-            a,
-            b: vals.vec(self.len, self.mag_b),
-        }
+        Pair::draw(self.seed, self.len, self.mag_a, self.mag_b)
     }
 
     fn setup<'a, B: Backend>(&self, _: &'a B, _: &'a Pair) -> Result<Output, Error> {
@@ -1191,12 +1177,7 @@ impl OpCase for AddCase {
     }
 
     fn inputs(&self) -> Pair {
-        let mut vals = Values(self.seed);
-        let a = vals.vec(self.len, self.mag_a);
-        Pair {
-            a,
-            b: vals.vec(self.len, self.mag_b),
-        }
+        Pair::draw(self.seed, self.len, self.mag_a, self.mag_b)
     }
 
     fn setup<'a, B: Backend>(&self, _: &'a B, p: &'a Pair) -> Result<Output, Error> {

@@ -80,7 +80,7 @@ pub(crate) fn chunks(
 ) -> Result<Vec<Vec<u32>>, ModelError> {
     if ctx < 4 {
         return Err(ModelError::Input(format!(
-            "--ctx {ctx}: a chunk needs at least 4 tokens"
+            "a context of {ctx} tokens: a chunk needs at least 4"
         )));
     }
     let tokens = tokenizer.encode(text, false);

@@ -35,6 +35,9 @@ pub(crate) struct PerplexityArgs {
 
 pub(crate) fn perplexity(args: PerplexityArgs) -> Result<(), Box<dyn std::error::Error>> {
     check_mode(&args.backend, args.mode)?;
+    if args.ctx < 4 {
+        return Err(format!("--ctx {}: a chunk needs at least 4 tokens", args.ctx).into());
+    }
     if args.threads == 0 {
         return Err("--threads 0: a thread count must be at least 1".into());
     }
