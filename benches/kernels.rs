@@ -105,24 +105,8 @@ fn bench_cases(c: &mut Criterion) {
         if let Case::Matmul(mm) = case
             && dtype == DType::F32
         {
-            let (m, n, k) = (mm.m, mm.n, mm.k);
-            let (x, w) = mm.f32_inputs();
-            let ws = vec![w; mm.copies.max(1)];
-            let mut y = vec![0.0f32; m * n];
-            let mut i = 0;
-            g.bench_function("matrixmultiply/t1", |b| {
-                b.iter(|| {
-                    chord::bench::kernels::matrixmultiply_matmul(
-                        black_box(&x),
-                        &ws[i % ws.len()],
-                        &mut y,
-                        m,
-                        n,
-                        k,
-                    );
-                    i += 1;
-                })
-            });
+            let mut run = chord::bench::kernels::matrixmultiply_runner(mm);
+            g.bench_function("matrixmultiply/t1", |b| b.iter(&mut run));
         }
         g.finish();
     }

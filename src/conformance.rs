@@ -1,7 +1,7 @@
 //! The conformance suite: checks any [`Backend`] against the scalar kernels run in f64.
 //!
 //! Call [`assert_conforms`] from a test (or [`check`] for a `Result`): for every op it draws
-//! random cases ([`crate::harness`]'s, the ones the benchmarks time) with proptest (shapes including 1, primes and sizes that are no multiple of
+//! random cases of [`crate::harness`]'s types with proptest (shapes including 1, primes and sizes that are no multiple of
 //! any tile or lane width; values from 1e-3 up to large magnitudes; positions, scales, masks
 //! and `-inf` entries), runs the backend, and compares every output element with the f64
 //! oracle under the op's tolerance from [`tolerance`]. Matmul runs on f32 weights and on

@@ -1,7 +1,7 @@
 //! One table of op cases for the three consumers that run ops outside a model: the
-//! conformance suite ([`crate::conformance`]), `chord bench kernels` ([`crate::bench::kernels`])
-//! and the criterion benches (`benches/kernels.rs`), in the manner of ggml's
-//! `test-backend-ops`.
+//! conformance suite (`chord::conformance`, with the `conformance` feature), `chord bench
+//! kernels` ([`crate::bench::kernels`]) and the criterion benches (`benches/kernels.rs`), in
+//! the manner of ggml's `test-backend-ops`.
 //!
 //! A case ([`OpCase`]) is one op at one shape, with its parameters and the seed of its
 //! values. It knows how to:
@@ -14,7 +14,9 @@
 //! The conformance suite draws cases at random (proptest) and checks them. The benchmarks
 //! take the fixed cases of real model shapes ([`model_cases`]) and time them. Quantized
 //! matmul and attention are cases like the others: checked and timed. Adding an op means the
-//! trait method, its kernels, and one case type here.
+//! trait method and its kernels, then here: one case type (with its [`Case`] variant and
+//! `each_case!` arm) and its rows in [`model_cases`]; the conformance suite adds a strategy
+//! that draws it.
 
 use std::fmt;
 
@@ -24,7 +26,6 @@ use crate::backend::{
     Arithmetic, AttentionParams, Backend, DType, Error, Op, RopeLayout, RopeParams, SoftmaxParams,
     WeightView,
 };
-use crate::bench::kernels::Unit;
 
 /// Tolerances against the f64 oracle, per op. `U = 2^-24` is the unit roundoff of f32 and
 /// `gamma(n) = n U / (1 - n U)` bounds the relative error of `n` chained roundings
@@ -146,6 +147,21 @@ pub mod tolerance {
 
 // ---------------------------------------------------------------------------------------
 // The case trait and the table.
+
+/// The unit of a case's work and of a timed row's rate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Unit {
+    /// Floating-point operations per second, against the FMA peak.
+    #[serde(rename = "GFLOP/s")]
+    Gflops,
+    /// Bytes per second, against the streaming read bandwidth.
+    #[serde(rename = "GB/s")]
+    Gbs,
+    /// Integer operations per second (2 per 8-bit multiply-add), against the 8-bit dot
+    /// product peak.
+    #[serde(rename = "GOP/s")]
+    Gops,
+}
 
 /// One op at one shape: inputs from a seed, the op on a backend, the f64 oracle and its
 /// tolerance, the work done per call.
@@ -498,10 +514,7 @@ struct Values(u64);
 impl Values {
     fn next(&mut self) -> f32 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        let z = crate::synth::mix(self.0);
         ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
@@ -586,7 +599,30 @@ pub struct MatmulInputs {
     x: Vec<f32>,
     /// The weight's bytes in its format, once per copy: a backend may borrow them (as it
     /// borrows a mapped file), so each copy has memory of its own.
-    raws: Vec<Vec<u8>>,
+    raws: Vec<Words>,
+}
+
+/// Bytes kept in 4-byte words, so that an F32 weight is aligned as a mapped file's tensors
+/// are (a backend borrows an aligned F32 weight and copies a misaligned one).
+#[derive(Clone)]
+struct Words {
+    words: Vec<u32>,
+    len: usize,
+}
+
+impl Words {
+    fn new(bytes: &[u8]) -> Words {
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Words {
+            words,
+            len: bytes.len(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.len]
+    }
 }
 
 /// A matmul case's prepared weight copies and output.
@@ -644,7 +680,7 @@ impl OpCase for MatmulCase {
         };
         MatmulInputs {
             x,
-            raws: vec![raw; self.copies.max(1)],
+            raws: vec![Words::new(&raw); self.copies.max(1)],
         }
     }
 
@@ -656,7 +692,10 @@ impl OpCase for MatmulCase {
         let weights = inputs
             .raws
             .iter()
-            .map(|raw| backend.prepare(WeightView::new(self.dtype, self.n, self.k, raw)?))
+            .map(|raw| {
+                let view = WeightView::new(self.dtype, self.n, self.k, raw.bytes())?;
+                backend.prepare(view)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(MatmulState {
             weights,
@@ -687,7 +726,7 @@ impl OpCase for MatmulCase {
         let abs_x: Vec<f64> = xd.iter().map(|v| v.abs()).collect();
         let index = |i: usize| format!("[{}, {}]", i / n, i % n);
         if self.dtype == DType::F32 {
-            let wd = widen(bytemuck::cast_slice::<u8, f32>(&inputs.raws[0]));
+            let wd = widen(bytemuck::cast_slice::<u8, f32>(inputs.raws[0].bytes()));
             let mut want = vec![0.0f64; m * n];
             scalar::matmul(&xd, &wd, &mut want, m, n, k);
             let abs_w: Vec<f64> = wd.iter().map(|a| a.abs()).collect();
@@ -703,9 +742,9 @@ impl OpCase for MatmulCase {
         }
         // The oracle: the dequantized weight in f64.
         let mut w = vec![0.0f32; n * k];
-        quant::dequantize(self.dtype, &inputs.raws[0], &mut w);
+        quant::dequantize(self.dtype, inputs.raws[0].bytes(), &mut w);
         let (mut scaled, mut offset) = (vec![0.0f32; n * k], vec![0.0f32; n * k]);
-        quant::dequantize_parts(self.dtype, &inputs.raws[0], &mut scaled, &mut offset);
+        quant::dequantize_parts(self.dtype, inputs.raws[0].bytes(), &mut scaled, &mut offset);
         let parts: Vec<f64> = scaled
             .iter()
             .zip(&offset)

@@ -1,6 +1,7 @@
 //! Synthetic llama-family models: a valid GGUF of any shape, with seeded weights and a
 //! byte-level tokenizer, that chord and llama.cpp both load and run. The file is written as a
-//! stream, a few megabytes at a time, so a 7B model is written without holding it in memory.
+//! stream, 16 MiB of f32 values at a time (about twice that held at once, with the encoded
+//! copy), so a 7B model is written without holding it in memory.
 //!
 //! # The weights
 //!
@@ -32,7 +33,10 @@
 //!   one letter (`Ġa`, `ab`, ...), then those followed by one more letter, and so on until the
 //!   vocabulary is full.
 //!
-//! Any text therefore tokenizes, and every token decodes to text.
+//! Any text therefore tokenizes, and every token decodes to text. Not every token is reached
+//! by encoding: BPE applies the lower-ranked merge first, so in `bab` it merges `ab` and never
+//! forms `ba`, the prefix of `bab`. A model can still generate such tokens, and llama.cpp
+//! tokenizes the same way.
 
 use std::io::{self, Write};
 
@@ -155,11 +159,18 @@ impl Shape {
         self.dim / self.heads
     }
 
-    /// The number of weights in the file.
-    pub fn params(&self) -> u64 {
+    /// The number of weights in the file (`None` past `u64`).
+    pub fn params(&self) -> Option<u64> {
         let (d, l, kv) = (self.dim as u64, self.layers as u64, self.kv_dim() as u64);
-        let layer = 2 * d + 2 * d * d + 2 * d * kv + 3 * d * self.ffn as u64;
-        2 * self.vocab as u64 * d + d + l * layer
+        let (f, v) = (self.ffn as u64, self.vocab as u64);
+        let layer = (2 * d)
+            .checked_add(d.checked_mul(d)?.checked_mul(2)?)?
+            .checked_add(d.checked_mul(kv)?.checked_mul(2)?)?
+            .checked_add(d.checked_mul(f)?.checked_mul(3)?)?;
+        v.checked_mul(d)?
+            .checked_mul(2)?
+            .checked_add(d)?
+            .checked_add(l.checked_mul(layer)?)
     }
 
     fn kv_dim(&self) -> usize {
@@ -179,6 +190,10 @@ impl Shape {
         ];
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be at least 1"));
+        }
+        // The GGUF keys hold 32-bit values.
+        if let Some((name, v)) = sizes.iter().find(|(_, v)| u32::try_from(*v).is_err()) {
+            return bad(format!("{name} {v} does not fit the file's 32-bit field"));
         }
         if !self.dim.is_multiple_of(self.heads) {
             return bad(format!(
@@ -219,12 +234,12 @@ impl Shape {
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return bad(format!("eps {} must be above 0", self.eps));
         }
-        if self
-            .params()
-            .checked_mul(4)
-            .is_none_or(|b| b > (1u64 << 48))
-        {
-            return bad(format!("{} weights are too many", self.params()));
+        // 2^46 weights: a 256 TiB F32 file, far past any disk this runs on.
+        if self.params().is_none_or(|p| p > (1u64 << 46)) {
+            return bad(format!(
+                "dim {}, {} layers, ffn {} and vocab {} make too many weights",
+                self.dim, self.layers, self.ffn, self.vocab
+            ));
         }
         Ok(())
     }
@@ -359,7 +374,7 @@ fn tensors(shape: &Shape, dtype: DType) -> Vec<(TensorEntry, Fill)> {
 }
 
 /// splitmix64's output function.
-fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
@@ -420,7 +435,8 @@ pub struct Written {
 }
 
 /// Writes a synthetic model of `shape` in `dtype` (matrices; norm weights stay F32) with
-/// weights from `seed`, as a GGUF file, to `out`. Holds about 16 MiB of weights at a time.
+/// weights from `seed`, as a GGUF file, to `out`. Holds 16 MiB of f32 values and their
+/// encoding at a time.
 /// Uses rayon's pool to draw and quantize rows.
 ///
 /// Errors: a shape llama's graph cannot run or `dtype` cannot hold ([`Shape::check`]), a
@@ -465,7 +481,7 @@ pub fn write(
         Ok(())
     })?;
     Ok(Written {
-        params: shape.params(),
+        params: shape.params().expect("bounded by Shape::check"),
         tensors: table.len(),
     })
 }
@@ -568,6 +584,37 @@ mod tests {
             let e = shape.check(DType::Q4_0).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
-        assert_eq!(good.params(), 1_100_048_384);
+        assert_eq!(good.params(), Some(1_100_048_384));
+        let huge = [
+            (
+                Shape {
+                    ctx: 1 << 32,
+                    ..good.clone()
+                },
+                "ctx 4294967296 does not fit",
+            ),
+            (
+                Shape {
+                    dim: 1 << 32,
+                    heads: 1,
+                    kv_heads: 1,
+                    ..good.clone()
+                },
+                "dim 4294967296",
+            ),
+            (
+                Shape {
+                    dim: 1 << 31,
+                    heads: 1,
+                    kv_heads: 1,
+                    ..good.clone()
+                },
+                "too many weights",
+            ),
+        ];
+        for (shape, want) in huge {
+            let e = shape.check(DType::F32).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

@@ -19,6 +19,7 @@ use chord_kernels::simd::repackable;
 use super::{Roof, Timing, time};
 use crate::backend::{Backend, DType, Mode, Op, Support, Variant};
 pub use crate::harness::ShapeSet;
+pub use crate::harness::Unit;
 use crate::harness::{Case, MatmulCase, OpCase, Visit, model_cases};
 
 /// Something `chord bench kernels` can time: a built-in backend variant, or the
@@ -80,21 +81,6 @@ pub struct Config {
     pub modes: Vec<Mode>,
     /// Time spent timing one row (after a warm-up call).
     pub budget: Duration,
-}
-
-/// The unit of a row's rate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum Unit {
-    /// Floating-point operations per second, against the FMA peak.
-    #[serde(rename = "GFLOP/s")]
-    Gflops,
-    /// Bytes per second, against the streaming read bandwidth.
-    #[serde(rename = "GB/s")]
-    Gbs,
-    /// Integer operations per second (2 per 8-bit multiply-add), against the 8-bit dot
-    /// product peak.
-    #[serde(rename = "GOP/s")]
-    Gops,
 }
 
 /// One measured row of the table.
@@ -175,16 +161,22 @@ pub fn matrixmultiply_matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: u
 /// Times [`matrixmultiply_matmul`] on an F32 matmul case, with the case's weight copies
 /// (cold for decode) as chord's rows have them.
 fn time_matrixmultiply(c: &MatmulCase, budget: Duration) -> Timing {
+    time(budget, 5, matrixmultiply_runner(c))
+}
+
+/// One call of [`matrixmultiply_matmul`] on an F32 matmul case per call of the closure,
+/// cycling through the case's weight copies (each in memory of its own, as chord's rows
+/// have them): the baseline row of `chord bench kernels` and of the criterion benches.
+pub fn matrixmultiply_runner(c: &MatmulCase) -> impl FnMut() {
     let (m, n, k) = (c.m, c.n, c.k);
-    let copies = c.copies.max(1);
     let (x, one) = c.f32_inputs();
-    let ws: Vec<Vec<f32>> = vec![one; copies];
+    let ws: Vec<Vec<f32>> = vec![one; c.copies.max(1)];
     let mut y = vec![0.0f32; m * n];
     let mut i = 0;
-    time(budget, 5, || {
-        matrixmultiply_matmul(&x, &ws[i % copies], &mut y, m, n, k);
+    move || {
+        matrixmultiply_matmul(&x, &ws[i % ws.len()], &mut y, m, n, k);
         i += 1;
-    })
+    }
 }
 
 /// Runs the table. `roofs` must hold a roof for every thread count in `cfg.threads`;

@@ -70,6 +70,24 @@ pub const READ_PROBES: [&str; 6] = [
     "huge-pages prefetch",
 ];
 
+/// The read patterns, in the order of [`READ_PROBES`] within a buffer.
+#[derive(Clone, Copy)]
+enum Pattern {
+    OneStream,
+    Rows,
+    Prefetch,
+}
+
+/// `(buffer, pattern)` of each of the [`READ_PROBES`]: buffer 0 the heap, 1 huge pages.
+const PROBE_PLAN: [(usize, Pattern); 6] = [
+    (0, Pattern::OneStream),
+    (0, Pattern::Rows),
+    (0, Pattern::Prefetch),
+    (1, Pattern::OneStream),
+    (1, Pattern::Rows),
+    (1, Pattern::Prefetch),
+];
+
 /// Measures the roofs at each thread count: the best of five FMA probe runs and the best of
 /// six reads with each of the [`READ_PROBES`], split over the threads. A roof is a
 /// ceiling, so the quietest moment of a shared machine and the best probe set it.
@@ -115,15 +133,15 @@ pub fn measure_roofs(thread_counts: &[usize]) -> Vec<Roof> {
                     int8_ops / t.elapsed().as_secs_f64() / 1e9
                 })
                 .fold(0.0, f64::max);
-            let read = |buf: &[f32], pattern: usize| {
+            let read = |buf: &[f32], pattern: Pattern| {
                 let chunk = buf.len().div_ceil(threads);
                 let t = Instant::now();
                 let read = |c: &[f32]| {
                     let mut out = [0.0f32];
                     match pattern {
-                        0 => probe::sum_probe(isa, c, &mut out),
-                        1 => probe::rows_probe(isa, c, 8, 2048, &mut out),
-                        _ => probe::prefetch_probe(isa, c, &mut out),
+                        Pattern::OneStream => probe::sum_probe(isa, c, &mut out),
+                        Pattern::Rows => probe::rows_probe(isa, c, 8, 2048, &mut out),
+                        Pattern::Prefetch => probe::prefetch_probe(isa, c, &mut out),
                     }
                     std::hint::black_box(out);
                 };
@@ -137,8 +155,8 @@ pub fn measure_roofs(thread_counts: &[usize]) -> Vec<Roof> {
             // The probes take turns, so that a noisy moment does not favour one.
             let mut best = [0.0f64; READ_PROBES.len()];
             for _ in 0..6 {
-                for (i, b) in best.iter_mut().enumerate() {
-                    *b = b.max(read(bufs[i / 3], i % 3));
+                for (b, &(buf, pattern)) in best.iter_mut().zip(&PROBE_PLAN) {
+                    *b = b.max(read(bufs[buf], pattern));
                 }
             }
             let p = (0..best.len())

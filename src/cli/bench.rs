@@ -92,10 +92,6 @@ pub(crate) fn bench_kernels(args: KernelArgs) -> Result<(), Box<dyn std::error::
             let _ = out!("{}", kernels::format_row(row));
         }
     })?;
-    if let Some(path) = &args.svg {
-        let title = format!("chord bench kernels on {}", chord::bench::cpu_name());
-        write_svg(path, svg_kernels(&rows, &title))?;
-    }
     if json {
         out!(
             "{}",
@@ -105,6 +101,11 @@ pub(crate) fn bench_kernels(args: KernelArgs) -> Result<(), Box<dyn std::error::
         for n in &notes {
             out!("note: {n}")?;
         }
+    }
+    // Last: a picture that cannot be drawn or written costs none of the measurements.
+    if let Some(path) = &args.svg {
+        let title = format!("chord bench kernels on {}", chord::bench::cpu_name());
+        write_svg(path, svg_kernels(&rows, &title))?;
     }
     Ok(())
 }

@@ -158,7 +158,10 @@ fn write_atomically<E: std::fmt::Display>(
     output: &std::path::Path,
     write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), E>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let tmp = output.with_extension("gguf.partial");
+    // `OUT.partial-PID`: another process writing the same output at once has its own.
+    let mut tmp = output.as_os_str().to_owned();
+    tmp.push(format!(".partial-{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
     let result = (|| -> Result<(), String> {
         let f = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
         let mut f = std::io::BufWriter::new(f);

@@ -45,10 +45,7 @@ pub(crate) fn generate_on<B: chord::Backend>(
     let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
     let model = chord::model::Model::load(file, backend)?;
     let ctx = args.run.ctx.min(model.config.ctx_len);
-    let prompt_ids = tok.encode(&args.prompt, args.parse_special);
-    if prompt_ids.is_empty() {
-        return Err("--prompt: the prompt is empty".into());
-    }
+    let prompt_ids = prompt_ids(&tok, &args.prompt, args.parse_special)?;
     if prompt_ids.len() + args.n > ctx {
         return Err(format!(
             "the prompt ({} tokens) and -n {} exceed the {ctx}-token context (--ctx)",

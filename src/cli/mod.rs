@@ -138,6 +138,20 @@ pub(crate) fn model_path(
     Ok(pull::ensure(&known, &dir, false)?)
 }
 
+/// The ids of `--prompt` in `tok` (BOS added as the model asks); an empty prompt is an
+/// error.
+pub(crate) fn prompt_ids(
+    tok: &chord::tokenizer::Tokenizer,
+    prompt: &str,
+    parse_special: bool,
+) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
+    let ids = tok.encode(prompt, parse_special);
+    if ids.is_empty() {
+        return Err("--prompt: the prompt is empty".into());
+    }
+    Ok(ids)
+}
+
 /// Fast mode is the simd backend's: refuse it elsewhere rather than silently run exact math.
 pub(crate) fn check_mode(
     backend: &chord::backend::BackendSpec,

@@ -63,7 +63,11 @@ pub(crate) fn dump(args: DumpArgs) -> Result<(), Box<dyn std::error::Error>> {
         Some(points)
     };
     on_backend!(&args.run, file, b => {
-        let ids = prompt_ids(&file, &args.prompt, args.parse_special)?;
+        let ids = prompt_ids(
+            &chord::tokenizer::Tokenizer::from_gguf(file.gguf())?,
+            &args.prompt,
+            args.parse_special,
+        )?;
         let model = chord::model::Model::load(&file, b)?;
         check_prompt_fits(ids.len(), &model.config, args.run.ctx)?;
         let meta = [
@@ -103,7 +107,11 @@ pub(crate) fn diverge_run(args: &DivergeArgs) -> Result<bool, Box<dyn std::error
     on_backend!(&args.run, file, b => {
         // The reference reads the same file, in exact mode on the same threads.
         chord::with_backend!(&args.reference, args.run.threads, chord::backend::Mode::Exact, r => {
-            let ids = prompt_ids(&file, &args.prompt, args.parse_special)?;
+            let ids = prompt_ids(
+            &chord::tokenizer::Tokenizer::from_gguf(file.gguf())?,
+            &args.prompt,
+            args.parse_special,
+        )?;
             let model = chord::model::Model::load(&file, b)?;
             check_prompt_fits(ids.len(), &model.config, args.run.ctx)?;
             let reference = chord::model::Model::load(&file, r)?;
@@ -123,18 +131,4 @@ pub(crate) fn diverge_run(args: &DivergeArgs) -> Result<bool, Box<dyn std::error
             Ok(d.first.is_none())
         })
     })
-}
-
-/// The ids of `--prompt` (BOS added as the model asks); an empty prompt is an error.
-fn prompt_ids(
-    file: &chord::gguf::GgufFile,
-    prompt: &str,
-    parse_special: bool,
-) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
-    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
-    let ids = tok.encode(prompt, parse_special);
-    if ids.is_empty() {
-        return Err("--prompt: the prompt is empty".into());
-    }
-    Ok(ids)
 }

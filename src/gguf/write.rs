@@ -93,8 +93,9 @@ impl Writer {
 
     /// Writes the metadata, then `table` as the file's whole tensor table (tensors added with
     /// [`Writer::tensor`] are not written), then each of its tensors from `fill(i, out)`, in
-    /// order, one at a time: a file larger than memory can be written this way. `fill` must write exactly
-    /// `table[i].dtype.bytes_for(n)` bytes; another count is an `InvalidData` error.
+    /// order, one at a time: a file larger than memory can be written this way. `fill` must
+    /// write exactly the bytes of `table[i]`'s values in its format (`dtype.bytes_for` of
+    /// the product of its dims); another count is an `InvalidData` error.
     pub fn write_streamed(
         &self,
         table: &[TensorEntry],

@@ -104,7 +104,8 @@ pub const PREFETCH_AHEAD: usize = 2048;
 
 stamp! {
     /// [`sum_probe`] with a software prefetch of the line [`PREFETCH_AHEAD`] bytes ahead of
-    /// each 64-byte line it reads, into `out[0]`.
+    /// each 64-byte line it reads, into `out[0]`. Off x86-64 there is no prefetch: it reads
+    /// as [`sum_probe`] does.
     pub fn prefetch_probe(x: &[f32], out: &mut [f32]) = prefetch_body;
 }
 
@@ -116,7 +117,7 @@ fn prefetch_body<V: F32Vec>(x: &[f32], out: &mut [f32]) {
     let end = x.as_ptr_range().end as usize;
     for c in &mut chunks {
         let base = c.as_ptr();
-        // One prefetch per 64-byte line of the chunk (8 lanes x 4 bytes x 8 / 64 per line).
+        // One prefetch per 64-byte line of the chunk (8 vectors of LANES f32 values).
         for line in (0..8 * l * 4).step_by(64) {
             let ahead = base as usize + line + PREFETCH_AHEAD;
             if ahead < end {
