@@ -63,13 +63,8 @@ pub(crate) fn dump(args: DumpArgs) -> Result<(), Box<dyn std::error::Error>> {
         Some(points)
     };
     on_backend!(&args.run, file, b => {
-        let ids = prompt_ids(
-            &chord::tokenizer::Tokenizer::from_gguf(file.gguf())?,
-            &args.prompt,
-            args.parse_special,
-        )?;
-        let model = chord::model::Model::load(&file, b)?;
-        check_prompt_fits(ids.len(), &model.config, args.run.ctx)?;
+        let (ids, model) =
+            prompt_and_model(&file, b, &args.prompt, args.parse_special, args.run.ctx)?;
         let meta = [
             ("prompt".to_string(), args.prompt.clone()),
             ("tokens".to_string(), serde_json::to_string(&ids)?),
@@ -107,13 +102,8 @@ pub(crate) fn diverge_run(args: &DivergeArgs) -> Result<bool, Box<dyn std::error
     on_backend!(&args.run, file, b => {
         // The reference reads the same file, in exact mode on the same threads.
         chord::with_backend!(&args.reference, args.run.threads, chord::backend::Mode::Exact, r => {
-            let ids = prompt_ids(
-            &chord::tokenizer::Tokenizer::from_gguf(file.gguf())?,
-            &args.prompt,
-            args.parse_special,
-        )?;
-            let model = chord::model::Model::load(&file, b)?;
-            check_prompt_fits(ids.len(), &model.config, args.run.ctx)?;
+            let (ids, model) =
+                prompt_and_model(&file, b, &args.prompt, args.parse_special, args.run.ctx)?;
             let reference = chord::model::Model::load(&file, r)?;
             let tol = args.tol.unwrap_or(chord::research::default_tolerance(
                 args.run.mode == chord::backend::Mode::Fast,
@@ -131,4 +121,19 @@ pub(crate) fn diverge_run(args: &DivergeArgs) -> Result<bool, Box<dyn std::error
             Ok(d.first.is_none())
         })
     })
+}
+
+/// The ids of `--prompt` and the model on `backend`, the prompt checked to fit the context.
+fn prompt_and_model<'f, B: chord::Backend>(
+    file: &'f chord::gguf::GgufFile,
+    backend: B,
+    prompt: &str,
+    parse_special: bool,
+    ctx: usize,
+) -> Result<(Vec<u32>, chord::model::Model<'f, B>), Box<dyn std::error::Error>> {
+    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
+    let ids = prompt_ids(&tok, prompt, parse_special)?;
+    let model = chord::model::Model::load(file, backend)?;
+    check_prompt_fits(ids.len(), &model.config, ctx)?;
+    Ok((ids, model))
 }
