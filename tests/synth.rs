@@ -9,10 +9,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use chord::backend::Mode;
 use chord::gguf::{DType, GgufFile};
 use chord::synth::Shape;
 use chord::tokenizer::Tokenizer;
-use chord::{BlockedBackend, ScalarBackend, SimdBackend, Variant};
+use chord::{SimdBackend, Variant};
 use common::greedy_ids;
 use sha2::Digest;
 
@@ -75,13 +76,10 @@ fn synthetic_f32_model_gives_llama_cpp_greedy_tokens_on_every_backend() {
         let want = read(&format!("prompt{n}.greedy"));
         let mut runs: Vec<(String, Vec<u32>, f32)> = Vec::new();
         for v in Variant::available() {
-            let (got, margin) = match v {
-                Variant::Scalar => greedy_ids(&path, ScalarBackend::new(), &ids, 32),
-                Variant::Blocked => greedy_ids(&path, BlockedBackend::new(2).unwrap(), &ids, 32),
-                Variant::Simd(l) => {
-                    greedy_ids(&path, SimdBackend::with_level(l, 2).unwrap(), &ids, 32)
-                }
+            let run = || -> Result<(Vec<u32>, f32), chord::Error> {
+                Ok(chord::with_variant!(v, 2, Mode::Exact, b => greedy_ids(&path, b, &ids, 32)))
             };
+            let (got, margin) = run().unwrap();
             runs.push((v.to_string(), got, margin));
         }
         for (name, got, margin) in runs {
