@@ -163,6 +163,17 @@ pub enum Unit {
     Gops,
 }
 
+impl Unit {
+    /// `GFLOP/s`, `GB/s` or `GOP/s`, as the JSON output spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::Gflops => "GFLOP/s",
+            Unit::Gbs => "GB/s",
+            Unit::Gops => "GOP/s",
+        }
+    }
+}
+
 /// One op at one shape: inputs from a seed, the op on a backend, the f64 oracle and its
 /// tolerance, the work done per call.
 pub trait OpCase: fmt::Debug {

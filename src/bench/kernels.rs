@@ -310,11 +310,7 @@ pub fn header() -> String {
 
 /// One line of the table.
 pub fn format_row(r: &Row) -> String {
-    let unit = match r.unit {
-        Unit::Gflops => "GFLOP/s",
-        Unit::Gbs => "GB/s",
-        Unit::Gops => "GOP/s",
-    };
+    let unit = r.unit.name();
     format!(
         "{:<9} {:<15} {:<5} {:<5} {:<34} {:>3} {:>10} {:>7} {:>16} {:>6.1}%",
         r.op.name(),

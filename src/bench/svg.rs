@@ -12,7 +12,7 @@
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
 
-use super::kernels::{Row, Unit};
+use super::kernels::Row;
 use super::model::ModelRow;
 
 /// Pixels per bar.
@@ -32,11 +32,7 @@ pub fn kernels(rows: &[Row], title: &str) -> Result<String, String> {
     let bars: Vec<Bar> = rows
         .iter()
         .map(|r| {
-            let unit = match r.unit {
-                Unit::Gflops => "GFLOP/s",
-                Unit::Gbs => "GB/s",
-                Unit::Gops => "GOP/s",
-            };
+            let unit = r.unit.name();
             Bar {
                 label: format!(
                     "{} {} {}  {}t  {:.1} {unit}",
