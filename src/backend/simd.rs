@@ -20,7 +20,7 @@ pub enum Mode {
     /// a cache-resident panel when prefilling), never the whole weight at once. The same
     /// numbers as an F32 model, up to the order of sums.
     Exact,
-    /// `Q4_0`, `Q4_1` and `Q8_0` weights, repacked sixteen rows together when prepared,
+    /// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` and `Q8_0` weights, repacked sixteen rows together when prepared,
     /// multiply 8-bit quantized activations in integer dot products, as ggml does (see
     /// `chord_kernels::simd::qint`). Other formats compute as in exact mode, and so does the
     /// classifier (`output.weight`, or the tied `token_embd.weight`): rounding its input to
@@ -54,7 +54,7 @@ impl std::str::FromStr for Mode {
 pub enum SimdWeight<'w> {
     /// Rows of blocks as the file stores them, borrowed: the formats that are not repacked.
     Blocks(BlockWeight<'w>),
-    /// `Q4_0`, `Q4_1` and `Q8_0`: the same bytes regrouped sixteen rows at a time, in the
+    /// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` and `Q8_0`: the same bytes regrouped sixteen rows at a time, in the
     /// layout of the mode's kernels (`Values` for exact f32 math, `Dots` for fast mode's
     /// integer dot products).
     Repacked(RepackedWeight),

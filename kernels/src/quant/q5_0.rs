@@ -4,7 +4,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{Block, DType, f16_to_f32};
+use super::{Block, DType, Q8Row, f16_to_f32};
 use crate::simd::v16::V16;
 
 #[repr(C)]
@@ -60,5 +60,30 @@ impl Block for BlockQ5_0 {
             V::u8_to_f32(q0).sub(sixteen).mul(d),
             V::u8_to_f32(q1).sub(sixteen).mul(d),
         ]
+    }
+}
+
+/// The 32 five-bit values of a `Q5_0`/`Q5_1` block, unsigned (`0 ..= 31`), in value order.
+pub(super) fn five_bit_values(qs: &[u8; 16], qh: [u8; 4]) -> [u8; 32] {
+    let qh = u32::from_le_bytes(qh);
+    std::array::from_fn(|v| {
+        let nibble = if v < 16 { qs[v] & 0xf } else { qs[v - 16] >> 4 };
+        nibble | (((qh >> v) & 1) << 4) as u8
+    })
+}
+
+impl BlockQ5_0 {
+    /// `Σ w·x` of a row of blocks and a quantized activation row, block by block in integers:
+    /// `d_w d_x (Σ q_w q_x - 16 Σ q_x)`, `q_w` unsigned (the reference of fast mode's kernels).
+    pub fn dot_q8(w: &[BlockQ5_0], x: &Q8Row<'_>) -> f32 {
+        let mut acc = 0.0f32;
+        for (b, blk) in w.iter().enumerate() {
+            let xq = &x.qs[32 * b..32 * b + 32];
+            let q = five_bit_values(&blk.qs, blk.qh);
+            let sum: i32 = q.iter().zip(xq).map(|(&q, &x)| q as i32 * x as i32).sum();
+            let sum = sum - 16 * x.sum[b];
+            acc = (sum as f32).mul_add(f16_to_f32(blk.d) * x.d[b], acc);
+        }
+        acc
     }
 }

@@ -2,8 +2,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::q5_0::five_bit;
-use super::{Block, DType, f16_to_f32};
+use super::q5_0::{five_bit, five_bit_values};
+use super::{Block, DType, Q8Row, f16_to_f32};
 use crate::simd::v16::V16;
 
 #[repr(C)]
@@ -44,5 +44,21 @@ impl Block for BlockQ5_1 {
             V::u8_to_f32(q0).mul(d).add(m),
             V::u8_to_f32(q1).mul(d).add(m),
         ]
+    }
+}
+
+impl BlockQ5_1 {
+    /// `Σ w·x` of a row of blocks and a quantized activation row, block by block in integers:
+    /// `d_w d_x Σ q_w q_x + m_w s_x` (the reference of fast mode's kernels).
+    pub fn dot_q8(w: &[BlockQ5_1], x: &Q8Row<'_>) -> f32 {
+        let mut acc = 0.0f32;
+        for (b, blk) in w.iter().enumerate() {
+            let xq = &x.qs[32 * b..32 * b + 32];
+            let q = five_bit_values(&blk.qs, blk.qh);
+            let sum: i32 = q.iter().zip(xq).map(|(&q, &x)| q as i32 * x as i32).sum();
+            acc = (sum as f32).mul_add(f16_to_f32(blk.d) * x.d[b], acc);
+            acc = f16_to_f32(blk.m).mul_add(x.s[b], acc);
+        }
+        acc
     }
 }

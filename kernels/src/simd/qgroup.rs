@@ -1,14 +1,15 @@
-//! Exact mode on repacked weights: `Q4_0`, `Q4_1` and `Q8_0` in [`Layout::Values`], sixteen
-//! rows to a record, one value position of the sixteen rows per 16-byte chunk (see
-//! `simd::repack`). The arithmetic is f32 on the weights' exact values, as on rows of blocks
+//! Exact mode on repacked weights: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` and `Q8_0` in
+//! [`Layout::Values`], sixteen rows to a record, one value position of the sixteen rows per
+//! 16-byte chunk (see `simd::repack`). The arithmetic is f32 on the weights' exact values, as on rows of blocks
 //! (`simd::qmatmul`); the layout takes away what that path pays per row and block.
 //!
 //! - **decode** (`m <= GEMV_ROWS`): a record's chunk becomes one vector of sixteen weight
-//!   values (`vpmovzxbd` + `vpermps` for a nibble, `vpmovsxbd` + `vcvtdq2ps` for a byte),
-//!   multiplied by one activation value, broadcast: a lane accumulates one output row, so
-//!   there is no horizontal sum and no per-row scale table. Each block's sums are scaled
-//!   once, sixteen rows at a time: `acc += d · Σ_v q_v x_v` (`q - 8` for `Q4_0`), plus
-//!   `m · Σ_v x_v` for `Q4_1`, the block sums of `x` computed once per call. That is the
+//!   values (`vpmovzxbd` + `vpermps` for a nibble, plus 16 under the fifth bits' mask for a
+//!   5-bit format; `vpmovsxbd` + `vcvtdq2ps` for a byte), multiplied by one activation
+//!   value, broadcast: a lane accumulates one output row, so there is no horizontal sum and
+//!   no per-row scale table. Each block's sums are scaled once, sixteen rows at a time:
+//!   `acc += d · Σ_v q_v x_v` (`q - 8` for `Q4_0`, `q - 16` for `Q5_0`), plus `m · Σ_v x_v`
+//!   for `Q4_1` and `Q5_1`, the block sums of `x` computed once per call. That is the
 //!   dequantized weight's dot product with the scale taken out of each block's sum: the
 //!   same value up to f32 rounding, bounded as a sum's reordering is.
 //! - **prefill**: the packed GEMM of `simd::qmatmul`, its panels decoded from the records:
@@ -53,9 +54,12 @@ pub fn matmuls(
         }
         return;
     }
-    // The block sums of x, for Q4_1's mins.
+    // The block sums of x, for the mins of Q4_1 and Q5_1.
     let mut sums = scratch.sums.lock().unwrap_or_else(|e| e.into_inner());
-    if ws.iter().any(|w| w.dtype == DType::Q4_1) {
+    if ws
+        .iter()
+        .any(|w| matches!(w.dtype, DType::Q4_1 | DType::Q5_1))
+    {
         sums.clear();
         sums.extend(x[..m * k].chunks_exact(32).map(|c| c.iter().sum::<f32>()));
     }
@@ -92,16 +96,22 @@ fn gemv(
         groups,
         y,
     };
-    match (m, w.dtype) {
-        (1, DType::Q4_0) => dispatch16(isa, GroupGemv::<1, Q4_0>(g)),
-        (1, DType::Q4_1) => dispatch16(isa, GroupGemv::<1, Q4_1>(g)),
-        (1, _) => dispatch16(isa, GroupGemv::<1, Q8_0>(g)),
-        (2, DType::Q4_0) => dispatch16(isa, GroupGemv::<2, Q4_0>(g)),
-        (2, DType::Q4_1) => dispatch16(isa, GroupGemv::<2, Q4_1>(g)),
-        (2, _) => dispatch16(isa, GroupGemv::<2, Q8_0>(g)),
-        (_, DType::Q4_0) => dispatch16(isa, GroupGemv::<3, Q4_0>(g)),
-        (_, DType::Q4_1) => dispatch16(isa, GroupGemv::<3, Q4_1>(g)),
-        (_, _) => dispatch16(isa, GroupGemv::<3, Q8_0>(g)),
+    /// One activation-row count's arm for every format.
+    macro_rules! formats {
+        ($m:literal) => {
+            match w.dtype {
+                DType::Q4_0 => dispatch16(isa, GroupGemv::<$m, Q4_0>(g)),
+                DType::Q4_1 => dispatch16(isa, GroupGemv::<$m, Q4_1>(g)),
+                DType::Q5_0 => dispatch16(isa, GroupGemv::<$m, Q5_0>(g)),
+                DType::Q5_1 => dispatch16(isa, GroupGemv::<$m, Q5_1>(g)),
+                _ => dispatch16(isa, GroupGemv::<$m, Q8_0>(g)),
+            }
+        };
+    }
+    match m {
+        1 => formats!(1),
+        2 => formats!(2),
+        _ => formats!(3),
     }
 }
 
@@ -109,19 +119,57 @@ fn gemv(
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
+const Q5_0: u8 = 3;
+const Q5_1: u8 = 4;
 
-/// Sixteen rows' values `j` and `j + 16` of a 4-bit chunk, each `table[q]` (`q` or
-/// `q - 8`): a lookup where the level has one, else a conversion plus `offset`.
-#[inline(always)]
-fn nibbles<V: V16>(table: V, offset: V, q: V::U8) -> [V; 2] {
-    if V::LOOKUP16 {
-        [V::lookup16(table, q, false), V::lookup16(table, q, true)]
-    } else {
-        [
-            V::u8_to_f32(V::low_nibbles(q)).add(offset),
-            V::u8_to_f32(V::high_nibbles(q)).add(offset),
-        ]
+/// Whether format `f` (a decode kernel constant) has mins.
+const fn has_mins(f: u8) -> bool {
+    f == Q4_1 || f == Q5_1
+}
+
+/// `q`'s offset in a format's values: `q - 8` (`Q4_0`), `q - 16` (`Q5_0`), else `q`.
+fn value_offset(dtype: DType) -> f32 {
+    match dtype {
+        DType::Q4_0 => -8.0,
+        DType::Q5_0 => -16.0,
+        _ => 0.0,
     }
+}
+
+/// Sixteen rows' values `j` and `j + 16` of a 4- or 5-bit chunk `q`, with the fifth bits `h`
+/// (one mask per value position): `table[q & 15]` (`q`, `q - 8` or `q - 16`) plus 16 under
+/// the mask where the level has a lookup; else the bytes with their fifth bit, converted,
+/// plus `offset`.
+#[inline(always)]
+fn nibbles<V: V16>(table: V, offset: V, q: V::U8, h: Option<[u16; 2]>) -> [V; 2] {
+    if V::LOOKUP16 {
+        let [lo, hi] = [V::lookup16(table, q, false), V::lookup16(table, q, true)];
+        match h {
+            Some([h0, h1]) => {
+                let sixteen = V::splat(16.0);
+                [lo.add_where(h0, sixteen), hi.add_where(h1, sixteen)]
+            }
+            None => [lo, hi],
+        }
+    } else {
+        let (mut lo, mut hi) = (V::low_nibbles(q), V::high_nibbles(q));
+        if let Some([h0, h1]) = h {
+            let bit = V::u8_splat(0x10);
+            lo = V::u8_or(lo, V::u8_and(V::u8_from_bits(h0), bit));
+            hi = V::u8_or(hi, V::u8_and(V::u8_from_bits(h1), bit));
+        }
+        [V::u8_to_f32(lo).add(offset), V::u8_to_f32(hi).add(offset)]
+    }
+}
+
+/// Value positions `j` and `j + 16`'s fifth-bit masks in a record's `qh` (see
+/// `simd::repack`).
+#[inline(always)]
+fn fifth_masks(qh: Option<&[u8]>, j: usize) -> Option<[u16; 2]> {
+    qh.map(|qh| {
+        let mask = |v: usize| u16::from_le_bytes([qh[2 * v], qh[2 * v + 1]]);
+        [mask(j), mask(j + 16)]
+    })
 }
 
 /// The decode work of one task: groups `groups` of `w`.
@@ -154,8 +202,9 @@ impl<const M: usize, const F: u8> Kernel16 for GroupGemv<'_, M, F> {
         } = self.0;
         let (k, n) = (w.k, w.n);
         let blocks = k / 32;
-        let offset = V::splat(if F == Q4_0 { -8.0 } else { 0.0 });
+        let offset = V::splat(value_offset(w.dtype));
         let table = V::iota16().add(offset);
+        let five = F == Q5_0 || F == Q5_1;
         for g in groups {
             let mut acc = [V::zero(); M];
             for b in 0..blocks {
@@ -186,8 +235,13 @@ impl<const M: usize, const F: u8> Kernel16 for GroupGemv<'_, M, F> {
                                 V::load_u8(rec.qs.as_ptr().add(GROUP * (j + 1))),
                             )
                         };
-                        let [lo0, hi0] = nibbles(table, offset, q0);
-                        let [lo1, hi1] = nibbles(table, offset, q1);
+                        let (h0, h1) = if five {
+                            (fifth_masks(rec.qh, j), fifth_masks(rec.qh, j + 1))
+                        } else {
+                            (None, None)
+                        };
+                        let [lo0, hi0] = nibbles(table, offset, q0, h0);
+                        let [lo1, hi1] = nibbles(table, offset, q1, h1);
                         for (p, xb) in p.iter_mut().zip(&xs) {
                             p[0] = lo0.fma(V::splat(xb[j]), p[0]);
                             p[1] = lo1.fma(V::splat(xb[j + 1]), p[1]);
@@ -201,9 +255,9 @@ impl<const M: usize, const F: u8> Kernel16 for GroupGemv<'_, M, F> {
                 for (i, (a, p)) in acc.iter_mut().zip(&p).enumerate() {
                     let s = p[0].add(p[1]).add(p[2].add(p[3]));
                     *a = s.fma(d, *a);
-                    if F == Q4_1 {
+                    if has_mins(F) {
                         // SAFETY: 16 halves.
-                        let mins = unsafe { V::load_f16(rec.m.expect("Q4_1 mins").as_ptr()) };
+                        let mins = unsafe { V::load_f16(rec.m.expect("mins").as_ptr()) };
                         *a = mins.fma(V::splat(sums[i * blocks + b]), *a);
                     }
                 }
@@ -241,7 +295,7 @@ struct GroupPanels<'a> {
 impl Panels for GroupPanels<'_> {
     /// Per group of sixteen panel columns and block: each value position of the sixteen
     /// rows decoded as one vector, exactly as `quant::dequantize` computes it
-    /// (`(q - 8) · d`, `q · d + m`, `q · d`), and stored as one panel row.
+    /// (`(q - 8) · d`, `(q - 16) · d`, `q · d + m`, `q · d`), and stored as one panel row.
     #[inline(always)]
     fn decode_panel<W: V16>(
         &self,
@@ -254,7 +308,7 @@ impl Panels for GroupPanels<'_> {
     ) {
         let w = self.w;
         let lanes = GROUP.min(nr);
-        let offset = W::splat(if w.dtype == DType::Q4_0 { -8.0 } else { 0.0 });
+        let offset = W::splat(value_offset(w.dtype));
         let table = W::iota16().add(offset);
         for c0 in (0..nr).step_by(lanes) {
             let at = |p: usize| (p - pc) * nr + c0;
@@ -287,7 +341,7 @@ impl Panels for GroupPanels<'_> {
                         for j in 0..16 {
                             // SAFETY: a 4-bit record holds 16 chunks of 16 bytes.
                             let q = unsafe { W::load_u8(rec.qs.as_ptr().add(GROUP * j)) };
-                            let [lo, hi] = nibbles(table, offset, q);
+                            let [lo, hi] = nibbles(table, offset, q, fifth_masks(rec.qh, j));
                             let (lo, hi) = if rec.m.is_some() {
                                 (lo.mul(d).add(m), hi.mul(d).add(m))
                             } else {
@@ -317,7 +371,13 @@ mod tests {
     fn every_format_multiplies_as_its_dequantized_weight_on_every_level_and_team_size() {
         // 70 rows: a partial last group and panel; k = 608: a partial depth block.
         let (n, k) = (70, 608);
-        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+        for dtype in [
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q5_0,
+            DType::Q5_1,
+            DType::Q8_0,
+        ] {
             let bytes = quant::sample_blocks(dtype, n * k, 5).unwrap();
             let mut wf = vec![0.0f32; n * k];
             quant::dequantize(dtype, &bytes, &mut wf);

@@ -5,15 +5,16 @@
 //! **Activations** ([`QuantizedRows`]): each row of `x` in 8-bit blocks of 32, with each
 //! block's scale `d`, `Σq` and `s = d Σq` in f32 (see `quant::q8_act`).
 //!
-//! **Weights** ([`RepackedWeight`] in [`Layout::Dots`]): `Q4_0`, `Q4_1` and `Q8_0` rows
-//! regrouped by sixteen, four quant bytes of a row per 32-bit lane (see `simd::repack`).
+//! **Weights** ([`RepackedWeight`] in [`Layout::Dots`]): `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` and
+//! `Q8_0` rows regrouped by sixteen, four quant bytes of a row per 32-bit lane (see
+//! `simd::repack`); a 5-bit format's fifth bits are ORed into bit 4 of each nibble's byte.
 //!
 //! **Dot products**: per record and activation row, eight steps of "16 lanes × 4 bytes of
 //! weights times the row's 4 activation bytes, broadcast" (`vpdpbusd` on AVX512-VNNI;
 //! `maddubs` + `madd` on AVX2; plain loops on the portable level) give the 16 rows' integer
 //! sums `Σ q_w q_x`; the offsets of the unsigned weights are taken back with the block's
-//! `Σ q_x` (`- 8 Σq_x` for `Q4_0`, `- 128 Σq_x` for `Q8_0`); then, in f32,
-//! `acc += (d_w d_x) · sum`, plus `m_w · s_x` for `Q4_1`. Blocks accumulate in order, so a
+//! `Σ q_x` (`- 8 Σq_x` for `Q4_0`, `- 16 Σq_x` for `Q5_0`, `- 128 Σq_x` for `Q8_0`); then,
+//! in f32, `acc += (d_w d_x) · sum`, plus `m_w · s_x` for `Q4_1` and `Q5_1`. Blocks accumulate in order, so a
 //! result does not depend on the thread count.
 
 use std::sync::Mutex;
@@ -116,6 +117,17 @@ pub fn int8_probe(isa: Isa, iters: usize) -> i32 {
 /// Most weights one call runs as one job.
 const MAX_WEIGHTS: usize = 4;
 
+/// What the unsigned weights of `dtype` hold above their value: `q_w - offset` is the value
+/// the scale multiplies (`Q4_1`/`Q5_1` have a min instead).
+fn offset(dtype: DType) -> i32 {
+    match dtype {
+        DType::Q4_0 => 8,
+        DType::Q5_0 => 16,
+        DType::Q8_0 => 128,
+        _ => 0,
+    }
+}
+
 /// `ys[i] (m, n_i) = x (m, k) · W_iᵀ` in integers, `x` quantized once for all the weights
 /// (a layer's q, k and v; gate and up), their groups split over `team` as one job.
 pub fn matmuls(
@@ -205,7 +217,7 @@ fn group_portable(
 ) {
     let blocks = w.k / 32;
     for b in 0..blocks {
-        let Record { d, m: mins, qs } = w.record(g, b);
+        let Record { d, m: mins, qh, qs } = w.record(g, b);
         for r in 0..rows {
             let i = i0 + r;
             let xr = x.row(i);
@@ -219,21 +231,29 @@ fn group_portable(
                                 sum += qs[64 * c + 4 * j + v] as i32 * xq[4 * c + v] as i32;
                             }
                         }
-                        sum -= 128 * xr.sum[b];
                     }
                     _ => {
+                        // Row j's fifth bits (zero for 4-bit formats).
+                        let h = qh.map_or(0, |qh| {
+                            u32::from_le_bytes([
+                                qh[4 * j],
+                                qh[4 * j + 1],
+                                qh[4 * j + 2],
+                                qh[4 * j + 3],
+                            ])
+                        });
+                        let fifth = |bit: usize| (((h >> bit) & 1) << 4) as i32;
                         for c in 0..4 {
                             for v in 0..4 {
-                                let q = qs[64 * c + 4 * j + v];
-                                sum += (q & 0xf) as i32 * xq[4 * c + v] as i32
-                                    + (q >> 4) as i32 * xq[16 + 4 * c + v] as i32;
+                                let q = qs[64 * c + 4 * j + v] as i32;
+                                let lo = (q & 0xf) | fifth(8 * v + c);
+                                let hi = (q >> 4) | fifth(8 * v + 4 + c);
+                                sum += lo * xq[4 * c + v] as i32 + hi * xq[16 + 4 * c + v] as i32;
                             }
-                        }
-                        if w.dtype == DType::Q4_0 {
-                            sum -= 8 * xr.sum[b];
                         }
                     }
                 }
+                sum -= offset(w.dtype) * xr.sum[b];
                 let dw = f16_to_f32([d[2 * j], d[2 * j + 1]]);
                 let acc = &mut out[r][j];
                 *acc = (sum as f32).mul_add(dw * xr.d[b], *acc);
@@ -250,7 +270,7 @@ fn group_portable(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, MR, QuantizedRows, Record, RepackedWeight};
+    use super::{GROUP, MR, QuantizedRows, Record, RepackedWeight, offset};
     use crate::quant::DType;
 
     /// The 16 rows' halves at `p` as f32.
@@ -278,8 +298,10 @@ mod x86 {
             let blocks = w.k / 32;
             let mut acc = [_mm512_setzero_ps(); MR];
             let nib = _mm512_set1_epi8(0x0f);
+            let bit4 = _mm512_set1_epi8(0x10);
+            let off = offset(w.dtype);
             for b in 0..blocks {
-                let Record { d, m: mins, qs } = w.record(g, b);
+                let Record { d, m: mins, qh, qs } = w.record(g, b);
                 let dw = halves16(d);
                 let mw = mins.map(|m| halves16(m));
                 // The eight operands: 16 rows × 4 values each.
@@ -289,10 +311,18 @@ mod x86 {
                         *op = _mm512_loadu_si512(qs.as_ptr().add(64 * c) as *const __m512i);
                     }
                 } else {
+                    let h = qh.map(|h| _mm512_loadu_si512(h.as_ptr() as *const __m512i));
                     for c in 0..4 {
                         let q = _mm512_loadu_si512(qs.as_ptr().add(64 * c) as *const __m512i);
                         ops[c] = _mm512_and_si512(q, nib);
                         ops[4 + c] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), nib);
+                        if let Some(h) = h {
+                            // Bit 4 of each byte: chunk c's fifth bits (see `simd::repack`).
+                            let lo = _mm512_sll_epi32(h, _mm_cvtsi32_si128(4 - c as i32));
+                            let hi = _mm512_srl_epi32(h, _mm_cvtsi32_si128(c as i32));
+                            ops[c] = _mm512_or_si512(ops[c], _mm512_and_si512(lo, bit4));
+                            ops[4 + c] = _mm512_or_si512(ops[4 + c], _mm512_and_si512(hi, bit4));
+                        }
                     }
                 }
                 for r in 0..rows {
@@ -304,15 +334,14 @@ mod x86 {
                         for (c, op) in ops.iter().enumerate() {
                             sum = _mm512_dpbusd_epi32(sum, *op, bcast4(xq, 4 * c));
                         }
-                        sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * xr.sum[b]));
                     } else {
                         for c in 0..4 {
                             sum = _mm512_dpbusd_epi32(sum, ops[c], bcast4(xq, 4 * c));
                             sum = _mm512_dpbusd_epi32(sum, ops[4 + c], bcast4(xq, 16 + 4 * c));
                         }
-                        if w.dtype == DType::Q4_0 {
-                            sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(8 * xr.sum[b]));
-                        }
+                    }
+                    if off != 0 {
+                        sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(off * xr.sum[b]));
                     }
                     let scale = _mm512_mul_ps(dw, _mm512_set1_ps(xr.d[b]));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
@@ -373,7 +402,8 @@ mod x86 {
     }
 
     /// `vpdpbusd` on 8 lanes from AVX2: `maddubs` (u8 × i8 pairs to i16) then `madd` with
-    /// ones (i16 pairs to i32). The pairs cannot saturate: weights are at most 15 here.
+    /// ones (i16 pairs to i32). The pairs cannot saturate: weights are at most 31 here
+    /// (`2 · 31 · 128 < 2^15`).
     #[inline(always)]
     unsafe fn dot4(w: __m256i, x: __m256i) -> __m256i {
         unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)) }
@@ -400,9 +430,11 @@ mod x86 {
             // Two halves of 8 rows each.
             let mut acc = [[_mm256_setzero_ps(); 2]; MR];
             let nib = _mm256_set1_epi8(0x0f);
+            let bit4 = _mm256_set1_epi8(0x10);
             let flip = _mm256_set1_epi8(-128);
+            let off = offset(w.dtype);
             for b in 0..blocks {
-                let Record { d, m: mins, qs } = w.record(g, b);
+                let Record { d, m: mins, qh, qs } = w.record(g, b);
                 for h in 0..2 {
                     let dw =
                         _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(16 * h) as *const __m128i));
@@ -418,12 +450,23 @@ mod x86 {
                             *op = _mm256_xor_si256(q, flip); // back to signed
                         }
                     } else {
+                        let fifth = qh.map(|qh| {
+                            _mm256_loadu_si256(qh.as_ptr().add(32 * h) as *const __m256i)
+                        });
                         for c in 0..4 {
                             let q = _mm256_loadu_si256(
                                 qs.as_ptr().add(64 * c + 32 * h) as *const __m256i
                             );
                             ops[c] = _mm256_and_si256(q, nib);
                             ops[4 + c] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), nib);
+                            if let Some(f) = fifth {
+                                // Bit 4 of each byte: chunk c's fifth bits (see `simd::repack`).
+                                let lo = _mm256_sll_epi32(f, _mm_cvtsi32_si128(4 - c as i32));
+                                let hi = _mm256_srl_epi32(f, _mm_cvtsi32_si128(c as i32));
+                                ops[c] = _mm256_or_si256(ops[c], _mm256_and_si256(lo, bit4));
+                                ops[4 + c] =
+                                    _mm256_or_si256(ops[4 + c], _mm256_and_si256(hi, bit4));
+                            }
                         }
                     }
                     for r in 0..rows {
@@ -445,8 +488,8 @@ mod x86 {
                                 sum = _mm256_add_epi32(sum, dot4(ops[c], bc(4 * c)));
                                 sum = _mm256_add_epi32(sum, dot4(ops[4 + c], bc(16 + 4 * c)));
                             }
-                            if w.dtype == DType::Q4_0 {
-                                sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(8 * xr.sum[b]));
+                            if off != 0 {
+                                sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(off * xr.sum[b]));
                             }
                         }
                         let scale = _mm256_mul_ps(dw, _mm256_set1_ps(xr.d[b]));
@@ -468,7 +511,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0};
+    use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
@@ -485,8 +528,18 @@ mod tests {
     #[test]
     fn every_kernel_matches_the_reference_dots() {
         let (n, k) = (37, 96);
-        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
-            let bytes = quant::quantize(dtype, &values(n * k, 1)).unwrap();
+        for dtype in [
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q5_0,
+            DType::Q5_1,
+            DType::Q8_0,
+        ] {
+            let bytes = match dtype {
+                // No quantizer for these: seeded blocks of every bit pattern.
+                DType::Q5_0 | DType::Q5_1 => quant::sample_blocks(dtype, n * k, 1).unwrap(),
+                _ => quant::quantize(dtype, &values(n * k, 1)).unwrap(),
+            };
             let w = RepackedWeight::new(
                 &crate::arena::Arena::new(),
                 dtype,
@@ -514,6 +567,12 @@ mod tests {
                             }
                             DType::Q4_1 => {
                                 BlockQ4_1::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
+                            }
+                            DType::Q5_0 => {
+                                BlockQ5_0::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
+                            }
+                            DType::Q5_1 => {
+                                BlockQ5_1::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
                             }
                             _ => BlockQ8_0::dot_q8(bytemuck::cast_slice(blocks), &act.row(i)),
                         };

@@ -1,25 +1,32 @@
-//! `Q4_0`, `Q4_1` and `Q8_0` weights regrouped sixteen rows at a time, so that one vector
+//! `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` and `Q8_0` weights regrouped sixteen rows at a time, so that one vector
 //! of sixteen lanes holds one value position of sixteen weight rows: a weight is read as one
 //! stream, and a lane's result is a whole output (no horizontal sums). The same bytes as the
 //! file, rearranged (ggml's repacked `Q4_0x8` does the same for eight rows); rows past `n`
 //! in the last group are zero.
 //!
 //! For a group of 16 rows and one block column, a **record** holds the 16 rows' `d` (halves,
-//! row `r` at bytes `2r .. 2r + 2`), for `Q4_1` then the 16 rows' `m`, then the quants in
-//! one of two layouts:
+//! row `r` at bytes `2r .. 2r + 2`), for `Q4_1`/`Q5_1` then the 16 rows' `m`, for
+//! `Q5_0`/`Q5_1` then 64 bytes of fifth bits (`qh`), then the quants, each part in one of two
+//! layouts:
 //! - [`Layout::Values`] (exact mode): one 16-byte chunk per value position, byte `r` of a
-//!   chunk row `r`'s. `Q4_0`/`Q4_1`: 16 chunks, chunk `j` holding each row's `qs[j]` (low
-//!   nibble value `j`, high nibble value `j + 16`, the block's own order); `Q8_0`: 32
+//!   chunk row `r`'s. 4- and 5-bit formats: 16 chunks, chunk `j` holding each row's `qs[j]`
+//!   (low nibble value `j`, high nibble value `j + 16`, the block's own order); `Q8_0`: 32
 //!   chunks, chunk `v` each row's `qs[v]` as stored (`i8`). One `vpmovzxbd`/`vpmovsxbd`
-//!   makes sixteen lanes of one value position.
+//!   makes sixteen lanes of one value position. The fifth bits are 32 little-endian `u16`
+//!   masks, mask `v` holding value `v`'s bit of row `r` in bit `r`: one mask register adds
+//!   16 to the lanes that have it.
 //! - [`Layout::Dots`] (fast mode): chunks of 64 bytes, chunk `c` holding four consecutive
-//!   quant bytes of each row, row `r` at bytes `4r .. 4r + 4`. `Q4_0`/`Q4_1`: 4 chunks of
-//!   `qs[4c .. 4c + 4]` (low nibbles values `4c ..`, high nibbles `16 + 4c ..`); `Q8_0`: 8
+//!   quant bytes of each row, row `r` at bytes `4r .. 4r + 4`. 4- and 5-bit formats: 4 chunks
+//!   of `qs[4c .. 4c + 4]` (low nibbles values `4c ..`, high nibbles `16 + 4c ..`); `Q8_0`: 8
 //!   chunks of `qs[4c .. 4c + 4]`, each stored as `q + 128` (unsigned). One 32-bit lane is
-//!   the operand of one `vpdpbusd` step for its row.
+//!   the operand of one `vpdpbusd` step for its row. The fifth bits are 16 little-endian
+//!   `u32` lanes, row `r`'s at bytes `4r .. 4r + 4`, arranged to meet the quant lanes: byte
+//!   `t`, bit `c` holds value `4c + t`'s bit and bit `4 + c` value `16 + 4c + t`'s, so that
+//!   chunk `c`'s fifth bits are the lane shifted left by `4 - c` (low nibbles) or right by
+//!   `c` (high nibbles), masked to bit 4 of each byte.
 
 use crate::arena::{Arena, Chunk};
-use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, DType, f16_to_f32};
+use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, DType, f16_to_f32};
 
 /// Weight rows per group.
 pub const GROUP: usize = 16;
@@ -38,10 +45,14 @@ pub enum Layout {
 
 /// Whether `dtype` can be repacked.
 pub fn repackable(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
+    matches!(
+        dtype,
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0
+    )
 }
 
-/// A weight `W (n, k)` of `Q4_0`, `Q4_1` or `Q8_0` blocks, repacked (see the module docs).
+/// A weight `W (n, k)` of blocks of one of the [`repackable`] formats, repacked (see the
+/// module docs).
 #[derive(Clone, Debug)]
 pub struct RepackedWeight {
     pub(super) dtype: DType,
@@ -52,10 +63,11 @@ pub struct RepackedWeight {
     data: Chunk,
 }
 
-/// One record: the 16 rows' scales and mins (halves) and their quants.
+/// One record: the 16 rows' scales and mins (halves), fifth bits and quants.
 pub(super) struct Record<'a> {
     pub d: &'a [u8],
     pub m: Option<&'a [u8]>,
+    pub qh: Option<&'a [u8]>,
     pub qs: &'a [u8],
 }
 
@@ -64,9 +76,32 @@ fn record_bytes(dtype: DType) -> usize {
     GROUP * dtype.block_bytes()
 }
 
-/// Offset of the quants in a record.
-fn quants_at(dtype: DType) -> usize {
-    if dtype == DType::Q4_1 { 64 } else { 32 }
+/// Whether `dtype`'s blocks carry a min `m`.
+fn has_mins(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_1 | DType::Q5_1)
+}
+
+/// Whether `dtype`'s values have a fifth bit.
+fn has_fifth_bits(dtype: DType) -> bool {
+    matches!(dtype, DType::Q5_0 | DType::Q5_1)
+}
+
+/// Offsets of the fifth bits and of the quants in a record of `dtype`.
+fn parts_at(dtype: DType) -> (usize, usize) {
+    let qh = if has_mins(dtype) { 64 } else { 32 };
+    (qh, if has_fifth_bits(dtype) { qh + 64 } else { qh })
+}
+
+/// Where value `v`'s fifth bit of row `r` goes in a record's 64 bytes of fifth bits: the
+/// byte and the bit (see the module docs).
+fn fifth_bit_at(layout: Layout, r: usize, v: usize) -> (usize, u8) {
+    match layout {
+        Layout::Values => (2 * v + r / 8, (r % 8) as u8),
+        Layout::Dots => {
+            let (c, t, high) = (v % 16 / 4, v % 4, v >= 16);
+            (4 * r + t, (c + if high { 4 } else { 0 }) as u8)
+        }
+    }
 }
 
 impl RepackedWeight {
@@ -93,7 +128,7 @@ impl RepackedWeight {
         }
         let (blocks, rec) = (k / 32, record_bytes(dtype));
         let mut data = arena.alloc(n.div_ceil(GROUP) * blocks * rec);
-        let (row_bytes, q0) = (blocks * dtype.block_bytes(), quants_at(dtype));
+        let (row_bytes, (h0, q0)) = (blocks * dtype.block_bytes(), parts_at(dtype));
         // Rows per call of `done`: about 1 MiB of source.
         let run = (RELEASE_BYTES / row_bytes).max(1);
         for j in 0..n {
@@ -117,6 +152,25 @@ impl RepackedWeight {
                         out[2 * r..2 * r + 2].copy_from_slice(&blk.d);
                         out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&blk.m);
                         &blk.qs
+                    }
+                    DType::Q5_0 | DType::Q5_1 => {
+                        let (d, m, qh, qs) = if dtype == DType::Q5_0 {
+                            let blk: &BlockQ5_0 = bytemuck::from_bytes(blk);
+                            (blk.d, None, blk.qh, &blk.qs)
+                        } else {
+                            let blk: &BlockQ5_1 = bytemuck::from_bytes(blk);
+                            (blk.d, Some(blk.m), blk.qh, &blk.qs)
+                        };
+                        out[2 * r..2 * r + 2].copy_from_slice(&d);
+                        if let Some(m) = m {
+                            out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&m);
+                        }
+                        let qh = u32::from_le_bytes(qh);
+                        for v in 0..32 {
+                            let (at, bit) = fifth_bit_at(layout, r, v);
+                            out[h0 + at] |= (((qh >> v) & 1) as u8) << bit;
+                        }
+                        qs
                     }
                     _ => {
                         let blk: &BlockQ8_0 = bytemuck::from_bytes(blk);
@@ -171,17 +225,12 @@ impl RepackedWeight {
     pub(super) fn record(&self, g: usize, b: usize) -> Record<'_> {
         let rec = record_bytes(self.dtype);
         let r = &self.data[(g * (self.k / 32) + b) * rec..][..rec];
-        match self.dtype {
-            DType::Q4_1 => Record {
-                d: &r[..32],
-                m: Some(&r[32..64]),
-                qs: &r[64..],
-            },
-            _ => Record {
-                d: &r[..32],
-                m: None,
-                qs: &r[32..],
-            },
+        let (h0, q0) = parts_at(self.dtype);
+        Record {
+            d: &r[..32],
+            m: has_mins(self.dtype).then(|| &r[32..64]),
+            qh: has_fifth_bits(self.dtype).then(|| &r[h0..q0]),
+            qs: &r[q0..],
         }
     }
 
@@ -205,20 +254,29 @@ impl RepackedWeight {
                     }
                 }
             };
+            // Value `v`'s fifth bit, as 16 or 0.
+            let fifth = |v: usize| match rec.qh {
+                Some(qh) => {
+                    let (at, bit) = fifth_bit_at(self.layout, r, v);
+                    ((qh[at] >> bit) & 1) << 4
+                }
+                None => 0,
+            };
             match self.dtype {
-                DType::Q4_0 => {
+                DType::Q4_0 | DType::Q5_0 => {
+                    let offset = if self.dtype == DType::Q4_0 { 8 } else { 16 };
                     for i in 0..16 {
                         let q = byte(i);
-                        y[i] = ((q & 0xf) as i32 - 8) as f32 * d;
-                        y[i + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+                        y[i] = (((q & 0xf) | fifth(i)) as i32 - offset) as f32 * d;
+                        y[i + 16] = (((q >> 4) | fifth(i + 16)) as i32 - offset) as f32 * d;
                     }
                 }
-                DType::Q4_1 => {
+                DType::Q4_1 | DType::Q5_1 => {
                     let m = rec.m.map_or(0.0, |m| f16_to_f32([m[2 * r], m[2 * r + 1]]));
                     for i in 0..16 {
                         let q = byte(i);
-                        y[i] = (q & 0xf) as f32 * d + m;
-                        y[i + 16] = (q >> 4) as f32 * d + m;
+                        y[i] = ((q & 0xf) | fifth(i)) as f32 * d + m;
+                        y[i + 16] = ((q >> 4) | fifth(i + 16)) as f32 * d + m;
                     }
                 }
                 _ => {
@@ -241,7 +299,13 @@ mod tests {
     #[test]
     fn repacking_keeps_every_value_in_both_layouts() {
         let (n, k) = (37, 96);
-        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+        for dtype in [
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q5_0,
+            DType::Q5_1,
+            DType::Q8_0,
+        ] {
             let bytes = quant::sample_blocks(dtype, n * k, 3).unwrap();
             let mut want = vec![0.0f32; n * k];
             quant::dequantize(dtype, &bytes, &mut want);

@@ -96,6 +96,15 @@ pub(crate) trait V16: Copy {
         }
     }
 
+    /// `self + v` in the lanes whose bit of `bits` is set (bit `i`, lane `i`); `self`
+    /// elsewhere. This default goes through [`u8_from_bits`](V16::u8_from_bits); AVX-512
+    /// adds under a mask register.
+    #[inline(always)]
+    fn add_where(self, bits: u16, v: Self) -> Self {
+        let ones = Self::u8_and(Self::u8_from_bits(bits), Self::u8_splat(1));
+        self.add(Self::u8_to_f32(ones).mul(v))
+    }
+
     /// The lanes of `u8` nibbles `a & 0x0f` as f32.
     #[inline(always)]
     fn low_nibbles(a: Self::U8) -> Self::U8 {
@@ -381,6 +390,10 @@ mod x86 {
                 ))
             }
         }
+        #[inline(always)]
+        fn add_where(self, bits: u16, v: Self) -> Self {
+            unsafe { Avx512::from_raw(_mm512_mask_add_ps(self.raw(), bits, self.raw(), v.raw())) }
+        }
         /// `vpermps` reads the low 4 bits of each index lane: the low nibble needs no mask.
         #[inline(always)]
         fn lookup16(table: Self, idx: __m128i, high: bool) -> Self {
@@ -633,6 +646,35 @@ mod tests {
             for i in 0..16 {
                 for j in 0..16 {
                     assert_eq!(t[j][i], (16 * i + j) as f32, "{:?} [{j}][{i}]", isa.level());
+                }
+            }
+        }
+    }
+
+    struct AddWhere(u16);
+    impl Kernel16 for AddWhere {
+        type Output = [f32; 16];
+        #[inline(always)]
+        fn run<V: V16>(self) -> [f32; 16] {
+            let mut out = [0.0f32; 16];
+            // SAFETY: 16 values.
+            unsafe {
+                V::iota16()
+                    .add_where(self.0, V::splat(16.0))
+                    .store(out.as_mut_ptr())
+            };
+            out
+        }
+    }
+
+    #[test]
+    fn add_where_adds_in_the_lanes_of_the_set_bits_at_every_level() {
+        for isa in Isa::available() {
+            for bits in [0u16, 1, 0x8000, 0xa5c3, 0xffff] {
+                let got = dispatch16(isa, AddWhere(bits));
+                for (i, g) in got.iter().enumerate() {
+                    let want = i as f32 + if bits >> i & 1 == 1 { 16.0 } else { 0.0 };
+                    assert_eq!(*g, want, "{:?} bits {bits:#x} lane {i}", isa.level());
                 }
             }
         }
