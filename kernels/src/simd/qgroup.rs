@@ -1,4 +1,4 @@
-//! Exact mode on repacked weights: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` and `Q8_0` in
+//! Exact mode on repacked weights: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0` and `Q4_K` in
 //! [`Layout::Values`], sixteen rows to a record, one value position of the sixteen rows per
 //! 16-byte chunk (see `simd::repack`). The arithmetic is f32 on the weights' exact values, as on rows of blocks
 //! (`simd::qmatmul`); the layout takes away what that path pays per row and block.
@@ -9,7 +9,8 @@
 //!   value, broadcast: a lane accumulates one output row, so there is no horizontal sum and
 //!   no per-row scale table. Each block's sums are scaled once, sixteen rows at a time:
 //!   `acc += d · Σ_v q_v x_v` (`q - 8` for `Q4_0`, `q - 16` for `Q5_0`), plus `m · Σ_v x_v`
-//!   for `Q4_1` and `Q5_1`, the block sums of `x` computed once per call. That is the
+//!   for `Q4_1` and `Q5_1`, the block sums of `x` computed once per call. `Q4_K` sums each
+//!   sub-block of 32 apart and scales it by its own `d · scale`, less `dmin · min · Σ_v x_v`. That is the
 //!   dequantized weight's dot product with the scale taken out of each block's sum: the
 //!   same value up to f32 rounding, bounded as a sum's reordering is.
 //! - **prefill**: the packed GEMM of `simd::qmatmul`, its panels decoded from the records:
@@ -54,12 +55,9 @@ pub fn matmuls(
         }
         return;
     }
-    // The block sums of x, for the mins of Q4_1 and Q5_1.
+    // The block sums of x (32 values each), for the mins of Q4_1, Q5_1 and Q4_K.
     let mut sums = scratch.sums.lock().unwrap_or_else(|e| e.into_inner());
-    if ws
-        .iter()
-        .any(|w| matches!(w.dtype, DType::Q4_1 | DType::Q5_1))
-    {
+    if ws.iter().any(|w| w.dtype.has_min()) {
         sums.clear();
         sums.extend(x[..m * k].chunks_exact(32).map(|c| c.iter().sum::<f32>()));
     }
@@ -108,9 +106,12 @@ fn gemv(
             }
         };
     }
-    match m {
-        1 => formats!(1),
-        2 => formats!(2),
+    match (m, w.dtype) {
+        (1, DType::Q4K) => dispatch16(isa, GroupGemvK4::<1>(g)),
+        (2, DType::Q4K) => dispatch16(isa, GroupGemvK4::<2>(g)),
+        (_, DType::Q4K) => dispatch16(isa, GroupGemvK4::<3>(g)),
+        (1, _) => formats!(1),
+        (2, _) => formats!(2),
         _ => formats!(3),
     }
 }
@@ -159,6 +160,20 @@ fn nibbles<V: V16>(table: V, offset: V, q: V::U8, h: Option<[u16; 2]>) -> [V; 2]
             hi = V::u8_or(hi, V::u8_and(V::u8_from_bits(h1), bit));
         }
         [V::u8_to_f32(lo).add(offset), V::u8_to_f32(hi).add(offset)]
+    }
+}
+
+/// Sixteen rows' low and high nibbles of a chunk as f32 (`Q4_K`'s `q`): the lookup of
+/// [`nibbles`] where the level has one, else a conversion.
+#[inline(always)]
+fn k4_nibbles<V: V16>(iota: V, q: V::U8) -> [V; 2] {
+    if V::LOOKUP16 {
+        [V::lookup16(iota, q, false), V::lookup16(iota, q, true)]
+    } else {
+        [
+            V::u8_to_f32(V::low_nibbles(q)),
+            V::u8_to_f32(V::high_nibbles(q)),
+        ]
     }
 }
 
@@ -273,6 +288,89 @@ impl<const M: usize, const F: u8> Kernel16 for GroupGemv<'_, M, F> {
     }
 }
 
+/// [`Gemv`] of a `Q4_K` weight with `M` activation rows.
+struct GroupGemvK4<'a, const M: usize>(Gemv<'a>);
+
+impl<const M: usize> Kernel16 for GroupGemvK4<'_, M> {
+    type Output = ();
+
+    /// Per group, per record, per pair of sub-blocks (`2i` in the low nibbles of chunks
+    /// `32i .. 32i + 32`, `2i + 1` in the high): the chunks' values (`q`, a lookup) times the
+    /// broadcast activations into two chains per sub-block and activation row; then each
+    /// sub-block's sum times its `d · scale`, less its `dmin · min` times its sum of `x`.
+    #[inline(always)]
+    fn run<V: V16>(self) {
+        let Gemv {
+            w,
+            x,
+            sums,
+            groups,
+            y,
+        } = self.0;
+        let (k, n) = (w.k, w.n);
+        let table = V::iota16();
+        for g in groups {
+            let mut acc = [V::zero(); M];
+            for b in 0..w.blocks() {
+                let rec = w.record(g, b);
+                // SAFETY: 16 halves each.
+                let (d, dmin) = unsafe {
+                    (
+                        V::load_f16(rec.d.as_ptr()),
+                        V::load_f16(rec.m.expect("Q4_K dmin").as_ptr()),
+                    )
+                };
+                // The record's eight sub-blocks' d · scale and dmin · min, unpacked once (a
+                // loop, not a closure: a closure here would not inherit the level's target
+                // features, and its intrinsics would become calls).
+                let mut sm = [[V::zero(); 2]; 8];
+                for (j, sm) in sm.iter_mut().enumerate() {
+                    *sm = rec.k4_scale_min(d, dmin, j);
+                }
+                for i in 0..4 {
+                    let mut p = [[V::zero(); 4]; M];
+                    // This pair's 64 values of each activation row.
+                    let xs: [&[f32]; M] =
+                        std::array::from_fn(|r| &x[r * k + 256 * b + 64 * i..][..64]);
+                    for l in (0..32).step_by(2) {
+                        // SAFETY: a Q4_K record holds 128 chunks of 16 bytes.
+                        let (q0, q1) = unsafe {
+                            (
+                                V::load_u8(rec.qs.as_ptr().add(GROUP * (32 * i + l))),
+                                V::load_u8(rec.qs.as_ptr().add(GROUP * (32 * i + l + 1))),
+                            )
+                        };
+                        let [lo0, hi0] = k4_nibbles(table, q0);
+                        let [lo1, hi1] = k4_nibbles(table, q1);
+                        for (p, xb) in p.iter_mut().zip(&xs) {
+                            p[0] = lo0.fma(V::splat(xb[l]), p[0]);
+                            p[1] = lo1.fma(V::splat(xb[l + 1]), p[1]);
+                            p[2] = hi0.fma(V::splat(xb[32 + l]), p[2]);
+                            p[3] = hi1.fma(V::splat(xb[33 + l]), p[3]);
+                        }
+                    }
+                    let ([d0, m0], [d1, m1]) = (sm[2 * i], sm[2 * i + 1]);
+                    for (r, (a, p)) in acc.iter_mut().zip(&p).enumerate() {
+                        // The sums of x over sub-blocks 2i and 2i + 1.
+                        let at = r * (k / 32) + 8 * b + 2 * i;
+                        *a = p[0].add(p[1]).fma(d0, *a);
+                        *a = m0.fma(V::splat(-sums[at]), *a);
+                        *a = p[2].add(p[3]).fma(d1, *a);
+                        *a = m1.fma(V::splat(-sums[at + 1]), *a);
+                    }
+                }
+            }
+            let j0 = GROUP * g;
+            let cols = GROUP.min(n - j0);
+            for (i, a) in acc.iter().enumerate() {
+                // SAFETY: row i of y, columns j0 .. j0 + cols: this task's group.
+                let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(i * n + j0), cols) };
+                store_lanes(*a, 0, out);
+            }
+        }
+    }
+}
+
 /// Stores lanes `lane0 .. lane0 + out.len()` of `v`.
 #[inline(always)]
 fn store_lanes<V: V16>(v: V, lane0: usize, out: &mut [f32]) {
@@ -320,10 +418,30 @@ impl Panels for GroupPanels<'_> {
             }
             let (g, lane0) = ((j0 + c0) / GROUP, (j0 + c0) % GROUP);
             for p in (pc..pc + kc).step_by(32) {
-                let rec = w.record(g, p / 32);
+                let rec = w.record(g, p / w.dtype.block_len());
                 // SAFETY: 16 halves each.
                 let d = unsafe { W::load_f16(rec.d.as_ptr()) };
                 match w.dtype {
+                    DType::Q4K => {
+                        // Sub-block j: the low (j even) or high nibbles of chunks 32 (j / 2) ..
+                        let j = p % 256 / 32;
+                        // SAFETY: 16 halves.
+                        let dmin = unsafe { W::load_f16(rec.m.expect("Q4_K dmin").as_ptr()) };
+                        let [dj, mj] = rec.k4_scale_min(d, dmin, j);
+                        for l in 0..32 {
+                            // SAFETY: a Q4_K record holds 128 chunks of 16 bytes.
+                            let q = unsafe {
+                                W::load_u8(rec.qs.as_ptr().add(GROUP * (32 * (j / 2) + l)))
+                            };
+                            let q = if j % 2 == 0 {
+                                W::low_nibbles(q)
+                            } else {
+                                W::high_nibbles(q)
+                            };
+                            let val = dj.mul(W::u8_to_f32(q)).sub(mj);
+                            store_lanes(val, lane0, &mut panel[at(p + l)..at(p + l) + lanes]);
+                        }
+                    }
                     DType::Q8_0 => {
                         for v in 0..32 {
                             // SAFETY: a Q8_0 record holds 32 chunks of 16 bytes.
@@ -377,7 +495,10 @@ mod tests {
             DType::Q5_0,
             DType::Q5_1,
             DType::Q8_0,
+            DType::Q4K,
         ] {
+            // Q4_K: 768 values a row, three records.
+            let k = if dtype == DType::Q4K { 768 } else { k };
             let bytes = quant::sample_blocks(dtype, n * k, 5).unwrap();
             let mut wf = vec![0.0f32; n * k];
             quant::dequantize(dtype, &bytes, &mut wf);

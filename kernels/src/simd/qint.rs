@@ -5,16 +5,19 @@
 //! **Activations** ([`QuantizedRows`]): each row of `x` in 8-bit blocks of 32, with each
 //! block's scale `d`, `Σq` and `s = d Σq` in f32 (see `quant::q8_act`).
 //!
-//! **Weights** ([`RepackedWeight`] in [`Layout::Dots`]): `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` and
-//! `Q8_0` rows regrouped by sixteen, four quant bytes of a row per 32-bit lane (see
-//! `simd::repack`); a 5-bit format's fifth bits are ORed into bit 4 of each nibble's byte.
+//! **Weights** ([`RepackedWeight`] in [`Layout::Dots`]): `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`,
+//! `Q8_0` and `Q4_K` rows regrouped by sixteen, four quant bytes of a row per 32-bit lane
+//! (see `simd::repack`); a 5-bit format's fifth bits are ORed into bit 4 of each nibble's
+//! byte. `Q4_K`'s sub-blocks of 32 meet the activations' blocks one to one, each with its
+//! own scale and min (`d · scale`, `dmin · min`, unpacked sixteen rows at a time).
 //!
 //! **Dot products**: per record and activation row, eight steps of "16 lanes × 4 bytes of
 //! weights times the row's 4 activation bytes, broadcast" (`vpdpbusd` on AVX512-VNNI;
 //! `maddubs` + `madd` on AVX2; plain loops on the portable level) give the 16 rows' integer
 //! sums `Σ q_w q_x`; the offsets of the unsigned weights are taken back with the block's
 //! `Σ q_x` (`- 8 Σq_x` for `Q4_0`, `- 16 Σq_x` for `Q5_0`, `- 128 Σq_x` for `Q8_0`); then,
-//! in f32, `acc += (d_w d_x) · sum`, plus `m_w · s_x` for `Q4_1` and `Q5_1`. Blocks accumulate in order, so a
+//! in f32, `acc += (d_w d_x) · sum`, plus `m_w · s_x` for `Q4_1` and `Q5_1` (minus
+//! `(dmin · min) s_x` for `Q4_K`). Blocks accumulate in order, so a
 //! result does not depend on the thread count.
 
 use std::sync::Mutex;
@@ -22,7 +25,7 @@ use std::sync::Mutex;
 use super::Out;
 use super::repack::{GROUP, Layout, Record, RepackedWeight};
 use super::{Isa, Level};
-use crate::quant::{DType, QuantizedRows, f16_to_f32};
+use crate::quant::{DType, QuantizedRows, f16_to_f32, scale_min_k4};
 use crate::team::Team;
 
 /// Activation rows up to which a matmul runs as a decode (each weight group read once for
@@ -188,13 +191,21 @@ unsafe fn group(
     y: *mut f32,
 ) {
     let mut out = [[0.0f32; GROUP]; MR];
+    let k4 = w.dtype == DType::Q4K;
     match kind {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only on CPUs with AVX512-VNNI and AVX512-BW.
+        DotKind::Vnni512 if k4 => unsafe { x86::group_vnni_k4(w, x, g, i0, rows, &mut out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
         DotKind::Vnni512 => unsafe { x86::group_vnni(w, x, g, i0, rows, &mut out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only at AVX2 and above.
+        DotKind::Avx2 if k4 => unsafe { x86::group_avx2_k4(w, x, g, i0, rows, &mut out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
         DotKind::Avx2 => unsafe { x86::group_avx2(w, x, g, i0, rows, &mut out) },
+        _ if k4 => group_portable_k4(w, x, g, i0, rows, &mut out),
         _ => group_portable(w, x, g, i0, rows, &mut out),
     }
     let cols = GROUP.min(w.n - g * GROUP);
@@ -217,7 +228,9 @@ fn group_portable(
 ) {
     let blocks = w.k / 32;
     for b in 0..blocks {
-        let Record { d, m: mins, qh, qs } = w.record(g, b);
+        let Record {
+            d, m: mins, qh, qs, ..
+        } = w.record(g, b);
         for r in 0..rows {
             let i = i0 + r;
             let xr = x.row(i);
@@ -266,12 +279,53 @@ fn group_portable(
     }
 }
 
+/// The plain-loop `Q4_K` kernel: each row's sub-blocks in integers, scaled one by one.
+fn group_portable_k4(
+    w: &RepackedWeight,
+    x: &QuantizedRows,
+    g: usize,
+    i0: usize,
+    rows: usize,
+    out: &mut [[f32; GROUP]; MR],
+) {
+    for b in 0..w.blocks() {
+        let rec = w.record(g, b);
+        let (dmin, packed) = (rec.m.expect("Q4_K dmin"), rec.scales.expect("Q4_K scales"));
+        for j in 0..GROUP {
+            let d = f16_to_f32([rec.d[2 * j], rec.d[2 * j + 1]]);
+            let dmin = f16_to_f32([dmin[2 * j], dmin[2 * j + 1]]);
+            let scales: [u8; 12] = std::array::from_fn(|t| packed[GROUP * t + j]);
+            for r in 0..rows {
+                let xr = x.row(i0 + r);
+                let acc = &mut out[r][j];
+                for sub in 0..8 {
+                    let (sc, m) = scale_min_k4(sub, &scales);
+                    let a = 8 * b + sub;
+                    let xq = &xr.qs[32 * a..][..32];
+                    let mut sum = 0i32;
+                    for (l, &xv) in xq.iter().enumerate() {
+                        // Value l of the sub-block: byte 32 (sub / 2) + l, nibble sub % 2.
+                        let p = 32 * (sub / 2) + l;
+                        let q = rec.qs[64 * (p / 4) + 4 * j + p % 4];
+                        let q = if sub % 2 == 0 { q & 0xf } else { q >> 4 };
+                        sum += q as i32 * xv as i32;
+                    }
+                    *acc = (sum as f32).mul_add(d * sc as f32 * xr.d[a], *acc);
+                    *acc = (-(dmin * m as f32)).mul_add(xr.s[a], *acc);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
     use super::{GROUP, MR, QuantizedRows, Record, RepackedWeight, offset};
     use crate::quant::DType;
+    use crate::simd::v16::{Pair, V16};
+    use crate::simd::vec::{Avx2, Avx512};
 
     /// The 16 rows' halves at `p` as f32.
     #[inline(always)]
@@ -301,7 +355,9 @@ mod x86 {
             let bit4 = _mm512_set1_epi8(0x10);
             let off = offset(w.dtype);
             for b in 0..blocks {
-                let Record { d, m: mins, qh, qs } = w.record(g, b);
+                let Record {
+                    d, m: mins, qh, qs, ..
+                } = w.record(g, b);
                 let dw = halves16(d);
                 let mw = mins.map(|m| halves16(m));
                 // The eight operands: 16 rows × 4 values each.
@@ -352,6 +408,130 @@ mod x86 {
             }
             for r in 0..rows {
                 _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+        }
+    }
+
+    /// `Q4_K`: per record, each pair of sub-blocks (`2i` in the low nibbles of chunks
+    /// `8i .. 8i + 8`, `2i + 1` in the high) as eight `vpdpbusd` steps each, then each
+    /// sub-block's `d · scale` and `dmin · min` applied to its sum.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn group_vnni_k4(
+        w: &RepackedWeight,
+        x: &QuantizedRows,
+        g: usize,
+        i0: usize,
+        rows: usize,
+        out: &mut [[f32; GROUP]; MR],
+    ) {
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); MR];
+            let nib = _mm512_set1_epi8(0x0f);
+            for b in 0..w.blocks() {
+                let rec = w.record(g, b);
+                let d = <Avx512 as V16>::load_f16(rec.d.as_ptr());
+                let dmin = <Avx512 as V16>::load_f16(rec.m.expect("Q4_K dmin").as_ptr());
+                // The record's eight sub-blocks' d · scale and dmin · min, unpacked once.
+                let sm: [[__m512; 2]; 8] =
+                    std::array::from_fn(|j| rec.k4_scale_min(d, dmin, j).map(|v| v.raw()));
+                for i in 0..4 {
+                    let [d0, m0] = sm[2 * i];
+                    let [d1, m1] = sm[2 * i + 1];
+                    let mut lo = [_mm512_setzero_si512(); 8];
+                    let mut hi = [_mm512_setzero_si512(); 8];
+                    for c in 0..8 {
+                        let p = rec.qs.as_ptr().add(64 * (8 * i + c)) as *const __m512i;
+                        let q = _mm512_loadu_si512(p);
+                        lo[c] = _mm512_and_si512(q, nib);
+                        hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), nib);
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                        let xr = x.row(i0 + r);
+                        let (a0, a1) = (8 * b + 2 * i, 8 * b + 2 * i + 1);
+                        let (x0, x1) = (&xr.qs[32 * a0..][..32], &xr.qs[32 * a1..][..32]);
+                        let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                        for c in 0..8 {
+                            s0 = _mm512_dpbusd_epi32(s0, lo[c], bcast4(x0, 4 * c));
+                            s1 = _mm512_dpbusd_epi32(s1, hi[c], bcast4(x1, 4 * c));
+                        }
+                        let scale0 = _mm512_mul_ps(d0, _mm512_set1_ps(xr.d[a0]));
+                        let scale1 = _mm512_mul_ps(d1, _mm512_set1_ps(xr.d[a1]));
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), scale0, *acc);
+                        *acc = _mm512_fnmadd_ps(m0, _mm512_set1_ps(xr.s[a0]), *acc);
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), scale1, *acc);
+                        *acc = _mm512_fnmadd_ps(m1, _mm512_set1_ps(xr.s[a1]), *acc);
+                    }
+                }
+            }
+            for r in 0..rows {
+                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+        }
+    }
+
+    /// `Q4_K` on AVX2: [`group_vnni_k4`] in two halves of eight rows, `maddubs` + `madd` for
+    /// each dot product step.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group_avx2_k4(
+        w: &RepackedWeight,
+        x: &QuantizedRows,
+        g: usize,
+        i0: usize,
+        rows: usize,
+        out: &mut [[f32; GROUP]; MR],
+    ) {
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+            let nib = _mm256_set1_epi8(0x0f);
+            for b in 0..w.blocks() {
+                let rec = w.record(g, b);
+                let d = <Pair<Avx2> as V16>::load_f16(rec.d.as_ptr());
+                let dmin = <Pair<Avx2> as V16>::load_f16(rec.m.expect("Q4_K dmin").as_ptr());
+                // The record's eight sub-blocks' d · scale and dmin · min, unpacked once.
+                let sm: [[[__m256; 2]; 2]; 8] = std::array::from_fn(|j| {
+                    rec.k4_scale_min(d, dmin, j)
+                        .map(|v| v.halves().map(|h| h.raw()))
+                });
+                for i in 0..4 {
+                    let [d0, m0] = sm[2 * i];
+                    let [d1, m1] = sm[2 * i + 1];
+                    for h in 0..2 {
+                        let mut lo = [_mm256_setzero_si256(); 8];
+                        let mut hi = [_mm256_setzero_si256(); 8];
+                        for c in 0..8 {
+                            let p = rec.qs.as_ptr().add(64 * (8 * i + c) + 32 * h);
+                            let q = _mm256_loadu_si256(p as *const __m256i);
+                            lo[c] = _mm256_and_si256(q, nib);
+                            hi[c] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), nib);
+                        }
+                        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                            let xr = x.row(i0 + r);
+                            let (a0, a1) = (8 * b + 2 * i, 8 * b + 2 * i + 1);
+                            let (x0, x1) = (&xr.qs[32 * a0..][..32], &xr.qs[32 * a1..][..32]);
+                            let bc = |x: &[i8], at: usize| {
+                                _mm256_set1_epi32(std::ptr::read_unaligned(
+                                    x.as_ptr().add(at) as *const i32
+                                ))
+                            };
+                            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                            for c in 0..8 {
+                                s0 = _mm256_add_epi32(s0, dot4(lo[c], bc(x0, 4 * c)));
+                                s1 = _mm256_add_epi32(s1, dot4(hi[c], bc(x1, 4 * c)));
+                            }
+                            let scale0 = _mm256_mul_ps(d0[h], _mm256_set1_ps(xr.d[a0]));
+                            let scale1 = _mm256_mul_ps(d1[h], _mm256_set1_ps(xr.d[a1]));
+                            let a = &mut acc[h];
+                            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), scale0, *a);
+                            *a = _mm256_fnmadd_ps(m0[h], _mm256_set1_ps(xr.s[a0]), *a);
+                            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), scale1, *a);
+                            *a = _mm256_fnmadd_ps(m1[h], _mm256_set1_ps(xr.s[a1]), *a);
+                        }
+                    }
+                }
+            }
+            for r in 0..rows {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r][0]);
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[r][1]);
             }
         }
     }
@@ -434,7 +614,9 @@ mod x86 {
             let flip = _mm256_set1_epi8(-128);
             let off = offset(w.dtype);
             for b in 0..blocks {
-                let Record { d, m: mins, qh, qs } = w.record(g, b);
+                let Record {
+                    d, m: mins, qh, qs, ..
+                } = w.record(g, b);
                 for h in 0..2 {
                     let dw =
                         _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(16 * h) as *const __m128i));
@@ -511,7 +693,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
+    use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ8_0};
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
@@ -527,17 +709,21 @@ mod tests {
     /// original (unrepacked) blocks.
     #[test]
     fn every_kernel_matches_the_reference_dots() {
-        let (n, k) = (37, 96);
+        let n = 37;
         for dtype in [
             DType::Q4_0,
             DType::Q4_1,
             DType::Q5_0,
             DType::Q5_1,
             DType::Q8_0,
+            DType::Q4K,
         ] {
+            let k = 3 * dtype.block_len();
             let bytes = match dtype {
                 // No quantizer for these: seeded blocks of every bit pattern.
-                DType::Q5_0 | DType::Q5_1 => quant::sample_blocks(dtype, n * k, 1).unwrap(),
+                DType::Q5_0 | DType::Q5_1 | DType::Q4K => {
+                    quant::sample_blocks(dtype, n * k, 1).unwrap()
+                }
                 _ => quant::quantize(dtype, &values(n * k, 1)).unwrap(),
             };
             let w = RepackedWeight::new(
@@ -556,7 +742,7 @@ mod tests {
                 act.quantize(&x, m, k);
                 // Reference: each format's scalar dot of the original blocks with the same
                 // quantized activations.
-                let row_bytes = (k / 32) * dtype.block_bytes();
+                let row_bytes = dtype.bytes_for(k).unwrap();
                 let mut reference = vec![0.0f32; m * n];
                 for i in 0..m {
                     for j in 0..n {
@@ -573,6 +759,9 @@ mod tests {
                             }
                             DType::Q5_1 => {
                                 BlockQ5_1::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
+                            }
+                            DType::Q4K => {
+                                BlockQ4K::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
                             }
                             _ => BlockQ8_0::dot_q8(bytemuck::cast_slice(blocks), &act.row(i)),
                         };

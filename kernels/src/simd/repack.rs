@@ -1,32 +1,40 @@
-//! `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` and `Q8_0` weights regrouped sixteen rows at a time, so that one vector
+//! `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0` and `Q4_K` weights regrouped sixteen rows at a time, so that one vector
 //! of sixteen lanes holds one value position of sixteen weight rows: a weight is read as one
 //! stream, and a lane's result is a whole output (no horizontal sums). The same bytes as the
 //! file, rearranged (ggml's repacked `Q4_0x8` does the same for eight rows); rows past `n`
 //! in the last group are zero.
 //!
-//! For a group of 16 rows and one block column, a **record** holds the 16 rows' `d` (halves,
-//! row `r` at bytes `2r .. 2r + 2`), for `Q4_1`/`Q5_1` then the 16 rows' `m`, for
-//! `Q5_0`/`Q5_1` then 64 bytes of fifth bits (`qh`), then the quants, each part in one of two
-//! layouts:
+//! For a group of 16 rows and one block column (32 values; 256 for `Q4_K`), a **record**
+//! holds the 16 rows' `d` (halves, row `r` at bytes `2r .. 2r + 2`), for `Q4_1`/`Q5_1` then
+//! the 16 rows' `m` (`Q4_K`: `dmin`), for `Q5_0`/`Q5_1` then 64 bytes of fifth bits (`qh`),
+//! for `Q4_K` then its 12 bytes of packed 6-bit scales and mins as 12 chunks of 16 bytes
+//! (chunk `t` holding each row's `scales[t]`, byte `r` row `r`'s), then the quants, each part
+//! in one of two layouts:
 //! - [`Layout::Values`] (exact mode): one 16-byte chunk per value position, byte `r` of a
 //!   chunk row `r`'s. 4- and 5-bit formats: 16 chunks, chunk `j` holding each row's `qs[j]`
 //!   (low nibble value `j`, high nibble value `j + 16`, the block's own order); `Q8_0`: 32
-//!   chunks, chunk `v` each row's `qs[v]` as stored (`i8`). One `vpmovzxbd`/`vpmovsxbd`
+//!   chunks, chunk `v` each row's `qs[v]` as stored (`i8`); `Q4_K`: 128 chunks, chunk `p`
+//!   each row's `qs[p]` (low nibble value `64 (p / 32) + p % 32`, high nibble 32 values on). One `vpmovzxbd`/`vpmovsxbd`
 //!   makes sixteen lanes of one value position. The fifth bits are 32 little-endian `u16`
 //!   masks, mask `v` holding value `v`'s bit of row `r` in bit `r`: one mask register adds
 //!   16 to the lanes that have it.
 //! - [`Layout::Dots`] (fast mode): chunks of 64 bytes, chunk `c` holding four consecutive
-//!   quant bytes of each row, row `r` at bytes `4r .. 4r + 4`. 4- and 5-bit formats: 4 chunks
-//!   of `qs[4c .. 4c + 4]` (low nibbles values `4c ..`, high nibbles `16 + 4c ..`); `Q8_0`: 8
-//!   chunks of `qs[4c .. 4c + 4]`, each stored as `q + 128` (unsigned). One 32-bit lane is
+//!   quant bytes of each row, row `r` at bytes `4r .. 4r + 4`: chunk `c` holds
+//!   `qs[4c .. 4c + 4]`. 4- and 5-bit formats: 4 chunks (low nibbles values `4c ..`, high
+//!   nibbles `16 + 4c ..`); `Q4_K`: 32 chunks (the values of `qs[4c ..]` as above); `Q8_0`: 8
+//!   chunks, each byte stored as `q + 128` (unsigned). One 32-bit lane is
 //!   the operand of one `vpdpbusd` step for its row. The fifth bits are 16 little-endian
 //!   `u32` lanes, row `r`'s at bytes `4r .. 4r + 4`, arranged to meet the quant lanes: byte
 //!   `t`, bit `c` holds value `4c + t`'s bit and bit `4 + c` value `16 + 4c + t`'s, so that
 //!   chunk `c`'s fifth bits are the lane shifted left by `4 - c` (low nibbles) or right by
 //!   `c` (high nibbles), masked to bit 4 of each byte.
 
+use super::v16::V16;
 use crate::arena::{Arena, Chunk};
-use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, DType, f16_to_f32};
+use crate::quant::{
+    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ8_0, DType, f16_to_f32,
+    scale_min_k4,
+};
 
 /// Weight rows per group.
 pub const GROUP: usize = 16;
@@ -47,7 +55,7 @@ pub enum Layout {
 pub fn repackable(dtype: DType) -> bool {
     matches!(
         dtype,
-        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K
     )
 }
 
@@ -59,16 +67,42 @@ pub struct RepackedWeight {
     pub(super) layout: Layout,
     pub(super) n: usize,
     pub(super) k: usize,
-    /// Records, group-major: record `(g, b)` at `(g * k / 32 + b) * record_bytes`.
+    /// Records, group-major: record `(g, b)` at `(g * blocks + b) * record_bytes`, `blocks`
+    /// the blocks of a row.
     data: Chunk,
 }
 
-/// One record: the 16 rows' scales and mins (halves), fifth bits and quants.
+/// One record: the 16 rows' scales and mins (halves), fifth bits, packed sub-block scales
+/// and quants.
 pub(super) struct Record<'a> {
     pub d: &'a [u8],
     pub m: Option<&'a [u8]>,
     pub qh: Option<&'a [u8]>,
+    pub scales: Option<&'a [u8]>,
     pub qs: &'a [u8],
+}
+
+impl Record<'_> {
+    /// `Q4_K`: the 16 rows' `d · scale` and `dmin · min` of sub-block `j` (0..8), each
+    /// product computed as the reference dequantizer computes it (see
+    /// [`crate::quant::scale_min_k4`] for the packing).
+    #[inline(always)]
+    pub(super) fn k4_scale_min<V: V16>(&self, d: V, dmin: V, j: usize) -> [V; 2] {
+        let s = self.scales.expect("Q4_K scales");
+        // SAFETY: 12 chunks of 16 bytes.
+        let b = |t: usize| unsafe { V::load_u8(s.as_ptr().add(GROUP * t)) };
+        let six = V::u8_splat(63);
+        let (sc, m) = if j < 4 {
+            (V::u8_and(b(j), six), V::u8_and(b(j + 4), six))
+        } else {
+            let top = |t: usize| V::u8_shl(V::u8_shr(b(t), 6), 4);
+            (
+                V::u8_or(V::u8_and(b(j + 4), V::u8_splat(0xf)), top(j - 4)),
+                V::u8_or(V::u8_shr(b(j + 4), 4), top(j)),
+            )
+        };
+        [d.mul(V::u8_to_f32(sc)), dmin.mul(V::u8_to_f32(m))]
+    }
 }
 
 /// Bytes of one record (16 rows × one block) of `dtype`.
@@ -76,20 +110,81 @@ fn record_bytes(dtype: DType) -> usize {
     GROUP * dtype.block_bytes()
 }
 
-/// Whether `dtype`'s blocks carry a min `m`.
-fn has_mins(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_1 | DType::Q5_1)
-}
-
 /// Whether `dtype`'s values have a fifth bit.
 fn has_fifth_bits(dtype: DType) -> bool {
     matches!(dtype, DType::Q5_0 | DType::Q5_1)
 }
 
-/// Offsets of the fifth bits and of the quants in a record of `dtype`.
-fn parts_at(dtype: DType) -> (usize, usize) {
-    let qh = if has_mins(dtype) { 64 } else { 32 };
-    (qh, if has_fifth_bits(dtype) { qh + 64 } else { qh })
+/// Offsets in a record of `dtype`: its fifth bits, packed scales and quants.
+fn parts_at(dtype: DType) -> [usize; 3] {
+    let qh = if dtype.has_min() { 64 } else { 32 };
+    let scales = if has_fifth_bits(dtype) { qh + 64 } else { qh };
+    let qs = if dtype == DType::Q4K {
+        scales + 12 * GROUP
+    } else {
+        scales
+    };
+    [qh, scales, qs]
+}
+
+/// A block's parts as the file stores them.
+struct Parts<'a> {
+    d: [u8; 2],
+    m: Option<[u8; 2]>,
+    qh: Option<[u8; 4]>,
+    scales: Option<&'a [u8; 12]>,
+    qs: &'a [u8],
+}
+
+/// The parts of `blk`, one block of `dtype` (one of [`repackable`]).
+fn parts(dtype: DType, blk: &[u8]) -> Parts<'_> {
+    let plain = |d, qs| Parts {
+        d,
+        m: None,
+        qh: None,
+        scales: None,
+        qs,
+    };
+    match dtype {
+        DType::Q4_0 => {
+            let b: &BlockQ4_0 = bytemuck::from_bytes(blk);
+            plain(b.d, &b.qs)
+        }
+        DType::Q4_1 => {
+            let b: &BlockQ4_1 = bytemuck::from_bytes(blk);
+            Parts {
+                m: Some(b.m),
+                ..plain(b.d, &b.qs)
+            }
+        }
+        DType::Q5_0 => {
+            let b: &BlockQ5_0 = bytemuck::from_bytes(blk);
+            Parts {
+                qh: Some(b.qh),
+                ..plain(b.d, &b.qs)
+            }
+        }
+        DType::Q5_1 => {
+            let b: &BlockQ5_1 = bytemuck::from_bytes(blk);
+            Parts {
+                m: Some(b.m),
+                qh: Some(b.qh),
+                ..plain(b.d, &b.qs)
+            }
+        }
+        DType::Q4K => {
+            let b: &BlockQ4K = bytemuck::from_bytes(blk);
+            Parts {
+                m: Some(b.dmin),
+                scales: Some(&b.scales),
+                ..plain(b.d, &b.qs)
+            }
+        }
+        _ => {
+            let b: &BlockQ8_0 = bytemuck::from_bytes(blk);
+            plain(b.d, bytemuck::cast_slice(&b.qs))
+        }
+    }
 }
 
 /// Where value `v`'s fifth bit of row `r` goes in a record's 64 bytes of fifth bits: the
@@ -105,7 +200,7 @@ fn fifth_bit_at(layout: Layout, r: usize, v: usize) -> (usize, u8) {
 }
 
 impl RepackedWeight {
-    /// Repacks `bytes`, `n` rows of `k / 32` blocks of `dtype` (one of [`repackable`]),
+    /// Repacks `bytes`, `n` rows of `k` values in blocks of `dtype` (one of [`repackable`]),
     /// into `layout`, in memory from `arena`. `None` if the format or the shapes do not fit.
     /// `done` is called with each run of `bytes` once it has been copied (about 1 MiB at a
     /// time, in order), so that a caller can let go of the source as the copy grows.
@@ -121,14 +216,17 @@ impl RepackedWeight {
         if !repackable(dtype)
             || n == 0
             || k == 0
-            || !k.is_multiple_of(32)
             || dtype.bytes_for(k).and_then(|r| r.checked_mul(n)) != Some(bytes.len())
         {
             return None;
         }
-        let (blocks, rec) = (k / 32, record_bytes(dtype));
+        let (blocks, rec, bb) = (
+            k / dtype.block_len(),
+            record_bytes(dtype),
+            dtype.block_bytes(),
+        );
         let mut data = arena.alloc(n.div_ceil(GROUP) * blocks * rec);
-        let (row_bytes, (h0, q0)) = (blocks * dtype.block_bytes(), parts_at(dtype));
+        let (row_bytes, [h0, s0, q0]) = (blocks * bb, parts_at(dtype));
         // Rows per call of `done`: about 1 MiB of source.
         let run = (RELEASE_BYTES / row_bytes).max(1);
         for j in 0..n {
@@ -139,47 +237,25 @@ impl RepackedWeight {
             let row = &bytes[j * row_bytes..][..row_bytes];
             for b in 0..blocks {
                 let out = &mut data[(g * blocks + b) * rec..][..rec];
-                let blk = &row[b * dtype.block_bytes()..][..dtype.block_bytes()];
-                // Scales, mins, and the quant bytes as the block stores them.
-                let qs: &[u8] = match dtype {
-                    DType::Q4_0 => {
-                        let blk: &BlockQ4_0 = bytemuck::from_bytes(blk);
-                        out[2 * r..2 * r + 2].copy_from_slice(&blk.d);
-                        &blk.qs
+                let p = parts(dtype, &row[b * bb..][..bb]);
+                out[2 * r..2 * r + 2].copy_from_slice(&p.d);
+                if let Some(m) = p.m {
+                    out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&m);
+                }
+                if let Some(qh) = p.qh {
+                    let qh = u32::from_le_bytes(qh);
+                    for v in 0..32 {
+                        let (at, bit) = fifth_bit_at(layout, r, v);
+                        out[h0 + at] |= (((qh >> v) & 1) as u8) << bit;
                     }
-                    DType::Q4_1 => {
-                        let blk: &BlockQ4_1 = bytemuck::from_bytes(blk);
-                        out[2 * r..2 * r + 2].copy_from_slice(&blk.d);
-                        out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&blk.m);
-                        &blk.qs
+                }
+                if let Some(scales) = p.scales {
+                    for (t, &s) in scales.iter().enumerate() {
+                        out[s0 + GROUP * t + r] = s;
                     }
-                    DType::Q5_0 | DType::Q5_1 => {
-                        let (d, m, qh, qs) = if dtype == DType::Q5_0 {
-                            let blk: &BlockQ5_0 = bytemuck::from_bytes(blk);
-                            (blk.d, None, blk.qh, &blk.qs)
-                        } else {
-                            let blk: &BlockQ5_1 = bytemuck::from_bytes(blk);
-                            (blk.d, Some(blk.m), blk.qh, &blk.qs)
-                        };
-                        out[2 * r..2 * r + 2].copy_from_slice(&d);
-                        if let Some(m) = m {
-                            out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&m);
-                        }
-                        let qh = u32::from_le_bytes(qh);
-                        for v in 0..32 {
-                            let (at, bit) = fifth_bit_at(layout, r, v);
-                            out[h0 + at] |= (((qh >> v) & 1) as u8) << bit;
-                        }
-                        qs
-                    }
-                    _ => {
-                        let blk: &BlockQ8_0 = bytemuck::from_bytes(blk);
-                        out[2 * r..2 * r + 2].copy_from_slice(&blk.d);
-                        bytemuck::cast_slice(&blk.qs)
-                    }
-                };
+                }
                 let out = &mut out[q0..];
-                for (i, &q) in qs.iter().enumerate() {
+                for (i, &q) in p.qs.iter().enumerate() {
                     match layout {
                         Layout::Values => out[GROUP * i + r] = q,
                         Layout::Dots => {
@@ -215,6 +291,10 @@ impl RepackedWeight {
     pub fn cols(&self) -> usize {
         self.k
     }
+    /// Blocks of a row (32 values each; 256 for `Q4_K`).
+    pub(super) fn blocks(&self) -> usize {
+        self.k / self.dtype.block_len()
+    }
     /// Groups of 16 rows (the last one zero-padded).
     pub fn groups(&self) -> usize {
         self.n.div_ceil(GROUP)
@@ -224,12 +304,13 @@ impl RepackedWeight {
     #[inline(always)]
     pub(super) fn record(&self, g: usize, b: usize) -> Record<'_> {
         let rec = record_bytes(self.dtype);
-        let r = &self.data[(g * (self.k / 32) + b) * rec..][..rec];
-        let (h0, q0) = parts_at(self.dtype);
+        let r = &self.data[(g * self.blocks() + b) * rec..][..rec];
+        let [h0, s0, q0] = parts_at(self.dtype);
         Record {
             d: &r[..32],
-            m: has_mins(self.dtype).then(|| &r[32..64]),
-            qh: has_fifth_bits(self.dtype).then(|| &r[h0..q0]),
+            m: self.dtype.has_min().then(|| &r[32..64]),
+            qh: has_fifth_bits(self.dtype).then(|| &r[h0..s0]),
+            scales: (self.dtype == DType::Q4K).then(|| &r[s0..q0]),
             qs: &r[q0..],
         }
     }
@@ -238,9 +319,10 @@ impl RepackedWeight {
     /// [`crate::quant::dequantize`] does (embedding lookups).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
         let (g, r) = (j / GROUP, j % GROUP);
-        for b in 0..self.k / 32 {
+        let len = self.dtype.block_len();
+        for b in 0..self.blocks() {
             let rec = self.record(g, b);
-            let y = &mut out[32 * b..32 * b + 32];
+            let y = &mut out[len * b..len * (b + 1)];
             let d = f16_to_f32([rec.d[2 * r], rec.d[2 * r + 1]]);
             // Quant byte `i` of the block as stored.
             let byte = |i: usize| match self.layout {
@@ -279,6 +361,22 @@ impl RepackedWeight {
                         y[i + 16] = ((q >> 4) | fifth(i + 16)) as f32 * d + m;
                     }
                 }
+                DType::Q4K => {
+                    let (m, s) = (rec.m.expect("Q4_K dmin"), rec.scales.expect("Q4_K scales"));
+                    let dmin = f16_to_f32([m[2 * r], m[2 * r + 1]]);
+                    let scales: [u8; 12] = std::array::from_fn(|t| s[GROUP * t + r]);
+                    for i in 0..4 {
+                        let (s0, m0) = scale_min_k4(2 * i, &scales);
+                        let (s1, m1) = scale_min_k4(2 * i + 1, &scales);
+                        let (d0, min0) = (d * s0 as f32, dmin * m0 as f32);
+                        let (d1, min1) = (d * s1 as f32, dmin * m1 as f32);
+                        for l in 0..32 {
+                            let q = byte(32 * i + l);
+                            y[64 * i + l] = d0 * (q & 0xf) as f32 - min0;
+                            y[64 * i + 32 + l] = d1 * (q >> 4) as f32 - min1;
+                        }
+                    }
+                }
                 _ => {
                     for (i, v) in y.iter_mut().enumerate() {
                         *v = byte(i) as i8 as f32 * d;
@@ -298,14 +396,16 @@ mod tests {
     /// group partial.
     #[test]
     fn repacking_keeps_every_value_in_both_layouts() {
-        let (n, k) = (37, 96);
+        let n = 37;
         for dtype in [
             DType::Q4_0,
             DType::Q4_1,
             DType::Q5_0,
             DType::Q5_1,
             DType::Q8_0,
+            DType::Q4K,
         ] {
+            let k = 3 * dtype.block_len();
             let bytes = quant::sample_blocks(dtype, n * k, 3).unwrap();
             let mut want = vec![0.0f32; n * k];
             quant::dequantize(dtype, &bytes, &mut want);
@@ -327,11 +427,11 @@ mod tests {
         assert!(
             RepackedWeight::new(
                 &Arena::new(),
-                DType::Q4K,
+                DType::Q6K,
                 Layout::Values,
                 1,
                 256,
-                &[0; 144],
+                &[0; 210],
                 |_| {}
             )
             .is_none()

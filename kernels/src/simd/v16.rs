@@ -123,6 +123,12 @@ pub(crate) trait V16: Copy {
 pub(crate) struct Pair<V>([V; 2]);
 
 impl<V: F32Vec> Pair<V> {
+    /// Lanes 0..8 and 8..16.
+    #[inline(always)]
+    pub(crate) fn halves(self) -> [V; 2] {
+        self.0
+    }
+
     #[inline(always)]
     unsafe fn load_pair(p: *const f32) -> Self {
         // SAFETY: 16 values, per the caller.

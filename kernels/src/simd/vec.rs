@@ -209,6 +209,11 @@ mod x86 {
         pub(crate) fn from_raw(v: __m256) -> Self {
             Self(v)
         }
+        /// The register.
+        #[inline(always)]
+        pub(crate) fn raw(self) -> __m256 {
+            self.0
+        }
     }
 
     // SAFETY (every `unsafe` block below): only reached from functions compiled with
