@@ -230,10 +230,15 @@ impl<const M: usize, const F: u8> Kernel16 for GroupGemv<'_, M, F> {
                 // Chains by constant index (a runtime index would keep `p` in memory).
                 if F == Q8_0 {
                     for v in (0..32).step_by(4) {
-                        // SAFETY: a Q8_0 record holds 32 chunks of 16 bytes.
-                        let ws: [V; 4] = std::array::from_fn(|u| unsafe {
-                            V::i8_to_f32(V::load_u8(rec.qs.as_ptr().add(GROUP * (v + u))))
-                        });
+                        // Not array::from_fn: its closure would not inherit the level's
+                        // target features.
+                        let mut ws = [V::zero(); 4];
+                        for (u, w) in ws.iter_mut().enumerate() {
+                            // SAFETY: a Q8_0 record holds 32 chunks of 16 bytes.
+                            *w = unsafe {
+                                V::i8_to_f32(V::load_u8(rec.qs.as_ptr().add(GROUP * (v + u))))
+                            };
+                        }
                         for (p, xb) in p.iter_mut().zip(&xs) {
                             p[0] = ws[0].fma(V::splat(xb[v]), p[0]);
                             p[1] = ws[1].fma(V::splat(xb[v + 1]), p[1]);
