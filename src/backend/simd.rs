@@ -55,8 +55,8 @@ impl std::str::FromStr for Mode {
 pub enum SimdWeight<'w> {
     /// Rows of blocks as the file stores them, borrowed: the formats that are not repacked.
     Blocks(BlockWeight<'w>),
-    /// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0` and `Q4_K`: the same bytes regrouped sixteen
-    /// rows at a time, in the layout of the mode's kernels (`Values` for exact f32 math,
+    /// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K` and `Q6_K`: the same bytes regrouped
+    /// sixteen rows at a time, in the layout of the mode's kernels (`Values` for exact f32 math,
     /// `Dots` for fast mode's integer dot products).
     Repacked(RepackedWeight),
     /// f32 in the GEMM microkernel's panel layout: rows whose length is no multiple of 32
@@ -160,9 +160,10 @@ impl SimdBackend {
     }
 
     /// The repacked layout a weight takes: fast mode's integer dot products for every
-    /// weight but the classifier; exact mode's otherwise.
-    fn layout(&self, name: &str) -> Layout {
-        if self.mode == Mode::Fast && !is_classifier(name) {
+    /// weight but the classifier, in the formats that have integer kernels; exact mode's
+    /// otherwise.
+    fn layout(&self, name: &str, dtype: DType) -> Layout {
+        if self.mode == Mode::Fast && !is_classifier(name) && simd::has_int_kernels(dtype) {
             Layout::Dots
         } else {
             Layout::Values
@@ -254,7 +255,7 @@ impl Backend for SimdBackend {
         if let Some(r) = RepackedWeight::new(
             &self.arena,
             w.dtype(),
-            self.layout(w.name()),
+            self.layout(w.name(), w.dtype()),
             rows,
             cols,
             w.bytes(),

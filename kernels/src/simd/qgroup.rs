@@ -1,5 +1,5 @@
-//! Exact mode on repacked weights: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0` and `Q4_K` in
-//! [`Layout::Values`], sixteen rows to a record, one value position of the sixteen rows per
+//! Exact mode on repacked weights: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K` and `Q6_K`
+//! in [`Layout::Values`], sixteen rows to a record, one value position of the sixteen rows per
 //! 16-byte chunk (see `simd::repack`). The arithmetic is f32 on the weights' exact values, as on rows of blocks
 //! (`simd::qmatmul`); the layout takes away what that path pays per row and block.
 //!
@@ -10,7 +10,9 @@
 //!   no per-row scale table. Each block's sums are scaled once, sixteen rows at a time:
 //!   `acc += d · Σ_v q_v x_v` (`q - 8` for `Q4_0`, `q - 16` for `Q5_0`), plus `m · Σ_v x_v`
 //!   for `Q4_1` and `Q5_1`, the block sums of `x` computed once per call. `Q4_K` sums each
-//!   sub-block of 32 apart and scales it by its own `d · scale`, less `dmin · min · Σ_v x_v`. That is the
+//!   sub-block of 32 apart and scales it by its own `d · scale`, less `dmin · min · Σ_v x_v`;
+//!   `Q6_K` each group of 16 by its `d · scale`, its values `q - 32` built in bytes
+//!   (`vpmovsxbd` + `vcvtdq2ps`: six bits have no 16-entry table). That is the
 //!   dequantized weight's dot product with the scale taken out of each block's sum: the
 //!   same value up to f32 rounding, bounded as a sum's reordering is.
 //! - **prefill**: the packed GEMM of `simd::qmatmul`, its panels decoded from the records:
@@ -110,6 +112,9 @@ fn gemv(
         (1, DType::Q4K) => dispatch16(isa, GroupGemvK4::<1>(g)),
         (2, DType::Q4K) => dispatch16(isa, GroupGemvK4::<2>(g)),
         (_, DType::Q4K) => dispatch16(isa, GroupGemvK4::<3>(g)),
+        (1, DType::Q6K) => dispatch16(isa, GroupGemvK6::<1>(g)),
+        (2, DType::Q6K) => dispatch16(isa, GroupGemvK6::<2>(g)),
+        (_, DType::Q6K) => dispatch16(isa, GroupGemvK6::<3>(g)),
         (1, _) => formats!(1),
         (2, _) => formats!(2),
         _ => formats!(3),
@@ -376,6 +381,71 @@ impl<const M: usize> Kernel16 for GroupGemvK4<'_, M> {
     }
 }
 
+/// [`Gemv`] of a `Q6_K` weight with `M` activation rows.
+struct GroupGemvK6<'a, const M: usize>(Gemv<'a>);
+
+impl<const M: usize> Kernel16 for GroupGemvK6<'_, M> {
+    type Output = ();
+
+    /// Per group, per record, per half and per group of 16 positions: the four quarters'
+    /// values times the broadcast activations into two chains each per activation row; then
+    /// each 16-value group's sum times its `d · scale`.
+    #[inline(always)]
+    fn run<V: V16>(self) {
+        let Gemv {
+            w, x, groups, y, ..
+        } = self.0;
+        let (k, n) = (w.k, w.n);
+        for g in groups {
+            let mut acc = [V::zero(); M];
+            for b in 0..w.blocks() {
+                let rec = w.record(g, b);
+                // SAFETY: 16 halves.
+                let d = unsafe { V::load_f16(rec.d.as_ptr()) };
+                // The sixteen d · scale, once per record (a loop: see GroupGemvK4).
+                let mut sc = [V::zero(); 16];
+                for (t, sc) in sc.iter_mut().enumerate() {
+                    *sc = rec.k6_scale(d, t);
+                }
+                for h in 0..2 {
+                    // This half's 128 values of each activation row.
+                    let xs: [&[f32]; M] =
+                        std::array::from_fn(|r| &x[r * k + 256 * b + 128 * h..][..128]);
+                    for half in 0..2 {
+                        let mut p = [[V::zero(); 8]; M];
+                        for l in (16 * half..16 * half + 16).step_by(2) {
+                            let mut w0 = [V::zero(); 4];
+                            let mut w1 = [V::zero(); 4];
+                            for q in 0..4 {
+                                w0[q] = rec.k6_value(h, q, l);
+                                w1[q] = rec.k6_value(h, q, l + 1);
+                            }
+                            for (p, xb) in p.iter_mut().zip(&xs) {
+                                for q in 0..4 {
+                                    p[q] = w0[q].fma(V::splat(xb[32 * q + l]), p[q]);
+                                    p[4 + q] = w1[q].fma(V::splat(xb[32 * q + l + 1]), p[4 + q]);
+                                }
+                            }
+                        }
+                        for (a, p) in acc.iter_mut().zip(&p) {
+                            for q in 0..4 {
+                                *a = p[q].add(p[4 + q]).fma(sc[8 * h + 2 * q + half], *a);
+                            }
+                        }
+                    }
+                }
+            }
+            let j0 = GROUP * g;
+            let cols = GROUP.min(n - j0);
+            for (i, a) in acc.iter().enumerate() {
+                // SAFETY: row i of y, columns j0 .. j0 + cols: this task's group.
+                let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(i * n + j0), cols) };
+                store_lanes(*a, 0, out);
+            }
+        }
+    }
+}
+
 /// Stores lanes `lane0 .. lane0 + out.len()` of `v`.
 #[inline(always)]
 fn store_lanes<V: V16>(v: V, lane0: usize, out: &mut [f32]) {
@@ -427,6 +497,15 @@ impl Panels for GroupPanels<'_> {
                 // SAFETY: 16 halves each.
                 let d = unsafe { W::load_f16(rec.d.as_ptr()) };
                 match w.dtype {
+                    DType::Q6K => {
+                        // Half h, quarter q: the 32 values at 128 h + 32 q.
+                        let (h, q) = (p % 256 / 128, p % 128 / 32);
+                        for l in 0..32 {
+                            let sc = rec.k6_scale(d, 8 * h + 2 * q + l / 16);
+                            let val = sc.mul(rec.k6_value(h, q, l));
+                            store_lanes(val, lane0, &mut panel[at(p + l)..at(p + l) + lanes]);
+                        }
+                    }
                     DType::Q4K => {
                         // Sub-block j: the low (j even) or high nibbles of chunks 32 (j / 2) ..
                         let j = p % 256 / 32;
@@ -501,9 +580,10 @@ mod tests {
             DType::Q5_1,
             DType::Q8_0,
             DType::Q4K,
+            DType::Q6K,
         ] {
-            // Q4_K: 768 values a row, three records.
-            let k = if dtype == DType::Q4K { 768 } else { k };
+            // K-quants: 768 values a row, three records.
+            let k = if dtype.block_len() == 256 { 768 } else { k };
             let bytes = quant::sample_blocks(dtype, n * k, 5).unwrap();
             let mut wf = vec![0.0f32; n * k];
             quant::dequantize(dtype, &bytes, &mut wf);

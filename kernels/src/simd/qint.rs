@@ -68,6 +68,14 @@ fn dot_kind(isa: Isa) -> DotKind {
     }
 }
 
+/// Whether fast mode has integer kernels for `dtype` (repacked in [`Layout::Dots`]).
+pub fn has_int_kernels(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K
+    )
+}
+
 /// The name of the integer kernel `isa` runs (for benchmark rows).
 pub fn int_kernel_name(isa: Isa) -> &'static str {
     match dot_kind(isa) {

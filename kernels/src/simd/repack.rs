@@ -1,20 +1,24 @@
-//! `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0` and `Q4_K` weights regrouped sixteen rows at a time, so that one vector
+//! `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K` and `Q6_K` weights regrouped sixteen rows
+//! at a time, so that one vector
 //! of sixteen lanes holds one value position of sixteen weight rows: a weight is read as one
 //! stream, and a lane's result is a whole output (no horizontal sums). The same bytes as the
 //! file, rearranged (ggml's repacked `Q4_0x8` does the same for eight rows); rows past `n`
 //! in the last group are zero.
 //!
-//! For a group of 16 rows and one block column (32 values; 256 for `Q4_K`), a **record**
-//! holds the 16 rows' `d` (halves, row `r` at bytes `2r .. 2r + 2`), for `Q4_1`/`Q5_1` then
-//! the 16 rows' `m` (`Q4_K`: `dmin`), for `Q5_0`/`Q5_1` then 64 bytes of fifth bits (`qh`),
-//! for `Q4_K` then its 12 bytes of packed 6-bit scales and mins as 12 chunks of 16 bytes
-//! (chunk `t` holding each row's `scales[t]`, byte `r` row `r`'s), then the quants, each part
-//! in one of two layouts:
+//! For a group of 16 rows and one block column (32 values; 256 for the K-quants), a
+//! **record** holds the 16 rows' `d` (halves, row `r` at bytes `2r .. 2r + 2`), for
+//! `Q4_1`/`Q5_1` then the 16 rows' `m` (`Q4_K`: `dmin`), for `Q5_0`/`Q5_1` then 64 bytes of
+//! fifth bits (`qh`), for the K-quants then their sub-block scales as chunks of 16 bytes
+//! (`Q4_K`: its 12 bytes of packed 6-bit scales and mins; `Q6_K`: its 16 signed scales;
+//! chunk `t` holding each row's `scales[t]`, byte `r` row `r`'s), then the quants (`Q6_K`:
+//! its 128 bytes of `ql`, then its 64 of `qh`), each part in one of two layouts:
 //! - [`Layout::Values`] (exact mode): one 16-byte chunk per value position, byte `r` of a
 //!   chunk row `r`'s. 4- and 5-bit formats: 16 chunks, chunk `j` holding each row's `qs[j]`
 //!   (low nibble value `j`, high nibble value `j + 16`, the block's own order); `Q8_0`: 32
 //!   chunks, chunk `v` each row's `qs[v]` as stored (`i8`); `Q4_K`: 128 chunks, chunk `p`
-//!   each row's `qs[p]` (low nibble value `64 (p / 32) + p % 32`, high nibble 32 values on). One `vpmovzxbd`/`vpmovsxbd`
+//!   each row's `qs[p]` (low nibble value `64 (p / 32) + p % 32`, high nibble 32 values on);
+//!   `Q6_K`: 192 chunks, three per half `h` and position `l`, side by side so that a record
+//!   is read as one stream: `ql[64h + l]`, `ql[64h + 32 + l]`, `qh[32h + l]`. One `vpmovzxbd`/`vpmovsxbd`
 //!   makes sixteen lanes of one value position. The fifth bits are 32 little-endian `u16`
 //!   masks, mask `v` holding value `v`'s bit of row `r` in bit `r`: one mask register adds
 //!   16 to the lanes that have it.
@@ -32,7 +36,7 @@
 use super::v16::V16;
 use crate::arena::{Arena, Chunk};
 use crate::quant::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ8_0, DType, f16_to_f32,
+    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, DType, f16_to_f32,
     scale_min_k4,
 };
 
@@ -55,7 +59,13 @@ pub enum Layout {
 pub fn repackable(dtype: DType) -> bool {
     matches!(
         dtype,
-        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K
+        DType::Q4_0
+            | DType::Q4_1
+            | DType::Q5_0
+            | DType::Q5_1
+            | DType::Q8_0
+            | DType::Q4K
+            | DType::Q6K
     )
 }
 
@@ -105,6 +115,49 @@ impl Record<'_> {
     }
 }
 
+impl Record<'_> {
+    /// `Q6_K`: the 16 rows' `d · scales[t]` (`t` in 0..16), as the reference dequantizer
+    /// computes it.
+    #[inline(always)]
+    pub(super) fn k6_scale<V: V16>(&self, d: V, t: usize) -> V {
+        let s = self.scales.expect("Q6_K scales");
+        // SAFETY: 16 chunks of 16 bytes.
+        d.mul(V::i8_to_f32(unsafe {
+            V::load_u8(s.as_ptr().add(GROUP * t))
+        }))
+    }
+
+    /// `Q6_K` in [`Layout::Values`]: the 16 rows' values `q - 32` at position `128 h + 32 r
+    /// + l` (half `h`, quarter `r` in 0..4, `l` in 0..32) as f32: the low (`r < 2`) or high
+    /// nibble of `ql[64 h + 32 (r % 2) + l]`, bits `2r, 2r + 1` of `qh[32 h + l]` above it
+    /// (see `quant::q6_k`; the chunks as [`values_chunk`] places them).
+    #[inline(always)]
+    pub(super) fn k6_value<V: V16>(&self, h: usize, r: usize, l: usize) -> V {
+        let t = 32 * h + l;
+        // SAFETY: 192 chunks of 16 bytes.
+        let (lo, hi) = unsafe {
+            (
+                V::load_u8(self.qs.as_ptr().add(GROUP * (3 * t + r % 2))),
+                V::load_u8(self.qs.as_ptr().add(GROUP * (3 * t + 2))),
+            )
+        };
+        let lo = if r < 2 {
+            V::low_nibbles(lo)
+        } else {
+            V::high_nibbles(lo)
+        };
+        // Bits 2r, 2r + 1 of qh into bits 4, 5.
+        let hi = match r {
+            0 => V::u8_shl(hi, 4),
+            1 => V::u8_shl(hi, 2),
+            2 => hi,
+            _ => V::u8_shr(hi, 2),
+        };
+        let q = V::u8_or(lo, V::u8_and(hi, V::u8_splat(0x30)));
+        V::i8_to_f32(V::u8_sub(q, V::u8_splat(32)))
+    }
+}
+
 /// Bytes of one record (16 rows × one block) of `dtype`.
 fn record_bytes(dtype: DType) -> usize {
     GROUP * dtype.block_bytes()
@@ -115,16 +168,21 @@ fn has_fifth_bits(dtype: DType) -> bool {
     matches!(dtype, DType::Q5_0 | DType::Q5_1)
 }
 
-/// Offsets in a record of `dtype`: its fifth bits, packed scales and quants.
+/// Bytes of sub-block scales a block of `dtype` holds (`Q4_K`: 6-bit scales and mins
+/// packed in 12; `Q6_K`: 16 signed scales).
+fn scale_bytes(dtype: DType) -> usize {
+    match dtype {
+        DType::Q4K => 12,
+        DType::Q6K => 16,
+        _ => 0,
+    }
+}
+
+/// Offsets in a record of `dtype`: its fifth bits, sub-block scales and quants.
 fn parts_at(dtype: DType) -> [usize; 3] {
     let qh = if dtype.has_min() { 64 } else { 32 };
     let scales = if has_fifth_bits(dtype) { qh + 64 } else { qh };
-    let qs = if dtype == DType::Q4K {
-        scales + 12 * GROUP
-    } else {
-        scales
-    };
-    [qh, scales, qs]
+    [qh, scales, scales + scale_bytes(dtype) * GROUP]
 }
 
 /// A block's parts as the file stores them.
@@ -132,8 +190,10 @@ struct Parts<'a> {
     d: [u8; 2],
     m: Option<[u8; 2]>,
     qh: Option<[u8; 4]>,
-    scales: Option<&'a [u8; 12]>,
+    scales: Option<&'a [u8]>,
+    /// The quant bytes: `qs`, or for `Q6_K` `ql` then `more`, its `qh`.
     qs: &'a [u8],
+    more: &'a [u8],
 }
 
 /// The parts of `blk`, one block of `dtype` (one of [`repackable`]).
@@ -144,6 +204,7 @@ fn parts(dtype: DType, blk: &[u8]) -> Parts<'_> {
         qh: None,
         scales: None,
         qs,
+        more: &[],
     };
     match dtype {
         DType::Q4_0 => {
@@ -180,10 +241,33 @@ fn parts(dtype: DType, blk: &[u8]) -> Parts<'_> {
                 ..plain(b.d, &b.qs)
             }
         }
+        DType::Q6K => {
+            let b: &BlockQ6K = bytemuck::from_bytes(blk);
+            Parts {
+                scales: Some(bytemuck::cast_slice(&b.scales)),
+                more: &b.qh,
+                ..plain(b.d, &b.ql)
+            }
+        }
         _ => {
             let b: &BlockQ8_0 = bytemuck::from_bytes(blk);
             plain(b.d, bytemuck::cast_slice(&b.qs))
         }
+    }
+}
+
+/// The chunk of a [`Layout::Values`] record that holds quant byte `i` of a block: byte `i`'s
+/// own, but for `Q6_K`, whose decode reads `ql[64h + l]`, `ql[64h + 32 + l]` and
+/// `qh[32h + l]` together: those three sit side by side as chunks `3t`, `3t + 1` and
+/// `3t + 2`, `t = 32h + l`, so that a record is read as one stream.
+fn values_chunk(dtype: DType, i: usize) -> usize {
+    match dtype {
+        DType::Q6K if i < 128 => {
+            let (h, second, l) = (i / 64, i % 64 / 32, i % 32);
+            3 * (32 * h + l) + second
+        }
+        DType::Q6K => 3 * (i - 128) + 2,
+        _ => i,
     }
 }
 
@@ -255,9 +339,9 @@ impl RepackedWeight {
                     }
                 }
                 let out = &mut out[q0..];
-                for (i, &q) in p.qs.iter().enumerate() {
+                for (i, &q) in p.qs.iter().chain(p.more).enumerate() {
                     match layout {
-                        Layout::Values => out[GROUP * i + r] = q,
+                        Layout::Values => out[GROUP * values_chunk(dtype, i) + r] = q,
                         Layout::Dots => {
                             let (c, v) = (i / 4, i % 4);
                             let q = if dtype == DType::Q8_0 { q ^ 0x80 } else { q };
@@ -291,7 +375,7 @@ impl RepackedWeight {
     pub fn cols(&self) -> usize {
         self.k
     }
-    /// Blocks of a row (32 values each; 256 for `Q4_K`).
+    /// Blocks of a row (32 values each; 256 for `Q4_K` and `Q6_K`).
     pub(super) fn blocks(&self) -> usize {
         self.k / self.dtype.block_len()
     }
@@ -310,7 +394,7 @@ impl RepackedWeight {
             d: &r[..32],
             m: self.dtype.has_min().then(|| &r[32..64]),
             qh: has_fifth_bits(self.dtype).then(|| &r[h0..s0]),
-            scales: (self.dtype == DType::Q4K).then(|| &r[s0..q0]),
+            scales: (scale_bytes(self.dtype) > 0).then(|| &r[s0..q0]),
             qs: &r[q0..],
         }
     }
@@ -326,7 +410,7 @@ impl RepackedWeight {
             let d = f16_to_f32([rec.d[2 * r], rec.d[2 * r + 1]]);
             // Quant byte `i` of the block as stored.
             let byte = |i: usize| match self.layout {
-                Layout::Values => rec.qs[GROUP * i + r],
+                Layout::Values => rec.qs[GROUP * values_chunk(self.dtype, i) + r],
                 Layout::Dots => {
                     let q = rec.qs[64 * (i / 4) + 4 * r + i % 4];
                     if self.dtype == DType::Q8_0 {
@@ -359,6 +443,23 @@ impl RepackedWeight {
                         let q = byte(i);
                         y[i] = ((q & 0xf) | fifth(i)) as f32 * d + m;
                         y[i + 16] = ((q >> 4) | fifth(i + 16)) as f32 * d + m;
+                    }
+                }
+                DType::Q6K => {
+                    let s = rec.scales.expect("Q6_K scales");
+                    // The row's block as the file stores it: ql then qh, and the scales.
+                    let q: [u8; 192] = std::array::from_fn(&byte);
+                    let (ql, qh) = q.split_at(128);
+                    for h in 0..2 {
+                        for l in 0..32 {
+                            for qr in 0..4 {
+                                let low = ql[64 * h + 32 * (qr % 2) + l] >> (4 * (qr / 2)) & 0xf;
+                                let high = (qh[32 * h + l] >> (2 * qr)) & 3;
+                                let sc = s[GROUP * (8 * h + 2 * qr + l / 16) + r] as i8;
+                                let q = (low | high << 4) as i32 - 32;
+                                y[128 * h + 32 * qr + l] = d * sc as f32 * q as f32;
+                            }
+                        }
                     }
                 }
                 DType::Q4K => {
@@ -404,6 +505,7 @@ mod tests {
             DType::Q5_1,
             DType::Q8_0,
             DType::Q4K,
+            DType::Q6K,
         ] {
             let k = 3 * dtype.block_len();
             let bytes = quant::sample_blocks(dtype, n * k, 3).unwrap();
@@ -427,11 +529,11 @@ mod tests {
         assert!(
             RepackedWeight::new(
                 &Arena::new(),
-                DType::Q6K,
+                DType::Q5K,
                 Layout::Values,
                 1,
                 256,
-                &[0; 210],
+                &[0; 176],
                 |_| {}
             )
             .is_none()

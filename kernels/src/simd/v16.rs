@@ -41,6 +41,8 @@ pub(crate) trait V16: Copy {
     fn u8_splat(v: u8) -> Self::U8;
     fn u8_and(a: Self::U8, b: Self::U8) -> Self::U8;
     fn u8_or(a: Self::U8, b: Self::U8) -> Self::U8;
+    /// Each byte `a - b`, wrapping.
+    fn u8_sub(a: Self::U8, b: Self::U8) -> Self::U8;
     /// Each byte shifted right by `n` (0..8), zeros shifted in.
     fn u8_shr(a: Self::U8, n: u32) -> Self::U8;
     /// Each byte shifted left by `n` (0..8), zeros shifted in.
@@ -201,6 +203,10 @@ impl V16 for Pair<Portable> {
     #[inline(always)]
     fn u8_or(a: [u8; 16], b: [u8; 16]) -> [u8; 16] {
         std::array::from_fn(|i| a[i] | b[i])
+    }
+    #[inline(always)]
+    fn u8_sub(a: [u8; 16], b: [u8; 16]) -> [u8; 16] {
+        std::array::from_fn(|i| a[i].wrapping_sub(b[i]))
     }
     #[inline(always)]
     fn u8_shr(a: [u8; 16], n: u32) -> [u8; 16] {
@@ -367,6 +373,10 @@ mod x86 {
             unsafe { _mm_or_si128(a, b) }
         }
         #[inline(always)]
+        fn u8_sub(a: __m128i, b: __m128i) -> __m128i {
+            unsafe { _mm_sub_epi8(a, b) }
+        }
+        #[inline(always)]
         fn u8_shr(a: __m128i, n: u32) -> __m128i {
             unsafe { shr_bytes(a, n) }
         }
@@ -514,6 +524,10 @@ mod x86 {
         #[inline(always)]
         fn u8_or(a: __m128i, b: __m128i) -> __m128i {
             unsafe { _mm_or_si128(a, b) }
+        }
+        #[inline(always)]
+        fn u8_sub(a: __m128i, b: __m128i) -> __m128i {
+            unsafe { _mm_sub_epi8(a, b) }
         }
         #[inline(always)]
         fn u8_shr(a: __m128i, n: u32) -> __m128i {
