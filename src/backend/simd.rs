@@ -20,9 +20,9 @@ pub enum Mode {
     /// a cache-resident panel when prefilling), never the whole weight at once. The same
     /// numbers as an F32 model, up to the order of sums.
     Exact,
-    /// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0` and `Q4_K` weights, repacked sixteen rows
-    /// together when prepared, multiply 8-bit quantized activations in integer dot products,
-    /// as ggml does (see `chord_kernels::simd::qint`). Other formats (`Q5_K`, `Q6_K`, the
+    /// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K` and `Q6_K` weights, repacked sixteen
+    /// rows together when prepared, multiply 8-bit quantized activations in integer dot
+    /// products, as ggml does (see `chord_kernels::simd::qint`). Other formats (`Q5_K`, the
     /// float formats) compute as in exact mode, and so does the
     /// classifier (`output.weight`, or the tied `token_embd.weight`): rounding its input to
     /// 8 bits goes straight into the logits, and measured a third of fast mode's KL

@@ -10,7 +10,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{Block, DType, f16_to_f32};
+use super::{Block, DType, Q8Row, f16_to_f32};
 use crate::simd::v16::V16;
 
 #[repr(C)]
@@ -73,5 +73,35 @@ impl Block for BlockQ6K {
             *o = scale.mul(V::u8_to_f32(V::u8_or(low, high)).sub(thirty_two));
         }
         out
+    }
+}
+
+impl BlockQ6K {
+    /// `Σ w·x` of a row of blocks and a quantized activation row (each quarter of a half
+    /// one activation block of 32), group of 16 by group in integers: `(d · scale) d_x
+    /// (Σ q_w q_x - 32 Σ q_x)`, `q_w` unsigned (the reference of fast mode's kernels).
+    pub fn dot_q8(w: &[BlockQ6K], x: &Q8Row<'_>) -> f32 {
+        let mut acc = 0.0f32;
+        for (b, blk) in w.iter().enumerate() {
+            let d = f16_to_f32(blk.d);
+            for h in 0..2 {
+                let (ql, qh) = (&blk.ql[64 * h..][..64], &blk.qh[32 * h..][..32]);
+                for r in 0..4 {
+                    let a = 8 * b + 4 * h + r;
+                    for half in 0..2 {
+                        let mut sum = 0i32;
+                        for l in 16 * half..16 * half + 16 {
+                            let low = (ql[32 * (r % 2) + l] >> (4 * (r / 2))) & 0xf;
+                            let q = low | ((qh[l] >> (2 * r)) & 3) << 4;
+                            sum += q as i32 * x.qs[32 * a + l] as i32;
+                        }
+                        let sum = sum - 32 * x.sum16[2 * a + half];
+                        let scale = d * blk.scales[8 * h + 2 * r + half] as f32;
+                        acc = (sum as f32).mul_add(scale * x.d[a], acc);
+                    }
+                }
+            }
+        }
+        acc
     }
 }

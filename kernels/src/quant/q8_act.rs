@@ -16,6 +16,8 @@ pub struct QuantizedRows {
     d: Vec<f32>,
     sum: Vec<i32>,
     s: Vec<f32>,
+    /// `(m, k / 16)`: `Σq` of each half block (for `Q6_K`'s groups of 16).
+    sum16: Vec<i32>,
 }
 
 /// One quantized row: `k` quants and `k / 32` blocks' scale, `Σq` and `d Σq`.
@@ -25,6 +27,8 @@ pub struct Q8Row<'a> {
     pub d: &'a [f32],
     pub sum: &'a [i32],
     pub s: &'a [f32],
+    /// `Σq` of each half block of 16.
+    pub sum16: &'a [i32],
 }
 
 impl QuantizedRows {
@@ -41,6 +45,7 @@ impl QuantizedRows {
         self.d.resize(blocks, 0.0);
         self.sum.resize(blocks, 0);
         self.s.resize(blocks, 0.0);
+        self.sum16.resize(2 * blocks, 0);
         for (b, xb) in x.chunks_exact(32).enumerate() {
             let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
             let d = amax / 127.0;
@@ -50,6 +55,9 @@ impl QuantizedRows {
                 *q = (v * id).round() as i8;
                 sum += *q as i32;
             }
+            let q = &self.qs[32 * b..32 * b + 32];
+            self.sum16[2 * b] = q[..16].iter().map(|&q| q as i32).sum();
+            self.sum16[2 * b + 1] = q[16..].iter().map(|&q| q as i32).sum();
             self.d[b] = d;
             self.sum[b] = sum;
             self.s[b] = d * sum as f32;
@@ -69,6 +77,7 @@ impl QuantizedRows {
             d: &self.d[i * b..(i + 1) * b],
             sum: &self.sum[i * b..(i + 1) * b],
             s: &self.s[i * b..(i + 1) * b],
+            sum16: &self.sum16[2 * i * b..2 * (i + 1) * b],
         }
     }
 }

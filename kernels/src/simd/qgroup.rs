@@ -402,11 +402,6 @@ impl<const M: usize> Kernel16 for GroupGemvK6<'_, M> {
                 let rec = w.record(g, b);
                 // SAFETY: 16 halves.
                 let d = unsafe { V::load_f16(rec.d.as_ptr()) };
-                // The sixteen d · scale, once per record (a loop: see GroupGemvK4).
-                let mut sc = [V::zero(); 16];
-                for (t, sc) in sc.iter_mut().enumerate() {
-                    *sc = rec.k6_scale(d, t);
-                }
                 for h in 0..2 {
                     // This half's 128 values of each activation row.
                     let xs: [&[f32]; M] =
@@ -429,7 +424,8 @@ impl<const M: usize> Kernel16 for GroupGemvK6<'_, M> {
                         }
                         for (a, p) in acc.iter_mut().zip(&p) {
                             for q in 0..4 {
-                                *a = p[q].add(p[4 + q]).fma(sc[8 * h + 2 * q + half], *a);
+                                let sc = rec.k6_scale(d, 8 * h + 2 * q + half);
+                                *a = p[q].add(p[4 + q]).fma(sc, *a);
                             }
                         }
                     }

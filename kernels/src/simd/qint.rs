@@ -9,7 +9,9 @@
 //! `Q8_0` and `Q4_K` rows regrouped by sixteen, four quant bytes of a row per 32-bit lane
 //! (see `simd::repack`); a 5-bit format's fifth bits are ORed into bit 4 of each nibble's
 //! byte. `Q4_K`'s sub-blocks of 32 meet the activations' blocks one to one, each with its
-//! own scale and min (`d · scale`, `dmin · min`, unpacked sixteen rows at a time).
+//! own scale and min (`d · scale`, `dmin · min`, unpacked sixteen rows at a time); so does
+//! each quarter of a `Q6_K` half, its unsigned six-bit values built from `ql` and `qh`
+//! chunks and each group of 16 scaled apart (`- 32 Σq_x` over the group).
 //!
 //! **Dot products**: per record and activation row, eight steps of "16 lanes × 4 bytes of
 //! weights times the row's 4 activation bytes, broadcast" (`vpdpbusd` on AVX512-VNNI;
@@ -23,7 +25,7 @@
 use std::sync::Mutex;
 
 use super::Out;
-use super::repack::{GROUP, Layout, Record, RepackedWeight};
+use super::repack::{GROUP, Layout, Record, RepackedWeight, dots_chunk};
 use super::{Isa, Level};
 use crate::quant::{DType, QuantizedRows, f16_to_f32, scale_min_k4};
 use crate::team::Team;
@@ -72,7 +74,13 @@ fn dot_kind(isa: Isa) -> DotKind {
 pub fn has_int_kernels(dtype: DType) -> bool {
     matches!(
         dtype,
-        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K
+        DType::Q4_0
+            | DType::Q4_1
+            | DType::Q5_0
+            | DType::Q5_1
+            | DType::Q8_0
+            | DType::Q4K
+            | DType::Q6K
     )
 }
 
@@ -199,8 +207,15 @@ unsafe fn group(
     y: *mut f32,
 ) {
     let mut out = [[0.0f32; GROUP]; MR];
-    let k4 = w.dtype == DType::Q4K;
+    let (k4, k6) = (w.dtype == DType::Q4K, w.dtype == DType::Q6K);
     match kind {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only on CPUs with AVX512-VNNI and AVX512-BW.
+        DotKind::Vnni512 if k6 => unsafe { x86::group_vnni_k6(w, x, g, i0, rows, &mut out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only at AVX2 and above.
+        DotKind::Avx2 if k6 => unsafe { x86::group_avx2_k6(w, x, g, i0, rows, &mut out) },
+        _ if k6 => group_portable_k6(w, x, g, i0, rows, &mut out),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only on CPUs with AVX512-VNNI and AVX512-BW.
         DotKind::Vnni512 if k4 => unsafe { x86::group_vnni_k4(w, x, g, i0, rows, &mut out) },
@@ -320,6 +335,46 @@ fn group_portable_k4(
                     }
                     *acc = (sum as f32).mul_add(d * sc as f32 * xr.d[a], *acc);
                     *acc = (-(dmin * m as f32)).mul_add(xr.s[a], *acc);
+                }
+            }
+        }
+    }
+}
+
+/// The plain-loop `Q6_K` kernel: each row's groups of 16 in integers, scaled one by one.
+fn group_portable_k6(
+    w: &RepackedWeight,
+    x: &QuantizedRows,
+    g: usize,
+    i0: usize,
+    rows: usize,
+    out: &mut [[f32; GROUP]; MR],
+) {
+    for b in 0..w.blocks() {
+        let rec = w.record(g, b);
+        let scales = rec.scales.expect("Q6_K scales");
+        for j in 0..GROUP {
+            let d = f16_to_f32([rec.d[2 * j], rec.d[2 * j + 1]]);
+            // Row j's quant byte i (ql, then qh at 128).
+            let byte = |i: usize| rec.qs[64 * dots_chunk(DType::Q6K, i / 4) + 4 * j + i % 4];
+            for r in 0..rows {
+                let xr = x.row(i0 + r);
+                for h in 0..2 {
+                    for qr in 0..4 {
+                        let a = 8 * b + 4 * h + qr;
+                        for half in 0..2 {
+                            let mut sum = 0i32;
+                            for l in 16 * half..16 * half + 16 {
+                                let low =
+                                    (byte(64 * h + 32 * (qr % 2) + l) >> (4 * (qr / 2))) & 0xf;
+                                let q = low | ((byte(128 + 32 * h + l) >> (2 * qr)) & 3) << 4;
+                                sum += q as i32 * xr.qs[32 * a + l] as i32;
+                            }
+                            let sum = sum - 32 * xr.sum16[2 * a + half];
+                            let sc = scales[GROUP * (8 * h + 2 * qr + half) + j] as i8;
+                            out[r][j] = (sum as f32).mul_add(d * sc as f32 * xr.d[a], out[r][j]);
+                        }
+                    }
                 }
             }
         }
@@ -544,6 +599,167 @@ mod x86 {
         }
     }
 
+    /// `Q6_K`: per record half and group of 16 positions, the four quarters' operands of
+    /// four chunk triples, then per activation row and quarter four `vpdpbusd` steps, less
+    /// `32 Σq_x`, times the group's `d · scale` and the block's `d_x`. The scales are
+    /// converted where they are used: the record's sixteen held in an array spilled to the
+    /// stack, and decode ran at a third of the speed.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn group_vnni_k6(
+        w: &RepackedWeight,
+        x: &QuantizedRows,
+        g: usize,
+        i0: usize,
+        rows: usize,
+        out: &mut [[f32; GROUP]; MR],
+    ) {
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); MR];
+            let (nib, top) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+            for b in 0..w.blocks() {
+                let rec = w.record(g, b);
+                // EXPERIMENT: prefetch two records ahead.
+
+                let d = <Avx512 as V16>::load_f16(rec.d.as_ptr());
+                for h in 0..2 {
+                    for half in 0..2 {
+                        // ops[c][quarter] for positions 16 half + 4c .. of each quarter.
+                        let mut ops = [[_mm512_setzero_si512(); 4]; 4];
+                        for (c, ops) in ops.iter_mut().enumerate() {
+                            let p = rec.qs.as_ptr().add(64 * 3 * (8 * h + 4 * half + c));
+                            let a = _mm512_loadu_si512(p as *const __m512i);
+                            let bq = _mm512_loadu_si512(p.add(64) as *const __m512i);
+                            let q = _mm512_loadu_si512(p.add(128) as *const __m512i);
+                            let hi = |v: __m512i| _mm512_and_si512(v, top);
+                            ops[0] = _mm512_or_si512(
+                                _mm512_and_si512(a, nib),
+                                hi(_mm512_slli_epi16::<4>(q)),
+                            );
+                            ops[1] = _mm512_or_si512(
+                                _mm512_and_si512(bq, nib),
+                                hi(_mm512_slli_epi16::<2>(q)),
+                            );
+                            ops[2] = _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(a), nib),
+                                hi(q),
+                            );
+                            ops[3] = _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(bq), nib),
+                                hi(_mm512_srli_epi16::<2>(q)),
+                            );
+                        }
+                        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                            let xr = x.row(i0 + r);
+                            for qr in 0..4 {
+                                let a = 8 * b + 4 * h + qr;
+                                let xq = &xr.qs[32 * a + 16 * half..][..16];
+                                let mut s = _mm512_setzero_si512();
+                                for (c, ops) in ops.iter().enumerate() {
+                                    s = _mm512_dpbusd_epi32(s, ops[qr], bcast4(xq, 4 * c));
+                                }
+                                let s = _mm512_sub_epi32(
+                                    s,
+                                    _mm512_set1_epi32(32 * xr.sum16[2 * a + half]),
+                                );
+                                let scale = _mm512_mul_ps(
+                                    rec.k6_scale(d, 8 * h + 2 * qr + half).raw(),
+                                    _mm512_set1_ps(xr.d[a]),
+                                );
+                                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, *acc);
+                            }
+                        }
+                    }
+                }
+            }
+            for r in 0..rows {
+                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+        }
+    }
+
+    /// `Q6_K` on AVX2: [`group_vnni_k6`] in two halves of eight rows, `maddubs` + `madd`
+    /// for each dot product step.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group_avx2_k6(
+        w: &RepackedWeight,
+        x: &QuantizedRows,
+        g: usize,
+        i0: usize,
+        rows: usize,
+        out: &mut [[f32; GROUP]; MR],
+    ) {
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+            let (nib, top) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+            for b in 0..w.blocks() {
+                let rec = w.record(g, b);
+                let d = <Pair<Avx2> as V16>::load_f16(rec.d.as_ptr());
+                for h in 0..2 {
+                    for half in 0..2 {
+                        for rh in 0..2 {
+                            let mut ops = [[_mm256_setzero_si256(); 4]; 4];
+                            for (c, ops) in ops.iter_mut().enumerate() {
+                                let p = rec
+                                    .qs
+                                    .as_ptr()
+                                    .add(64 * 3 * (8 * h + 4 * half + c) + 32 * rh);
+                                let a = _mm256_loadu_si256(p as *const __m256i);
+                                let bq = _mm256_loadu_si256(p.add(64) as *const __m256i);
+                                let q = _mm256_loadu_si256(p.add(128) as *const __m256i);
+                                let hi = |v: __m256i| _mm256_and_si256(v, top);
+                                ops[0] = _mm256_or_si256(
+                                    _mm256_and_si256(a, nib),
+                                    hi(_mm256_slli_epi16::<4>(q)),
+                                );
+                                ops[1] = _mm256_or_si256(
+                                    _mm256_and_si256(bq, nib),
+                                    hi(_mm256_slli_epi16::<2>(q)),
+                                );
+                                ops[2] = _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(a), nib),
+                                    hi(q),
+                                );
+                                ops[3] = _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(bq), nib),
+                                    hi(_mm256_srli_epi16::<2>(q)),
+                                );
+                            }
+                            for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                                let xr = x.row(i0 + r);
+                                for qr in 0..4 {
+                                    let a = 8 * b + 4 * h + qr;
+                                    let xq = &xr.qs[32 * a + 16 * half..][..16];
+                                    let mut s = _mm256_setzero_si256();
+                                    for (c, ops) in ops.iter().enumerate() {
+                                        let xb = _mm256_set1_epi32(std::ptr::read_unaligned(
+                                            xq.as_ptr().add(4 * c) as *const i32,
+                                        ));
+                                        s = _mm256_add_epi32(s, dot4(ops[qr], xb));
+                                    }
+                                    let s = _mm256_sub_epi32(
+                                        s,
+                                        _mm256_set1_epi32(32 * xr.sum16[2 * a + half]),
+                                    );
+                                    let sc = rec.k6_scale(d, 8 * h + 2 * qr + half);
+                                    let scale = _mm256_mul_ps(
+                                        sc.halves()[rh].raw(),
+                                        _mm256_set1_ps(xr.d[a]),
+                                    );
+                                    acc[rh] =
+                                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[rh]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for r in 0..rows {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r][0]);
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[r][1]);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn probe_vnni(iters: usize) -> i32 {
         let (a, mut b) = (
@@ -701,7 +917,9 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ8_0};
+    use crate::quant::{
+        self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
+    };
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
@@ -725,11 +943,12 @@ mod tests {
             DType::Q5_1,
             DType::Q8_0,
             DType::Q4K,
+            DType::Q6K,
         ] {
             let k = 3 * dtype.block_len();
             let bytes = match dtype {
                 // No quantizer for these: seeded blocks of every bit pattern.
-                DType::Q5_0 | DType::Q5_1 | DType::Q4K => {
+                DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q6K => {
                     quant::sample_blocks(dtype, n * k, 1).unwrap()
                 }
                 _ => quant::quantize(dtype, &values(n * k, 1)).unwrap(),
@@ -770,6 +989,9 @@ mod tests {
                             }
                             DType::Q4K => {
                                 BlockQ4K::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
+                            }
+                            DType::Q6K => {
+                                BlockQ6K::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
                             }
                             _ => BlockQ8_0::dot_q8(bytemuck::cast_slice(blocks), &act.row(i)),
                         };

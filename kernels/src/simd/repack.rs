@@ -271,6 +271,21 @@ fn values_chunk(dtype: DType, i: usize) -> usize {
     }
 }
 
+/// The chunk of a [`Layout::Dots`] record that holds quant bytes `4c .. 4c + 4` of a block:
+/// chunk `c`, but for `Q6_K`, whose kernel reads `ql[64h + 4c' ..]`, `ql[64h + 32 + 4c' ..]`
+/// and `qh[32h + 4c' ..]` together (`c'` in 0..8): those three sit side by side as chunks
+/// `3t`, `3t + 1`, `3t + 2`, `t = 8h + c'`.
+pub(super) fn dots_chunk(dtype: DType, c: usize) -> usize {
+    match dtype {
+        DType::Q6K if c < 32 => {
+            let (h, second, c) = (c / 16, c % 16 / 8, c % 8);
+            3 * (8 * h + c) + second
+        }
+        DType::Q6K => 3 * (c - 32) + 2,
+        _ => c,
+    }
+}
+
 /// Where value `v`'s fifth bit of row `r` goes in a record's 64 bytes of fifth bits: the
 /// byte and the bit (see the module docs).
 fn fifth_bit_at(layout: Layout, r: usize, v: usize) -> (usize, u8) {
@@ -343,7 +358,7 @@ impl RepackedWeight {
                     match layout {
                         Layout::Values => out[GROUP * values_chunk(dtype, i) + r] = q,
                         Layout::Dots => {
-                            let (c, v) = (i / 4, i % 4);
+                            let (c, v) = (dots_chunk(dtype, i / 4), i % 4);
                             let q = if dtype == DType::Q8_0 { q ^ 0x80 } else { q };
                             out[64 * c + 4 * r + v] = q;
                         }
@@ -412,7 +427,7 @@ impl RepackedWeight {
             let byte = |i: usize| match self.layout {
                 Layout::Values => rec.qs[GROUP * values_chunk(self.dtype, i) + r],
                 Layout::Dots => {
-                    let q = rec.qs[64 * (i / 4) + 4 * r + i % 4];
+                    let q = rec.qs[64 * dots_chunk(self.dtype, i / 4) + 4 * r + i % 4];
                     if self.dtype == DType::Q8_0 {
                         q ^ 0x80
                     } else {
