@@ -20,12 +20,11 @@ pub enum Mode {
     /// a cache-resident panel when prefilling), never the whole weight at once. The same
     /// numbers as an F32 model, up to the order of sums.
     Exact,
-    /// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K` and `Q6_K` weights, repacked sixteen
-    /// rows together when prepared, multiply 8-bit quantized activations in integer dot
-    /// products, as ggml does (see `chord_kernels::simd::qint`). Other formats (`Q5_K`, the
-    /// float formats) compute as in exact mode, and so does the
-    /// classifier (`output.weight`, or the tied `token_embd.weight`): rounding its input to
-    /// 8 bits goes straight into the logits, and measured a third of fast mode's KL
+    /// Weights of every block format, repacked sixteen rows together when prepared, multiply
+    /// 8-bit quantized activations in integer dot products, as ggml does (see
+    /// `chord_kernels::simd::qint`). The float formats compute as in exact mode, and so does
+    /// the classifier (`output.weight`, or the tied `token_embd.weight`): rounding its input
+    /// to 8 bits goes straight into the logits, and measured a third of fast mode's KL
     /// divergence from exact mode (0.0030 against 0.0022 over the GPL-3 text).
     Fast,
 }
@@ -55,9 +54,9 @@ impl std::str::FromStr for Mode {
 pub enum SimdWeight<'w> {
     /// Rows of blocks as the file stores them, borrowed: the formats that are not repacked.
     Blocks(BlockWeight<'w>),
-    /// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K` and `Q6_K`: the same bytes regrouped
-    /// sixteen rows at a time, in the layout of the mode's kernels (`Values` for exact f32 math,
-    /// `Dots` for fast mode's integer dot products).
+    /// Every block format: the same bytes regrouped sixteen rows at a time, in the layout of
+    /// the mode's kernels (`Values` for exact f32 math, `Dots` for fast mode's integer dot
+    /// products).
     Repacked(RepackedWeight),
     /// f32 in the GEMM microkernel's panel layout: rows whose length is no multiple of 32
     /// (the block kernels' unit), dequantized and packed once.

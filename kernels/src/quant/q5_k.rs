@@ -6,7 +6,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::q4_k::sub_scale;
-use super::{Block, DType, f16_to_f32};
+use super::{Block, DType, Q8Row, f16_to_f32};
 use crate::simd::v16::V16;
 
 #[repr(C)]
@@ -64,5 +64,30 @@ impl Block for BlockQ5K {
             *o = d.mul(V::u8_to_f32(V::u8_or(low, high))).sub(min);
         }
         out
+    }
+}
+
+impl BlockQ5K {
+    /// `Σ w·x` of a row of blocks and a quantized activation row (whose blocks of 32 are the
+    /// sub-blocks), sub-block by sub-block in integers: `(d · scale) d_x Σ q_w q_x - (dmin ·
+    /// min) s_x` (the reference of fast mode's kernels).
+    pub fn dot_q8(w: &[BlockQ5K], x: &Q8Row<'_>) -> f32 {
+        let mut acc = 0.0f32;
+        for (b, blk) in w.iter().enumerate() {
+            for j in 0..8 {
+                let (d, min) = sub_scale(blk.d, blk.dmin, &blk.scales, j, f16_to_f32);
+                let a = 8 * b + j;
+                let mut sum = 0i32;
+                for l in 0..32 {
+                    let q = blk.qs[32 * (j / 2) + l];
+                    let low = if j % 2 == 0 { q & 0xf } else { q >> 4 };
+                    let q = low | (blk.qh[l] >> j & 1) << 4;
+                    sum += q as i32 * x.qs[32 * a + l] as i32;
+                }
+                acc = (sum as f32).mul_add(d * x.d[a], acc);
+                acc = (-min).mul_add(x.s[a], acc);
+            }
+        }
+        acc
     }
 }

@@ -1,5 +1,5 @@
-//! Exact mode on repacked weights: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K` and `Q6_K`
-//! in [`Layout::Values`], sixteen rows to a record, one value position of the sixteen rows per
+//! Exact mode on repacked weights: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K`, `Q5_K` and
+//! `Q6_K` in [`Layout::Values`], sixteen rows to a record, one value position of the sixteen rows per
 //! 16-byte chunk (see `simd::repack`). The arithmetic is f32 on the weights' exact values, as on rows of blocks
 //! (`simd::qmatmul`); the layout takes away what that path pays per row and block.
 //!
@@ -9,7 +9,8 @@
 //!   value, broadcast: a lane accumulates one output row, so there is no horizontal sum and
 //!   no per-row scale table. Each block's sums are scaled once, sixteen rows at a time:
 //!   `acc += d · Σ_v q_v x_v` (`q - 8` for `Q4_0`, `q - 16` for `Q5_0`), plus `m · Σ_v x_v`
-//!   for `Q4_1` and `Q5_1`, the block sums of `x` computed once per call. `Q4_K` sums each
+//!   for `Q4_1` and `Q5_1`, the block sums of `x` computed once per call. `Q4_K` (`Q5_K`,
+//!   its fifth bits added under masks as `Q5_0`'s) sums each
 //!   sub-block of 32 apart and scales it by its own `d · scale`, less `dmin · min · Σ_v x_v`;
 //!   `Q6_K` each group of 16 by its `d · scale`, its values `q - 32` built in bytes
 //!   (`vpmovsxbd` + `vcvtdq2ps`: six bits have no 16-entry table). That is the
@@ -26,7 +27,7 @@
 use super::Isa;
 use super::Out;
 use super::qmatmul::{BlockScratch, GEMV_ROWS, Panels, prefill_on_team};
-use super::repack::{GROUP, Layout, RepackedWeight};
+use super::repack::{GROUP, Layout, RepackedWeight, k5_mask_at, values_chunk};
 use super::v16::{Kernel16, V16, dispatch16};
 use crate::quant::DType;
 use crate::team::Team;
@@ -109,9 +110,12 @@ fn gemv(
         };
     }
     match (m, w.dtype) {
-        (1, DType::Q4K) => dispatch16(isa, GroupGemvK4::<1>(g)),
-        (2, DType::Q4K) => dispatch16(isa, GroupGemvK4::<2>(g)),
-        (_, DType::Q4K) => dispatch16(isa, GroupGemvK4::<3>(g)),
+        (1, DType::Q4K) => dispatch16(isa, GroupGemvK4::<1, false>(g)),
+        (2, DType::Q4K) => dispatch16(isa, GroupGemvK4::<2, false>(g)),
+        (_, DType::Q4K) => dispatch16(isa, GroupGemvK4::<3, false>(g)),
+        (1, DType::Q5K) => dispatch16(isa, GroupGemvK4::<1, true>(g)),
+        (2, DType::Q5K) => dispatch16(isa, GroupGemvK4::<2, true>(g)),
+        (_, DType::Q5K) => dispatch16(isa, GroupGemvK4::<3, true>(g)),
         (1, DType::Q6K) => dispatch16(isa, GroupGemvK6::<1>(g)),
         (2, DType::Q6K) => dispatch16(isa, GroupGemvK6::<2>(g)),
         (_, DType::Q6K) => dispatch16(isa, GroupGemvK6::<3>(g)),
@@ -180,6 +184,29 @@ fn k4_nibbles<V: V16>(iota: V, q: V::U8) -> [V; 2] {
             V::u8_to_f32(V::high_nibbles(q)),
         ]
     }
+}
+
+/// `Q5_K`: the fifth-bit masks of position `l` of sub-blocks `2i` and `2i + 1` (values
+/// `64i + l` and `64i + 32 + l`, at bytes `640i + 2l` and 64 on), from a record's quants
+/// (see `simd::repack`).
+#[inline(always)]
+fn k5_masks(qs: &[u8], i: usize, l: usize) -> [u16; 2] {
+    debug_assert!(i < 4 && l < 32 && qs.len() >= 2560);
+    // SAFETY: i < 4 and l < 32: inside the record's 2560 bytes of quants.
+    unsafe {
+        let p = qs.as_ptr().add(640 * i + 2 * l);
+        [
+            std::ptr::read_unaligned(p as *const u16).to_le(),
+            std::ptr::read_unaligned(p.add(64) as *const u16).to_le(),
+        ]
+    }
+}
+
+/// `Q5_K`: value `v`'s fifth-bit mask in a record's quants.
+#[inline(always)]
+fn k5_mask(qs: &[u8], v: usize) -> u16 {
+    let at = k5_mask_at(v);
+    u16::from_le_bytes([qs[at], qs[at + 1]])
 }
 
 /// Value positions `j` and `j + 16`'s fifth-bit masks in a record's `qh` (see
@@ -298,16 +325,17 @@ impl<const M: usize, const F: u8> Kernel16 for GroupGemv<'_, M, F> {
     }
 }
 
-/// [`Gemv`] of a `Q4_K` weight with `M` activation rows.
-struct GroupGemvK4<'a, const M: usize>(Gemv<'a>);
+/// [`Gemv`] of a `Q4_K` weight (`Q5_K` with `FIVE`) with `M` activation rows.
+struct GroupGemvK4<'a, const M: usize, const FIVE: bool>(Gemv<'a>);
 
-impl<const M: usize> Kernel16 for GroupGemvK4<'_, M> {
+impl<const M: usize, const FIVE: bool> Kernel16 for GroupGemvK4<'_, M, FIVE> {
     type Output = ();
 
     /// Per group, per record, per pair of sub-blocks (`2i` in the low nibbles of chunks
-    /// `32i .. 32i + 32`, `2i + 1` in the high): the chunks' values (`q`, a lookup) times the
-    /// broadcast activations into two chains per sub-block and activation row; then each
-    /// sub-block's sum times its `d · scale`, less its `dmin · min` times its sum of `x`.
+    /// `32i .. 32i + 32`, `2i + 1` in the high; `Q5_K`'s fifth bits from masks `64i + l` and
+    /// `64i + 32 + l`, added as in `Q5_0`): the chunks' values (`q`) times the broadcast activations
+    /// into two chains per sub-block and activation row; then each sub-block's sum times its
+    /// `d · scale`, less its `dmin · min` times its sum of `x`.
     #[inline(always)]
     fn run<V: V16>(self) {
         let Gemv {
@@ -327,7 +355,7 @@ impl<const M: usize> Kernel16 for GroupGemvK4<'_, M> {
                 let (d, dmin) = unsafe {
                     (
                         V::load_f16(rec.d.as_ptr()),
-                        V::load_f16(rec.m.expect("Q4_K dmin").as_ptr()),
+                        V::load_f16(rec.m.expect("dmin").as_ptr()),
                     )
                 };
                 // The record's eight sub-blocks' d · scale and dmin · min, unpacked once (a
@@ -343,15 +371,25 @@ impl<const M: usize> Kernel16 for GroupGemvK4<'_, M> {
                     let xs: [&[f32]; M] =
                         std::array::from_fn(|r| &x[r * k + 256 * b + 64 * i..][..64]);
                     for l in (0..32).step_by(2) {
-                        // SAFETY: a Q4_K record holds 128 chunks of 16 bytes.
+                        // Chunk 32i + l; Q5_K's after each pair's 8 chunks of masks.
+                        let c = if FIVE { 40 * i + 8 + l } else { 32 * i + l };
+                        // SAFETY: a Q4_K record holds 128 chunks of 16 bytes, Q5_K 160.
                         let (q0, q1) = unsafe {
                             (
-                                V::load_u8(rec.qs.as_ptr().add(GROUP * (32 * i + l))),
-                                V::load_u8(rec.qs.as_ptr().add(GROUP * (32 * i + l + 1))),
+                                V::load_u8(rec.qs.as_ptr().add(GROUP * c)),
+                                V::load_u8(rec.qs.as_ptr().add(GROUP * (c + 1))),
                             )
                         };
-                        let [lo0, hi0] = k4_nibbles(table, q0);
-                        let [lo1, hi1] = k4_nibbles(table, q1);
+                        let ([lo0, hi0], [lo1, hi1]) = if FIVE {
+                            let h0 = k5_masks(rec.qs, i, l);
+                            let h1 = k5_masks(rec.qs, i, l + 1);
+                            (
+                                nibbles(table, V::zero(), q0, Some(h0)),
+                                nibbles(table, V::zero(), q1, Some(h1)),
+                            )
+                        } else {
+                            (k4_nibbles(table, q0), k4_nibbles(table, q1))
+                        };
                         for (p, xb) in p.iter_mut().zip(&xs) {
                             p[0] = lo0.fma(V::splat(xb[l]), p[0]);
                             p[1] = lo1.fma(V::splat(xb[l + 1]), p[1]);
@@ -502,22 +540,29 @@ impl Panels for GroupPanels<'_> {
                             store_lanes(val, lane0, &mut panel[at(p + l)..at(p + l) + lanes]);
                         }
                     }
-                    DType::Q4K => {
-                        // Sub-block j: the low (j even) or high nibbles of chunks 32 (j / 2) ..
+                    DType::Q4K | DType::Q5K => {
+                        // Sub-block j: the low (j even) or high nibbles of chunks 32 (j / 2) ..,
+                        // Q5_K's fifth bits in masks 32 j + l.
                         let j = p % 256 / 32;
                         // SAFETY: 16 halves.
-                        let dmin = unsafe { W::load_f16(rec.m.expect("Q4_K dmin").as_ptr()) };
+                        let dmin = unsafe { W::load_f16(rec.m.expect("dmin").as_ptr()) };
                         let [dj, mj] = rec.k4_scale_min(d, dmin, j);
                         for l in 0..32 {
-                            // SAFETY: a Q4_K record holds 128 chunks of 16 bytes.
+                            // SAFETY: a Q4_K record holds 128 chunks of 16 bytes, Q5_K 160.
                             let q = unsafe {
-                                W::load_u8(rec.qs.as_ptr().add(GROUP * (32 * (j / 2) + l)))
+                                let c = values_chunk(w.dtype, 32 * (j / 2) + l);
+                                W::load_u8(rec.qs.as_ptr().add(GROUP * c))
                             };
-                            let q = if j % 2 == 0 {
+                            let mut q = if j % 2 == 0 {
                                 W::low_nibbles(q)
                             } else {
                                 W::high_nibbles(q)
                             };
+                            if w.dtype == DType::Q5K {
+                                let mask = k5_mask(rec.qs, 32 * j + l);
+                                let bit = W::u8_and(W::u8_from_bits(mask), W::u8_splat(0x10));
+                                q = W::u8_or(q, bit);
+                            }
                             let val = dj.mul(W::u8_to_f32(q)).sub(mj);
                             store_lanes(val, lane0, &mut panel[at(p + l)..at(p + l) + lanes]);
                         }
@@ -576,6 +621,7 @@ mod tests {
             DType::Q5_1,
             DType::Q8_0,
             DType::Q4K,
+            DType::Q5K,
             DType::Q6K,
         ] {
             // K-quants: 768 values a row, three records.

@@ -8,7 +8,7 @@
 //! **Weights** ([`RepackedWeight`] in [`Layout::Dots`]): `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`,
 //! `Q8_0` and `Q4_K` rows regrouped by sixteen, four quant bytes of a row per 32-bit lane
 //! (see `simd::repack`); a 5-bit format's fifth bits are ORed into bit 4 of each nibble's
-//! byte. `Q4_K`'s sub-blocks of 32 meet the activations' blocks one to one, each with its
+//! byte. `Q4_K`'s (and `Q5_K`'s) sub-blocks of 32 meet the activations' blocks one to one, each with its
 //! own scale and min (`d · scale`, `dmin · min`, unpacked sixteen rows at a time); so does
 //! each quarter of a `Q6_K` half, its unsigned six-bit values built from `ql` and `qh`
 //! chunks and each group of 16 scaled apart (`- 32 Σq_x` over the group).
@@ -80,6 +80,7 @@ pub fn has_int_kernels(dtype: DType) -> bool {
             | DType::Q5_1
             | DType::Q8_0
             | DType::Q4K
+            | DType::Q5K
             | DType::Q6K
     )
 }
@@ -207,7 +208,8 @@ unsafe fn group(
     y: *mut f32,
 ) {
     let mut out = [[0.0f32; GROUP]; MR];
-    let (k4, k6) = (w.dtype == DType::Q4K, w.dtype == DType::Q6K);
+    let k4 = matches!(w.dtype, DType::Q4K | DType::Q5K);
+    let k6 = w.dtype == DType::Q6K;
     match kind {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only on CPUs with AVX512-VNNI and AVX512-BW.
@@ -302,7 +304,8 @@ fn group_portable(
     }
 }
 
-/// The plain-loop `Q4_K` kernel: each row's sub-blocks in integers, scaled one by one.
+/// The plain-loop `Q4_K` and `Q5_K` kernel: each row's sub-blocks in integers, scaled one
+/// by one.
 fn group_portable_k4(
     w: &RepackedWeight,
     x: &QuantizedRows,
@@ -313,8 +316,10 @@ fn group_portable_k4(
 ) {
     for b in 0..w.blocks() {
         let rec = w.record(g, b);
-        let (dmin, packed) = (rec.m.expect("Q4_K dmin"), rec.scales.expect("Q4_K scales"));
+        let (dmin, packed) = (rec.m.expect("dmin"), rec.scales.expect("scales"));
         for j in 0..GROUP {
+            // Row j's quant byte i (Q5_K: qh at 128).
+            let byte = |i: usize| rec.qs[64 * dots_chunk(w.dtype, i / 4) + 4 * j + i % 4];
             let d = f16_to_f32([rec.d[2 * j], rec.d[2 * j + 1]]);
             let dmin = f16_to_f32([dmin[2 * j], dmin[2 * j + 1]]);
             let scales: [u8; 12] = std::array::from_fn(|t| packed[GROUP * t + j]);
@@ -328,9 +333,11 @@ fn group_portable_k4(
                     let mut sum = 0i32;
                     for (l, &xv) in xq.iter().enumerate() {
                         // Value l of the sub-block: byte 32 (sub / 2) + l, nibble sub % 2.
-                        let p = 32 * (sub / 2) + l;
-                        let q = rec.qs[64 * (p / 4) + 4 * j + p % 4];
-                        let q = if sub % 2 == 0 { q & 0xf } else { q >> 4 };
+                        let q = byte(32 * (sub / 2) + l);
+                        let mut q = if sub % 2 == 0 { q & 0xf } else { q >> 4 };
+                        if w.dtype == DType::Q5K {
+                            q |= (byte(128 + l) >> sub & 1) << 4;
+                        }
                         sum += q as i32 * xv as i32;
                     }
                     *acc = (sum as f32).mul_add(d * sc as f32 * xr.d[a], *acc);
@@ -385,7 +392,7 @@ fn group_portable_k6(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, MR, QuantizedRows, Record, RepackedWeight, offset};
+    use super::{GROUP, MR, QuantizedRows, Record, RepackedWeight, dots_chunk, offset};
     use crate::quant::DType;
     use crate::simd::v16::{Pair, V16};
     use crate::simd::vec::{Avx2, Avx512};
@@ -475,8 +482,36 @@ mod x86 {
         }
     }
 
-    /// `Q4_K`: per record, each pair of sub-blocks (`2i` in the low nibbles of chunks
-    /// `8i .. 8i + 8`, `2i + 1` in the high) as eight `vpdpbusd` steps each, then each
+    /// Bit `j` of each byte of `h` moved to bit 4, the other bits cleared (`Q5_K`'s fifth
+    /// bits of sub-block `j`): a 16-bit shift, whose bits crossing bytes the mask clears.
+    #[inline(always)]
+    unsafe fn bit_to_4_512(h: __m512i, j: usize) -> __m512i {
+        unsafe {
+            let v = if j <= 4 {
+                _mm512_sll_epi16(h, _mm_cvtsi32_si128(4 - j as i32))
+            } else {
+                _mm512_srl_epi16(h, _mm_cvtsi32_si128(j as i32 - 4))
+            };
+            _mm512_and_si512(v, _mm512_set1_epi8(0x10))
+        }
+    }
+
+    /// [`bit_to_4_512`] on 32 bytes.
+    #[inline(always)]
+    unsafe fn bit_to_4_256(h: __m256i, j: usize) -> __m256i {
+        unsafe {
+            let v = if j <= 4 {
+                _mm256_sll_epi16(h, _mm_cvtsi32_si128(4 - j as i32))
+            } else {
+                _mm256_srl_epi16(h, _mm_cvtsi32_si128(j as i32 - 4))
+            };
+            _mm256_and_si256(v, _mm256_set1_epi8(0x10))
+        }
+    }
+
+    /// `Q4_K` and `Q5_K`: per record, each pair of sub-blocks (`2i` in the low nibbles of
+    /// chunks `8i .. 8i + 8`, `2i + 1` in the high; `Q5_K`'s fifth bits in bits `2i`,
+    /// `2i + 1` of its `qh` chunks `32 ..`) as eight `vpdpbusd` steps each, then each
     /// sub-block's `d · scale` and `dmin · min` applied to its sum.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn group_vnni_k4(
@@ -490,10 +525,11 @@ mod x86 {
         unsafe {
             let mut acc = [_mm512_setzero_ps(); MR];
             let nib = _mm512_set1_epi8(0x0f);
+            let five = w.dtype == DType::Q5K;
             for b in 0..w.blocks() {
                 let rec = w.record(g, b);
                 let d = <Avx512 as V16>::load_f16(rec.d.as_ptr());
-                let dmin = <Avx512 as V16>::load_f16(rec.m.expect("Q4_K dmin").as_ptr());
+                let dmin = <Avx512 as V16>::load_f16(rec.m.expect("dmin").as_ptr());
                 // The record's eight sub-blocks' d · scale and dmin · min, unpacked once.
                 let sm: [[__m512; 2]; 8] =
                     std::array::from_fn(|j| rec.k4_scale_min(d, dmin, j).map(|v| v.raw()));
@@ -503,10 +539,18 @@ mod x86 {
                     let mut lo = [_mm512_setzero_si512(); 8];
                     let mut hi = [_mm512_setzero_si512(); 8];
                     for c in 0..8 {
-                        let p = rec.qs.as_ptr().add(64 * (8 * i + c)) as *const __m512i;
+                        let at = dots_chunk(w.dtype, 8 * i + c);
+                        let p = rec.qs.as_ptr().add(64 * at) as *const __m512i;
                         let q = _mm512_loadu_si512(p);
                         lo[c] = _mm512_and_si512(q, nib);
                         hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), nib);
+                        if five {
+                            let at = dots_chunk(w.dtype, 32 + c);
+                            let p = rec.qs.as_ptr().add(64 * at) as *const __m512i;
+                            let h = _mm512_loadu_si512(p);
+                            lo[c] = _mm512_or_si512(lo[c], bit_to_4_512(h, 2 * i));
+                            hi[c] = _mm512_or_si512(hi[c], bit_to_4_512(h, 2 * i + 1));
+                        }
                     }
                     for (r, acc) in acc.iter_mut().enumerate().take(rows) {
                         let xr = x.row(i0 + r);
@@ -546,10 +590,11 @@ mod x86 {
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); 2]; MR];
             let nib = _mm256_set1_epi8(0x0f);
+            let five = w.dtype == DType::Q5K;
             for b in 0..w.blocks() {
                 let rec = w.record(g, b);
                 let d = <Pair<Avx2> as V16>::load_f16(rec.d.as_ptr());
-                let dmin = <Pair<Avx2> as V16>::load_f16(rec.m.expect("Q4_K dmin").as_ptr());
+                let dmin = <Pair<Avx2> as V16>::load_f16(rec.m.expect("dmin").as_ptr());
                 // The record's eight sub-blocks' d · scale and dmin · min, unpacked once.
                 let sm: [[[__m256; 2]; 2]; 8] = std::array::from_fn(|j| {
                     rec.k4_scale_min(d, dmin, j)
@@ -562,10 +607,18 @@ mod x86 {
                         let mut lo = [_mm256_setzero_si256(); 8];
                         let mut hi = [_mm256_setzero_si256(); 8];
                         for c in 0..8 {
-                            let p = rec.qs.as_ptr().add(64 * (8 * i + c) + 32 * h);
+                            let at = dots_chunk(w.dtype, 8 * i + c);
+                            let p = rec.qs.as_ptr().add(64 * at + 32 * h);
                             let q = _mm256_loadu_si256(p as *const __m256i);
                             lo[c] = _mm256_and_si256(q, nib);
                             hi[c] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), nib);
+                            if five {
+                                let at = dots_chunk(w.dtype, 32 + c);
+                                let p = rec.qs.as_ptr().add(64 * at + 32 * h);
+                                let f = _mm256_loadu_si256(p as *const __m256i);
+                                lo[c] = _mm256_or_si256(lo[c], bit_to_4_256(f, 2 * i));
+                                hi[c] = _mm256_or_si256(hi[c], bit_to_4_256(f, 2 * i + 1));
+                            }
                         }
                         for (r, acc) in acc.iter_mut().enumerate().take(rows) {
                             let xr = x.row(i0 + r);
@@ -918,7 +971,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::quant::{
-        self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
+        self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,
     };
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
@@ -943,12 +996,13 @@ mod tests {
             DType::Q5_1,
             DType::Q8_0,
             DType::Q4K,
+            DType::Q5K,
             DType::Q6K,
         ] {
             let k = 3 * dtype.block_len();
             let bytes = match dtype {
                 // No quantizer for these: seeded blocks of every bit pattern.
-                DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q6K => {
+                DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q5K | DType::Q6K => {
                     quant::sample_blocks(dtype, n * k, 1).unwrap()
                 }
                 _ => quant::quantize(dtype, &values(n * k, 1)).unwrap(),
@@ -989,6 +1043,9 @@ mod tests {
                             }
                             DType::Q4K => {
                                 BlockQ4K::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
+                            }
+                            DType::Q5K => {
+                                BlockQ5K::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
                             }
                             DType::Q6K => {
                                 BlockQ6K::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))

@@ -1,5 +1,5 @@
-//! `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K` and `Q6_K` weights regrouped sixteen rows
-//! at a time, so that one vector
+//! `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K`, `Q5_K` and `Q6_K` weights regrouped sixteen
+//! rows at a time, so that one vector
 //! of sixteen lanes holds one value position of sixteen weight rows: a weight is read as one
 //! stream, and a lane's result is a whole output (no horizontal sums). The same bytes as the
 //! file, rearranged (ggml's repacked `Q4_0x8` does the same for eight rows); rows past `n`
@@ -7,16 +7,20 @@
 //!
 //! For a group of 16 rows and one block column (32 values; 256 for the K-quants), a
 //! **record** holds the 16 rows' `d` (halves, row `r` at bytes `2r .. 2r + 2`), for
-//! `Q4_1`/`Q5_1` then the 16 rows' `m` (`Q4_K`: `dmin`), for `Q5_0`/`Q5_1` then 64 bytes of
+//! `Q4_1`/`Q5_1` then the 16 rows' `m` (`Q4_K`/`Q5_K`: `dmin`), for `Q5_0`/`Q5_1` then 64 bytes of
 //! fifth bits (`qh`), for the K-quants then their sub-block scales as chunks of 16 bytes
-//! (`Q4_K`: its 12 bytes of packed 6-bit scales and mins; `Q6_K`: its 16 signed scales;
-//! chunk `t` holding each row's `scales[t]`, byte `r` row `r`'s), then the quants (`Q6_K`:
-//! its 128 bytes of `ql`, then its 64 of `qh`), each part in one of two layouts:
+//! (`Q4_K`/`Q5_K`: 12 bytes of packed 6-bit scales and mins; `Q6_K`: its 16 signed scales;
+//! chunk `t` holding each row's `scales[t]`, byte `r` row `r`'s), then the quants (`Q5_K`:
+//! its 128 bytes of `qs`, then its 32 of `qh`; `Q6_K`: its 128 bytes of `ql`, then its 64 of
+//! `qh`), each part in one of two layouts:
 //! - [`Layout::Values`] (exact mode): one 16-byte chunk per value position, byte `r` of a
 //!   chunk row `r`'s. 4- and 5-bit formats: 16 chunks, chunk `j` holding each row's `qs[j]`
 //!   (low nibble value `j`, high nibble value `j + 16`, the block's own order); `Q8_0`: 32
 //!   chunks, chunk `v` each row's `qs[v]` as stored (`i8`); `Q4_K`: 128 chunks, chunk `p`
 //!   each row's `qs[p]` (low nibble value `64 (p / 32) + p % 32`, high nibble 32 values on);
+//!   `Q5_K`: the same chunks, each pair of sub-blocks' 32 led by their 64 fifth-bit masks
+//!   (little-endian `u16`, mask `v` holding value `v`'s bit of row `r` in bit `r`, as
+//!   `Q5_0`'s), so that a record is read as one stream;
 //!   `Q6_K`: 192 chunks, three per half `h` and position `l`, side by side so that a record
 //!   is read as one stream: `ql[64h + l]`, `ql[64h + 32 + l]`, `qh[32h + l]`. One `vpmovzxbd`/`vpmovsxbd`
 //!   makes sixteen lanes of one value position. The fifth bits are 32 little-endian `u16`
@@ -25,7 +29,8 @@
 //! - [`Layout::Dots`] (fast mode): chunks of 64 bytes, chunk `c` holding four consecutive
 //!   quant bytes of each row, row `r` at bytes `4r .. 4r + 4`: chunk `c` holds
 //!   `qs[4c .. 4c + 4]`. 4- and 5-bit formats: 4 chunks (low nibbles values `4c ..`, high
-//!   nibbles `16 + 4c ..`); `Q4_K`: 32 chunks (the values of `qs[4c ..]` as above); `Q8_0`: 8
+//!   nibbles `16 + 4c ..`); `Q4_K`: 32 chunks (the values of `qs[4c ..]` as above), `Q5_K`
+//!   8 more of its `qh`; `Q8_0`: 8
 //!   chunks, each byte stored as `q + 128` (unsigned). One 32-bit lane is
 //!   the operand of one `vpdpbusd` step for its row. The fifth bits are 16 little-endian
 //!   `u32` lanes, row `r`'s at bytes `4r .. 4r + 4`, arranged to meet the quant lanes: byte
@@ -36,8 +41,8 @@
 use super::v16::V16;
 use crate::arena::{Arena, Chunk};
 use crate::quant::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, DType, f16_to_f32,
-    scale_min_k4,
+    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, DType,
+    f16_to_f32, scale_min_k4,
 };
 
 /// Weight rows per group.
@@ -65,6 +70,7 @@ pub fn repackable(dtype: DType) -> bool {
             | DType::Q5_1
             | DType::Q8_0
             | DType::Q4K
+            | DType::Q5K
             | DType::Q6K
     )
 }
@@ -98,7 +104,7 @@ impl Record<'_> {
     /// [`crate::quant::scale_min_k4`] for the packing).
     #[inline(always)]
     pub(super) fn k4_scale_min<V: V16>(&self, d: V, dmin: V, j: usize) -> [V; 2] {
-        let s = self.scales.expect("Q4_K scales");
+        let s = self.scales.expect("Q4_K/Q5_K scales");
         // SAFETY: 12 chunks of 16 bytes.
         let b = |t: usize| unsafe { V::load_u8(s.as_ptr().add(GROUP * t)) };
         let six = V::u8_splat(63);
@@ -172,7 +178,7 @@ fn has_fifth_bits(dtype: DType) -> bool {
 /// packed in 12; `Q6_K`: 16 signed scales).
 fn scale_bytes(dtype: DType) -> usize {
     match dtype {
-        DType::Q4K => 12,
+        DType::Q4K | DType::Q5K => 12,
         DType::Q6K => 16,
         _ => 0,
     }
@@ -241,6 +247,15 @@ fn parts(dtype: DType, blk: &[u8]) -> Parts<'_> {
                 ..plain(b.d, &b.qs)
             }
         }
+        DType::Q5K => {
+            let b: &BlockQ5K = bytemuck::from_bytes(blk);
+            Parts {
+                m: Some(b.dmin),
+                scales: Some(&b.scales),
+                more: &b.qh,
+                ..plain(b.d, &b.qs)
+            }
+        }
         DType::Q6K => {
             let b: &BlockQ6K = bytemuck::from_bytes(blk);
             Parts {
@@ -259,9 +274,24 @@ fn parts(dtype: DType, blk: &[u8]) -> Parts<'_> {
 /// The chunk of a [`Layout::Values`] record that holds quant byte `i` of a block: byte `i`'s
 /// own, but for `Q6_K`, whose decode reads `ql[64h + l]`, `ql[64h + 32 + l]` and
 /// `qh[32h + l]` together: those three sit side by side as chunks `3t`, `3t + 1` and
-/// `3t + 2`, `t = 32h + l`, so that a record is read as one stream.
-fn values_chunk(dtype: DType, i: usize) -> usize {
+/// `3t + 2`, `t = 32h + l`, so that a record is read as one stream; and for `Q5_K`, whose
+/// record holds per pair of sub-blocks `p` the pair's 64 fifth-bit masks (8 chunks, see
+/// [`k5_mask_at`]) and then its 32 chunks of `qs`.
+pub(super) fn values_chunk(dtype: DType, i: usize) -> usize {
+    values_chunk_of(dtype, i)
+}
+
+/// `Q5_K` in [`Layout::Values`]: the byte offset in a record's quants of value `v`'s
+/// fifth-bit mask (two bytes, bit `r` row `r`'s): the masks of pair `v / 64` lead its
+/// chunks (see [`values_chunk`]).
+pub(super) fn k5_mask_at(v: usize) -> usize {
+    640 * (v / 64) + 2 * (v % 64)
+}
+
+#[inline(always)]
+fn values_chunk_of(dtype: DType, i: usize) -> usize {
     match dtype {
+        DType::Q5K => 40 * (i / 32) + 8 + i % 32,
         DType::Q6K if i < 128 => {
             let (h, second, l) = (i / 64, i % 64 / 32, i % 32);
             3 * (32 * h + l) + second
@@ -272,11 +302,16 @@ fn values_chunk(dtype: DType, i: usize) -> usize {
 }
 
 /// The chunk of a [`Layout::Dots`] record that holds quant bytes `4c .. 4c + 4` of a block:
-/// chunk `c`, but for `Q6_K`, whose kernel reads `ql[64h + 4c' ..]`, `ql[64h + 32 + 4c' ..]`
+/// chunk `c`, but for `Q5_K` (below) and `Q6_K`, whose kernel reads `ql[64h + 4c' ..]`, `ql[64h + 32 + 4c' ..]`
 /// and `qh[32h + 4c' ..]` together (`c'` in 0..8): those three sit side by side as chunks
 /// `3t`, `3t + 1`, `3t + 2`, `t = 8h + c'`.
 pub(super) fn dots_chunk(dtype: DType, c: usize) -> usize {
     match dtype {
+        // Q5_K: the first pair's qs chunks alternate with the qh chunks (which every pair
+        // reads, from cache after the first).
+        DType::Q5K if c < 8 => 2 * c,
+        DType::Q5K if c < 32 => c + 8,
+        DType::Q5K => 2 * (c - 32) + 1,
         DType::Q6K if c < 32 => {
             let (h, second, c) = (c / 16, c % 16 / 8, c % 8);
             3 * (8 * h + c) + second
@@ -356,6 +391,14 @@ impl RepackedWeight {
                 let out = &mut out[q0..];
                 for (i, &q) in p.qs.iter().chain(p.more).enumerate() {
                     match layout {
+                        Layout::Values if dtype == DType::Q5K && i >= 128 => {
+                            // qh[l] bit j: value 32 j + l's fifth bit, as a mask bit.
+                            let l = i - 128;
+                            for j in 0..8 {
+                                let at = k5_mask_at(32 * j + l) + r / 8;
+                                out[at] |= (q >> j & 1) << (r % 8);
+                            }
+                        }
                         Layout::Values => out[GROUP * values_chunk(dtype, i) + r] = q,
                         Layout::Dots => {
                             let (c, v) = (dots_chunk(dtype, i / 4), i % 4);
@@ -477,10 +520,20 @@ impl RepackedWeight {
                         }
                     }
                 }
-                DType::Q4K => {
-                    let (m, s) = (rec.m.expect("Q4_K dmin"), rec.scales.expect("Q4_K scales"));
+                DType::Q4K | DType::Q5K => {
+                    let (m, s) = (rec.m.expect("dmin"), rec.scales.expect("scales"));
                     let dmin = f16_to_f32([m[2 * r], m[2 * r + 1]]);
                     let scales: [u8; 12] = std::array::from_fn(|t| s[GROUP * t + r]);
+                    // Q5_K: the fifth bit of value l of sub-block j: bit j of qh[l] (the
+                    // stream's byte 128 + l), or in exact mode's records bit r of mask
+                    // 32 j + l.
+                    let fifth = |j: usize, l: usize| match (self.dtype, self.layout) {
+                        (DType::Q5K, Layout::Dots) => (byte(128 + l) >> j & 1) << 4,
+                        (DType::Q5K, Layout::Values) => {
+                            (rec.qs[k5_mask_at(32 * j + l) + r / 8] >> (r % 8) & 1) << 4
+                        }
+                        _ => 0,
+                    };
                     for i in 0..4 {
                         let (s0, m0) = scale_min_k4(2 * i, &scales);
                         let (s1, m1) = scale_min_k4(2 * i + 1, &scales);
@@ -488,8 +541,10 @@ impl RepackedWeight {
                         let (d1, min1) = (d * s1 as f32, dmin * m1 as f32);
                         for l in 0..32 {
                             let q = byte(32 * i + l);
-                            y[64 * i + l] = d0 * (q & 0xf) as f32 - min0;
-                            y[64 * i + 32 + l] = d1 * (q >> 4) as f32 - min1;
+                            let (lo, hi) =
+                                ((q & 0xf) | fifth(2 * i, l), (q >> 4) | fifth(2 * i + 1, l));
+                            y[64 * i + l] = d0 * lo as f32 - min0;
+                            y[64 * i + 32 + l] = d1 * hi as f32 - min1;
                         }
                     }
                 }
@@ -520,6 +575,7 @@ mod tests {
             DType::Q5_1,
             DType::Q8_0,
             DType::Q4K,
+            DType::Q5K,
             DType::Q6K,
         ] {
             let k = 3 * dtype.block_len();
@@ -544,11 +600,11 @@ mod tests {
         assert!(
             RepackedWeight::new(
                 &Arena::new(),
-                DType::Q5K,
+                DType::BF16,
                 Layout::Values,
                 1,
                 256,
-                &[0; 176],
+                &[0; 512],
                 |_| {}
             )
             .is_none()
