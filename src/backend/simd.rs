@@ -159,10 +159,9 @@ impl SimdBackend {
     }
 
     /// The repacked layout a weight takes: fast mode's integer dot products for every
-    /// weight but the classifier, in the formats that have integer kernels; exact mode's
-    /// otherwise.
-    fn layout(&self, name: &str, dtype: DType) -> Layout {
-        if self.mode == Mode::Fast && !is_classifier(name) && simd::has_int_kernels(dtype) {
+    /// weight but the classifier; exact mode's otherwise.
+    fn layout(&self, name: &str) -> Layout {
+        if self.mode == Mode::Fast && !is_classifier(name) {
             Layout::Dots
         } else {
             Layout::Values
@@ -254,7 +253,7 @@ impl Backend for SimdBackend {
         if let Some(r) = RepackedWeight::new(
             &self.arena,
             w.dtype(),
-            self.layout(w.name(), w.dtype()),
+            self.layout(w.name()),
             rows,
             cols,
             w.bytes(),

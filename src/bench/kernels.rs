@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use chord_kernels::simd::has_int_kernels;
+use chord_kernels::simd::repackable;
 
 use super::{Roof, Timing, time};
 use crate::backend::{Backend, DType, Mode, Op, Support, Variant};
@@ -232,7 +232,7 @@ pub fn run(
                         .modes
                         .iter()
                         .filter(|&&mode| {
-                            let differs = mode == Mode::Exact || has_int_kernels(dtype);
+                            let differs = mode == Mode::Exact || repackable(dtype);
                             if !differs {
                                 note(format!(
                                     "fast mode computes {dtype} as exact mode does: no fast row"

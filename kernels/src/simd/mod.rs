@@ -28,8 +28,7 @@ pub use elementwise::{
 pub use gemm::{GemmScratch, PackedWeight, matmul, pack_weight};
 pub use qgroup::matmuls as matmuls_grouped;
 pub use qint::{
-    IntScratch, has_int_kernels, int_kernel_name, int8_probe, int8_probe_ops_per_iter,
-    matmuls as matmuls_int,
+    IntScratch, int_kernel_name, int8_probe, int8_probe_ops_per_iter, matmuls as matmuls_int,
 };
 pub use qmatmul::{
     BlockScratch, BlockWeight, GEMV_ROWS, matmul as matmul_blocks, matmuls as matmuls_blocks,

@@ -10,12 +10,15 @@
 //!   no per-row scale table. Each block's sums are scaled once, sixteen rows at a time:
 //!   `acc += d · Σ_v q_v x_v` (`q - 8` for `Q4_0`, `q - 16` for `Q5_0`), plus `m · Σ_v x_v`
 //!   for `Q4_1` and `Q5_1`, the block sums of `x` computed once per call. `Q4_K` (`Q5_K`,
-//!   its fifth bits added under masks as `Q5_0`'s) sums each
-//!   sub-block of 32 apart and scales it by its own `d · scale`, less `dmin · min · Σ_v x_v`;
-//!   `Q6_K` each group of 16 by its `d · scale`, its values `q - 32` built in bytes
-//!   (`vpmovsxbd` + `vcvtdq2ps`: six bits have no 16-entry table). That is the
-//!   dequantized weight's dot product with the scale taken out of each block's sum: the
-//!   same value up to f32 rounding, bounded as a sum's reordering is.
+//!   its fifth bits added under masks as `Q5_0`'s) sums each sub-block of 32 apart and
+//!   scales it by its own `d · scale`, less `dmin · min · Σ_v x_v`; `Q6_K` each group of 16
+//!   by its `d · scale`, its values `q - 32` built in bytes (`vpmovsxbd` + `vcvtdq2ps`: six
+//!   bits have no 16-entry table). That is the dequantized weight's dot product with the
+//!   scale taken out of each block's sum, as ggml computes it: the same value up to f32
+//!   rounding. Without a min it is a reordering of the sum; with one (`Q4_1`, `Q5_1`,
+//!   `Q4_K`, `Q5_K`) the sum is rewritten as `d Σ q x + m Σ x`, whose rounding scales with
+//!   `|d| Σ |q x| + |m| |Σ x|` rather than with `Σ |w x|`, and can cancel where a block's
+//!   weights sit near its min.
 //! - **prefill**: the packed GEMM of `simd::qmatmul`, its panels decoded from the records:
 //!   sixteen rows of one value position are already one vector, so no transpose.
 //!
@@ -105,7 +108,10 @@ fn gemv(
                 DType::Q4_1 => dispatch16(isa, GroupGemv::<$m, Q4_1>(g)),
                 DType::Q5_0 => dispatch16(isa, GroupGemv::<$m, Q5_0>(g)),
                 DType::Q5_1 => dispatch16(isa, GroupGemv::<$m, Q5_1>(g)),
-                _ => dispatch16(isa, GroupGemv::<$m, Q8_0>(g)),
+                _ => {
+                    debug_assert_eq!(w.dtype, DType::Q8_0);
+                    dispatch16(isa, GroupGemv::<$m, Q8_0>(g))
+                }
             }
         };
     }
@@ -192,6 +198,7 @@ fn k4_nibbles<V: V16>(iota: V, q: V::U8) -> [V; 2] {
 #[inline(always)]
 fn k5_masks(qs: &[u8], i: usize, l: usize) -> [u16; 2] {
     debug_assert!(i < 4 && l < 32 && qs.len() >= 2560);
+    debug_assert_eq!(640 * i + 2 * l, k5_mask_at(64 * i + l));
     // SAFETY: i < 4 and l < 32: inside the record's 2560 bytes of quants.
     unsafe {
         let p = qs.as_ptr().add(640 * i + 2 * l);
@@ -223,7 +230,7 @@ fn fifth_masks(qh: Option<&[u8]>, j: usize) -> Option<[u16; 2]> {
 struct Gemv<'a> {
     w: &'a RepackedWeight,
     x: &'a [f32],
-    /// Block sums of `x` (Q4_1 only).
+    /// Block sums of `x`, 32 values each (the formats with a min).
     sums: &'a [f32],
     groups: std::ops::Range<usize>,
     y: Out,
@@ -371,8 +378,10 @@ impl<const M: usize, const FIVE: bool> Kernel16 for GroupGemvK4<'_, M, FIVE> {
                     let xs: [&[f32]; M] =
                         std::array::from_fn(|r| &x[r * k + 256 * b + 64 * i..][..64]);
                     for l in (0..32).step_by(2) {
-                        // Chunk 32i + l; Q5_K's after each pair's 8 chunks of masks.
+                        // Chunk 32i + l; Q5_K's after each pair's 8 chunks of masks (written
+                        // out: values_chunk's division would stay in the loop).
                         let c = if FIVE { 40 * i + 8 + l } else { 32 * i + l };
+                        debug_assert_eq!(c, values_chunk(w.dtype, 32 * i + l));
                         // SAFETY: a Q4_K record holds 128 chunks of 16 bytes, Q5_K 160.
                         let (q0, q1) = unsafe {
                             (
@@ -500,9 +509,10 @@ struct GroupPanels<'a> {
 }
 
 impl Panels for GroupPanels<'_> {
-    /// Per group of sixteen panel columns and block: each value position of the sixteen
-    /// rows decoded as one vector, exactly as `quant::dequantize` computes it
-    /// (`(q - 8) · d`, `(q - 16) · d`, `q · d + m`, `q · d`), and stored as one panel row.
+    /// Per group of sixteen panel columns and block of 32: each value position of the
+    /// sixteen rows decoded as one vector, exactly as `quant::dequantize` computes it
+    /// (`(q - 8) · d`, `(q - 16) · d`, `q · d + m`, `q · d`; for the K-quants `(d · scale) ·
+    /// q - dmin · min` and `(d · scale) · (q - 32)`), and stored as one panel row.
     #[inline(always)]
     fn decode_panel<W: V16>(
         &self,

@@ -1,26 +1,30 @@
-//! Fast mode's matrix multiply: 8-bit activations against 4- and 8-bit weight blocks in
+//! Fast mode's matrix multiply: 8-bit activations against the weights' block formats in
 //! integer dot products, as ggml computes quantized matmuls, with the weights repacked once
 //! so that one vector instruction serves sixteen weight rows.
 //!
 //! **Activations** ([`QuantizedRows`]): each row of `x` in 8-bit blocks of 32, with each
-//! block's scale `d`, `Σq` and `s = d Σq` in f32 (see `quant::q8_act`).
+//! block's scale `d`, `Σq` and `s = d Σq` in f32, and `Σq` of each half block (see
+//! `quant::q8_act`). ggml quantizes the activations of a K-quant matmul in blocks of 256
+//! (`Q8_K`); chord keeps blocks of 32 for every format, so one quantized input serves
+//! matmuls of different formats (a layer's q, k and v), and fast mode's numbers on K-quants
+//! differ from llama.cpp's by that rounding too.
 //!
-//! **Weights** ([`RepackedWeight`] in [`Layout::Dots`]): `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`,
-//! `Q8_0` and `Q4_K` rows regrouped by sixteen, four quant bytes of a row per 32-bit lane
-//! (see `simd::repack`); a 5-bit format's fifth bits are ORed into bit 4 of each nibble's
-//! byte. `Q4_K`'s (and `Q5_K`'s) sub-blocks of 32 meet the activations' blocks one to one, each with its
-//! own scale and min (`d · scale`, `dmin · min`, unpacked sixteen rows at a time); so does
-//! each quarter of a `Q6_K` half, its unsigned six-bit values built from `ql` and `qh`
-//! chunks and each group of 16 scaled apart (`- 32 Σq_x` over the group).
+//! **Weights** ([`RepackedWeight`] in [`Layout::Dots`], see `simd::repack`): every block
+//! format, rows regrouped by sixteen, four quant bytes of a row per 32-bit lane. The
+//! unsigned values an operand holds:
+//! - `Q4_0`, `Q4_1`, `Q4_K`: nibbles; `Q8_0`: `q + 128`;
+//! - `Q5_0`, `Q5_1`, `Q5_K`: nibbles with the fifth bit ORed into bit 4 of each byte;
+//! - `Q6_K`: a `ql` nibble with two `qh` bits in bits 4-5.
 //!
-//! **Dot products**: per record and activation row, eight steps of "16 lanes × 4 bytes of
-//! weights times the row's 4 activation bytes, broadcast" (`vpdpbusd` on AVX512-VNNI;
-//! `maddubs` + `madd` on AVX2; plain loops on the portable level) give the 16 rows' integer
-//! sums `Σ q_w q_x`; the offsets of the unsigned weights are taken back with the block's
-//! `Σ q_x` (`- 8 Σq_x` for `Q4_0`, `- 16 Σq_x` for `Q5_0`, `- 128 Σq_x` for `Q8_0`); then,
-//! in f32, `acc += (d_w d_x) · sum`, plus `m_w · s_x` for `Q4_1` and `Q5_1` (minus
-//! `(dmin · min) s_x` for `Q4_K`). Blocks accumulate in order, so a
-//! result does not depend on the thread count.
+//! **Dot products**: per record and activation row, steps of "16 lanes × 4 bytes of weights
+//! times the row's 4 activation bytes, broadcast" (`vpdpbusd` on AVX512-VNNI; `maddubs` +
+//! `madd` on AVX2; plain loops on the portable level) give the 16 rows' integer sums
+//! `Σ q_w q_x` over one activation block (a `Q6_K` group of 16: half a block). The offsets of
+//! the unsigned weights are taken back with the activations' `Σ q_x` (`- 8 Σq_x` for `Q4_0`,
+//! `- 16` for `Q5_0`, `- 32` per group of 16 for `Q6_K`, `- 128` for `Q8_0`); then, in f32,
+//! `acc += (d_w d_x) · sum` (`d_w` is `d · scale` for a K-quant's sub-block or group), plus
+//! `m_w · s_x` for `Q4_1` and `Q5_1` (minus `(dmin · min) s_x` for `Q4_K` and `Q5_K`).
+//! Blocks accumulate in order, so a result does not depend on the thread count.
 
 use std::sync::Mutex;
 
@@ -68,21 +72,6 @@ fn dot_kind(isa: Isa) -> DotKind {
         Level::Avx512 | Level::Avx2 => DotKind::Avx2,
         Level::Portable => DotKind::Portable,
     }
-}
-
-/// Whether fast mode has integer kernels for `dtype` (repacked in [`Layout::Dots`]).
-pub fn has_int_kernels(dtype: DType) -> bool {
-    matches!(
-        dtype,
-        DType::Q4_0
-            | DType::Q4_1
-            | DType::Q5_0
-            | DType::Q5_1
-            | DType::Q8_0
-            | DType::Q4K
-            | DType::Q5K
-            | DType::Q6K
-    )
 }
 
 /// The name of the integer kernel `isa` runs (for benchmark rows).
@@ -242,7 +231,7 @@ unsafe fn group(
     }
 }
 
-/// The plain-loop kernel: the reference the vector ones are tested against.
+/// The plain-loop kernel (the portable level).
 fn group_portable(
     w: &RepackedWeight,
     x: &QuantizedRows,
@@ -576,8 +565,8 @@ mod x86 {
         }
     }
 
-    /// `Q4_K` on AVX2: [`group_vnni_k4`] in two halves of eight rows, `maddubs` + `madd` for
-    /// each dot product step.
+    /// `Q4_K` and `Q5_K` on AVX2: [`group_vnni_k4`] in two halves of eight rows, `maddubs` +
+    /// `madd` for each dot product step.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn group_avx2_k4(
         w: &RepackedWeight,
@@ -671,8 +660,6 @@ mod x86 {
             let (nib, top) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
             for b in 0..w.blocks() {
                 let rec = w.record(g, b);
-                // EXPERIMENT: prefetch two records ahead.
-
                 let d = <Avx512 as V16>::load_f16(rec.d.as_ptr());
                 for h in 0..2 {
                     for half in 0..2 {
@@ -859,8 +846,8 @@ mod x86 {
     }
 
     /// `vpdpbusd` on 8 lanes from AVX2: `maddubs` (u8 × i8 pairs to i16) then `madd` with
-    /// ones (i16 pairs to i32). The pairs cannot saturate: weights are at most 31 here
-    /// (`2 · 31 · 128 < 2^15`).
+    /// ones (i16 pairs to i32). The pairs cannot saturate: weights are at most 63 here
+    /// (`Q6_K`; `2 · 63 · 128 < 2^15`).
     #[inline(always)]
     unsafe fn dot4(w: __m256i, x: __m256i) -> __m256i {
         unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)) }
@@ -972,6 +959,7 @@ mod tests {
     use super::*;
     use crate::quant::{
         self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,
+        Q8Row,
     };
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
@@ -983,22 +971,69 @@ mod tests {
             .collect()
     }
 
-    /// Every kernel equals the plain-loop one up to the order of f32 sums, for every format,
-    /// on odd row counts and team sizes; and each equals the scalar reference dot of the
-    /// original (unrepacked) blocks.
+    /// Every format's reference dot (`dot_q8`) of a row of blocks with a quantized row.
+    fn reference_dot(dtype: DType, blocks: &[u8], x: &Q8Row<'_>) -> f32 {
+        let b = blocks;
+        match dtype {
+            DType::Q4_0 => BlockQ4_0::dot_q8(bytemuck::cast_slice(b), x),
+            DType::Q4_1 => BlockQ4_1::dot_q8(bytemuck::cast_slice(b), x),
+            DType::Q5_0 => BlockQ5_0::dot_q8(bytemuck::cast_slice(b), x),
+            DType::Q5_1 => BlockQ5_1::dot_q8(bytemuck::cast_slice(b), x),
+            DType::Q8_0 => BlockQ8_0::dot_q8(bytemuck::cast_slice(b), x),
+            DType::Q4K => BlockQ4K::dot_q8(bytemuck::cast_slice(b), x),
+            DType::Q5K => BlockQ5K::dot_q8(bytemuck::cast_slice(b), x),
+            DType::Q6K => BlockQ6K::dot_q8(bytemuck::cast_slice(b), x),
+            _ => panic!("no integer reference for {dtype}"),
+        }
+    }
+
+    const BLOCK_FORMATS: [DType; 8] = [
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q8_0,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+    ];
+
+    /// Each format's reference dot is the dequantized weights' dot product with the
+    /// dequantized activations (`d_x q_x`), in f64, up to f32 rounding: this ties the integer
+    /// references, and the activations' sums they use, to `quant::dequantize`.
+    #[test]
+    fn reference_dots_equal_the_dequantized_product() {
+        let (n, k) = (5, 512);
+        for dtype in BLOCK_FORMATS {
+            let bytes = quant::sample_blocks(dtype, n * k, 9).unwrap();
+            let mut wf = vec![0.0f32; n * k];
+            quant::dequantize(dtype, &bytes, &mut wf);
+            let mut act = QuantizedRows::default();
+            act.quantize(&values(k, 3), 1, k);
+            let x = act.row(0);
+            let row_bytes = dtype.bytes_for(k).unwrap();
+            for j in 0..n {
+                let got = reference_dot(dtype, &bytes[j * row_bytes..][..row_bytes], &x);
+                let (want, mag) = (0..k).fold((0.0f64, 0.0f64), |(s, m), v| {
+                    let p = wf[j * k + v] as f64 * x.d[v / 32] as f64 * x.qs[v] as f64;
+                    (s + p, m + p.abs())
+                });
+                assert!(
+                    (got as f64 - want).abs() <= 1e-5 * mag + 1e-6,
+                    "{dtype} row {j}: {got}, want {want} (Σ|wx| {mag})"
+                );
+            }
+        }
+    }
+
+    /// Every kernel of every level this CPU runs equals the format's reference dot of the
+    /// original (unrepacked) blocks up to f32 rounding, for every format, on odd row counts
+    /// and team sizes. (The VNNI kernels run only on a CPU with AVX512-VNNI; without it the
+    /// AVX-512 level runs the AVX2 ones.)
     #[test]
     fn every_kernel_matches_the_reference_dots() {
         let n = 37;
-        for dtype in [
-            DType::Q4_0,
-            DType::Q4_1,
-            DType::Q5_0,
-            DType::Q5_1,
-            DType::Q8_0,
-            DType::Q4K,
-            DType::Q5K,
-            DType::Q6K,
-        ] {
+        for dtype in BLOCK_FORMATS {
             let k = 3 * dtype.block_len();
             let bytes = match dtype {
                 // No quantizer for these: seeded blocks of every bit pattern.
@@ -1028,30 +1063,7 @@ mod tests {
                 for i in 0..m {
                     for j in 0..n {
                         let blocks = &bytes[j * row_bytes..(j + 1) * row_bytes];
-                        reference[i * n + j] = match dtype {
-                            DType::Q4_0 => {
-                                BlockQ4_0::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
-                            }
-                            DType::Q4_1 => {
-                                BlockQ4_1::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
-                            }
-                            DType::Q5_0 => {
-                                BlockQ5_0::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
-                            }
-                            DType::Q5_1 => {
-                                BlockQ5_1::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
-                            }
-                            DType::Q4K => {
-                                BlockQ4K::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
-                            }
-                            DType::Q5K => {
-                                BlockQ5K::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
-                            }
-                            DType::Q6K => {
-                                BlockQ6K::dot_q8(bytemuck::cast_slice(blocks), &act.row(i))
-                            }
-                            _ => BlockQ8_0::dot_q8(bytemuck::cast_slice(blocks), &act.row(i)),
-                        };
+                        reference[i * n + j] = reference_dot(dtype, blocks, &act.row(i));
                     }
                 }
                 for isa in Isa::available() {

@@ -1,42 +1,54 @@
-//! `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K`, `Q5_K` and `Q6_K` weights regrouped sixteen
-//! rows at a time, so that one vector
-//! of sixteen lanes holds one value position of sixteen weight rows: a weight is read as one
-//! stream, and a lane's result is a whole output (no horizontal sums). The same bytes as the
-//! file, rearranged (ggml's repacked `Q4_0x8` does the same for eight rows); rows past `n`
-//! in the last group are zero.
+//! Weights of every block format (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K`, `Q5_K`,
+//! `Q6_K`) regrouped sixteen rows at a time, so that one vector of sixteen lanes holds one
+//! value position of sixteen weight rows: a weight is read as one stream, and a lane's
+//! result is a whole output (no horizontal sums). The same number of bytes as the file
+//! (ggml's repacked `Q4_0x8` does the same for eight rows); rows past `n` in the last group
+//! are zero.
 //!
 //! For a group of 16 rows and one block column (32 values; 256 for the K-quants), a
-//! **record** holds the 16 rows' `d` (halves, row `r` at bytes `2r .. 2r + 2`), for
-//! `Q4_1`/`Q5_1` then the 16 rows' `m` (`Q4_K`/`Q5_K`: `dmin`), for `Q5_0`/`Q5_1` then 64 bytes of
-//! fifth bits (`qh`), for the K-quants then their sub-block scales as chunks of 16 bytes
-//! (`Q4_K`/`Q5_K`: 12 bytes of packed 6-bit scales and mins; `Q6_K`: its 16 signed scales;
-//! chunk `t` holding each row's `scales[t]`, byte `r` row `r`'s), then the quants (`Q5_K`:
-//! its 128 bytes of `qs`, then its 32 of `qh`; `Q6_K`: its 128 bytes of `ql`, then its 64 of
-//! `qh`), each part in one of two layouts:
-//! - [`Layout::Values`] (exact mode): one 16-byte chunk per value position, byte `r` of a
-//!   chunk row `r`'s. 4- and 5-bit formats: 16 chunks, chunk `j` holding each row's `qs[j]`
-//!   (low nibble value `j`, high nibble value `j + 16`, the block's own order); `Q8_0`: 32
-//!   chunks, chunk `v` each row's `qs[v]` as stored (`i8`); `Q4_K`: 128 chunks, chunk `p`
-//!   each row's `qs[p]` (low nibble value `64 (p / 32) + p % 32`, high nibble 32 values on);
-//!   `Q5_K`: the same chunks, each pair of sub-blocks' 32 led by their 64 fifth-bit masks
-//!   (little-endian `u16`, mask `v` holding value `v`'s bit of row `r` in bit `r`, as
-//!   `Q5_0`'s), so that a record is read as one stream;
-//!   `Q6_K`: 192 chunks, three per half `h` and position `l`, side by side so that a record
-//!   is read as one stream: `ql[64h + l]`, `ql[64h + 32 + l]`, `qh[32h + l]`. One `vpmovzxbd`/`vpmovsxbd`
-//!   makes sixteen lanes of one value position. The fifth bits are 32 little-endian `u16`
-//!   masks, mask `v` holding value `v`'s bit of row `r` in bit `r`: one mask register adds
-//!   16 to the lanes that have it.
-//! - [`Layout::Dots`] (fast mode): chunks of 64 bytes, chunk `c` holding four consecutive
-//!   quant bytes of each row, row `r` at bytes `4r .. 4r + 4`: chunk `c` holds
-//!   `qs[4c .. 4c + 4]`. 4- and 5-bit formats: 4 chunks (low nibbles values `4c ..`, high
-//!   nibbles `16 + 4c ..`); `Q4_K`: 32 chunks (the values of `qs[4c ..]` as above), `Q5_K`
-//!   8 more of its `qh`; `Q8_0`: 8
-//!   chunks, each byte stored as `q + 128` (unsigned). One 32-bit lane is
-//!   the operand of one `vpdpbusd` step for its row. The fifth bits are 16 little-endian
-//!   `u32` lanes, row `r`'s at bytes `4r .. 4r + 4`, arranged to meet the quant lanes: byte
-//!   `t`, bit `c` holds value `4c + t`'s bit and bit `4 + c` value `16 + 4c + t`'s, so that
-//!   chunk `c`'s fifth bits are the lane shifted left by `4 - c` (low nibbles) or right by
-//!   `c` (high nibbles), masked to bit 4 of each byte.
+//! **record** holds, in order:
+//! 1. the 16 rows' `d` (halves, row `r` at bytes `2r .. 2r + 2`);
+//! 2. `Q4_1`/`Q5_1`: the 16 rows' `m`; `Q4_K`/`Q5_K`: their `dmin`;
+//! 3. `Q5_0`/`Q5_1`: 64 bytes of fifth bits (below);
+//! 4. K-quants: the sub-block scales as chunks of 16 bytes, chunk `t` holding each row's
+//!    `scales[t]` (byte `r` row `r`'s): `Q4_K`/`Q5_K` their 12 bytes of packed 6-bit scales
+//!    and mins, `Q6_K` its 16 signed scales;
+//! 5. the quants: the block's quant bytes as one stream (`qs`; `Q5_K` its `qs` then its
+//!    `qh`; `Q6_K` its `ql` then its `qh`), in one of two layouts.
+//!
+//! [`Layout::Values`] (exact mode): one 16-byte chunk per quant byte, byte `r` of a chunk row
+//! `r`'s. One `vpmovzxbd`/`vpmovsxbd` makes sixteen lanes of one value position.
+//! - 4- and 5-bit formats: 16 chunks, chunk `j` each row's `qs[j]` (low nibble value `j`,
+//!   high nibble value `j + 16`, the block's own order). `Q5_0`/`Q5_1`'s fifth bits are 32
+//!   little-endian `u16` masks, mask `v` holding value `v`'s bit of row `r` in bit `r`: one
+//!   mask register adds 16 to the lanes that have it.
+//! - `Q8_0`: 32 chunks, chunk `v` each row's `qs[v]` as stored (`i8`).
+//! - `Q4_K`: 128 chunks, chunk `p` each row's `qs[p]` (low nibble value `64 (p / 32) + p %
+//!   32`, high nibble 32 values on).
+//! - `Q5_K`: the same chunks, each pair of sub-blocks' 32 led by the pair's 64 fifth-bit
+//!   masks (as `Q5_0`'s, see [`k5_mask_at`], [`values_chunk`]).
+//! - `Q6_K`: 192 chunks, three per half `h` and position `l` side by side: `ql[64h + l]`,
+//!   `ql[64h + 32 + l]`, `qh[32h + l]`.
+//!
+//! Each record is laid out to be read front to back: a record read as two or three streams
+//! a few hundred bytes apart stalled on its loads (`Q6_K` decoded at 5.4 GB/s that way,
+//! 12.6 as one stream).
+//!
+//! [`Layout::Dots`] (fast mode): chunks of 64 bytes, each holding four consecutive quant
+//! bytes of each row (row `r` at bytes `4r .. 4r + 4`): one 32-bit lane is the operand of one
+//! `vpdpbusd` step for its row. Chunk `c` holds quant bytes `4c .. 4c + 4` (see
+//! [`dots_chunk`] for the two exceptions):
+//! - 4- and 5-bit formats: 4 chunks (low nibbles values `4c ..`, high nibbles `16 + 4c ..`).
+//!   `Q5_0`/`Q5_1`'s fifth bits are 16 little-endian `u32` lanes, row `r`'s at bytes
+//!   `4r .. 4r + 4`, arranged to meet the quant lanes: byte `t`, bit `c` holds value
+//!   `4c + t`'s bit and bit `4 + c` value `16 + 4c + t`'s, so that chunk `c`'s fifth bits
+//!   are the lane shifted left by `4 - c` (low nibbles) or right by `c` (high nibbles),
+//!   masked to bit 4 of each byte.
+//! - `Q8_0`: 8 chunks, each byte stored as `q + 128` (unsigned).
+//! - `Q4_K`: 32 chunks of `qs`; `Q5_K` 8 more of its `qh`, the first pair's `qs` chunks
+//!   alternating with them.
+//! - `Q6_K`: 48 chunks, in triples `ql[64h + 4c' ..]`, `ql[64h + 32 + 4c' ..]`,
+//!   `qh[32h + 4c' ..]`.
 
 use super::v16::V16;
 use crate::arena::{Arena, Chunk};
@@ -169,7 +181,8 @@ fn record_bytes(dtype: DType) -> usize {
     GROUP * dtype.block_bytes()
 }
 
-/// Whether `dtype`'s values have a fifth bit.
+/// Whether a record of `dtype` has part 3, `Q5_0`/`Q5_1`'s 64 bytes of fifth bits
+/// (`Q5_K`'s live among its quants).
 fn has_fifth_bits(dtype: DType) -> bool {
     matches!(dtype, DType::Q5_0 | DType::Q5_1)
 }
@@ -197,7 +210,7 @@ struct Parts<'a> {
     m: Option<[u8; 2]>,
     qh: Option<[u8; 4]>,
     scales: Option<&'a [u8]>,
-    /// The quant bytes: `qs`, or for `Q6_K` `ql` then `more`, its `qh`.
+    /// The quant bytes: `qs`, then `more` (`Q5_K`, `Q6_K`: their `qh`).
     qs: &'a [u8],
     more: &'a [u8],
 }
@@ -278,20 +291,11 @@ fn parts(dtype: DType, blk: &[u8]) -> Parts<'_> {
 /// record holds per pair of sub-blocks `p` the pair's 64 fifth-bit masks (8 chunks, see
 /// [`k5_mask_at`]) and then its 32 chunks of `qs`.
 pub(super) fn values_chunk(dtype: DType, i: usize) -> usize {
-    values_chunk_of(dtype, i)
-}
-
-/// `Q5_K` in [`Layout::Values`]: the byte offset in a record's quants of value `v`'s
-/// fifth-bit mask (two bytes, bit `r` row `r`'s): the masks of pair `v / 64` lead its
-/// chunks (see [`values_chunk`]).
-pub(super) fn k5_mask_at(v: usize) -> usize {
-    640 * (v / 64) + 2 * (v % 64)
-}
-
-#[inline(always)]
-fn values_chunk_of(dtype: DType, i: usize) -> usize {
     match dtype {
-        DType::Q5K => 40 * (i / 32) + 8 + i % 32,
+        DType::Q5K => {
+            debug_assert!(i < 128, "Q5_K's qh is held as masks");
+            40 * (i / 32) + 8 + i % 32
+        }
         DType::Q6K if i < 128 => {
             let (h, second, l) = (i / 64, i % 64 / 32, i % 32);
             3 * (32 * h + l) + second
@@ -299,6 +303,13 @@ fn values_chunk_of(dtype: DType, i: usize) -> usize {
         DType::Q6K => 3 * (i - 128) + 2,
         _ => i,
     }
+}
+
+/// `Q5_K` in [`Layout::Values`]: the byte offset in a record's quants of value `v`'s
+/// fifth-bit mask (two bytes, bit `r` row `r`'s): the masks of pair `v / 64` lead its
+/// chunks (see [`values_chunk`]).
+pub(super) fn k5_mask_at(v: usize) -> usize {
+    640 * (v / 64) + 2 * (v % 64)
 }
 
 /// The chunk of a [`Layout::Dots`] record that holds quant bytes `4c .. 4c + 4` of a block:
@@ -433,7 +444,7 @@ impl RepackedWeight {
     pub fn cols(&self) -> usize {
         self.k
     }
-    /// Blocks of a row (32 values each; 256 for `Q4_K` and `Q6_K`).
+    /// Blocks of a row (32 values each; 256 for the K-quants).
     pub(super) fn blocks(&self) -> usize {
         self.k / self.dtype.block_len()
     }
@@ -527,7 +538,7 @@ impl RepackedWeight {
                     // Q5_K: the fifth bit of value l of sub-block j: bit j of qh[l] (the
                     // stream's byte 128 + l), or in exact mode's records bit r of mask
                     // 32 j + l.
-                    let fifth = |j: usize, l: usize| match (self.dtype, self.layout) {
+                    let fifth_k = |j: usize, l: usize| match (self.dtype, self.layout) {
                         (DType::Q5K, Layout::Dots) => (byte(128 + l) >> j & 1) << 4,
                         (DType::Q5K, Layout::Values) => {
                             (rec.qs[k5_mask_at(32 * j + l) + r / 8] >> (r % 8) & 1) << 4
@@ -541,8 +552,10 @@ impl RepackedWeight {
                         let (d1, min1) = (d * s1 as f32, dmin * m1 as f32);
                         for l in 0..32 {
                             let q = byte(32 * i + l);
-                            let (lo, hi) =
-                                ((q & 0xf) | fifth(2 * i, l), (q >> 4) | fifth(2 * i + 1, l));
+                            let (lo, hi) = (
+                                (q & 0xf) | fifth_k(2 * i, l),
+                                (q >> 4) | fifth_k(2 * i + 1, l),
+                            );
                             y[64 * i + l] = d0 * lo as f32 - min0;
                             y[64 * i + 32 + l] = d1 * hi as f32 - min1;
                         }
