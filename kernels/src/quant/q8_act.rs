@@ -50,14 +50,19 @@ impl QuantizedRows {
             let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in self.qs[32 * b..32 * b + 32].iter_mut().zip(xb) {
-                *q = (v * id).round() as i8;
-                sum += *q as i32;
+            let qs = &mut self.qs[32 * b..32 * b + 32];
+            let mut half = [0i32; 2];
+            for (h, (qs, xs)) in half
+                .iter_mut()
+                .zip(qs.chunks_exact_mut(16).zip(xb.chunks_exact(16)))
+            {
+                for (q, &v) in qs.iter_mut().zip(xs) {
+                    *q = (v * id).round() as i8;
+                    *h += *q as i32;
+                }
             }
-            let q = &self.qs[32 * b..32 * b + 32];
-            self.sum16[2 * b] = q[..16].iter().map(|&q| q as i32).sum();
-            self.sum16[2 * b + 1] = q[16..].iter().map(|&q| q as i32).sum();
+            let sum = half[0] + half[1];
+            self.sum16[2 * b..2 * b + 2].copy_from_slice(&half);
             self.d[b] = d;
             self.sum[b] = sum;
             self.s[b] = d * sum as f32;

@@ -398,6 +398,16 @@ mod x86 {
         unsafe { _mm512_set1_epi32(std::ptr::read_unaligned(x.as_ptr().add(at) as *const i32)) }
     }
 
+    /// The 32-value block formats, as const parameters of [`vnni_blocks`].
+    const F_Q4_0: u8 = 0;
+    const F_Q4_1: u8 = 1;
+    const F_Q5_0: u8 = 2;
+    const F_Q5_1: u8 = 3;
+    const F_Q8_0: u8 = 4;
+
+    /// [`vnni_blocks`] for `w`'s format and `rows` (1 to [`MR`]) activation rows, each a
+    /// copy of its own: the format's branches and the rows' accumulators are then fixed
+    /// at compile time (accumulators indexed at run time lived on the stack).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn group_vnni(
         w: &RepackedWeight,
@@ -407,31 +417,72 @@ mod x86 {
         rows: usize,
         out: &mut [[f32; GROUP]; MR],
     ) {
+        macro_rules! by_rows {
+            ($f:expr) => {
+                match rows {
+                    1 => vnni_blocks::<$f, 1>(w, x, g, i0, out),
+                    2 => vnni_blocks::<$f, 2>(w, x, g, i0, out),
+                    3 => vnni_blocks::<$f, 3>(w, x, g, i0, out),
+                    _ => vnni_blocks::<$f, 4>(w, x, g, i0, out),
+                }
+            };
+        }
+        // SAFETY: this function's features are the kernel's.
+        unsafe {
+            match w.dtype {
+                DType::Q4_0 => by_rows!(F_Q4_0),
+                DType::Q4_1 => by_rows!(F_Q4_1),
+                DType::Q5_0 => by_rows!(F_Q5_0),
+                DType::Q5_1 => by_rows!(F_Q5_1),
+                _ => {
+                    debug_assert_eq!(w.dtype, DType::Q8_0);
+                    by_rows!(F_Q8_0)
+                }
+            }
+        }
+    }
+
+    /// A 32-value block format `F` against `R` activation rows: per record, the eight
+    /// operands (16 rows × 4 values each), then per row eight `vpdpbusd` steps, the offset
+    /// taken back, the scales (and the min) applied.
+    #[inline(always)]
+    unsafe fn vnni_blocks<const F: u8, const R: usize>(
+        w: &RepackedWeight,
+        x: &QuantizedRows,
+        g: usize,
+        i0: usize,
+        out: &mut [[f32; GROUP]; MR],
+    ) {
         unsafe {
             let blocks = w.k / 32;
-            let mut acc = [_mm512_setzero_ps(); MR];
+            let mut acc = [_mm512_setzero_ps(); R];
             let nib = _mm512_set1_epi8(0x0f);
             let bit4 = _mm512_set1_epi8(0x10);
             let off = offset(w.dtype);
+            let (five, mins) = (F == F_Q5_0 || F == F_Q5_1, F == F_Q4_1 || F == F_Q5_1);
+            let xr: [_; R] = std::array::from_fn(|r| x.row(i0 + r));
             for b in 0..blocks {
-                let Record {
-                    d, m: mins, qh, qs, ..
-                } = w.record(g, b);
-                let dw = halves16(d);
-                let mw = mins.map(|m| halves16(m));
+                let rec = w.record(g, b);
+                let dw = halves16(rec.d);
                 // The eight operands: 16 rows × 4 values each.
                 let mut ops = [_mm512_setzero_si512(); 8];
-                if w.dtype == DType::Q8_0 {
+                if F == F_Q8_0 {
                     for (c, op) in ops.iter_mut().enumerate() {
-                        *op = _mm512_loadu_si512(qs.as_ptr().add(64 * c) as *const __m512i);
+                        *op = _mm512_loadu_si512(rec.qs.as_ptr().add(64 * c) as *const __m512i);
                     }
                 } else {
-                    let h = qh.map(|h| _mm512_loadu_si512(h.as_ptr() as *const __m512i));
+                    let h = if five {
+                        let qh = rec.qh.expect("fifth bits");
+                        _mm512_loadu_si512(qh.as_ptr() as *const __m512i)
+                    } else {
+                        _mm512_setzero_si512()
+                    };
                     for c in 0..4 {
-                        let q = _mm512_loadu_si512(qs.as_ptr().add(64 * c) as *const __m512i);
+                        let p = rec.qs.as_ptr().add(64 * c) as *const __m512i;
+                        let q = _mm512_loadu_si512(p);
                         ops[c] = _mm512_and_si512(q, nib);
                         ops[4 + c] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), nib);
-                        if let Some(h) = h {
+                        if five {
                             // Bit 4 of each byte: chunk c's fifth bits (see `simd::repack`).
                             let lo = _mm512_sll_epi32(h, _mm_cvtsi32_si128(4 - c as i32));
                             let hi = _mm512_srl_epi32(h, _mm_cvtsi32_si128(c as i32));
@@ -440,12 +491,10 @@ mod x86 {
                         }
                     }
                 }
-                for r in 0..rows {
-                    let i = i0 + r;
-                    let xr = x.row(i);
-                    let xq = &xr.qs[32 * b..][..32];
+                for r in 0..R {
+                    let xq = &xr[r].qs[32 * b..][..32];
                     let mut sum = _mm512_setzero_si512();
-                    if w.dtype == DType::Q8_0 {
+                    if F == F_Q8_0 {
                         for (c, op) in ops.iter().enumerate() {
                             sum = _mm512_dpbusd_epi32(sum, *op, bcast4(xq, 4 * c));
                         }
@@ -456,16 +505,17 @@ mod x86 {
                         }
                     }
                     if off != 0 {
-                        sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(off * xr.sum[b]));
+                        sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(off * xr[r].sum[b]));
                     }
-                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(xr.d[b]));
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(xr[r].d[b]));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
-                    if let Some(mw) = mw {
-                        acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xr.s[b]), acc[r]);
+                    if mins {
+                        let mw = halves16(rec.m.expect("mins"));
+                        acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xr[r].s[b]), acc[r]);
                     }
                 }
             }
-            for r in 0..rows {
+            for r in 0..R {
                 _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
             }
         }

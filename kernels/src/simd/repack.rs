@@ -98,6 +98,38 @@ pub struct RepackedWeight {
     /// Records, group-major: record `(g, b)` at `(g * blocks + b) * record_bytes`, `blocks`
     /// the blocks of a row.
     data: Chunk,
+    /// Where a record's parts lie, computed once: [`record`](Self::record) runs once per
+    /// record and activation-row block, and a division or a match there cost fast-mode
+    /// prefill a fifth of its speed.
+    shape: RecordShape,
+}
+
+/// A record's geometry for one format (see the module docs).
+#[derive(Clone, Copy, Debug)]
+struct RecordShape {
+    /// Blocks of a row, and bytes of a record.
+    blocks: usize,
+    bytes: usize,
+    has_min: bool,
+    /// Parts 3 (fifth bits) and 4 (sub-block scales), if the format has them, and where
+    /// the quants start.
+    qh: Option<(usize, usize)>,
+    scales: Option<(usize, usize)>,
+    qs: usize,
+}
+
+impl RecordShape {
+    fn new(dtype: DType, k: usize) -> RecordShape {
+        let [h0, s0, q0] = parts_at(dtype);
+        RecordShape {
+            blocks: k / dtype.block_len(),
+            bytes: record_bytes(dtype),
+            has_min: dtype.has_min(),
+            qh: has_fifth_bits(dtype).then_some((h0, s0)),
+            scales: (scale_bytes(dtype) > 0).then_some((s0, q0)),
+            qs: q0,
+        }
+    }
 }
 
 /// One record: the 16 rows' scales and mins (halves), fifth bits, packed sub-block scales
@@ -427,6 +459,7 @@ impl RepackedWeight {
             n,
             k,
             data,
+            shape: RecordShape::new(dtype, k),
         })
     }
 
@@ -446,7 +479,7 @@ impl RepackedWeight {
     }
     /// Blocks of a row (32 values each; 256 for the K-quants).
     pub(super) fn blocks(&self) -> usize {
-        self.k / self.dtype.block_len()
+        self.shape.blocks
     }
     /// Groups of 16 rows (the last one zero-padded).
     pub fn groups(&self) -> usize {
@@ -456,15 +489,14 @@ impl RepackedWeight {
     /// The record of group `g`, block `b`.
     #[inline(always)]
     pub(super) fn record(&self, g: usize, b: usize) -> Record<'_> {
-        let rec = record_bytes(self.dtype);
-        let r = &self.data[(g * self.blocks() + b) * rec..][..rec];
-        let [h0, s0, q0] = parts_at(self.dtype);
+        let s = &self.shape;
+        let r = &self.data[(g * s.blocks + b) * s.bytes..][..s.bytes];
         Record {
             d: &r[..32],
-            m: self.dtype.has_min().then(|| &r[32..64]),
-            qh: has_fifth_bits(self.dtype).then(|| &r[h0..s0]),
-            scales: (scale_bytes(self.dtype) > 0).then(|| &r[s0..q0]),
-            qs: &r[q0..],
+            m: s.has_min.then(|| &r[32..64]),
+            qh: s.qh.map(|(a, b)| &r[a..b]),
+            scales: s.scales.map(|(a, b)| &r[a..b]),
+            qs: &r[s.qs..],
         }
     }
 
