@@ -615,6 +615,7 @@ impl Panels for GroupPanels<'_> {
 mod tests {
     use super::*;
     use crate::quant;
+    use crate::simd::repack::repackable;
     use crate::simd::testing::multiplies_as_dequantized;
 
     /// Every level and team size, decode and prefill row counts, every format: the f64
@@ -624,16 +625,7 @@ mod tests {
     fn every_format_multiplies_as_its_dequantized_weight_on_every_level_and_team_size() {
         // 70 rows: a partial last group and panel; k = 608: a partial depth block.
         let (n, k) = (70, 608);
-        for dtype in [
-            DType::Q4_0,
-            DType::Q4_1,
-            DType::Q5_0,
-            DType::Q5_1,
-            DType::Q8_0,
-            DType::Q4K,
-            DType::Q5K,
-            DType::Q6K,
-        ] {
+        for dtype in DType::ALL.into_iter().filter(|&d| repackable(d)) {
             // K-quants: 768 values a row, three records.
             let k = if dtype.block_len() == 256 { 768 } else { k };
             let bytes = quant::sample_blocks(dtype, n * k, 5).unwrap();

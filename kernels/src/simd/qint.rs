@@ -1011,6 +1011,7 @@ mod tests {
         self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,
         Q8Row,
     };
+    use crate::simd::repack::repackable;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
@@ -1037,16 +1038,10 @@ mod tests {
         }
     }
 
-    const BLOCK_FORMATS: [DType; 8] = [
-        DType::Q4_0,
-        DType::Q4_1,
-        DType::Q5_0,
-        DType::Q5_1,
-        DType::Q8_0,
-        DType::Q4K,
-        DType::Q5K,
-        DType::Q6K,
-    ];
+    /// The block formats: all of them have integer kernels.
+    fn block_formats() -> impl Iterator<Item = DType> {
+        DType::ALL.into_iter().filter(|&d| repackable(d))
+    }
 
     /// Each format's reference dot is the dequantized weights' dot product with the
     /// dequantized activations (`d_x q_x`), in f64, up to f32 rounding: this ties the integer
@@ -1054,7 +1049,7 @@ mod tests {
     #[test]
     fn reference_dots_equal_the_dequantized_product() {
         let (n, k) = (5, 512);
-        for dtype in BLOCK_FORMATS {
+        for dtype in block_formats() {
             let bytes = quant::sample_blocks(dtype, n * k, 9).unwrap();
             let mut wf = vec![0.0f32; n * k];
             quant::dequantize(dtype, &bytes, &mut wf);
@@ -1083,7 +1078,7 @@ mod tests {
     #[test]
     fn every_kernel_matches_the_reference_dots() {
         let n = 37;
-        for dtype in BLOCK_FORMATS {
+        for dtype in block_formats() {
             let k = 3 * dtype.block_len();
             let bytes = match dtype {
                 // No quantizer for these: seeded blocks of every bit pattern.

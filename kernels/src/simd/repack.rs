@@ -613,16 +613,7 @@ mod tests {
     #[test]
     fn repacking_keeps_every_value_in_both_layouts() {
         let n = 37;
-        for dtype in [
-            DType::Q4_0,
-            DType::Q4_1,
-            DType::Q5_0,
-            DType::Q5_1,
-            DType::Q8_0,
-            DType::Q4K,
-            DType::Q5K,
-            DType::Q6K,
-        ] {
+        for dtype in DType::ALL.into_iter().filter(|&d| repackable(d)) {
             let k = 3 * dtype.block_len();
             let bytes = quant::sample_blocks(dtype, n * k, 3).unwrap();
             let mut want = vec![0.0f32; n * k];
