@@ -321,13 +321,7 @@ impl<const M: usize, const F: u8> Kernel16 for GroupGemv<'_, M, F> {
                     }
                 }
             }
-            let j0 = GROUP * g;
-            let cols = GROUP.min(n - j0);
-            for (i, a) in acc.iter().enumerate() {
-                // SAFETY: row i of y, columns j0 .. j0 + cols: this task's group.
-                let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(i * n + j0), cols) };
-                store_lanes(*a, 0, out);
-            }
+            store_group(&acc, y, g, n);
         }
     }
 }
@@ -417,13 +411,7 @@ impl<const M: usize, const FIVE: bool> Kernel16 for GroupGemvK4<'_, M, FIVE> {
                     }
                 }
             }
-            let j0 = GROUP * g;
-            let cols = GROUP.min(n - j0);
-            for (i, a) in acc.iter().enumerate() {
-                // SAFETY: row i of y, columns j0 .. j0 + cols: this task's group.
-                let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(i * n + j0), cols) };
-                store_lanes(*a, 0, out);
-            }
+            store_group(&acc, y, g, n);
         }
     }
 }
@@ -478,14 +466,21 @@ impl<const M: usize> Kernel16 for GroupGemvK6<'_, M> {
                     }
                 }
             }
-            let j0 = GROUP * g;
-            let cols = GROUP.min(n - j0);
-            for (i, a) in acc.iter().enumerate() {
-                // SAFETY: row i of y, columns j0 .. j0 + cols: this task's group.
-                let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(i * n + j0), cols) };
-                store_lanes(*a, 0, out);
-            }
+            store_group(&acc, y, g, n);
         }
+    }
+}
+
+/// Stores a decode task's results for group `g`: `acc[i]` holds row `i` of `y (m, n)`,
+/// columns `16g ..` (fewer in a partial last group).
+#[inline(always)]
+fn store_group<V: V16>(acc: &[V], y: Out, g: usize, n: usize) {
+    let j0 = GROUP * g;
+    let cols = GROUP.min(n - j0);
+    for (i, a) in acc.iter().enumerate() {
+        // SAFETY: row i of y, columns j0 .. j0 + cols: the calling task's group.
+        let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(i * n + j0), cols) };
+        store_lanes(*a, 0, out);
     }
 }
 
