@@ -250,19 +250,15 @@ impl Backend for SimdBackend {
 
     fn prepare<'w>(&self, w: WeightView<'w>) -> Result<SimdWeight<'w>, Error> {
         let (rows, cols) = w.dims();
-        if let Some(r) = RepackedWeight::new(
-            &self.arena,
-            w.dtype(),
-            self.layout(w.name()),
-            rows,
-            cols,
-            w.bytes(),
-            |part| w.release(part),
-        ) {
-            return Ok(SimdWeight::Repacked(r));
-        }
         if let Some(b) = BlockWeight::new(w.dtype(), rows, cols, w.bytes()) {
-            return Ok(SimdWeight::Blocks(b));
+            let layout = self.layout(w.name());
+            let release = |part: &[u8]| w.release(part);
+            return Ok(
+                match RepackedWeight::new(&self.arena, &self.team, &b, layout, release) {
+                    Some(r) => SimdWeight::Repacked(r),
+                    None => SimdWeight::Blocks(b),
+                },
+            );
         }
         Ok(SimdWeight::Packed(simd::pack_weight(
             &self.arena,

@@ -42,8 +42,12 @@ pub(crate) fn generate_on<B: chord::Backend>(
     args: &GenerateArgs,
 ) -> Result<(), Box<dyn std::error::Error>> {
     use std::io::Write as _;
+    // Load time as llama.cpp's `load time` counts it: the tokenizer and the weights made
+    // ready for the backend (repacked, or packed), from the mapped file.
+    let start = std::time::Instant::now();
     let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
     let model = chord::model::Model::load(file, backend)?;
+    let load_seconds = start.elapsed().as_secs_f64();
     let ctx = args.run.ctx.min(model.config.ctx_len);
     let prompt_ids = prompt_ids(&tok, &args.prompt, args.parse_special)?;
     if prompt_ids.len() + args.n > ctx {
@@ -102,6 +106,7 @@ pub(crate) fn generate_on<B: chord::Backend>(
             "generated_ids": g.generated_ids,
             "text": g.text,
             "stop_reason": g.stop_reason,
+            "load_seconds": load_seconds,
             "prompt_tokens_per_second": g.prompt_tokens_per_second(),
             "generation_tokens_per_second": g.generation_tokens_per_second(),
         });
@@ -109,7 +114,7 @@ pub(crate) fn generate_on<B: chord::Backend>(
     } else {
         out!()?;
         eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s; {backend}, {} mode, stop: {}]",
+            "[loaded in {load_seconds:.2} s; {} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s; {backend}, {} mode, stop: {}]",
             g.prompt_ids.len(),
             g.prompt_tokens_per_second(),
             g.generated_ids.len(),

@@ -610,6 +610,7 @@ impl Panels for GroupPanels<'_> {
 mod tests {
     use super::*;
     use crate::quant;
+    use crate::simd::qmatmul::BlockWeight;
     use crate::simd::repack::repackable;
     use crate::simd::testing::multiplies_as_dequantized;
 
@@ -628,11 +629,9 @@ mod tests {
             quant::dequantize(dtype, &bytes, &mut wf);
             let w = RepackedWeight::new(
                 &crate::arena::Arena::new(),
-                dtype,
+                &Team::new(1).unwrap(),
+                &BlockWeight::new(dtype, n, k, &bytes).unwrap(),
                 Layout::Values,
-                n,
-                k,
-                &bytes,
                 |_| {},
             )
             .unwrap();

@@ -1011,6 +1011,7 @@ mod tests {
         self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,
         Q8Row,
     };
+    use crate::simd::qmatmul::BlockWeight;
     use crate::simd::repack::repackable;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
@@ -1089,11 +1090,9 @@ mod tests {
             };
             let w = RepackedWeight::new(
                 &crate::arena::Arena::new(),
-                dtype,
+                &Team::new(1).unwrap(),
+                &BlockWeight::new(dtype, n, k, &bytes).unwrap(),
                 Layout::Dots,
-                n,
-                k,
-                &bytes,
                 |_| {},
             )
             .unwrap();

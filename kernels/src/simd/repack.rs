@@ -50,12 +50,16 @@
 //! - `Q6_K`: 48 chunks, in triples `ql[64h + 4c' ..]`, `ql[64h + 32 + 4c' ..]`,
 //!   `qh[32h + 4c' ..]`.
 
+use std::sync::Mutex;
+
+use super::qmatmul::BlockWeight;
 use super::v16::V16;
 use crate::arena::{Arena, Chunk};
 use crate::quant::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, DType,
-    f16_to_f32, scale_min_k4,
+    self, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,
+    DType,
 };
+use crate::team::Team;
 
 /// Weight rows per group.
 pub const GROUP: usize = 16;
@@ -102,6 +106,8 @@ pub struct RepackedWeight {
     /// record and activation-row block, and a division or a match there cost fast-mode
     /// prefill a fifth of its speed.
     shape: RecordShape,
+    /// Where a record's bytes come from.
+    map: ByteMap,
 }
 
 /// A record's geometry for one format (see the module docs).
@@ -236,11 +242,12 @@ fn parts_at(dtype: DType) -> [usize; 3] {
     [qh, scales, scales + scale_bytes(dtype) * GROUP]
 }
 
-/// A block's parts as the file stores them.
+/// A block's parts as the file stores them, borrowed from it.
 struct Parts<'a> {
-    d: [u8; 2],
-    m: Option<[u8; 2]>,
-    qh: Option<[u8; 4]>,
+    d: &'a [u8],
+    m: Option<&'a [u8]>,
+    /// `Q5_0`/`Q5_1`: the fifth bits, a little-endian `u32` (bit `v` value `v`'s).
+    qh: Option<&'a [u8]>,
     scales: Option<&'a [u8]>,
     /// The quant bytes: `qs`, then `more` (`Q5_K`, `Q6_K`: their `qh`).
     qs: &'a [u8],
@@ -260,45 +267,45 @@ fn parts(dtype: DType, blk: &[u8]) -> Parts<'_> {
     match dtype {
         DType::Q4_0 => {
             let b: &BlockQ4_0 = bytemuck::from_bytes(blk);
-            plain(b.d, &b.qs)
+            plain(&b.d, &b.qs)
         }
         DType::Q4_1 => {
             let b: &BlockQ4_1 = bytemuck::from_bytes(blk);
             Parts {
-                m: Some(b.m),
-                ..plain(b.d, &b.qs)
+                m: Some(&b.m),
+                ..plain(&b.d, &b.qs)
             }
         }
         DType::Q5_0 => {
             let b: &BlockQ5_0 = bytemuck::from_bytes(blk);
             Parts {
-                qh: Some(b.qh),
-                ..plain(b.d, &b.qs)
+                qh: Some(&b.qh),
+                ..plain(&b.d, &b.qs)
             }
         }
         DType::Q5_1 => {
             let b: &BlockQ5_1 = bytemuck::from_bytes(blk);
             Parts {
-                m: Some(b.m),
-                qh: Some(b.qh),
-                ..plain(b.d, &b.qs)
+                m: Some(&b.m),
+                qh: Some(&b.qh),
+                ..plain(&b.d, &b.qs)
             }
         }
         DType::Q4K => {
             let b: &BlockQ4K = bytemuck::from_bytes(blk);
             Parts {
-                m: Some(b.dmin),
+                m: Some(&b.dmin),
                 scales: Some(&b.scales),
-                ..plain(b.d, &b.qs)
+                ..plain(&b.d, &b.qs)
             }
         }
         DType::Q5K => {
             let b: &BlockQ5K = bytemuck::from_bytes(blk);
             Parts {
-                m: Some(b.dmin),
+                m: Some(&b.dmin),
                 scales: Some(&b.scales),
                 more: &b.qh,
-                ..plain(b.d, &b.qs)
+                ..plain(&b.d, &b.qs)
             }
         }
         DType::Q6K => {
@@ -306,12 +313,211 @@ fn parts(dtype: DType, blk: &[u8]) -> Parts<'_> {
             Parts {
                 scales: Some(bytemuck::cast_slice(&b.scales)),
                 more: &b.qh,
-                ..plain(b.d, &b.ql)
+                ..plain(&b.d, &b.ql)
             }
         }
         _ => {
             let b: &BlockQ8_0 = bytemuck::from_bytes(blk);
-            plain(b.d, bytemuck::cast_slice(&b.qs))
+            plain(&b.d, bytemuck::cast_slice(&b.qs))
+        }
+    }
+}
+
+/// Where each byte of a record comes from, for one format and layout: the module docs'
+/// layout as a table, built once per weight from [`parts`] and the chunk functions the
+/// kernels read with. Repacking fills a record front to back through it (a record written
+/// in order ran about three times as fast as one written a block at a time); reading a row
+/// back inverts it.
+#[derive(Clone, Debug)]
+struct ByteMap {
+    /// Record byte `p` is byte `from[p].src` of row `from[p].row`'s block, XOR `flip`; row
+    /// [`GROUP`] stands for zeros (fifth-bit bytes, filled from `bits`).
+    from: Vec<Source>,
+    /// `from` for a group's rows laid end to end, rows of `row_bytes`: record byte `p` of
+    /// block `b` is byte `b · block_bytes + at[p]` of the group's bytes (zeros: byte 0, put
+    /// right after).
+    at: Vec<u32>,
+    /// The bytes `at` must reach from a block's start: `15 · row_bytes + block_bytes`.
+    reach: usize,
+    /// Record bytes that are zero before the fifth bits go in.
+    zeros: Vec<u16>,
+    /// `Q8_0` in [`Layout::Dots`]: where the quants start, each stored XOR 0x80.
+    flip_from: Option<usize>,
+    /// Bytes of fifth bits spread a bit at a time (`Q5_0`/`Q5_1`; `Q5_K` in
+    /// [`Layout::Values`]).
+    bits: Vec<BitMove>,
+    row_bytes: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Source {
+    row: u8,
+    src: u8,
+    flip: u8,
+}
+
+/// Bit `src_bit` of byte `src` of row `r`'s block is, in the record, a mask bit (`lane`
+/// false: byte `at + r / 8`, bit `r % 8`) or a bit of row `r`'s 32-bit lane (byte
+/// `at + 4 r`, bit `bit`).
+#[derive(Clone, Copy, Debug)]
+struct BitMove {
+    src: u8,
+    src_bit: u8,
+    at: u16,
+    lane: bool,
+    bit: u8,
+}
+
+impl BitMove {
+    /// The record byte and bit of row `r`'s bit.
+    #[inline(always)]
+    fn place(&self, r: usize) -> (usize, u8) {
+        if self.lane {
+            (self.at as usize + 4 * r, self.bit)
+        } else {
+            (self.at as usize + r / 8, (r % 8) as u8)
+        }
+    }
+}
+
+impl ByteMap {
+    /// The map for rows of `row_bytes`.
+    fn new(dtype: DType, layout: Layout, row_bytes: usize) -> ByteMap {
+        let blk = vec![0u8; dtype.block_bytes()];
+        let p = parts(dtype, &blk);
+        // Offsets in a block (at most 210 bytes) and a record (at most 3360).
+        let off = |s: &[u8]| s.as_ptr() as usize - blk.as_ptr() as usize;
+        let [h0, s0, q0] = parts_at(dtype);
+        let zero = Source {
+            row: GROUP as u8,
+            src: 0,
+            flip: 0,
+        };
+        let (mut from, mut bits) = (vec![zero; record_bytes(dtype)], Vec::new());
+        // Byte `src` of row r's block goes to `at + r * stride`.
+        let mut byte = |src: usize, at: usize, stride: usize, flip: u8| {
+            for r in 0..GROUP {
+                let (row, src) = (r as u8, src as u8);
+                from[at + r * stride] = Source { row, src, flip };
+            }
+        };
+        for i in 0..2 {
+            byte(off(p.d) + i, i, 2, 0);
+            if let Some(m) = p.m {
+                byte(off(m) + i, 32 + i, 2, 0);
+            }
+        }
+        if let Some(scales) = p.scales {
+            for t in 0..scales.len() {
+                byte(off(scales) + t, s0 + GROUP * t, 1, 0);
+            }
+        }
+        let stream = (0..p.qs.len())
+            .map(|i| off(p.qs) + i)
+            .chain((0..p.more.len()).map(|i| off(p.more) + i));
+        for (i, src) in stream.enumerate() {
+            match layout {
+                Layout::Values if dtype == DType::Q5K && i >= 128 => {
+                    // qh[l] bit j: value 32 j + l's fifth bit, as a mask bit.
+                    for j in 0..8 {
+                        bits.push(BitMove {
+                            src: src as u8,
+                            src_bit: j as u8,
+                            at: (q0 + k5_mask_at(32 * j + i - 128)) as u16,
+                            lane: false,
+                            bit: 0,
+                        });
+                    }
+                }
+                Layout::Values => byte(src, q0 + GROUP * values_chunk(dtype, i), 1, 0),
+                Layout::Dots => {
+                    let flip = if dtype == DType::Q8_0 { 0x80 } else { 0 };
+                    byte(src, q0 + 64 * dots_chunk(dtype, i / 4) + i % 4, 4, flip);
+                }
+            }
+        }
+        // Q5_0/Q5_1's fifth bits: value v's is bit v % 8 of byte v / 8.
+        if let Some(qh) = p.qh {
+            for v in 0..32 {
+                let (src, src_bit) = ((off(qh) + v / 8) as u8, (v % 8) as u8);
+                bits.push(match layout {
+                    // Mask v: two bytes, bit r row r's.
+                    Layout::Values => BitMove {
+                        src,
+                        src_bit,
+                        at: (h0 + 2 * v) as u16,
+                        lane: false,
+                        bit: 0,
+                    },
+                    // Row r's lane: byte t, bit c holds value 4c + t's bit, bit 4 + c value
+                    // 16 + 4c + t's.
+                    Layout::Dots => BitMove {
+                        src,
+                        src_bit,
+                        at: (h0 + v % 4) as u16,
+                        lane: true,
+                        bit: (v % 16 / 4 + if v >= 16 { 4 } else { 0 }) as u8,
+                    },
+                });
+            }
+        }
+        let at = from
+            .iter()
+            .map(|s| match s.row as usize {
+                GROUP => 0,
+                r => (r * row_bytes + s.src as usize) as u32,
+            })
+            .collect();
+        let zeros = (0..from.len())
+            .filter(|&p| from[p].row as usize == GROUP)
+            .map(|p| p as u16)
+            .collect();
+        let flip_from = (layout == Layout::Dots && dtype == DType::Q8_0).then_some(q0);
+        ByteMap {
+            from,
+            at,
+            reach: (GROUP - 1) * row_bytes + dtype.block_bytes(),
+            zeros,
+            flip_from,
+            bits,
+            row_bytes,
+        }
+    }
+
+    /// Writes a record: `blk` starts at the record's block in the first of 16 rows laid end
+    /// to end (rows past the weight's last zero).
+    #[inline]
+    fn fill(&self, blk: &[u8], rec: &mut [u8]) {
+        assert!(blk.len() >= self.reach && rec.len() == self.at.len());
+        for (out, &at) in rec.iter_mut().zip(&self.at) {
+            // SAFETY: `at < reach <= blk.len()`, as `new` builds it: row < 16 and `src`
+            // below a block's bytes.
+            *out = unsafe { *blk.get_unchecked(at as usize) };
+        }
+        if let Some(q0) = self.flip_from {
+            rec[q0..].iter_mut().for_each(|q| *q ^= 0x80);
+        }
+        for &p in &self.zeros {
+            rec[p as usize] = 0;
+        }
+        for b in &self.bits {
+            for r in 0..GROUP {
+                let (at, bit) = b.place(r);
+                rec[at] |= (blk[r * self.row_bytes + b.src as usize] >> b.src_bit & 1) << bit;
+            }
+        }
+    }
+
+    /// Reads row `r`'s block back from `rec` into `blk` (zeroed).
+    fn gather(&self, rec: &[u8], r: usize, blk: &mut [u8]) {
+        for (&q, s) in rec.iter().zip(&self.from) {
+            if s.row as usize == r {
+                blk[s.src as usize] = q ^ s.flip;
+            }
+        }
+        for b in &self.bits {
+            let (at, bit) = b.place(r);
+            blk[b.src as usize] |= (rec[at] >> bit & 1) << b.src_bit;
         }
     }
 }
@@ -364,102 +570,68 @@ pub(super) fn dots_chunk(dtype: DType, c: usize) -> usize {
     }
 }
 
-/// Where value `v`'s fifth bit of row `r` goes in a record's 64 bytes of fifth bits: the
-/// byte and the bit (see the module docs).
-fn fifth_bit_at(layout: Layout, r: usize, v: usize) -> (usize, u8) {
-    match layout {
-        Layout::Values => (2 * v + r / 8, (r % 8) as u8),
-        Layout::Dots => {
-            let (c, t, high) = (v % 16 / 4, v % 4, v >= 16);
-            (4 * r + t, (c + if high { 4 } else { 0 }) as u8)
-        }
-    }
-}
-
 impl RepackedWeight {
-    /// Repacks `bytes`, `n` rows of `k` values in blocks of `dtype` (one of [`repackable`]),
-    /// into `layout`, in memory from `arena`. `None` if the format or the shapes do not fit.
-    /// `done` is called with each run of `bytes` once it has been copied (about 1 MiB at a
+    /// Repacks `w` (one of the [`repackable`] formats) into `layout`, in memory from `arena`,
+    /// on `team`'s threads. `None` if the format cannot be repacked. `done` is called with
+    /// each run of `w.bytes` once it has been copied (whole rows, about 1 MiB a thread at a
     /// time, in order), so that a caller can let go of the source as the copy grows.
     pub fn new(
         arena: &Arena,
-        dtype: DType,
+        team: &Team,
+        w: &BlockWeight<'_>,
         layout: Layout,
-        n: usize,
-        k: usize,
-        bytes: &[u8],
         mut done: impl FnMut(&[u8]),
     ) -> Option<RepackedWeight> {
-        if !repackable(dtype)
-            || n == 0
-            || k == 0
-            || dtype.bytes_for(k).and_then(|r| r.checked_mul(n)) != Some(bytes.len())
-        {
+        let (dtype, n, k) = (w.dtype, w.n, w.k);
+        if !repackable(dtype) {
             return None;
         }
-        let (blocks, rec, bb) = (
-            k / dtype.block_len(),
-            record_bytes(dtype),
-            dtype.block_bytes(),
-        );
-        let mut data = arena.alloc(n.div_ceil(GROUP) * blocks * rec);
-        let (row_bytes, [h0, s0, q0]) = (blocks * bb, parts_at(dtype));
-        // Rows per call of `done`: about 1 MiB of source.
-        let run = (RELEASE_BYTES / row_bytes).max(1);
-        for j in 0..n {
-            if j > 0 && j % run == 0 {
-                done(&bytes[(j - run) * row_bytes..j * row_bytes]);
-            }
-            let (g, r) = (j / GROUP, j % GROUP);
-            let row = &bytes[j * row_bytes..][..row_bytes];
-            for b in 0..blocks {
-                let out = &mut data[(g * blocks + b) * rec..][..rec];
-                let p = parts(dtype, &row[b * bb..][..bb]);
-                out[2 * r..2 * r + 2].copy_from_slice(&p.d);
-                if let Some(m) = p.m {
-                    out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&m);
-                }
-                if let Some(qh) = p.qh {
-                    let qh = u32::from_le_bytes(qh);
-                    for v in 0..32 {
-                        let (at, bit) = fifth_bit_at(layout, r, v);
-                        out[h0 + at] |= (((qh >> v) & 1) as u8) << bit;
-                    }
-                }
-                if let Some(scales) = p.scales {
-                    for (t, &s) in scales.iter().enumerate() {
-                        out[s0 + GROUP * t + r] = s;
-                    }
-                }
-                let out = &mut out[q0..];
-                for (i, &q) in p.qs.iter().chain(p.more).enumerate() {
-                    match layout {
-                        Layout::Values if dtype == DType::Q5K && i >= 128 => {
-                            // qh[l] bit j: value 32 j + l's fifth bit, as a mask bit.
-                            let l = i - 128;
-                            for j in 0..8 {
-                                let at = k5_mask_at(32 * j + l) + r / 8;
-                                out[at] |= (q >> j & 1) << (r % 8);
-                            }
+        let shape = RecordShape::new(dtype, k);
+        let (blocks, rec, bb) = (shape.blocks, shape.bytes, dtype.block_bytes());
+        let (row_bytes, group_bytes) = (blocks * bb, blocks * rec);
+        let map = ByteMap::new(dtype, layout, row_bytes);
+        let mut data = arena.alloc(n.div_ceil(GROUP) * group_bytes);
+        // Groups per call of `done`: about 1 MiB of source a thread.
+        let batch = (RELEASE_BYTES * team.threads() / (GROUP * row_bytes)).max(1);
+        for (i, out) in data.chunks_mut(batch * group_bytes).enumerate() {
+            let g0 = i * batch;
+            let groups = out.len() / group_bytes;
+            let per_task = groups.div_ceil(team.threads());
+            let parts: Vec<Mutex<&mut [u8]>> = out
+                .chunks_mut(per_task * group_bytes)
+                .map(Mutex::new)
+                .collect();
+            team.run(parts.len(), &|t| {
+                let mut part = parts[t].lock().unwrap_or_else(|e| e.into_inner());
+                for (gi, out) in part.chunks_mut(group_bytes).enumerate() {
+                    let first = GROUP * (g0 + t * per_task + gi);
+                    // The group's rows; the last group's zero-padded to 16.
+                    let padded;
+                    let rows = match w.bytes.get(first * row_bytes..(first + GROUP) * row_bytes) {
+                        Some(rows) => rows,
+                        None => {
+                            let mut v = w.bytes[first * row_bytes..].to_vec();
+                            v.resize(GROUP * row_bytes, 0);
+                            padded = v;
+                            &padded
                         }
-                        Layout::Values => out[GROUP * values_chunk(dtype, i) + r] = q,
-                        Layout::Dots => {
-                            let (c, v) = (dots_chunk(dtype, i / 4), i % 4);
-                            let q = if dtype == DType::Q8_0 { q ^ 0x80 } else { q };
-                            out[64 * c + 4 * r + v] = q;
-                        }
+                    };
+                    for (b, rec) in out.chunks_exact_mut(rec).enumerate() {
+                        map.fill(&rows[b * bb..], rec);
                     }
                 }
-            }
+            });
+            let rows = GROUP * g0..n.min(GROUP * (g0 + groups));
+            done(&w.bytes[rows.start * row_bytes..rows.end * row_bytes]);
         }
-        done(&bytes[(n - 1) / run * run * row_bytes..]);
         Some(RepackedWeight {
             dtype,
             layout,
             n,
             k,
             data,
-            shape: RecordShape::new(dtype, k),
+            shape,
+            map,
         })
     }
 
@@ -500,105 +672,25 @@ impl RepackedWeight {
         }
     }
 
-    /// Row `j` of the original `W`, dequantized into `out (k,)` exactly as
-    /// [`crate::quant::dequantize`] does (embedding lookups).
+    /// Row `j` of the original `W`, dequantized into `out (k,)` by
+    /// [`crate::quant::dequantize`] from its blocks, read back from the records (embedding
+    /// lookups).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            self.k,
+            "dequantize_row: {} values, rows of {}",
+            out.len(),
+            self.k
+        );
         let (g, r) = (j / GROUP, j % GROUP);
-        let len = self.dtype.block_len();
-        for b in 0..self.blocks() {
-            let rec = self.record(g, b);
-            let y = &mut out[len * b..len * (b + 1)];
-            let d = f16_to_f32([rec.d[2 * r], rec.d[2 * r + 1]]);
-            // Quant byte `i` of the block as stored.
-            let byte = |i: usize| match self.layout {
-                Layout::Values => rec.qs[GROUP * values_chunk(self.dtype, i) + r],
-                Layout::Dots => {
-                    let q = rec.qs[64 * dots_chunk(self.dtype, i / 4) + 4 * r + i % 4];
-                    if self.dtype == DType::Q8_0 {
-                        q ^ 0x80
-                    } else {
-                        q
-                    }
-                }
-            };
-            // Value `v`'s fifth bit, as 16 or 0.
-            let fifth = |v: usize| match rec.qh {
-                Some(qh) => {
-                    let (at, bit) = fifth_bit_at(self.layout, r, v);
-                    ((qh[at] >> bit) & 1) << 4
-                }
-                None => 0,
-            };
-            match self.dtype {
-                DType::Q4_0 | DType::Q5_0 => {
-                    let offset = if self.dtype == DType::Q4_0 { 8 } else { 16 };
-                    for i in 0..16 {
-                        let q = byte(i);
-                        y[i] = (((q & 0xf) | fifth(i)) as i32 - offset) as f32 * d;
-                        y[i + 16] = (((q >> 4) | fifth(i + 16)) as i32 - offset) as f32 * d;
-                    }
-                }
-                DType::Q4_1 | DType::Q5_1 => {
-                    let m = rec.m.map_or(0.0, |m| f16_to_f32([m[2 * r], m[2 * r + 1]]));
-                    for i in 0..16 {
-                        let q = byte(i);
-                        y[i] = ((q & 0xf) | fifth(i)) as f32 * d + m;
-                        y[i + 16] = ((q >> 4) | fifth(i + 16)) as f32 * d + m;
-                    }
-                }
-                DType::Q6K => {
-                    let s = rec.scales.expect("Q6_K scales");
-                    // The row's block as the file stores it: ql then qh, and the scales.
-                    let q: [u8; 192] = std::array::from_fn(&byte);
-                    let (ql, qh) = q.split_at(128);
-                    for h in 0..2 {
-                        for l in 0..32 {
-                            for qr in 0..4 {
-                                let low = ql[64 * h + 32 * (qr % 2) + l] >> (4 * (qr / 2)) & 0xf;
-                                let high = (qh[32 * h + l] >> (2 * qr)) & 3;
-                                let sc = s[GROUP * (8 * h + 2 * qr + l / 16) + r] as i8;
-                                let q = (low | high << 4) as i32 - 32;
-                                y[128 * h + 32 * qr + l] = d * sc as f32 * q as f32;
-                            }
-                        }
-                    }
-                }
-                DType::Q4K | DType::Q5K => {
-                    let (m, s) = (rec.m.expect("dmin"), rec.scales.expect("scales"));
-                    let dmin = f16_to_f32([m[2 * r], m[2 * r + 1]]);
-                    let scales: [u8; 12] = std::array::from_fn(|t| s[GROUP * t + r]);
-                    // Q5_K: the fifth bit of value l of sub-block j: bit j of qh[l] (the
-                    // stream's byte 128 + l), or in exact mode's records bit r of mask
-                    // 32 j + l.
-                    let fifth_k = |j: usize, l: usize| match (self.dtype, self.layout) {
-                        (DType::Q5K, Layout::Dots) => (byte(128 + l) >> j & 1) << 4,
-                        (DType::Q5K, Layout::Values) => {
-                            (rec.qs[k5_mask_at(32 * j + l) + r / 8] >> (r % 8) & 1) << 4
-                        }
-                        _ => 0,
-                    };
-                    for i in 0..4 {
-                        let (s0, m0) = scale_min_k4(2 * i, &scales);
-                        let (s1, m1) = scale_min_k4(2 * i + 1, &scales);
-                        let (d0, min0) = (d * s0 as f32, dmin * m0 as f32);
-                        let (d1, min1) = (d * s1 as f32, dmin * m1 as f32);
-                        for l in 0..32 {
-                            let q = byte(32 * i + l);
-                            let (lo, hi) = (
-                                (q & 0xf) | fifth_k(2 * i, l),
-                                (q >> 4) | fifth_k(2 * i + 1, l),
-                            );
-                            y[64 * i + l] = d0 * lo as f32 - min0;
-                            y[64 * i + 32 + l] = d1 * hi as f32 - min1;
-                        }
-                    }
-                }
-                _ => {
-                    for (i, v) in y.iter_mut().enumerate() {
-                        *v = byte(i) as i8 as f32 * d;
-                    }
-                }
-            }
+        let (len, s) = (self.dtype.block_len(), &self.shape);
+        let mut blk = vec![0u8; self.dtype.block_bytes()];
+        for (b, y) in out.chunks_exact_mut(len).enumerate() {
+            blk.fill(0);
+            let rec = &self.data[(g * s.blocks + b) * s.bytes..][..s.bytes];
+            self.map.gather(rec, r, &mut blk);
+            quant::dequantize(self.dtype, &blk, y);
         }
     }
 }
@@ -606,21 +698,30 @@ impl RepackedWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant;
 
     /// Both layouts keep every value of every format, on a row count that leaves the last
-    /// group partial.
+    /// group partial, and every team size writes the same records.
     #[test]
-    fn repacking_keeps_every_value_in_both_layouts() {
+    fn repacking_keeps_every_value_in_both_layouts_on_every_team_size() {
         let n = 37;
+        let teams: Vec<Team> = (1..=3).map(|t| Team::new(t).unwrap()).collect();
         for dtype in DType::ALL.into_iter().filter(|&d| repackable(d)) {
             let k = 3 * dtype.block_len();
             let bytes = quant::sample_blocks(dtype, n * k, 3).unwrap();
+            let src = BlockWeight::new(dtype, n, k, &bytes).unwrap();
             let mut want = vec![0.0f32; n * k];
             quant::dequantize(dtype, &bytes, &mut want);
             for layout in [Layout::Values, Layout::Dots] {
-                let w = RepackedWeight::new(&Arena::new(), dtype, layout, n, k, &bytes, |_| {})
-                    .unwrap();
+                let repack = |team| RepackedWeight::new(&Arena::new(), team, &src, layout, |_| {});
+                let w = repack(&teams[0]).unwrap();
+                for team in &teams[1..] {
+                    let other = repack(team).unwrap();
+                    assert!(
+                        *other.data == *w.data,
+                        "{dtype} {layout:?} {} threads",
+                        team.threads()
+                    );
+                }
                 let mut row = vec![0.0f32; k];
                 for j in 0..n {
                     w.dequantize_row(j, &mut row);
@@ -632,58 +733,36 @@ mod tests {
                 }
             }
         }
-        // Other formats, and bytes that are not n rows of k, are refused.
+        // Other formats are refused.
+        let bf16 = BlockWeight::new(DType::BF16, 1, 256, &[0; 512]).unwrap();
         assert!(
-            RepackedWeight::new(
-                &Arena::new(),
-                DType::BF16,
-                Layout::Values,
-                1,
-                256,
-                &[0; 512],
-                |_| {}
-            )
-            .is_none()
-        );
-        assert!(
-            RepackedWeight::new(
-                &Arena::new(),
-                DType::Q8_0,
-                Layout::Values,
-                2,
-                32,
-                &[0; 34],
-                |_| {}
-            )
-            .is_none()
+            RepackedWeight::new(&Arena::new(), &teams[0], &bf16, Layout::Values, |_| {}).is_none()
         );
     }
 
     /// `done` hands back the source in order, in runs of whole rows that tile it exactly:
-    /// 1.4 MB of Q8_0 rows in two runs.
+    /// 1.4 MB of Q8_0 rows, about 1 MiB a thread at a time.
     #[test]
     fn the_source_is_handed_back_in_order_as_it_is_copied() {
         let (n, k) = (40_000, 32);
         let bytes = quant::sample_blocks(DType::Q8_0, n * k, 7).unwrap();
-        let mut runs: Vec<(usize, usize)> = Vec::new();
-        let base = bytes.as_ptr() as usize;
-        RepackedWeight::new(
-            &Arena::new(),
-            DType::Q8_0,
-            Layout::Values,
-            n,
-            k,
-            &bytes,
-            |p| runs.push((p.as_ptr() as usize - base, p.len())),
-        )
-        .unwrap();
-        assert_eq!(runs.len(), 2, "{runs:?}");
-        let mut at = 0;
-        for &(start, len) in &runs {
-            assert_eq!(start, at);
-            assert!(len.is_multiple_of(34));
-            at += len;
+        let src = BlockWeight::new(DType::Q8_0, n, k, &bytes).unwrap();
+        for (threads, want_runs) in [(1, 2), (2, 1)] {
+            let mut runs: Vec<(usize, usize)> = Vec::new();
+            let base = bytes.as_ptr() as usize;
+            let team = Team::new(threads).unwrap();
+            RepackedWeight::new(&Arena::new(), &team, &src, Layout::Values, |p| {
+                runs.push((p.as_ptr() as usize - base, p.len()))
+            })
+            .unwrap();
+            assert_eq!(runs.len(), want_runs, "{threads} threads: {runs:?}");
+            let mut at = 0;
+            for &(start, len) in &runs {
+                assert_eq!(start, at);
+                assert!(len.is_multiple_of(34));
+                at += len;
+            }
+            assert_eq!(at, bytes.len());
         }
-        assert_eq!(at, bytes.len());
     }
 }
