@@ -325,9 +325,10 @@ fn parts(dtype: DType, blk: &[u8]) -> Parts<'_> {
 
 /// Where each byte of a record comes from, for one format and layout: the module docs'
 /// layout as a table, built once per weight from [`parts`] and the chunk functions the
-/// kernels read with. Repacking fills a record front to back through it (a record written
-/// in order ran about three times as fast as one written a block at a time); reading a row
-/// back inverts it.
+/// kernels read with. Repacking fills a record front to back from fixed offsets into the
+/// group's rows: 2.0-2.3 GB/s on one thread (Zen 4), where a loop deciding each byte's place
+/// as it went ran at about 0.3, and the same table read through an array of the rows'
+/// blocks at 0.9. Reading a row back inverts it.
 #[derive(Clone, Debug)]
 struct ByteMap {
     /// Record byte `p` is byte `from[p].src` of row `from[p].row`'s block, XOR `flip`; row
