@@ -35,7 +35,7 @@ pub use q5_1::BlockQ5_1;
 pub use q5_k::BlockQ5K;
 pub use q6_k::BlockQ6K;
 pub use q8_0::{BlockQ8_0, quantize_q8_0};
-pub use q8_act::{Q8Row, QuantizedRows};
+pub use q8_act::{Q8Row, Q8Rows, QuantizedRows};
 
 /// A block format: `LEN` values stored in `size_of::<Self>()` bytes.
 pub(crate) trait Block: Pod + Send + Sync {

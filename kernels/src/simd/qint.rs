@@ -392,10 +392,16 @@ mod x86 {
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.as_ptr() as *const __m256i)) }
     }
 
-    /// Four activation bytes as one 32-bit lane, broadcast.
+    /// Four activation bytes at `x + at` as one 32-bit lane, broadcast to eight.
     #[inline(always)]
-    unsafe fn bcast4(x: &[i8], at: usize) -> __m512i {
-        unsafe { _mm512_set1_epi32(std::ptr::read_unaligned(x.as_ptr().add(at) as *const i32)) }
+    unsafe fn bcast4_256(x: *const i8, at: usize) -> __m256i {
+        unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(x.add(at) as *const i32)) }
+    }
+
+    /// Four activation bytes at `x + at` as one 32-bit lane, broadcast to sixteen.
+    #[inline(always)]
+    unsafe fn bcast4(x: *const i8, at: usize) -> __m512i {
+        unsafe { _mm512_set1_epi32(std::ptr::read_unaligned(x.add(at) as *const i32)) }
     }
 
     /// The 32-value block formats, as const parameters of [`vnni_blocks`].
@@ -404,6 +410,17 @@ mod x86 {
     const F_Q5_0: u8 = 2;
     const F_Q5_1: u8 = 3;
     const F_Q8_0: u8 = 4;
+
+    /// The offset of format `F`'s stored values ([`offset`]), fixed at compile time so that
+    /// the formats without one carry no test for it.
+    const fn f_offset(f: u8) -> i32 {
+        match f {
+            F_Q4_0 => 8,
+            F_Q5_0 => 16,
+            F_Q8_0 => 128,
+            _ => 0,
+        }
+    }
 
     /// [`vnni_blocks`] for `w`'s format and `rows` (1 to [`MR`]) activation rows, each a
     /// copy of its own: the format's branches and the rows' accumulators are then fixed
@@ -458,9 +475,10 @@ mod x86 {
             let mut acc = [_mm512_setzero_ps(); R];
             let nib = _mm512_set1_epi8(0x0f);
             let bit4 = _mm512_set1_epi8(0x10);
-            let off = offset(w.dtype);
+            let off = const { f_offset(F) };
+            debug_assert_eq!(off, offset(w.dtype));
             let (five, mins) = (F == F_Q5_0 || F == F_Q5_1, F == F_Q4_1 || F == F_Q5_1);
-            let xr: [_; R] = std::array::from_fn(|r| x.row(i0 + r));
+            let xr = x.rows_from(i0, R);
             for b in 0..blocks {
                 let rec = w.record(g, b);
                 let dw = halves16(rec.d);
@@ -492,7 +510,9 @@ mod x86 {
                     }
                 }
                 for r in 0..R {
-                    let xq = &xr[r].qs[32 * b..][..32];
+                    // SAFETY: r < R rows of the view, b < its blocks.
+                    let xq = xr.qs(r, b);
+                    let (xd, xsum, xs) = xr.block(r, b);
                     let mut sum = _mm512_setzero_si512();
                     if F == F_Q8_0 {
                         for (c, op) in ops.iter().enumerate() {
@@ -505,13 +525,13 @@ mod x86 {
                         }
                     }
                     if off != 0 {
-                        sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(off * xr[r].sum[b]));
+                        sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(off * xsum));
                     }
-                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(xr[r].d[b]));
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(xd));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
                     if mins {
                         let mw = halves16(rec.m.expect("mins"));
-                        acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xr[r].s[b]), acc[r]);
+                        acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs), acc[r]);
                     }
                 }
             }
@@ -565,6 +585,7 @@ mod x86 {
             let mut acc = [_mm512_setzero_ps(); MR];
             let nib = _mm512_set1_epi8(0x0f);
             let five = w.dtype == DType::Q5K;
+            let xr = x.rows_from(i0, rows);
             for b in 0..w.blocks() {
                 let rec = w.record(g, b);
                 let d = <Avx512 as V16>::load_f16(rec.d.as_ptr());
@@ -592,20 +613,21 @@ mod x86 {
                         }
                     }
                     for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                        let xr = x.row(i0 + r);
                         let (a0, a1) = (8 * b + 2 * i, 8 * b + 2 * i + 1);
-                        let (x0, x1) = (&xr.qs[32 * a0..][..32], &xr.qs[32 * a1..][..32]);
+                        // SAFETY: r < rows of the view; a0, a1 < its blocks.
+                        let (x0, x1) = (xr.qs(r, a0), xr.qs(r, a1));
+                        let ((xd0, _, xs0), (xd1, _, xs1)) = (xr.block(r, a0), xr.block(r, a1));
                         let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                         for c in 0..8 {
                             s0 = _mm512_dpbusd_epi32(s0, lo[c], bcast4(x0, 4 * c));
                             s1 = _mm512_dpbusd_epi32(s1, hi[c], bcast4(x1, 4 * c));
                         }
-                        let scale0 = _mm512_mul_ps(d0, _mm512_set1_ps(xr.d[a0]));
-                        let scale1 = _mm512_mul_ps(d1, _mm512_set1_ps(xr.d[a1]));
+                        let scale0 = _mm512_mul_ps(d0, _mm512_set1_ps(xd0));
+                        let scale1 = _mm512_mul_ps(d1, _mm512_set1_ps(xd1));
                         *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), scale0, *acc);
-                        *acc = _mm512_fnmadd_ps(m0, _mm512_set1_ps(xr.s[a0]), *acc);
+                        *acc = _mm512_fnmadd_ps(m0, _mm512_set1_ps(xs0), *acc);
                         *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), scale1, *acc);
-                        *acc = _mm512_fnmadd_ps(m1, _mm512_set1_ps(xr.s[a1]), *acc);
+                        *acc = _mm512_fnmadd_ps(m1, _mm512_set1_ps(xs1), *acc);
                     }
                 }
             }
@@ -630,6 +652,7 @@ mod x86 {
             let mut acc = [[_mm256_setzero_ps(); 2]; MR];
             let nib = _mm256_set1_epi8(0x0f);
             let five = w.dtype == DType::Q5K;
+            let xr = x.rows_from(i0, rows);
             for b in 0..w.blocks() {
                 let rec = w.record(g, b);
                 let d = <Pair<Avx2> as V16>::load_f16(rec.d.as_ptr());
@@ -660,26 +683,22 @@ mod x86 {
                             }
                         }
                         for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                            let xr = x.row(i0 + r);
                             let (a0, a1) = (8 * b + 2 * i, 8 * b + 2 * i + 1);
-                            let (x0, x1) = (&xr.qs[32 * a0..][..32], &xr.qs[32 * a1..][..32]);
-                            let bc = |x: &[i8], at: usize| {
-                                _mm256_set1_epi32(std::ptr::read_unaligned(
-                                    x.as_ptr().add(at) as *const i32
-                                ))
-                            };
+                            // SAFETY: r < rows of the view; a0, a1 < its blocks.
+                            let (x0, x1) = (xr.qs(r, a0), xr.qs(r, a1));
+                            let ((xd0, _, xs0), (xd1, _, xs1)) = (xr.block(r, a0), xr.block(r, a1));
                             let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                             for c in 0..8 {
-                                s0 = _mm256_add_epi32(s0, dot4(lo[c], bc(x0, 4 * c)));
-                                s1 = _mm256_add_epi32(s1, dot4(hi[c], bc(x1, 4 * c)));
+                                s0 = _mm256_add_epi32(s0, dot4(lo[c], bcast4_256(x0, 4 * c)));
+                                s1 = _mm256_add_epi32(s1, dot4(hi[c], bcast4_256(x1, 4 * c)));
                             }
-                            let scale0 = _mm256_mul_ps(d0[h], _mm256_set1_ps(xr.d[a0]));
-                            let scale1 = _mm256_mul_ps(d1[h], _mm256_set1_ps(xr.d[a1]));
+                            let scale0 = _mm256_mul_ps(d0[h], _mm256_set1_ps(xd0));
+                            let scale1 = _mm256_mul_ps(d1[h], _mm256_set1_ps(xd1));
                             let a = &mut acc[h];
                             *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), scale0, *a);
-                            *a = _mm256_fnmadd_ps(m0[h], _mm256_set1_ps(xr.s[a0]), *a);
+                            *a = _mm256_fnmadd_ps(m0[h], _mm256_set1_ps(xs0), *a);
                             *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), scale1, *a);
-                            *a = _mm256_fnmadd_ps(m1[h], _mm256_set1_ps(xr.s[a1]), *a);
+                            *a = _mm256_fnmadd_ps(m1[h], _mm256_set1_ps(xs1), *a);
                         }
                     }
                 }
@@ -708,6 +727,7 @@ mod x86 {
         unsafe {
             let mut acc = [_mm512_setzero_ps(); MR];
             let (nib, top) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+            let xr = x.rows_from(i0, rows);
             for b in 0..w.blocks() {
                 let rec = w.record(g, b);
                 let d = <Avx512 as V16>::load_f16(rec.d.as_ptr());
@@ -739,21 +759,21 @@ mod x86 {
                             );
                         }
                         for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                            let xr = x.row(i0 + r);
                             for qr in 0..4 {
                                 let a = 8 * b + 4 * h + qr;
-                                let xq = &xr.qs[32 * a + 16 * half..][..16];
+                                // SAFETY: r < rows of the view; a < its blocks.
+                                let (xq, (xd, _, _)) = (xr.qs(r, a).add(16 * half), xr.block(r, a));
                                 let mut s = _mm512_setzero_si512();
                                 for (c, ops) in ops.iter().enumerate() {
                                     s = _mm512_dpbusd_epi32(s, ops[qr], bcast4(xq, 4 * c));
                                 }
                                 let s = _mm512_sub_epi32(
                                     s,
-                                    _mm512_set1_epi32(32 * xr.sum16[2 * a + half]),
+                                    _mm512_set1_epi32(32 * xr.sum16(r, 2 * a + half)),
                                 );
                                 let scale = _mm512_mul_ps(
                                     rec.k6_scale(d, 8 * h + 2 * qr + half).raw(),
-                                    _mm512_set1_ps(xr.d[a]),
+                                    _mm512_set1_ps(xd),
                                 );
                                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, *acc);
                             }
@@ -781,6 +801,7 @@ mod x86 {
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); 2]; MR];
             let (nib, top) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+            let xr = x.rows_from(i0, rows);
             for b in 0..w.blocks() {
                 let rec = w.record(g, b);
                 let d = <Pair<Avx2> as V16>::load_f16(rec.d.as_ptr());
@@ -815,26 +836,25 @@ mod x86 {
                                 );
                             }
                             for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                                let xr = x.row(i0 + r);
                                 for qr in 0..4 {
                                     let a = 8 * b + 4 * h + qr;
-                                    let xq = &xr.qs[32 * a + 16 * half..][..16];
+                                    // SAFETY: r < rows of the view; a < its blocks.
+                                    let (xq, (xd, _, _)) =
+                                        (xr.qs(r, a).add(16 * half), xr.block(r, a));
                                     let mut s = _mm256_setzero_si256();
                                     for (c, ops) in ops.iter().enumerate() {
-                                        let xb = _mm256_set1_epi32(std::ptr::read_unaligned(
-                                            xq.as_ptr().add(4 * c) as *const i32,
-                                        ));
-                                        s = _mm256_add_epi32(s, dot4(ops[qr], xb));
+                                        s = _mm256_add_epi32(
+                                            s,
+                                            dot4(ops[qr], bcast4_256(xq, 4 * c)),
+                                        );
                                     }
                                     let s = _mm256_sub_epi32(
                                         s,
-                                        _mm256_set1_epi32(32 * xr.sum16[2 * a + half]),
+                                        _mm256_set1_epi32(32 * xr.sum16(r, 2 * a + half)),
                                     );
                                     let sc = rec.k6_scale(d, 8 * h + 2 * qr + half);
-                                    let scale = _mm256_mul_ps(
-                                        sc.halves()[rh].raw(),
-                                        _mm256_set1_ps(xr.d[a]),
-                                    );
+                                    let scale =
+                                        _mm256_mul_ps(sc.halves()[rh].raw(), _mm256_set1_ps(xd));
                                     acc[rh] =
                                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[rh]);
                                 }
@@ -927,6 +947,7 @@ mod x86 {
             let bit4 = _mm256_set1_epi8(0x10);
             let flip = _mm256_set1_epi8(-128);
             let off = offset(w.dtype);
+            let xr = x.rows_from(i0, rows);
             for b in 0..blocks {
                 let Record {
                     d, m: mins, qh, qs, ..
@@ -966,32 +987,30 @@ mod x86 {
                         }
                     }
                     for r in 0..rows {
-                        let i = i0 + r;
-                        let xr = x.row(i);
-                        let xq = &xr.qs[32 * b..][..32];
-                        let bc = |at: usize| {
-                            _mm256_set1_epi32(std::ptr::read_unaligned(
-                                xq.as_ptr().add(at) as *const i32
-                            ))
-                        };
+                        // SAFETY: r < rows of the view; b < its blocks.
+                        let (xq, (xd, xsum, xs)) = (xr.qs(r, b), xr.block(r, b));
                         let mut sum = _mm256_setzero_si256();
                         if w.dtype == DType::Q8_0 {
                             for (c, op) in ops.iter().enumerate() {
-                                sum = _mm256_add_epi32(sum, dot4_signed(*op, bc(4 * c)));
+                                sum =
+                                    _mm256_add_epi32(sum, dot4_signed(*op, bcast4_256(xq, 4 * c)));
                             }
                         } else {
                             for c in 0..4 {
-                                sum = _mm256_add_epi32(sum, dot4(ops[c], bc(4 * c)));
-                                sum = _mm256_add_epi32(sum, dot4(ops[4 + c], bc(16 + 4 * c)));
+                                sum = _mm256_add_epi32(sum, dot4(ops[c], bcast4_256(xq, 4 * c)));
+                                sum = _mm256_add_epi32(
+                                    sum,
+                                    dot4(ops[4 + c], bcast4_256(xq, 16 + 4 * c)),
+                                );
                             }
                             if off != 0 {
-                                sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(off * xr.sum[b]));
+                                sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(off * xsum));
                             }
                         }
-                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(xr.d[b]));
+                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(xd));
                         acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[r][h]);
                         if let Some(mw) = mw {
-                            acc[r][h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xr.s[b]), acc[r][h]);
+                            acc[r][h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs), acc[r][h]);
                         }
                     }
                 }
