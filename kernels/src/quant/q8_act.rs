@@ -175,13 +175,7 @@ impl QuantizedRows {
         self.sum.resize(blocks, 0);
         self.s.resize(blocks, 0.0);
         self.sum16.resize(2 * blocks, 0);
-        let out = Blocks {
-            qs: &mut self.qs,
-            d: &mut self.d,
-            sum: &mut self.sum,
-            s: &mut self.s,
-            sum16: &mut self.sum16,
-        };
+        let out = self.blocks();
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f")
@@ -196,6 +190,17 @@ impl QuantizedRows {
             }
         }
         quantize_blocks(x, out);
+    }
+
+    /// The buffers, to be filled.
+    fn blocks(&mut self) -> Blocks<'_> {
+        Blocks {
+            qs: &mut self.qs,
+            d: &mut self.d,
+            sum: &mut self.sum,
+            s: &mut self.s,
+            sum16: &mut self.sum16,
+        }
     }
 
     /// Values per row.
@@ -266,14 +271,7 @@ mod tests {
         let run = |f: &dyn Fn(&[f32], Blocks<'_>)| {
             let mut r = QuantizedRows::default();
             r.quantize(&x, m, k); // sizes the buffers
-            let out = Blocks {
-                qs: &mut r.qs,
-                d: &mut r.d,
-                sum: &mut r.sum,
-                s: &mut r.s,
-                sum16: &mut r.sum16,
-            };
-            f(&x, out);
+            f(&x, r.blocks());
             r
         };
         let mut paths: Vec<(&str, QuantizedRows)> = vec![("plain", run(&quantize_blocks))];
