@@ -374,3 +374,43 @@ fn the_first_visible_position_follows_llama_cpps_window_rule() {
     }
     assert_eq!(p(None).first_visible(100_000), 0);
 }
+
+/// The fused path (several weights, one input) checks every weight's shapes and returns an
+/// error naming the op, in both modes, for weights of blocks, repacked and f32: its kernels
+/// read the input by pointer and would otherwise read past it.
+#[test]
+fn fused_matmuls_refuse_mismatched_shapes_with_an_error() {
+    use chord::kernels::quant;
+    let (m, k) = (3, 64);
+    let x = vec![0.5f32; m * k];
+    let wide = vec![0.25f32; 16 * 2 * k];
+    for dtype in [DType::Q8_0, DType::Q4_0, DType::F32] {
+        let bytes = |v: &[f32]| match dtype {
+            DType::F32 => bytemuck::cast_slice(v).to_vec(),
+            _ => quant::quantize(dtype, v).unwrap(),
+        };
+        let (a, b) = (bytes(&wide[..16 * k]), bytes(&wide));
+        for mode in [Mode::Exact, Mode::Fast] {
+            let be = SimdBackend::new(1).unwrap().with_mode(mode);
+            let wa = be
+                .prepare(WeightView::new(dtype, 16, k, &a).unwrap())
+                .unwrap();
+            // The second weight's rows are twice as long as x's.
+            let wb = be
+                .prepare(WeightView::new(dtype, 16, 2 * k, &b).unwrap())
+                .unwrap();
+            let (mut ya, mut yb) = (vec![0.0; m * 16], vec![0.0; m * 16]);
+            let r = be.matmuls(&x, &[&wa, &wb], &mut [&mut ya, &mut yb], m);
+            assert!(r.is_err(), "{dtype} {mode:?}: {r:?}");
+            // An output of the wrong length.
+            let mut short = vec![0.0; m * 16 - 1];
+            let r = be.matmuls(&x, &[&wa, &wa], &mut [&mut ya, &mut short], m);
+            assert!(r.is_err(), "{dtype} {mode:?}: {r:?}");
+            // And the right shapes still run.
+            let mut yc = vec![0.0; m * 16];
+            be.matmuls(&x, &[&wa, &wa], &mut [&mut ya, &mut yc], m)
+                .unwrap();
+            assert_eq!(ya, yc, "{dtype} {mode:?}");
+        }
+    }
+}

@@ -320,6 +320,10 @@ impl Backend for SimdBackend {
                 detail: format!("{} weights but {} outputs", ws.len(), ys.len()),
             });
         }
+        // The fused kernels below take the shapes on trust: check them all first.
+        for (w, y) in ws.iter().zip(ys.iter()) {
+            check::matmul(x.len(), self.weight_dims(w), y.len(), m)?;
+        }
         // Up to four at once, all of one kind, without allocating.
         if ws.len() <= 4 {
             if let Some(blocks) = all_of(ws, |w| match w {

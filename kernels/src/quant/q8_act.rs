@@ -77,13 +77,13 @@ fn quantize_blocks(x: &[f32], out: Blocks<'_>) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_avx512(x: &[f32], out: Blocks<'_>) {
     quantize_blocks(x, out)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2")]
 unsafe fn quantize_avx2(x: &[f32], out: Blocks<'_>) {
     quantize_blocks(x, out)
 }

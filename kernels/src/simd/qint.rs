@@ -148,10 +148,20 @@ pub fn matmuls(
     ys: &mut [&mut [f32]],
     m: usize,
 ) {
-    debug_assert_eq!(ws.len(), ys.len());
     debug_assert!(ws.iter().all(|w| w.layout == Layout::Dots));
     let Some(first) = ws.first() else { return };
     let k = first.k;
+    // The kernels read x's blocks by pointer, as many as each weight's: the shapes must
+    // agree (the backend checks them and returns an error first).
+    assert!(
+        ws.len() == ys.len()
+            && x.len() == m * k
+            && ws
+                .iter()
+                .zip(ys.iter())
+                .all(|(w, y)| w.k == k && y.len() == m * w.n),
+        "matmuls: shapes disagree"
+    );
     let mut act = scratch.act.lock().unwrap_or_else(|e| e.into_inner());
     act.quantize(x, m, k);
     let act = &*act;
@@ -160,7 +170,6 @@ pub fn matmuls(
         let mut counts = [0usize; MAX_WEIGHTS];
         let mut outs = [Out(std::ptr::null_mut()); MAX_WEIGHTS];
         for (i, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
-            debug_assert!(w.k == k && y.len() == m * w.n);
             counts[i] = w.n.div_ceil(GROUP);
             outs[i] = Out(y.as_mut_ptr());
         }

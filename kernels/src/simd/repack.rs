@@ -64,7 +64,8 @@ use crate::team::Team;
 /// Weight rows per group.
 pub const GROUP: usize = 16;
 
-/// Source bytes per call of [`RepackedWeight::new`]'s `done`.
+/// Source bytes per thread per call of [`RepackedWeight::new`]'s `done` (at least one
+/// group of 16 rows).
 const RELEASE_BYTES: usize = 1 << 20;
 
 /// How a record's quants are arranged (see the module docs).
@@ -466,7 +467,8 @@ impl ByteMap {
             .iter()
             .map(|s| match s.row as usize {
                 GROUP => 0,
-                r => (r * row_bytes + s.src as usize) as u32,
+                r => u32::try_from(r * row_bytes + s.src as usize)
+                    .expect("a group of 16 rows spans less than 4 GiB"),
             })
             .collect();
         let zeros = (0..from.len())
@@ -573,9 +575,10 @@ pub(super) fn dots_chunk(dtype: DType, c: usize) -> usize {
 
 impl RepackedWeight {
     /// Repacks `w` (one of the [`repackable`] formats) into `layout`, in memory from `arena`,
-    /// on `team`'s threads. `None` if the format cannot be repacked. `done` is called with
-    /// each run of `w.bytes` once it has been copied (whole rows, about 1 MiB a thread at a
-    /// time, in order), so that a caller can let go of the source as the copy grows.
+    /// on `team`'s threads. `None` if the format cannot be repacked or `w`'s bytes are not
+    /// its `n` rows of `k`. `done` is called with each run of `w.bytes` once it has been
+    /// copied (whole groups of 16 rows, about 1 MiB a thread at a time, in order), so that
+    /// a caller can let go of the source as the copy grows.
     pub fn new(
         arena: &Arena,
         team: &Team,
@@ -584,7 +587,12 @@ impl RepackedWeight {
         mut done: impl FnMut(&[u8]),
     ) -> Option<RepackedWeight> {
         let (dtype, n, k) = (w.dtype, w.n, w.k);
-        if !repackable(dtype) {
+        // BlockWeight's fields are public: its shape is checked again here.
+        let shape_ok = n > 0
+            && k > 0
+            && k.is_multiple_of(dtype.block_len())
+            && dtype.bytes_for(k).and_then(|r| r.checked_mul(n)) == Some(w.bytes.len());
+        if !repackable(dtype) || !shape_ok {
             return None;
         }
         let shape = RecordShape::new(dtype, k);
@@ -734,7 +742,18 @@ mod tests {
                 }
             }
         }
-        // Other formats are refused.
+        // Bytes that are not n rows of k (BlockWeight's fields are public), and other
+        // formats, are refused.
+        for (n, k, len) in [(2, 32, 34), (1, 0, 0), (1, 16, 17)] {
+            let bad = BlockWeight {
+                dtype: DType::Q8_0,
+                n,
+                k,
+                bytes: &[0; 34][..len],
+            };
+            let r = RepackedWeight::new(&Arena::new(), &teams[0], &bad, Layout::Values, |_| {});
+            assert!(r.is_none(), "{n} x {k} in {len} bytes");
+        }
         let bf16 = BlockWeight::new(DType::BF16, 1, 256, &[0; 512]).unwrap();
         assert!(
             RepackedWeight::new(&Arena::new(), &teams[0], &bf16, Layout::Values, |_| {}).is_none()
