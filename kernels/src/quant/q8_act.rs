@@ -120,11 +120,6 @@ pub struct Q8Rows<'a> {
 }
 
 impl Q8Rows<'_> {
-    /// Rows in the view.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// Row `r`'s quants of block `a` (32 bytes).
     ///
     /// # Safety

@@ -586,13 +586,10 @@ impl RepackedWeight {
         layout: Layout,
         mut done: impl FnMut(&[u8]),
     ) -> Option<RepackedWeight> {
+        // BlockWeight's fields are public: its shape is checked again, by its own check.
+        let w = BlockWeight::new(w.dtype, w.n, w.k, w.bytes)?;
         let (dtype, n, k) = (w.dtype, w.n, w.k);
-        // BlockWeight's fields are public: its shape is checked again here.
-        let shape_ok = n > 0
-            && k > 0
-            && k.is_multiple_of(dtype.block_len())
-            && dtype.bytes_for(k).and_then(|r| r.checked_mul(n)) == Some(w.bytes.len());
-        if !repackable(dtype) || !shape_ok {
+        if !repackable(dtype) {
             return None;
         }
         let shape = RecordShape::new(dtype, k);
@@ -670,8 +667,7 @@ impl RepackedWeight {
     /// The record of group `g`, block `b`.
     #[inline(always)]
     pub(super) fn record(&self, g: usize, b: usize) -> Record<'_> {
-        let s = &self.shape;
-        let r = &self.data[(g * s.blocks + b) * s.bytes..][..s.bytes];
+        let (s, r) = (&self.shape, self.record_slice(g, b));
         Record {
             d: &r[..32],
             m: s.has_min.then(|| &r[32..64]),
@@ -679,6 +675,13 @@ impl RepackedWeight {
             scales: s.scales.map(|(a, b)| &r[a..b]),
             qs: &r[s.qs..],
         }
+    }
+
+    /// The bytes of the record of group `g`, block `b`.
+    #[inline(always)]
+    fn record_slice(&self, g: usize, b: usize) -> &[u8] {
+        let s = &self.shape;
+        &self.data[(g * s.blocks + b) * s.bytes..][..s.bytes]
     }
 
     /// Row `j` of the original `W`, dequantized into `out (k,)` by
@@ -693,12 +696,10 @@ impl RepackedWeight {
             self.k
         );
         let (g, r) = (j / GROUP, j % GROUP);
-        let (len, s) = (self.dtype.block_len(), &self.shape);
         let mut blk = vec![0u8; self.dtype.block_bytes()];
-        for (b, y) in out.chunks_exact_mut(len).enumerate() {
+        for (b, y) in out.chunks_exact_mut(self.dtype.block_len()).enumerate() {
             blk.fill(0);
-            let rec = &self.data[(g * s.blocks + b) * s.bytes..][..s.bytes];
-            self.map.gather(rec, r, &mut blk);
+            self.map.gather(self.record_slice(g, b), r, &mut blk);
             quant::dequantize(self.dtype, &blk, y);
         }
     }
