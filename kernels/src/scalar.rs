@@ -10,11 +10,29 @@ use crate::{RopeLayout, RopeParams, SoftmaxParams};
 
 /// `y (m, n) = x (m, k) · W (n, k)ᵀ`: each output is the dot product of a row of `x` with a
 /// row of `W` (row-major, `n` rows of `k`, as GGUF stores a weight).
+///
+/// Outputs are computed [`CHAINS`] at a time, each in its own accumulator, left to right:
+/// the same sums, bit for bit, as one output at a time, but independent chains of adds
+/// rather than one waiting on the last (the tests run whole models on this backend).
 pub fn matmul<T: Float>(x: &[T], w: &[T], y: &mut [T], m: usize, n: usize, k: usize) {
     debug_assert!(x.len() == m * k && w.len() == n * k && y.len() == m * n);
     debug_assert!(m > 0 && n > 0 && k > 0);
     for (x_row, y_row) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
-        for (w_row, out) in w.chunks_exact(k).zip(y_row.iter_mut()) {
+        let mut w_rows = w.chunks_exact(CHAINS * k);
+        let mut y_outs = y_row.chunks_exact_mut(CHAINS);
+        for (ws, outs) in (&mut w_rows).zip(&mut y_outs) {
+            let rows: [&[T]; CHAINS] = std::array::from_fn(|c| &ws[c * k..][..k]);
+            let mut acc = [T::zero(); CHAINS];
+            for (i, &a) in x_row.iter().enumerate() {
+                for (acc, row) in acc.iter_mut().zip(&rows) {
+                    *acc = *acc + a * row[i];
+                }
+            }
+            outs.copy_from_slice(&acc);
+        }
+        // The last n % CHAINS outputs, one at a time.
+        let rest = w_rows.remainder().chunks_exact(k);
+        for (w_row, out) in rest.zip(y_outs.into_remainder()) {
             let mut acc = T::zero();
             for (&a, &b) in x_row.iter().zip(w_row) {
                 acc = acc + a * b;
@@ -23,6 +41,9 @@ pub fn matmul<T: Float>(x: &[T], w: &[T], y: &mut [T], m: usize, n: usize, k: us
         }
     }
 }
+
+/// Outputs [`matmul`] computes side by side.
+const CHAINS: usize = 8;
 
 /// RMSNorm of rows: `y[r, i] = x[r, i] / sqrt(mean_i(x[r, ..]²) + eps) * weight[i]`.
 ///
@@ -135,5 +156,33 @@ pub fn add<T: Float>(y: &mut [T], x: &[T]) {
     debug_assert!(y.len() == x.len());
     for (out, &v) in y.iter_mut().zip(x) {
         *out = *out + v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each output of [`matmul`] is its row's dot product summed left to right in one
+    /// accumulator, bit for bit, whether it falls in a group of [`CHAINS`] or in the rest.
+    #[test]
+    fn matmul_sums_each_output_left_to_right() {
+        let (m, k) = (3, 37);
+        for n in [1, CHAINS - 1, CHAINS, CHAINS + 1, 2 * CHAINS + 3] {
+            let val = |i: usize, s: u32| ((i as u32).wrapping_mul(s) >> 8) as f32 / 65536.0 - 128.0;
+            let x: Vec<f32> = (0..m * k).map(|i| val(i, 0x9e37_79b9)).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| val(i, 0x85eb_ca6b)).collect();
+            let mut y = vec![0.0f32; m * n];
+            matmul(&x, &w, &mut y, m, n, k);
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0.0f32;
+                    for t in 0..k {
+                        acc += x[i * k + t] * w[j * k + t];
+                    }
+                    assert_eq!(y[i * n + j].to_bits(), acc.to_bits(), "n {n}: ({i}, {j})");
+                }
+            }
+        }
     }
 }
