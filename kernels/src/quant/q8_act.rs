@@ -5,6 +5,10 @@
 //! cost. Each weight format's reference dot with these rows sits in its own file
 //! (`dot_q8`), beside the vector kernels of `simd::qint`.
 
+use std::sync::Mutex;
+
+use crate::team::Team;
+
 /// Rows of activations in 8-bit blocks of 32.
 #[derive(Clone, Debug, Default)]
 pub struct QuantizedRows {
@@ -40,6 +44,37 @@ struct Blocks<'a> {
     sum16: &'a mut [i32],
 }
 
+impl<'a> Blocks<'a> {
+    /// The first `blocks` blocks' buffers, and the rest's.
+    fn split_at(self, blocks: usize) -> (Blocks<'a>, Blocks<'a>) {
+        let (qs, qs1) = self.qs.split_at_mut(32 * blocks);
+        let (d, d1) = self.d.split_at_mut(blocks);
+        let (sum, sum1) = self.sum.split_at_mut(blocks);
+        let (s, s1) = self.s.split_at_mut(blocks);
+        let (sum16, sum16_1) = self.sum16.split_at_mut(2 * blocks);
+        (
+            Blocks {
+                qs,
+                d,
+                sum,
+                s,
+                sum16,
+            },
+            Blocks {
+                qs: qs1,
+                d: d1,
+                sum: sum1,
+                s: s1,
+                sum16: sum16_1,
+            },
+        )
+    }
+}
+
+/// Rows of activations from which [`QuantizedRows::quantize_on`] gives each thread a task
+/// (a decoded token's row stays on the calling thread).
+pub const ROWS_PER_TASK: usize = 16;
+
 /// Quantizes `x` block by block into `out`. Written for the compiler to vectorise, and
 /// compiled again for AVX-512 and AVX2 (below): one loop for every level, every level's
 /// bytes the same.
@@ -74,6 +109,24 @@ fn quantize_blocks(x: &[f32], out: Blocks<'_>) {
         out.sum[b] = sum;
         out.s[b] = d * sum as f32;
     }
+}
+
+/// [`quantize_blocks`] at the widest level this CPU runs.
+fn fill(x: &[f32], out: Blocks<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the CPU has the features.
+            return unsafe { quantize_avx512(x, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { quantize_avx2(x, out) };
+        }
+    }
+    quantize_blocks(x, out);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -158,6 +211,38 @@ impl Q8Rows<'_> {
 impl QuantizedRows {
     /// Quantizes `x (m, k)`, `k` a multiple of 32, reusing this value's buffers.
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
+        self.resize(x, m, k);
+        fill(x, self.blocks());
+    }
+
+    /// [`quantize`](Self::quantize) with the rows split over `team`, from
+    /// [`ROWS_PER_TASK`] rows a task: the same bytes. On one thread, quantizing a prompt's
+    /// activations kept the other core waiting for a fifth of fast-mode prefill.
+    pub fn quantize_on(&mut self, team: &Team, x: &[f32], m: usize, k: usize) {
+        self.resize(x, m, k);
+        let tasks = (m / ROWS_PER_TASK).clamp(1, team.threads());
+        if tasks == 1 {
+            return fill(x, self.blocks());
+        }
+        // Each task's rows, and its part of every buffer.
+        let mut parts = Vec::with_capacity(tasks);
+        let (mut rest, mut r0) = (self.blocks(), 0);
+        for t in 0..tasks {
+            let r1 = m * (t + 1) / tasks;
+            let (part, tail) = rest.split_at((r1 - r0) * k / 32);
+            parts.push(Mutex::new(Some((&x[r0 * k..r1 * k], part))));
+            (rest, r0) = (tail, r1);
+        }
+        team.run(tasks, &|t| {
+            let part = parts[t].lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some((x, out)) = part {
+                fill(x, out);
+            }
+        });
+    }
+
+    /// Sizes the buffers for `x (m, k)`.
+    fn resize(&mut self, x: &[f32], m: usize, k: usize) {
         assert!(
             k.is_multiple_of(32) && x.len() == m * k,
             "quantize: x is not (m, k) rows of whole blocks"
@@ -170,21 +255,6 @@ impl QuantizedRows {
         self.sum.resize(blocks, 0);
         self.s.resize(blocks, 0.0);
         self.sum16.resize(2 * blocks, 0);
-        let out = self.blocks();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-            {
-                // SAFETY: the CPU has the features.
-                return unsafe { quantize_avx512(x, out) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: as above.
-                return unsafe { quantize_avx2(x, out) };
-            }
-        }
-        quantize_blocks(x, out);
     }
 
     /// The buffers, to be filled.
@@ -290,6 +360,47 @@ mod tests {
                 let h0: i32 = q[..16].iter().map(|&v| v as i32).sum();
                 assert_eq!((r.sum[b], r.sum16[2 * b]), (sum, h0), "{name} block {b}");
                 assert_eq!(r.s[b], d * sum as f32, "{name} block {b}");
+            }
+        }
+    }
+
+    /// Split over teams of 1 to 3 threads, the rows quantize to the same bytes as on one
+    /// thread, for row counts below, at and around the split points (every part of every
+    /// buffer written, none twice).
+    #[test]
+    fn quantizing_on_a_team_gives_the_same_bytes() {
+        let k = 64;
+        let teams: Vec<Team> = (1..=3).map(|t| Team::new(t).unwrap()).collect();
+        for m in [
+            1,
+            ROWS_PER_TASK - 1,
+            ROWS_PER_TASK,
+            2 * ROWS_PER_TASK + 1,
+            3 * ROWS_PER_TASK + 2,
+            100,
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| {
+                    ((i as u32).wrapping_mul(0x9e37_79b9) >> 9) as f32 / (1 << 18) as f32 - 16.0
+                })
+                .collect();
+            let mut want = QuantizedRows::default();
+            want.quantize(&x, m, k);
+            for team in &teams {
+                let mut got = QuantizedRows::default();
+                // Stale contents from a larger call first: every byte must be rewritten.
+                got.quantize(&vec![1.0; 128 * k], 128, k);
+                got.quantize_on(team, &x, m, k);
+                let t = team.threads();
+                assert_eq!((got.m, got.k), (m, k), "m {m}, {t} threads");
+                assert_eq!(got.qs, want.qs, "m {m}, {t} threads");
+                assert_eq!(got.d, want.d, "m {m}, {t} threads");
+                assert_eq!(
+                    (&got.sum, &got.sum16),
+                    (&want.sum, &want.sum16),
+                    "m {m}, {t} threads"
+                );
+                assert_eq!(got.s, want.s, "m {m}, {t} threads");
             }
         }
     }

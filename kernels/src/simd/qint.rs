@@ -163,7 +163,7 @@ pub fn matmuls(
         "matmuls: shapes disagree"
     );
     let mut act = scratch.act.lock().unwrap_or_else(|e| e.into_inner());
-    act.quantize(x, m, k);
+    act.quantize_on(team, x, m, k);
     let act = &*act;
     let kind = dot_kind(isa);
     for (ws, ys) in ws.chunks(MAX_WEIGHTS).zip(ys.chunks_mut(MAX_WEIGHTS)) {
