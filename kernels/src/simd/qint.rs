@@ -523,9 +523,13 @@ mod x86 {
                     let (xd, xsum, xs) = xr.block(r, b);
                     let mut sum = _mm512_setzero_si512();
                     if F == F_Q8_0 {
-                        for (c, op) in ops.iter().enumerate() {
-                            sum = _mm512_dpbusd_epi32(sum, *op, bcast4(xq, 4 * c));
+                        // Two chains of four steps.
+                        let mut s1 = _mm512_setzero_si512();
+                        for c in 0..4 {
+                            sum = _mm512_dpbusd_epi32(sum, ops[c], bcast4(xq, 4 * c));
+                            s1 = _mm512_dpbusd_epi32(s1, ops[4 + c], bcast4(xq, 16 + 4 * c));
                         }
+                        sum = _mm512_add_epi32(sum, s1);
                     } else {
                         for c in 0..4 {
                             sum = _mm512_dpbusd_epi32(sum, ops[c], bcast4(xq, 4 * c));
