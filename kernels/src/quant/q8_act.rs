@@ -220,11 +220,11 @@ impl QuantizedRows {
     /// activations kept the other core waiting (it is 13% of fast prefill on one thread);
     /// split, fast pp512 on two threads ran 11% faster (default model, Zen 4).
     pub fn quantize_on(&mut self, team: &Team, x: &[f32], m: usize, k: usize) {
-        self.resize(x, m, k);
         let tasks = (m / ROWS_PER_TASK).clamp(1, team.threads());
         if tasks == 1 {
-            return fill(x, self.blocks());
+            return self.quantize(x, m, k);
         }
+        self.resize(x, m, k);
         // Each task's rows, and its part of every buffer.
         let mut parts = Vec::with_capacity(tasks);
         let (mut rest, mut r0) = (self.blocks(), 0);
