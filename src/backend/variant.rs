@@ -55,7 +55,7 @@ impl FromStr for Variant {
     type Err = String;
 
     /// `scalar`, `blocked`, `simd` (the widest level this CPU runs) or `simd-LEVEL`
-    /// (`simd-avx512`, `simd-avx2`, `simd-portable`).
+    /// (`simd-amx`, `simd-avx512`, `simd-avx2`, `simd-portable`).
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "scalar" => return Ok(Variant::Scalar),
@@ -68,7 +68,7 @@ impl FromStr for Variant {
             .find(|l| s.strip_prefix("simd-") == Some(l.name()))
             .map(Variant::Simd)
             .ok_or_else(|| {
-                format!("unknown backend '{s}': expected scalar, blocked, simd, simd-avx512, simd-avx2 or simd-portable")
+                format!("unknown backend '{s}': expected scalar, blocked, simd, simd-amx, simd-avx512, simd-avx2 or simd-portable")
             })
     }
 }

@@ -17,7 +17,7 @@ pub(crate) struct KernelArgs {
         default_value = "matmul,rmsnorm,rope,softmax,swiglu,add,attention"
     )]
     ops: Vec<Op>,
-    /// Backends (comma-separated): scalar, blocked, simd, simd-avx512, simd-avx2,
+    /// Backends (comma-separated): scalar, blocked, simd, simd-amx, simd-avx512, simd-avx2,
     /// simd-portable, matrixmultiply. Default: every variant this CPU runs, and matrixmultiply.
     #[arg(long, value_delimiter = ',')]
     backends: Vec<kernels::Contender>,

@@ -40,8 +40,8 @@ pub(crate) struct RunArgs {
     /// The GGUF model (default: the default model, fetched if absent).
     #[arg(long)]
     model: Option<std::path::PathBuf>,
-    /// Backend: scalar, blocked, simd (the widest level this CPU runs), simd-avx512,
-    /// simd-avx2, simd-portable; or a mix, op by op: matmul=simd,softmax=scalar,*=blocked
+    /// Backend: scalar, blocked, simd (the widest level this CPU runs), simd-amx,
+    /// simd-avx512, simd-avx2, simd-portable; or a mix, op by op: matmul=simd,softmax=scalar,*=blocked
     /// (ops: matmul, rmsnorm, rope, softmax, swiglu, geglu, add, attention; * for the rest).
     #[arg(long, default_value = "simd")]
     backend: chord::backend::BackendSpec,

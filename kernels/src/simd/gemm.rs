@@ -56,7 +56,7 @@ const MAX_TILE: usize = 6 * 64;
 /// GB/s against 26 for whole panels, although 576 rows then split 5/4 over two threads.
 pub(super) fn tile(level: Level) -> (usize, usize) {
     match level {
-        Level::Avx512 => (64, 1),
+        Level::Amx | Level::Avx512 => (64, 1),
         Level::Avx2 => (16, 1),
         Level::Portable => (8, 1),
     }
@@ -200,7 +200,7 @@ unsafe fn run(
     unsafe {
         match w.isa.level() {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => avx512(x, w, y, m, p0, p1, buf),
+            Level::Amx | Level::Avx512 => avx512(x, w, y, m, p0, p1, buf),
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => avx2(x, w, y, m, p0, p1, buf),
             _ => body::<Portable, 4, 1, 1>(x, w, y, m, p0, p1, buf),

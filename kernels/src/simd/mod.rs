@@ -1,13 +1,16 @@
 //! Explicit vector kernels, one generic body per op stamped out per instruction set.
 //!
 //! How a path is chosen: [`Isa::best`] asks the CPU once, at run time
-//! (`is_x86_feature_detected!`), and takes the widest level it runs: [`Level::Avx512`]
+//! (`is_x86_feature_detected!`), and takes the widest level it runs: [`Level::Amx`]
+//! (AVX-512 with AMX int8 tiles for fast mode's prefill), then [`Level::Avx512`]
 //! (zmm, `avx512f`), then [`Level::Avx2`] (ymm with FMA), else [`Level::Portable`] (`wide`,
 //! whose width is fixed when the crate is compiled). Any level the CPU runs can be forced
 //! with [`Isa::new`]; a level it does not run cannot be constructed, so the unsafe
 //! `#[target_feature]` wrappers behind these functions are only ever entered on a CPU
 //! that has the features.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod attention;
 mod dequant;
 mod elementwise;
@@ -38,6 +41,9 @@ pub use repack::{GROUP, Layout, RepackedWeight, repackable};
 /// A SIMD instruction-set level, widest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Level {
+    /// [`Level::Avx512`], with AMX int8 tiles (`amx-tile`, `amx-int8`) for fast mode's
+    /// prefill (`simd::amx`). Everything else runs as at `Avx512`.
+    Amx,
     /// 512-bit vectors (`avx512f`, with AVX2, FMA and F16C).
     Avx512,
     /// 256-bit vectors with fused multiply-add and half-float conversion (`avx2`, `fma`, `f16c`).
@@ -48,11 +54,12 @@ pub enum Level {
 
 impl Level {
     /// Every level, widest first.
-    pub const ALL: [Level; 3] = [Level::Avx512, Level::Avx2, Level::Portable];
+    pub const ALL: [Level; 4] = [Level::Amx, Level::Avx512, Level::Avx2, Level::Portable];
 
     /// Short lower-case name, as the CLI and benchmark tables print it.
     pub fn name(self) -> &'static str {
         match self {
+            Level::Amx => "amx",
             Level::Avx512 => "avx512",
             Level::Avx2 => "avx2",
             Level::Portable => "portable",
@@ -62,6 +69,14 @@ impl Level {
     /// Whether this CPU runs the level.
     pub fn is_supported(self) -> bool {
         match self {
+            // The tile kernels sit on the VNNI ones (decode, rows past the last full tile).
+            #[cfg(target_arch = "x86_64")]
+            Level::Amx => {
+                Level::Avx512.is_supported()
+                    && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512bw")
+                    && amx::granted()
+            }
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 => {
                 is_x86_feature_detected!("avx512f")
@@ -76,7 +91,7 @@ impl Level {
                     && is_x86_feature_detected!("f16c")
             }
             #[cfg(not(target_arch = "x86_64"))]
-            Level::Avx512 | Level::Avx2 => false,
+            Level::Amx | Level::Avx512 | Level::Avx2 => false,
             Level::Portable => true,
         }
     }
@@ -147,7 +162,7 @@ macro_rules! stamp {
             match isa.level() {
                 // SAFETY: an `Isa` holding this level exists only if the CPU runs it.
                 #[cfg(target_arch = "x86_64")]
-                $crate::simd::Level::Avx512 => unsafe { avx512($($arg),*) },
+                $crate::simd::Level::Amx | $crate::simd::Level::Avx512 => unsafe { avx512($($arg),*) },
                 // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
                 $crate::simd::Level::Avx2 => unsafe { avx2($($arg),*) },

@@ -11,7 +11,7 @@ const CHAINS: usize = 16;
 /// Floating-point operations one [`fma_probe`] call performs per iteration (2 per FMA lane).
 pub fn fma_probe_flops_per_iter(isa: super::Isa) -> usize {
     let lanes = match isa.level() {
-        super::Level::Avx512 => 16,
+        super::Level::Amx | super::Level::Avx512 => 16,
         _ => 8,
     };
     CHAINS * lanes * 2

@@ -29,6 +29,8 @@
 use std::sync::Mutex;
 
 use super::Out;
+#[cfg(target_arch = "x86_64")]
+use super::amx;
 use super::repack::{GROUP, Layout, Record, RepackedWeight, dots_chunk};
 use super::{Isa, Level};
 use crate::quant::{DType, QuantizedRows, f16_to_f32, scale_min_k4};
@@ -53,6 +55,9 @@ impl IntScratch {
 /// The integer kernel a CPU runs, chosen once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DotKind {
+    /// AMX int8 tiles for prefill's full tiles of 16 activation rows (`simd::amx`), and
+    /// [`DotKind::Vnni512`] for the rest.
+    Amx,
     /// `vpdpbusd` on zmm (AVX512-VNNI with AVX512-BW).
     Vnni512,
     /// `maddubs` + `madd` on ymm (AVX2).
@@ -63,6 +68,8 @@ enum DotKind {
 
 fn dot_kind(isa: Isa) -> DotKind {
     match isa.level() {
+        // An `Isa` at this level exists only with AVX512-VNNI/BW and the tiles granted.
+        Level::Amx => DotKind::Amx,
         #[cfg(target_arch = "x86_64")]
         Level::Avx512
             if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") =>
@@ -77,6 +84,7 @@ fn dot_kind(isa: Isa) -> DotKind {
 /// The name of the integer kernel `isa` runs (for benchmark rows).
 pub fn int_kernel_name(isa: Isa) -> &'static str {
     match dot_kind(isa) {
+        DotKind::Amx => "amx-int8",
         DotKind::Vnni512 => "avx512-vnni",
         DotKind::Avx2 => "avx2-maddubs",
         DotKind::Portable => "portable",
@@ -91,6 +99,9 @@ const PROBE_CHAINS: usize = 16;
 /// multiply-add).
 pub fn int8_probe_ops_per_iter(isa: Isa) -> usize {
     let macs = match dot_kind(isa) {
+        // One probe round of four tile instructions, counted per chain.
+        #[cfg(target_arch = "x86_64")]
+        DotKind::Amx => return amx::PROBE_MACS * 2,
         DotKind::Vnni512 => 64,
         DotKind::Avx2 => 32,
         DotKind::Portable => 1,
@@ -103,6 +114,9 @@ pub fn int8_probe_ops_per_iter(isa: Isa) -> usize {
 /// a plain multiply-add). Returns a value that depends on every step.
 pub fn int8_probe(isa: Isa, iters: usize) -> i32 {
     match dot_kind(isa) {
+        // SAFETY: the level holds only with the tiles granted.
+        #[cfg(target_arch = "x86_64")]
+        DotKind::Amx => unsafe { amx::probe(iters) },
         // SAFETY: dot_kind checked the features.
         #[cfg(target_arch = "x86_64")]
         DotKind::Vnni512 => unsafe { x86::probe_vnni(iters) },
@@ -182,7 +196,14 @@ pub fn matmuls(
         };
         team.run_parts(counts, runs, &|i, groups| {
             for g in groups {
-                for i0 in (0..m).step_by(MR) {
+                let mut done = 0;
+                #[cfg(target_arch = "x86_64")]
+                if kind == DotKind::Amx && m > MR && amx::runs(ws[i].dtype) {
+                    // SAFETY: the level holds only with the tiles granted and AVX512-VNNI;
+                    // group g's columns belong to this task.
+                    done = unsafe { amx::group(ws[i], act, g, m, outs[i].get()) };
+                }
+                for i0 in (done..m).step_by(MR) {
                     let rows = MR.min(m - i0);
                     // SAFETY: group g's columns of rows i0.. of y belong to this task.
                     unsafe { group(kind, ws[i], act, g, i0, rows, outs[i].get()) };
@@ -208,6 +229,12 @@ unsafe fn group(
     let mut out = [[0.0f32; GROUP]; MR];
     let k4 = matches!(w.dtype, DType::Q4K | DType::Q5K);
     let k6 = w.dtype == DType::Q6K;
+    // The tiles' remainder (and Q6_K, and decode) runs on the VNNI kernels.
+    let kind = if kind == DotKind::Amx {
+        DotKind::Vnni512
+    } else {
+        kind
+    };
     match kind {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only on CPUs with AVX512-VNNI and AVX512-BW.
@@ -386,7 +413,7 @@ fn group_portable_k6(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{GROUP, MR, QuantizedRows, Record, RepackedWeight, dots_chunk, offset};
@@ -396,7 +423,7 @@ mod x86 {
 
     /// The 16 rows' halves at `p` as f32.
     #[inline(always)]
-    unsafe fn halves16(p: &[u8]) -> __m512 {
+    pub(in crate::simd) unsafe fn halves16(p: &[u8]) -> __m512 {
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.as_ptr() as *const __m256i)) }
     }
 
@@ -413,15 +440,15 @@ mod x86 {
     }
 
     /// The 32-value block formats, as const parameters of [`vnni_blocks`].
-    const F_Q4_0: u8 = 0;
-    const F_Q4_1: u8 = 1;
-    const F_Q5_0: u8 = 2;
-    const F_Q5_1: u8 = 3;
-    const F_Q8_0: u8 = 4;
+    pub(in crate::simd) const F_Q4_0: u8 = 0;
+    pub(in crate::simd) const F_Q4_1: u8 = 1;
+    pub(in crate::simd) const F_Q5_0: u8 = 2;
+    pub(in crate::simd) const F_Q5_1: u8 = 3;
+    pub(in crate::simd) const F_Q8_0: u8 = 4;
 
     /// The offset of format `F`'s stored values ([`offset`]), fixed at compile time so that
     /// the formats without one carry no test for it.
-    const fn f_offset(f: u8) -> i32 {
+    pub(in crate::simd) const fn f_offset(f: u8) -> i32 {
         match f {
             F_Q4_0 => 8,
             F_Q5_0 => 16,
@@ -481,42 +508,14 @@ mod x86 {
         unsafe {
             let blocks = w.k / 32;
             let mut acc = [_mm512_setzero_ps(); R];
-            let nib = _mm512_set1_epi8(0x0f);
-            let bit4 = _mm512_set1_epi8(0x10);
             let off = const { f_offset(F) };
             debug_assert_eq!(off, offset(w.dtype));
-            let (five, mins) = (F == F_Q5_0 || F == F_Q5_1, F == F_Q4_1 || F == F_Q5_1);
+            let mins = F == F_Q4_1 || F == F_Q5_1;
             let xr = x.rows_from(i0, R);
             for b in 0..blocks {
                 let rec = w.record(g, b);
                 let dw = halves16(rec.d);
-                // The eight operands: 16 rows × 4 values each.
-                let mut ops = [_mm512_setzero_si512(); 8];
-                if F == F_Q8_0 {
-                    for (c, op) in ops.iter_mut().enumerate() {
-                        *op = _mm512_loadu_si512(rec.qs.as_ptr().add(64 * c) as *const __m512i);
-                    }
-                } else {
-                    let h = if five {
-                        let qh = rec.qh.expect("fifth bits");
-                        _mm512_loadu_si512(qh.as_ptr() as *const __m512i)
-                    } else {
-                        _mm512_setzero_si512()
-                    };
-                    for c in 0..4 {
-                        let p = rec.qs.as_ptr().add(64 * c) as *const __m512i;
-                        let q = _mm512_loadu_si512(p);
-                        ops[c] = _mm512_and_si512(q, nib);
-                        ops[4 + c] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), nib);
-                        if five {
-                            // Bit 4 of each byte: chunk c's fifth bits (see `simd::repack`).
-                            let lo = _mm512_sll_epi32(h, _mm_cvtsi32_si128(4 - c as i32));
-                            let hi = _mm512_srl_epi32(h, _mm_cvtsi32_si128(c as i32));
-                            ops[c] = _mm512_or_si512(ops[c], _mm512_and_si512(lo, bit4));
-                            ops[4 + c] = _mm512_or_si512(ops[4 + c], _mm512_and_si512(hi, bit4));
-                        }
-                    }
-                }
+                let ops = operands::<F>(&rec);
                 for r in 0..R {
                     // SAFETY: r < R rows of the view, b < its blocks.
                     let xq = xr.qs(r, b);
@@ -554,6 +553,45 @@ mod x86 {
         }
     }
 
+    /// Format `F`'s record as its eight `vpdpbusd` operands, 16 rows × 4 values each, the
+    /// unsigned values as stored (see the module docs): operand `c` holds values `4c ..
+    /// 4c + 4` of each row (`4 + c`: the high nibbles, values `16 + 4c ..`).
+    #[inline(always)]
+    pub(in crate::simd) unsafe fn operands<const F: u8>(rec: &Record<'_>) -> [__m512i; 8] {
+        unsafe {
+            let mut ops = [_mm512_setzero_si512(); 8];
+            if F == F_Q8_0 {
+                for (c, op) in ops.iter_mut().enumerate() {
+                    *op = _mm512_loadu_si512(rec.qs.as_ptr().add(64 * c) as *const __m512i);
+                }
+                return ops;
+            }
+            let nib = _mm512_set1_epi8(0x0f);
+            let bit4 = _mm512_set1_epi8(0x10);
+            let five = F == F_Q5_0 || F == F_Q5_1;
+            let h = if five {
+                let qh = rec.qh.expect("fifth bits");
+                _mm512_loadu_si512(qh.as_ptr() as *const __m512i)
+            } else {
+                _mm512_setzero_si512()
+            };
+            for c in 0..4 {
+                let p = rec.qs.as_ptr().add(64 * c) as *const __m512i;
+                let q = _mm512_loadu_si512(p);
+                ops[c] = _mm512_and_si512(q, nib);
+                ops[4 + c] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), nib);
+                if five {
+                    // Bit 4 of each byte: chunk c's fifth bits (see `simd::repack`).
+                    let lo = _mm512_sll_epi32(h, _mm_cvtsi32_si128(4 - c as i32));
+                    let hi = _mm512_srl_epi32(h, _mm_cvtsi32_si128(c as i32));
+                    ops[c] = _mm512_or_si512(ops[c], _mm512_and_si512(lo, bit4));
+                    ops[4 + c] = _mm512_or_si512(ops[4 + c], _mm512_and_si512(hi, bit4));
+                }
+            }
+            ops
+        }
+    }
+
     /// Bit `j` of each byte of `h` moved to bit 4, the other bits cleared (`Q5_K`'s fifth
     /// bits of sub-block `j`): a 16-bit shift, whose bits crossing bytes the mask clears.
     #[inline(always)]
@@ -578,6 +616,38 @@ mod x86 {
                 _mm256_srl_epi16(h, _mm_cvtsi32_si128(j as i32 - 4))
             };
             _mm256_and_si256(v, _mm256_set1_epi8(0x10))
+        }
+    }
+
+    /// `Q4_K`/`Q5_K`'s sub-blocks `2i` and `2i + 1` of a record as two sets of eight
+    /// `vpdpbusd` operands (unsigned, 16 rows × 4 values each): the low nibbles of chunks
+    /// `8i .. 8i + 8` and the high (`Q5_K`: with their fifth bits).
+    #[inline(always)]
+    pub(in crate::simd) unsafe fn k4_operands(
+        rec: &Record<'_>,
+        dtype: DType,
+        i: usize,
+        nib: __m512i,
+        five: bool,
+    ) -> [[__m512i; 8]; 2] {
+        unsafe {
+            let mut lo = [_mm512_setzero_si512(); 8];
+            let mut hi = [_mm512_setzero_si512(); 8];
+            for c in 0..8 {
+                let at = dots_chunk(dtype, 8 * i + c);
+                let p = rec.qs.as_ptr().add(64 * at) as *const __m512i;
+                let q = _mm512_loadu_si512(p);
+                lo[c] = _mm512_and_si512(q, nib);
+                hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), nib);
+                if five {
+                    let at = dots_chunk(dtype, 32 + c);
+                    let p = rec.qs.as_ptr().add(64 * at) as *const __m512i;
+                    let h = _mm512_loadu_si512(p);
+                    lo[c] = _mm512_or_si512(lo[c], bit_to_4_512(h, 2 * i));
+                    hi[c] = _mm512_or_si512(hi[c], bit_to_4_512(h, 2 * i + 1));
+                }
+            }
+            [lo, hi]
         }
     }
 
@@ -609,22 +679,7 @@ mod x86 {
                 for i in 0..4 {
                     let [d0, m0] = sm[2 * i];
                     let [d1, m1] = sm[2 * i + 1];
-                    let mut lo = [_mm512_setzero_si512(); 8];
-                    let mut hi = [_mm512_setzero_si512(); 8];
-                    for c in 0..8 {
-                        let at = dots_chunk(w.dtype, 8 * i + c);
-                        let p = rec.qs.as_ptr().add(64 * at) as *const __m512i;
-                        let q = _mm512_loadu_si512(p);
-                        lo[c] = _mm512_and_si512(q, nib);
-                        hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), nib);
-                        if five {
-                            let at = dots_chunk(w.dtype, 32 + c);
-                            let p = rec.qs.as_ptr().add(64 * at) as *const __m512i;
-                            let h = _mm512_loadu_si512(p);
-                            lo[c] = _mm512_or_si512(lo[c], bit_to_4_512(h, 2 * i));
-                            hi[c] = _mm512_or_si512(hi[c], bit_to_4_512(h, 2 * i + 1));
-                        }
-                    }
+                    let [lo, hi] = k4_operands(&rec, w.dtype, i, nib, five);
                     for (r, acc) in acc.iter_mut().enumerate().take(rows) {
                         let (a0, a1) = (8 * b + 2 * i, 8 * b + 2 * i + 1);
                         // SAFETY: r < rows of the view; a0, a1 < its blocks.
@@ -1104,6 +1159,50 @@ mod tests {
         }
     }
 
+    /// The AMX tiles give the AVX512-VNNI kernels' results bit for bit (the same integer
+    /// sums, the same f32 steps in the same order), for every format, on full tiles, a
+    /// remainder and a partial last group, on one thread and two.
+    #[test]
+    fn tiles_give_the_vnni_kernels_bits() {
+        let (Some(tiles), Some(vnni)) = (Isa::new(Level::Amx), Isa::new(Level::Avx512)) else {
+            eprintln!("this CPU has no AMX tiles: nothing to compare");
+            return;
+        };
+        let n = 37;
+        for dtype in block_formats() {
+            let k = 3 * dtype.block_len();
+            let bytes = quant::sample_blocks(dtype, n * k, 5).unwrap();
+            let w = RepackedWeight::new(
+                &crate::arena::Arena::new(),
+                &Team::new(1).unwrap(),
+                &BlockWeight::new(dtype, n, k, &bytes).unwrap(),
+                Layout::Dots,
+                |_| {},
+            )
+            .unwrap();
+            for m in [16, 21, 48] {
+                let x = values(m * k, 4);
+                let run = |isa: Isa, threads: usize| {
+                    let mut y = vec![f32::NAN; m * n];
+                    let team = Team::new(threads).unwrap();
+                    matmuls(isa, &team, &IntScratch::new(), &x, &[&w], &mut [&mut y], m);
+                    y
+                };
+                let want = run(vnni, 1);
+                for threads in [1, 2] {
+                    let got = run(tiles, threads);
+                    for (e, (g, v)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            v.to_bits(),
+                            "{dtype} m {m} t{threads}: y[{e}] = {g}, VNNI {v}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Every kernel of every level this CPU runs equals the format's reference dot of the
     /// original (unrepacked) blocks up to f32 rounding, for every format, on odd row counts
     /// and team sizes. (The VNNI kernels run only on a CPU with AVX512-VNNI; without it the
@@ -1128,7 +1227,9 @@ mod tests {
                 |_| {},
             )
             .unwrap();
-            for m in [1, 3, 6] {
+            // Decode, prefill in blocks of MR rows, and (at the AMX level) full tiles of 16
+            // rows with a remainder.
+            for m in [1, 3, 6, 16, 35] {
                 let x = values(m * k, 2);
                 let mut act = QuantizedRows::default();
                 act.quantize(&x, m, k);

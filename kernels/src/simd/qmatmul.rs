@@ -385,7 +385,7 @@ pub(super) unsafe fn prefill<P: Panels>(
     unsafe {
         match isa.level() {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => avx512::<P>(x, w, n, k, y, r0, r1, p0, p1, xbuf, panel),
+            Level::Amx | Level::Avx512 => avx512::<P>(x, w, n, k, y, r0, r1, p0, p1, xbuf, panel),
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => avx2::<P>(x, w, n, k, y, r0, r1, p0, p1, xbuf, panel),
             _ => body::<P, super::v16::Pair<super::vec::Portable>, super::vec::Portable, 4, 1>(

@@ -627,7 +627,7 @@ pub(crate) fn dispatch16<K: Kernel16>(isa: super::Isa, k: K) -> K::Output {
     match isa.level() {
         // SAFETY: an `Isa` holding this level exists only if the CPU runs it.
         #[cfg(target_arch = "x86_64")]
-        super::Level::Avx512 => unsafe { avx512(k) },
+        super::Level::Amx | super::Level::Avx512 => unsafe { avx512(k) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         super::Level::Avx2 => unsafe { avx2(k) },

@@ -1,0 +1,333 @@
+//! AMX int8 tiles (Intel Sapphire Rapids and later) for fast mode's prefill: the same
+//! integer sums as the `vpdpbusd` kernel of `simd::qint`, sixteen activation rows by sixteen
+//! weight rows per tile instruction, and the same f32 steps after them, so that the results
+//! are bit for bit the AVX512-VNNI kernel's.
+//!
+//! **Per weight group** (16 rows), the group's records are unpacked once into a *panel*, per
+//! activation block of 32 values (a K-quant's sub-block):
+//! - 512 bytes: the weights as signed bytes (`q - offset`, see `qint::offset`) in the tile
+//!   layout `tdpbssd` reads as its second source: 8 rows of 64 bytes, row `c` holding values
+//!   `4c .. 4c + 4` of each weight row (weight row `j` at bytes `4j .. 4j + 4`), which is the
+//!   `vpdpbusd` operand order of `simd::repack`'s `Layout::Dots`;
+//! - 16 f32: each row's scale (`d`; a K-quant's `d · scale`);
+//! - 16 f32: each row's min term (`m` for `Q4_1`/`Q5_1`, `-dmin · min` for `Q4_K`/`Q5_K`).
+//!
+//! **Per tile of 16 activation rows** and block `a`: `tdpbssd` (Intel SDM, "TDPBSSD") sums
+//! `C[i][j] = Σ x_q[i][v] · w_q[j][v]` over the block's 32 values in int32, the tile is stored
+//! to a 1 KiB buffer, and each row is scaled as `simd::qint` scales its sums: `acc += f32(C)
+//! · (d_w · d_x)`, then `acc += m_w · s_x`. Blocks go through a two-deep pipeline: block
+//! `a + 1`'s tile instructions are issued before block `a`'s scaling, so the tile unit and
+//! the vector units work at once.
+//!
+//! **Enabling**: Linux grants the 8 KiB of tile data to a process that asks
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, kernel documentation
+//! "x86/amx"); [`granted`] asks once. Stable Rust has no AMX intrinsics, so the tile
+//! instructions are inline `asm!`; no register of the compiler's is touched by them.
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use super::qint::x86::{
+    F_Q4_0, F_Q4_1, F_Q5_0, F_Q5_1, F_Q8_0, f_offset, halves16, k4_operands, operands,
+};
+use super::repack::{GROUP, RepackedWeight};
+use crate::quant::{DType, Q8Rows};
+use crate::simd::v16::V16;
+use crate::simd::vec::Avx512;
+
+/// Activation rows of a tile.
+pub(super) const ROWS: usize = 16;
+
+/// Bytes of one block of a panel: 512 of weights, 16 f32 scales, 16 f32 min terms.
+const BLOCK_BYTES: usize = 512 + 64 + 64;
+
+/// Whether the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7, EDX bits 24 and 25) and Linux
+/// granted this process the tile data state. Asked once; the grant holds for every thread.
+pub fn granted() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        let leaf7 = __cpuid_count(7, 0);
+        if (leaf7.edx >> 24) & 3 != 3 {
+            return false;
+        }
+        // arch_prctl(ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18): 0 when granted.
+        let ret: i64;
+        // SAFETY: a system call that only changes this process's permitted xsave state; the
+        // registers it clobbers are declared.
+        unsafe {
+            asm!("syscall", inlateout("rax") 158i64 => ret, in("rdi") 0x1023i64,
+                 in("rsi") 18i64, lateout("rcx") _, lateout("r11") _, options(nostack));
+        }
+        ret == 0
+    })
+}
+
+/// Whether the tiles run `dtype` (`Q6_K`'s groups of 16 values stay on `vpdpbusd`).
+pub(super) fn runs(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::Q4_0
+            | DType::Q4_1
+            | DType::Q5_0
+            | DType::Q5_1
+            | DType::Q8_0
+            | DType::Q4K
+            | DType::Q5K
+    )
+}
+
+/// The tile configuration (Intel SDM, `LDTILECFG`): palette 1; tiles 0 and 3 the int32
+/// sums (16 rows × 64 bytes), 1 and 4 the activations (16 rows × 32 bytes), 2 and 5 the
+/// weights (8 rows × 64 bytes). Two of each, for the pipeline.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn new() -> TileConfig {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut set = |t: usize, rows: u8, bytes: u16| {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&bytes.to_le_bytes());
+            c[48 + t] = rows;
+        };
+        for t in [0, 3] {
+            set(t, 16, 64);
+        }
+        for t in [1, 4] {
+            set(t, 16, 32);
+        }
+        for t in [2, 5] {
+            set(t, 8, 64);
+        }
+        TileConfig(c)
+    }
+}
+
+thread_local! {
+    /// Each thread's panel, grown to the largest group it has unpacked.
+    static PANEL: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `y[i][16g ..]` for the first `16 ⌊m / 16⌋` rows of `x` and weight group `g`; returns the
+/// rows done (the rest are the caller's).
+///
+/// # Safety
+/// [`granted`] is true and the CPU has AVX512-F/BW/VNNI; `w` holds a format that [`runs`]
+/// in `Layout::Dots`; `x` has `m` rows of `w.k`; `y` points to `m * w.n` values of which no
+/// other task writes group `g`'s columns.
+pub(super) unsafe fn group(
+    w: &RepackedWeight,
+    x: &crate::quant::QuantizedRows,
+    g: usize,
+    m: usize,
+    y: *mut f32,
+) -> usize {
+    let tiles = m / ROWS;
+    if tiles == 0 {
+        return 0;
+    }
+    PANEL.with(|p| {
+        let mut panel = p.borrow_mut();
+        let blocks = w.k / 32;
+        panel.resize(blocks * BLOCK_BYTES, 0);
+        // SAFETY: the caller's contract covers both.
+        unsafe {
+            unpack(w, g, &mut panel);
+            let cfg = TileConfig::new();
+            asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+            let cols = GROUP.min(w.n - g * GROUP);
+            for t in 0..tiles {
+                let out = y.add(t * ROWS * w.n + g * GROUP);
+                let xr = x.rows_from(t * ROWS, ROWS);
+                if w.dtype.has_min() {
+                    tile::<true>(&panel, blocks, xr, w.k, out, w.n, cols);
+                } else {
+                    tile::<false>(&panel, blocks, xr, w.k, out, w.n, cols);
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    });
+    tiles * ROWS
+}
+
+/// Group `g`'s records into `panel` (see the module docs).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn unpack(w: &RepackedWeight, g: usize, panel: &mut [u8]) {
+    /// Block `a`'s part of the panel: the weights made signed, the scales, the min terms.
+    #[inline(always)]
+    unsafe fn put(panel: &mut [u8], a: usize, ops: &[__m512i; 8], off: i8, d: __m512, m: __m512) {
+        let at = &mut panel[a * BLOCK_BYTES..][..BLOCK_BYTES];
+        unsafe {
+            let p = at.as_mut_ptr();
+            for (c, op) in ops.iter().enumerate() {
+                let v = _mm512_sub_epi8(*op, _mm512_set1_epi8(off));
+                _mm512_storeu_si512(p.add(64 * c) as *mut __m512i, v);
+            }
+            _mm512_storeu_ps(p.add(512) as *mut f32, d);
+            _mm512_storeu_ps(p.add(576) as *mut f32, m);
+        }
+    }
+    macro_rules! blocks32 {
+        ($f:expr) => {
+            for b in 0..w.blocks() {
+                let rec = w.record(g, b);
+                let ops = unsafe { operands::<{ $f }>(&rec) };
+                let d = unsafe { halves16(rec.d) };
+                let m = rec
+                    .m
+                    .map_or(_mm512_setzero_ps(), |m| unsafe { halves16(m) });
+                // The offsets are at most 128, which wraps to -128 as an i8: the byte
+                // subtraction then gives `q + 128 - 128` all the same.
+                unsafe { put(panel, b, &ops, f_offset($f) as i8, d, m) };
+            }
+        };
+    }
+    match w.dtype {
+        DType::Q4_0 => blocks32!(F_Q4_0),
+        DType::Q4_1 => blocks32!(F_Q4_1),
+        DType::Q5_0 => blocks32!(F_Q5_0),
+        DType::Q5_1 => blocks32!(F_Q5_1),
+        DType::Q8_0 => blocks32!(F_Q8_0),
+        _ => {
+            debug_assert!(matches!(w.dtype, DType::Q4K | DType::Q5K));
+            let nib = _mm512_set1_epi8(0x0f);
+            let five = w.dtype == DType::Q5K;
+            for b in 0..w.blocks() {
+                let rec = w.record(g, b);
+                // SAFETY: the record's halves, 16 each.
+                let (d, dmin) = unsafe {
+                    (
+                        <Avx512 as V16>::load_f16(rec.d.as_ptr()),
+                        <Avx512 as V16>::load_f16(rec.m.expect("dmin").as_ptr()),
+                    )
+                };
+                for i in 0..4 {
+                    // SAFETY: i < 4 pairs of sub-blocks.
+                    let ops = unsafe { k4_operands(&rec, w.dtype, i, nib, five) };
+                    for (h, ops) in ops.iter().enumerate() {
+                        let [s, mn] = rec.k4_scale_min(d, dmin, 2 * i + h).map(|v| v.raw());
+                        // `-(dmin · min)`: added, as the VNNI kernel subtracts it.
+                        let neg = _mm512_sub_ps(_mm512_setzero_ps(), mn);
+                        unsafe { put(panel, 8 * b + 2 * i + h, ops, 0, s, neg) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One tile of 16 activation rows against a panel of `blocks` blocks: `out[r * ldo + j]`
+/// for `r < 16`, `j < cols`.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn tile<const MINS: bool>(
+    panel: &[u8],
+    blocks: usize,
+    xr: Q8Rows<'_>,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    #[repr(C, align(64))]
+    struct Sums([[i32; 256]; 2]);
+    let mut sums = Sums([[0; 256]; 2]);
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    // Block a's tile instructions into tiles 0-2 (even a) or 3-5 (odd), its sums stored to
+    // sums[a % 2].
+    let issue = |a: usize, sums: &mut Sums| {
+        // SAFETY: row r of the activation tile is x's row r, block a (32 bytes of k a
+        // row); the panel holds `blocks` blocks; the sums buffer is 16 rows of 64 bytes.
+        unsafe {
+            let (xa, wa) = (xr.qs(0, a), panel.as_ptr().add(a * BLOCK_BYTES));
+            let s = sums.0[a % 2].as_mut_ptr();
+            if a.is_multiple_of(2) {
+                asm!("tilezero tmm0",
+                     "tileloadd tmm1, [{x} + {k} * 1]",
+                     "tileloadd tmm2, [{w} + {s64} * 1]",
+                     "tdpbssd tmm0, tmm1, tmm2",
+                     "tilestored [{s} + {s64} * 1], tmm0",
+                     x = in(reg) xa, k = in(reg) k, w = in(reg) wa, s = in(reg) s,
+                     s64 = in(reg) 64usize, options(nostack));
+            } else {
+                asm!("tilezero tmm3",
+                     "tileloadd tmm4, [{x} + {k} * 1]",
+                     "tileloadd tmm5, [{w} + {s64} * 1]",
+                     "tdpbssd tmm3, tmm4, tmm5",
+                     "tilestored [{s} + {s64} * 1], tmm3",
+                     x = in(reg) xa, k = in(reg) k, w = in(reg) wa, s = in(reg) s,
+                     s64 = in(reg) 64usize, options(nostack));
+            }
+        }
+    };
+    issue(0, &mut sums);
+    for a in 0..blocks {
+        if a + 1 < blocks {
+            issue(a + 1, &mut sums);
+        }
+        // SAFETY: block a of the panel; rows r < 16 of the view, a < its blocks.
+        unsafe {
+            let p = panel.as_ptr().add(a * BLOCK_BYTES);
+            let dw = _mm512_loadu_ps(p.add(512) as *const f32);
+            let mw = _mm512_loadu_ps(p.add(576) as *const f32);
+            let s = sums.0[a % 2].as_ptr();
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let (xd, _, xs) = xr.block(r, a);
+                let c = _mm512_cvtepi32_ps(_mm512_loadu_si512(s.add(16 * r) as *const __m512i));
+                // The VNNI kernel's steps, in its order.
+                *acc = _mm512_fmadd_ps(c, _mm512_mul_ps(dw, _mm512_set1_ps(xd)), *acc);
+                if MINS {
+                    *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs), *acc);
+                }
+            }
+        }
+    }
+    let mask: __mmask16 = if cols >= 16 { !0 } else { (1 << cols) - 1 };
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: row r's columns j < cols, per the contract.
+        unsafe { _mm512_mask_storeu_ps(out.add(r * ldo), mask, *acc) };
+    }
+}
+
+/// The tile roof's probe: `iters` rounds of four independent `tdpbssd` on full tiles (16
+/// rows × 64 bytes each source), 4 · 16 · 16 · 64 multiply-adds a round. Returns a value
+/// that depends on every step.
+///
+/// # Safety
+/// [`granted`] is true.
+pub(super) unsafe fn probe(iters: usize) -> i32 {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    for t in 0..8 {
+        c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+        c[48 + t] = 16;
+    }
+    let cfg = TileConfig(c);
+    let src = [3i8; 1024];
+    let mut sums = [0i32; 256];
+    // SAFETY: tiles of 16 rows × 64 bytes read from and written to 1 KiB buffers.
+    unsafe {
+        asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+             "tileloadd tmm4, [{p} + {s} * 1]", "tileloadd tmm5, [{p} + {s} * 1]",
+             p = in(reg) src.as_ptr(), s = in(reg) 64usize, options(nostack));
+        for _ in 0..iters {
+            asm!(
+                "tdpbssd tmm0, tmm4, tmm5",
+                "tdpbssd tmm1, tmm4, tmm5",
+                "tdpbssd tmm2, tmm4, tmm5",
+                "tdpbssd tmm3, tmm4, tmm5",
+                options(nostack, nomem)
+            );
+        }
+        asm!("tilestored [{p} + {s} * 1], tmm3", p = in(reg) sums.as_mut_ptr(),
+             s = in(reg) 64usize, options(nostack));
+        asm!("tilerelease", options(nostack, nomem));
+    }
+    sums.iter().fold(0, |s, v| s.wrapping_add(*v))
+}
+
+/// Multiply-adds of one [`probe`] round.
+pub(super) const PROBE_MACS: usize = 4 * 16 * 16 * 64;
