@@ -129,10 +129,60 @@ fn fill(x: &[f32], out: Blocks<'_>) {
     quantize_blocks(x, out);
 }
 
+/// [`quantize_blocks`] in explicit AVX-512, the same bytes (a test compares them on
+/// halves, ties, overflow, infinities and NaN): compiled from the generic loop, quantizing
+/// took 3.1 ns a value on a Xeon (model 207), a quarter of fast prefill's `ffn_up` with AMX
+/// tiles and nearly half its `ffn_down`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_avx512(x: &[f32], out: Blocks<'_>) {
-    quantize_blocks(x, out)
+    use std::arch::x86_64::*;
+    let (zero, lo, hi) = (
+        _mm512_setzero_ps(),
+        _mm512_set1_ps(i8::MIN as f32),
+        _mm512_set1_ps(i8::MAX as f32),
+    );
+    let (half, one) = (_mm512_set1_ps(0.5), _mm512_set1_epi32(1));
+    for (b, xb) in x.chunks_exact(32).enumerate() {
+        // SAFETY: 32 values in, 32 bytes out.
+        unsafe {
+            let v = [
+                _mm512_loadu_ps(xb.as_ptr()),
+                _mm512_loadu_ps(xb.as_ptr().add(16)),
+            ];
+            // `max(a, b)` is `a > b ? a : b`: the generic loop's running maxima (NaN
+            // ignored), in its order; the fold's order cannot matter.
+            let lanes = _mm512_max_ps(
+                _mm512_abs_ps(v[1]),
+                _mm512_max_ps(_mm512_abs_ps(v[0]), zero),
+            );
+            let amax = _mm512_reduce_max_ps(lanes);
+            let d = amax / 127.0;
+            let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let mut sums = [0i32; 2];
+            for (h, v) in v.iter().enumerate() {
+                // round_half_away: clamped (max and min return their second operand, y,
+                // when it is NaN), truncated, one away from zero where the cut is a half.
+                let y = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(*v, id)));
+                let t = _mm512_cvttps_epi32(y);
+                let cut = _mm512_sub_ps(y, _mm512_cvtepi32_ps(t));
+                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(cut, half);
+                let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(cut, _mm512_sub_ps(zero, half));
+                let q = _mm512_mask_add_epi32(t, up, t, one);
+                let q = _mm512_mask_sub_epi32(q, down, q, one);
+                // Truncated to bytes: NaN's 0x80000000 becomes 0, as `NaN as i32` is.
+                let q8 = _mm512_cvtepi32_epi8(q);
+                let at = out.qs.as_mut_ptr().add(32 * b + 16 * h);
+                _mm_storeu_si128(at as *mut __m128i, q8);
+                sums[h] = _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(q8));
+            }
+            let sum = sums[0] + sums[1];
+            out.sum16[2 * b..2 * b + 2].copy_from_slice(&sums);
+            out.d[b] = d;
+            out.sum[b] = sum;
+            out.s[b] = d * sum as f32;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -313,10 +363,11 @@ mod tests {
     use super::*;
 
     /// Every compiled path quantizes as the plain formula does (`d = max|x| / 127`,
-    /// `q = round(x / d)`), bit for bit, on blocks with ties, zeros and wide ranges.
+    /// `q = round(x / d)`), bit for bit, on blocks with ties, zeros, wide ranges, a NaN
+    /// and an infinity.
     #[test]
     fn every_path_quantizes_as_the_formula() {
-        let (m, k) = (3, 96);
+        let (m, k) = (3, 160);
         let mut x: Vec<f32> = (0..m * k)
             .map(|i| ((i as u32).wrapping_mul(0x9e37_79b9) >> 8) as f32 / (1 << 20) as f32 - 8.0)
             .collect();
@@ -326,6 +377,9 @@ mod tests {
             *v = i as f32 + 0.5;
         }
         x[100] = -1e30; // one huge value
+        x[101..128].fill(0.75);
+        x[130] = f32::NAN; // ignored by max |x|; quantized to 0
+        x[170] = f32::INFINITY; // d = ∞: every value to 0
         let want = |b: usize| {
             let xb = &x[32 * b..32 * b + 32];
             let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
@@ -360,7 +414,11 @@ mod tests {
                 let sum: i32 = q.iter().map(|&v| v as i32).sum();
                 let h0: i32 = q[..16].iter().map(|&v| v as i32).sum();
                 assert_eq!((r.sum[b], r.sum16[2 * b]), (sum, h0), "{name} block {b}");
-                assert_eq!(r.s[b], d * sum as f32, "{name} block {b}");
+                assert_eq!(
+                    r.s[b].to_bits(),
+                    (d * sum as f32).to_bits(),
+                    "{name} block {b}"
+                );
             }
         }
     }
