@@ -12,7 +12,7 @@ pub mod svg;
 
 use std::time::{Duration, Instant};
 
-use chord_kernels::simd::{self, Isa, probe};
+use chord_kernels::simd::{self, Isa, Level, probe};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -166,7 +166,11 @@ pub fn measure_roofs(thread_counts: &[usize]) -> Vec<Roof> {
             Roof {
                 threads,
                 fma_gflops,
-                fma_level: isa.level().name(),
+                // The AMX level's f32 kernels are its AVX-512 ones (the tiles are int8).
+                fma_level: match isa.level() {
+                    Level::Amx => Level::Avx512.name(),
+                    l => l.name(),
+                },
                 read_gbs,
                 read_probe,
                 int8_gops,
