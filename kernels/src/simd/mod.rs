@@ -36,7 +36,7 @@ pub use qint::{
 pub use qmatmul::{
     BlockScratch, BlockWeight, GEMV_ROWS, matmul as matmul_blocks, matmuls as matmuls_blocks,
 };
-pub use repack::{GROUP, Layout, RepackedWeight, repackable};
+pub use repack::{GROUP, Layout, RepackedWeight, prefetching, repackable};
 
 /// A SIMD instruction-set level, widest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -262,6 +262,7 @@ impl<const M: usize, const F: u8> Kernel16 for GroupGemv<'_, M, F> {
         for g in groups {
             let mut acc = [V::zero(); M];
             for b in 0..blocks {
+                w.prefetch(g, b);
                 let rec = w.record(g, b);
                 let mut p = [[V::zero(); 4]; M];
                 // This block's 32 values of each activation row.
@@ -351,6 +352,7 @@ impl<const M: usize, const FIVE: bool> Kernel16 for GroupGemvK4<'_, M, FIVE> {
         for g in groups {
             let mut acc = [V::zero(); M];
             for b in 0..w.blocks() {
+                w.prefetch(g, b);
                 let rec = w.record(g, b);
                 // SAFETY: 16 halves each.
                 let (d, dmin) = unsafe {
@@ -434,6 +436,7 @@ impl<const M: usize> Kernel16 for GroupGemvK6<'_, M> {
         for g in groups {
             let mut acc = [V::zero(); M];
             for b in 0..w.blocks() {
+                w.prefetch(g, b);
                 let rec = w.record(g, b);
                 // SAFETY: 16 halves.
                 let d = unsafe { V::load_f16(rec.d.as_ptr()) };

@@ -513,6 +513,7 @@ pub(super) mod x86 {
             let mins = F == F_Q4_1 || F == F_Q5_1;
             let xr = x.rows_from(i0, R);
             for b in 0..blocks {
+                w.prefetch(g, b);
                 let rec = w.record(g, b);
                 let dw = halves16(rec.d);
                 let ops = operands::<F>(&rec);
@@ -670,6 +671,7 @@ pub(super) mod x86 {
             let five = w.dtype == DType::Q5K;
             let xr = x.rows_from(i0, rows);
             for b in 0..w.blocks() {
+                w.prefetch(g, b);
                 let rec = w.record(g, b);
                 let d = <Avx512 as V16>::load_f16(rec.d.as_ptr());
                 let dmin = <Avx512 as V16>::load_f16(rec.m.expect("dmin").as_ptr());
@@ -722,6 +724,7 @@ pub(super) mod x86 {
             let five = w.dtype == DType::Q5K;
             let xr = x.rows_from(i0, rows);
             for b in 0..w.blocks() {
+                w.prefetch(g, b);
                 let rec = w.record(g, b);
                 let d = <Pair<Avx2> as V16>::load_f16(rec.d.as_ptr());
                 let dmin = <Pair<Avx2> as V16>::load_f16(rec.m.expect("dmin").as_ptr());
@@ -797,6 +800,7 @@ pub(super) mod x86 {
             let (nib, top) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
             let xr = x.rows_from(i0, rows);
             for b in 0..w.blocks() {
+                w.prefetch(g, b);
                 let rec = w.record(g, b);
                 let d = <Avx512 as V16>::load_f16(rec.d.as_ptr());
                 for h in 0..2 {
@@ -871,6 +875,7 @@ pub(super) mod x86 {
             let (nib, top) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
             let xr = x.rows_from(i0, rows);
             for b in 0..w.blocks() {
+                w.prefetch(g, b);
                 let rec = w.record(g, b);
                 let d = <Pair<Avx2> as V16>::load_f16(rec.d.as_ptr());
                 for h in 0..2 {
@@ -1017,6 +1022,7 @@ pub(super) mod x86 {
             let off = offset(w.dtype);
             let xr = x.rows_from(i0, rows);
             for b in 0..blocks {
+                w.prefetch(g, b);
                 let Record {
                     d, m: mins, qh, qs, ..
                 } = w.record(g, b);
