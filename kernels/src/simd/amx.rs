@@ -1,23 +1,27 @@
 //! AMX int8 tiles (Intel Sapphire Rapids and later) for fast mode's prefill: the same
-//! integer sums as the `vpdpbusd` kernel of `simd::qint`, sixteen activation rows by sixteen
-//! weight rows per tile instruction, and the same f32 steps after them, so that the results
-//! are bit for bit the AVX512-VNNI kernel's.
+//! integer sums as the `vpdpbusd` kernels of `simd::qint`, sixteen activation rows by
+//! sixteen weight rows per tile instruction, and the same f32 steps after them, so that the
+//! results are bit for bit the AVX512-VNNI kernels'.
 //!
-//! **Per weight group** (16 rows), the group's records are unpacked once into a *panel*, per
-//! activation block of 32 values (a K-quant's sub-block):
-//! - 512 bytes: the weights as signed bytes (`q - offset`, see `qint::offset`) in the tile
-//!   layout `tdpbssd` reads as its second source: 8 rows of 64 bytes, row `c` holding values
-//!   `4c .. 4c + 4` of each weight row (weight row `j` at bytes `4j .. 4j + 4`), which is the
-//!   `vpdpbusd` operand order of `simd::repack`'s `Layout::Dots`;
+//! **Per weight group** (16 rows), the group's records are unpacked once into a *panel* of
+//! units, one per activation block of 32 values (a K-quant's sub-block; for `Q6_K` one per
+//! group of 16, in its VNNI kernel's order):
+//! - up to 512 bytes: the weights as signed bytes (`q - offset`, see `qint::offset`; `q -
+//!   32` for `Q6_K`) in the tile layout `tdpbssd` reads as its second source: `len / 4`
+//!   rows of 64 bytes, row `c` holding values `4c .. 4c + 4` of each weight row (weight row
+//!   `j` at bytes `4j .. 4j + 4`), the `vpdpbusd` operand order of `simd::repack`'s
+//!   `Layout::Dots`;
 //! - 16 f32: each row's scale (`d`; a K-quant's `d · scale`);
 //! - 16 f32: each row's min term (`m` for `Q4_1`/`Q5_1`, `-dmin · min` for `Q4_K`/`Q5_K`).
 //!
-//! **Per tile of 16 activation rows** and block `a`: `tdpbssd` (Intel SDM, "TDPBSSD") sums
-//! `C[i][j] = Σ x_q[i][v] · w_q[j][v]` over the block's 32 values in int32, the tile is stored
+//! **Per tile of 16 activation rows** and unit: `tdpbssd` (Intel SDM, "TDPBSSD") sums
+//! `C[i][j] = Σ x_q[i][v] · w_q[j][v]` over the unit's values in int32, the tile is stored
 //! to a 1 KiB buffer, and each row is scaled as `simd::qint` scales its sums: `acc += f32(C)
-//! · (d_w · d_x)`, then `acc += m_w · s_x`. Blocks go through a two-deep pipeline: block
-//! `a + 1`'s tile instructions are issued before block `a`'s scaling, so the tile unit and
-//! the vector units work at once.
+//! · (d_w · d_x)`, then `acc += m_w · s_x`. Units go through a two-deep pipeline: unit
+//! `u + 1`'s tile instructions are issued before unit `u`'s scaling. The tile unit and the
+//! vector units still overlap little: on a Xeon (model 207) a tile-block of 16 × 16 × 32
+//! took about 47 ns, of which the tile instructions alone 25-31 and the scaling alone about
+//! 24 (deeper pipelines, and four groups per tile of activations, measured no faster).
 //!
 //! **Enabling**: Linux grants the 8 KiB of tile data to a process that asks
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, kernel documentation
@@ -30,7 +34,7 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use super::qint::x86::{
-    F_Q4_0, F_Q4_1, F_Q5_0, F_Q5_1, F_Q8_0, f_offset, halves16, k4_operands, operands,
+    F_Q4_0, F_Q4_1, F_Q5_0, F_Q5_1, F_Q8_0, f_offset, halves16, k4_operands, k6_operands, operands,
 };
 use super::repack::{GROUP, RepackedWeight};
 use crate::quant::{DType, Q8Rows};
@@ -40,8 +44,9 @@ use crate::simd::vec::Avx512;
 /// Activation rows of a tile.
 pub(super) const ROWS: usize = 16;
 
-/// Bytes of one block of a panel: 512 of weights, 16 f32 scales, 16 f32 min terms.
-const BLOCK_BYTES: usize = 512 + 64 + 64;
+/// Bytes of one unit of a panel: up to 512 of weights (256 for `Q6_K`'s groups of 16), 16
+/// f32 scales, 16 f32 min terms.
+const UNIT_BYTES: usize = 512 + 64 + 64;
 
 /// Whether the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7, EDX bits 24 and 25) and Linux
 /// granted this process the tile data state. Asked once; the grant holds for every thread.
@@ -64,7 +69,7 @@ pub fn granted() -> bool {
     })
 }
 
-/// Whether the tiles run `dtype` (`Q6_K`'s groups of 16 values stay on `vpdpbusd`).
+/// Whether the tiles run `dtype`: every block format.
 pub(super) fn runs(dtype: DType) -> bool {
     matches!(
         dtype,
@@ -75,31 +80,38 @@ pub(super) fn runs(dtype: DType) -> bool {
             | DType::Q8_0
             | DType::Q4K
             | DType::Q5K
+            | DType::Q6K
     )
 }
 
-/// The tile configuration (Intel SDM, `LDTILECFG`): palette 1; tiles 0 and 3 the int32
-/// sums (16 rows × 64 bytes), 1 and 4 the activations (16 rows × 32 bytes), 2 and 5 the
-/// weights (8 rows × 64 bytes). Two of each, for the pipeline.
+/// Values per panel unit: a block of 32, or one of `Q6_K`'s groups of 16.
+fn unit_len(dtype: DType) -> usize {
+    if dtype == DType::Q6K { 16 } else { 32 }
+}
+
+/// The tile configuration (Intel SDM, `LDTILECFG`) for units of `len` values: palette 1;
+/// tiles 0 and 3 the int32 sums (16 rows × 64 bytes), 1 and 4 the activations (16 rows ×
+/// `len` bytes), 2 and 5 the weights (`len / 4` rows × 64 bytes). Two of each, for the
+/// pipeline.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
 impl TileConfig {
-    fn new() -> TileConfig {
+    fn new(len: usize) -> TileConfig {
         let mut c = [0u8; 64];
         c[0] = 1;
-        let mut set = |t: usize, rows: u8, bytes: u16| {
-            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&bytes.to_le_bytes());
-            c[48 + t] = rows;
+        let mut set = |t: usize, rows: usize, bytes: usize| {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&(bytes as u16).to_le_bytes());
+            c[48 + t] = rows as u8;
         };
         for t in [0, 3] {
             set(t, 16, 64);
         }
         for t in [1, 4] {
-            set(t, 16, 32);
+            set(t, 16, len);
         }
         for t in [2, 5] {
-            set(t, 8, 64);
+            set(t, len / 4, 64);
         }
         TileConfig(c)
     }
@@ -130,21 +142,22 @@ pub(super) unsafe fn group(
     }
     PANEL.with(|p| {
         let mut panel = p.borrow_mut();
-        let blocks = w.k / 32;
-        panel.resize(blocks * BLOCK_BYTES, 0);
+        let len = unit_len(w.dtype);
+        let units = w.k / len;
+        panel.resize(units * UNIT_BYTES, 0);
         // SAFETY: the caller's contract covers both.
         unsafe {
             unpack(w, g, &mut panel);
-            let cfg = TileConfig::new();
+            let cfg = TileConfig::new(len);
             asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
             let cols = GROUP.min(w.n - g * GROUP);
             for t in 0..tiles {
                 let out = y.add(t * ROWS * w.n + g * GROUP);
                 let xr = x.rows_from(t * ROWS, ROWS);
-                if w.dtype.has_min() {
-                    tile::<true>(&panel, blocks, xr, w.k, out, w.n, cols);
-                } else {
-                    tile::<false>(&panel, blocks, xr, w.k, out, w.n, cols);
+                match (w.dtype.has_min(), len) {
+                    (true, _) => tile::<true, 32>(&panel, units, xr, w.k, out, w.n, cols),
+                    (false, 32) => tile::<false, 32>(&panel, units, xr, w.k, out, w.n, cols),
+                    _ => tile::<false, 16>(&panel, units, xr, w.k, out, w.n, cols),
                 }
             }
             asm!("tilerelease", options(nostack, nomem));
@@ -158,8 +171,8 @@ pub(super) unsafe fn group(
 unsafe fn unpack(w: &RepackedWeight, g: usize, panel: &mut [u8]) {
     /// Block `a`'s part of the panel: the weights made signed, the scales, the min terms.
     #[inline(always)]
-    unsafe fn put(panel: &mut [u8], a: usize, ops: &[__m512i; 8], off: i8, d: __m512, m: __m512) {
-        let at = &mut panel[a * BLOCK_BYTES..][..BLOCK_BYTES];
+    unsafe fn put(panel: &mut [u8], a: usize, ops: &[__m512i], off: i8, d: __m512, m: __m512) {
+        let at = &mut panel[a * UNIT_BYTES..][..UNIT_BYTES];
         unsafe {
             let p = at.as_mut_ptr();
             for (c, op) in ops.iter().enumerate() {
@@ -191,6 +204,28 @@ unsafe fn unpack(w: &RepackedWeight, g: usize, panel: &mut [u8]) {
         DType::Q5_0 => blocks32!(F_Q5_0),
         DType::Q5_1 => blocks32!(F_Q5_1),
         DType::Q8_0 => blocks32!(F_Q8_0),
+        DType::Q6K => {
+            let (nib, top) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+            for b in 0..w.blocks() {
+                let rec = w.record(g, b);
+                // SAFETY: the record's 16 halves.
+                let d = unsafe { <Avx512 as V16>::load_f16(rec.d.as_ptr()) };
+                // The VNNI kernel's order: half h, half of each quarter, quarter.
+                for h in 0..2 {
+                    for half in 0..2 {
+                        // SAFETY: h, half < 2.
+                        let ops = unsafe { k6_operands(&rec, h, half, nib, top) };
+                        for qr in 0..4 {
+                            let rows: [__m512i; 4] =
+                                [ops[0][qr], ops[1][qr], ops[2][qr], ops[3][qr]];
+                            let s = rec.k6_scale(d, 8 * h + 2 * qr + half).raw();
+                            let u = 16 * b + 8 * h + 4 * half + qr;
+                            unsafe { put(panel, u, &rows, 32, s, _mm512_setzero_ps()) };
+                        }
+                    }
+                }
+            }
+        }
         _ => {
             debug_assert!(matches!(w.dtype, DType::Q4K | DType::Q5K));
             let nib = _mm512_set1_epi8(0x0f);
@@ -219,12 +254,26 @@ unsafe fn unpack(w: &RepackedWeight, g: usize, panel: &mut [u8]) {
     }
 }
 
-/// One tile of 16 activation rows against a panel of `blocks` blocks: `out[r * ldo + j]`
-/// for `r < 16`, `j < cols`.
+/// Unit `u` of a panel of `LEN`-value units: the activation block it meets and the byte
+/// of that block where its values start. Blocks of 32 are units in order; `Q6_K`'s groups
+/// of 16 are ordered as its VNNI kernel sums them (per superblock: half `h`, then half of
+/// each quarter, then quarter `qr`: see `unpack`).
+#[inline(always)]
+fn unit_at<const LEN: usize>(u: usize) -> (usize, usize) {
+    if LEN == 32 {
+        (u, 0)
+    } else {
+        let (qr, half, h, b) = (u % 4, (u / 4) % 2, (u / 8) % 2, u / 16);
+        (8 * b + 4 * h + qr, 16 * half)
+    }
+}
+
+/// One tile of 16 activation rows against a panel of `units` units of `LEN` values:
+/// `out[r * ldo + j]` for `r < 16`, `j < cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn tile<const MINS: bool>(
+unsafe fn tile<const MINS: bool, const LEN: usize>(
     panel: &[u8],
-    blocks: usize,
+    units: usize,
     xr: Q8Rows<'_>,
     k: usize,
     out: *mut f32,
@@ -235,15 +284,17 @@ unsafe fn tile<const MINS: bool>(
     struct Sums([[i32; 256]; 2]);
     let mut sums = Sums([[0; 256]; 2]);
     let mut acc = [_mm512_setzero_ps(); ROWS];
-    // Block a's tile instructions into tiles 0-2 (even a) or 3-5 (odd), its sums stored to
-    // sums[a % 2].
-    let issue = |a: usize, sums: &mut Sums| {
-        // SAFETY: row r of the activation tile is x's row r, block a (32 bytes of k a
-        // row); the panel holds `blocks` blocks; the sums buffer is 16 rows of 64 bytes.
+    // Unit u's tile instructions into tiles 0-2 (even u) or 3-5 (odd), its sums stored to
+    // sums[u % 2].
+    let issue = |u: usize, sums: &mut Sums| {
+        let (a, at) = unit_at::<LEN>(u);
+        // SAFETY: row r of the activation tile is x's row r from value 32a + at (LEN
+        // values of k a row); the panel holds `units` units; the sums buffer is 16 rows of
+        // 64 bytes.
         unsafe {
-            let (xa, wa) = (xr.qs(0, a), panel.as_ptr().add(a * BLOCK_BYTES));
-            let s = sums.0[a % 2].as_mut_ptr();
-            if a.is_multiple_of(2) {
+            let (xa, wa) = (xr.qs(0, a).add(at), panel.as_ptr().add(u * UNIT_BYTES));
+            let s = sums.0[u % 2].as_mut_ptr();
+            if u.is_multiple_of(2) {
                 asm!("tilezero tmm0",
                      "tileloadd tmm1, [{x} + {k} * 1]",
                      "tileloadd tmm2, [{w} + {s64} * 1]",
@@ -263,16 +314,17 @@ unsafe fn tile<const MINS: bool>(
         }
     };
     issue(0, &mut sums);
-    for a in 0..blocks {
-        if a + 1 < blocks {
-            issue(a + 1, &mut sums);
+    for u in 0..units {
+        if u + 1 < units {
+            issue(u + 1, &mut sums);
         }
-        // SAFETY: block a of the panel; rows r < 16 of the view, a < its blocks.
+        let (a, _) = unit_at::<LEN>(u);
+        // SAFETY: unit u of the panel; rows r < 16 of the view, a < its blocks.
         unsafe {
-            let p = panel.as_ptr().add(a * BLOCK_BYTES);
+            let p = panel.as_ptr().add(u * UNIT_BYTES);
             let dw = _mm512_loadu_ps(p.add(512) as *const f32);
             let mw = _mm512_loadu_ps(p.add(576) as *const f32);
-            let s = sums.0[a % 2].as_ptr();
+            let s = sums.0[u % 2].as_ptr();
             for (r, acc) in acc.iter_mut().enumerate() {
                 let (xd, _, xs) = xr.block(r, a);
                 let c = _mm512_cvtepi32_ps(_mm512_loadu_si512(s.add(16 * r) as *const __m512i));

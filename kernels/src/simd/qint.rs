@@ -229,7 +229,7 @@ unsafe fn group(
     let mut out = [[0.0f32; GROUP]; MR];
     let k4 = matches!(w.dtype, DType::Q4K | DType::Q5K);
     let k6 = w.dtype == DType::Q6K;
-    // The tiles' remainder (and Q6_K, and decode) runs on the VNNI kernels.
+    // The tiles' remainder (and decode) runs on the VNNI kernels.
     let kind = if kind == DotKind::Amx {
         DotKind::Vnni512
     } else {
@@ -652,6 +652,40 @@ pub(super) mod x86 {
         }
     }
 
+    /// `Q6_K`'s half `h` of a record, positions `16 half ..` of each of its four quarters, as
+    /// `vpdpbusd` operands (unsigned `q`, 16 rows × 4 values each): `ops[c][quarter]` holds
+    /// positions `16 half + 4c .. + 4` of the quarter (see `simd::repack`).
+    #[inline(always)]
+    pub(in crate::simd) unsafe fn k6_operands(
+        rec: &Record<'_>,
+        h: usize,
+        half: usize,
+        nib: __m512i,
+        top: __m512i,
+    ) -> [[__m512i; 4]; 4] {
+        unsafe {
+            let mut ops = [[_mm512_setzero_si512(); 4]; 4];
+            for (c, ops) in ops.iter_mut().enumerate() {
+                let p = rec.qs.as_ptr().add(64 * 3 * (8 * h + 4 * half + c));
+                let a = _mm512_loadu_si512(p as *const __m512i);
+                let bq = _mm512_loadu_si512(p.add(64) as *const __m512i);
+                let q = _mm512_loadu_si512(p.add(128) as *const __m512i);
+                // Each quarter: its `ql` nibble, with two `qh` bits moved to bits 4-5 (no
+                // closure for the mask: it would be compiled without the caller's features).
+                let (lo_a, lo_b) = (_mm512_and_si512(a, nib), _mm512_and_si512(bq, nib));
+                let (hi_a, hi_b) = (
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(a), nib),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(bq), nib),
+                );
+                ops[0] = _mm512_or_si512(lo_a, _mm512_and_si512(_mm512_slli_epi16::<4>(q), top));
+                ops[1] = _mm512_or_si512(lo_b, _mm512_and_si512(_mm512_slli_epi16::<2>(q), top));
+                ops[2] = _mm512_or_si512(hi_a, _mm512_and_si512(q, top));
+                ops[3] = _mm512_or_si512(hi_b, _mm512_and_si512(_mm512_srli_epi16::<2>(q), top));
+            }
+            ops
+        }
+    }
+
     /// `Q4_K` and `Q5_K`: per record, each pair of sub-blocks (`2i` in the low nibbles of
     /// chunks `8i .. 8i + 8`, `2i + 1` in the high; `Q5_K`'s fifth bits in bits `2i`,
     /// `2i + 1` of its `qh` chunks `32 ..`) as eight `vpdpbusd` steps each, then each
@@ -805,31 +839,7 @@ pub(super) mod x86 {
                 let d = <Avx512 as V16>::load_f16(rec.d.as_ptr());
                 for h in 0..2 {
                     for half in 0..2 {
-                        // ops[c][quarter] for positions 16 half + 4c .. of each quarter.
-                        let mut ops = [[_mm512_setzero_si512(); 4]; 4];
-                        for (c, ops) in ops.iter_mut().enumerate() {
-                            let p = rec.qs.as_ptr().add(64 * 3 * (8 * h + 4 * half + c));
-                            let a = _mm512_loadu_si512(p as *const __m512i);
-                            let bq = _mm512_loadu_si512(p.add(64) as *const __m512i);
-                            let q = _mm512_loadu_si512(p.add(128) as *const __m512i);
-                            let hi = |v: __m512i| _mm512_and_si512(v, top);
-                            ops[0] = _mm512_or_si512(
-                                _mm512_and_si512(a, nib),
-                                hi(_mm512_slli_epi16::<4>(q)),
-                            );
-                            ops[1] = _mm512_or_si512(
-                                _mm512_and_si512(bq, nib),
-                                hi(_mm512_slli_epi16::<2>(q)),
-                            );
-                            ops[2] = _mm512_or_si512(
-                                _mm512_and_si512(_mm512_srli_epi16::<4>(a), nib),
-                                hi(q),
-                            );
-                            ops[3] = _mm512_or_si512(
-                                _mm512_and_si512(_mm512_srli_epi16::<4>(bq), nib),
-                                hi(_mm512_srli_epi16::<2>(q)),
-                            );
-                        }
+                        let ops = k6_operands(&rec, h, half, nib, top);
                         for (r, acc) in acc.iter_mut().enumerate().take(rows) {
                             for qr in 0..4 {
                                 let a = 8 * b + 4 * h + qr;
