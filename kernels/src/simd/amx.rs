@@ -69,21 +69,6 @@ pub fn granted() -> bool {
     })
 }
 
-/// Whether the tiles run `dtype`: every block format.
-pub(super) fn runs(dtype: DType) -> bool {
-    matches!(
-        dtype,
-        DType::Q4_0
-            | DType::Q4_1
-            | DType::Q5_0
-            | DType::Q5_1
-            | DType::Q8_0
-            | DType::Q4K
-            | DType::Q5K
-            | DType::Q6K
-    )
-}
-
 /// Values per panel unit: a block of 32, or one of `Q6_K`'s groups of 16.
 fn unit_len(dtype: DType) -> usize {
     if dtype == DType::Q6K { 16 } else { 32 }
@@ -126,8 +111,7 @@ thread_local! {
 /// rows done (the rest are the caller's).
 ///
 /// # Safety
-/// [`granted`] is true and the CPU has AVX512-F/BW/VNNI; `w` holds a format that [`runs`]
-/// in `Layout::Dots`; `x` has `m` rows of `w.k`; `y` points to `m * w.n` values of which no
+/// [`granted`] is true and the CPU has AVX512-F/BW/VNNI; `w` is in `Layout::Dots`; `x` has `m` rows of `w.k`; `y` points to `m * w.n` values of which no
 /// other task writes group `g`'s columns.
 pub(super) unsafe fn group(
     w: &RepackedWeight,
@@ -294,22 +278,21 @@ unsafe fn tile<const MINS: bool, const LEN: usize>(
         unsafe {
             let (xa, wa) = (xr.qs(0, a).add(at), panel.as_ptr().add(u * UNIT_BYTES));
             let s = sums.0[u % 2].as_mut_ptr();
+            macro_rules! step {
+                ($c:literal, $x:literal, $w:literal) => {
+                    asm!(concat!("tilezero tmm", $c),
+                         concat!("tileloadd tmm", $x, ", [{x} + {k} * 1]"),
+                         concat!("tileloadd tmm", $w, ", [{w} + {s64} * 1]"),
+                         concat!("tdpbssd tmm", $c, ", tmm", $x, ", tmm", $w),
+                         concat!("tilestored [{s} + {s64} * 1], tmm", $c),
+                         x = in(reg) xa, k = in(reg) k, w = in(reg) wa, s = in(reg) s,
+                         s64 = in(reg) 64usize, options(nostack))
+                };
+            }
             if u.is_multiple_of(2) {
-                asm!("tilezero tmm0",
-                     "tileloadd tmm1, [{x} + {k} * 1]",
-                     "tileloadd tmm2, [{w} + {s64} * 1]",
-                     "tdpbssd tmm0, tmm1, tmm2",
-                     "tilestored [{s} + {s64} * 1], tmm0",
-                     x = in(reg) xa, k = in(reg) k, w = in(reg) wa, s = in(reg) s,
-                     s64 = in(reg) 64usize, options(nostack));
+                step!("0", "1", "2");
             } else {
-                asm!("tilezero tmm3",
-                     "tileloadd tmm4, [{x} + {k} * 1]",
-                     "tileloadd tmm5, [{w} + {s64} * 1]",
-                     "tdpbssd tmm3, tmm4, tmm5",
-                     "tilestored [{s} + {s64} * 1], tmm3",
-                     x = in(reg) xa, k = in(reg) k, w = in(reg) wa, s = in(reg) s,
-                     s64 = in(reg) 64usize, options(nostack));
+                step!("3", "4", "5");
             }
         }
     };

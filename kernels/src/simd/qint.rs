@@ -198,7 +198,7 @@ pub fn matmuls(
             for g in groups {
                 let mut done = 0;
                 #[cfg(target_arch = "x86_64")]
-                if kind == DotKind::Amx && m > MR && amx::runs(ws[i].dtype) {
+                if kind == DotKind::Amx && m > MR {
                     // SAFETY: the level holds only with the tiles granted and AVX512-VNNI;
                     // group g's columns belong to this task.
                     done = unsafe { amx::group(ws[i], act, g, m, outs[i].get()) };
@@ -1126,6 +1126,13 @@ mod tests {
             .collect()
     }
 
+    /// `bytes`, `n` rows of `k` values of `dtype`, repacked for fast mode.
+    fn dots_weight(dtype: DType, n: usize, k: usize, bytes: &[u8]) -> RepackedWeight {
+        let w = BlockWeight::new(dtype, n, k, bytes).unwrap();
+        let team = Team::new(1).unwrap();
+        RepackedWeight::new(&crate::arena::Arena::new(), &team, &w, Layout::Dots, |_| {}).unwrap()
+    }
+
     /// Every format's reference dot (`dot_q8`) of a row of blocks with a quantized row.
     fn reference_dot(dtype: DType, blocks: &[u8], x: &Q8Row<'_>) -> f32 {
         let b = blocks;
@@ -1188,14 +1195,7 @@ mod tests {
         for dtype in block_formats() {
             let k = 3 * dtype.block_len();
             let bytes = quant::sample_blocks(dtype, n * k, 5).unwrap();
-            let w = RepackedWeight::new(
-                &crate::arena::Arena::new(),
-                &Team::new(1).unwrap(),
-                &BlockWeight::new(dtype, n, k, &bytes).unwrap(),
-                Layout::Dots,
-                |_| {},
-            )
-            .unwrap();
+            let w = dots_weight(dtype, n, k, &bytes);
             for m in [16, 21, 48] {
                 let x = values(m * k, 4);
                 let run = |isa: Isa, threads: usize| {
@@ -1235,14 +1235,7 @@ mod tests {
                 }
                 _ => quant::quantize(dtype, &values(n * k, 1)).unwrap(),
             };
-            let w = RepackedWeight::new(
-                &crate::arena::Arena::new(),
-                &Team::new(1).unwrap(),
-                &BlockWeight::new(dtype, n, k, &bytes).unwrap(),
-                Layout::Dots,
-                |_| {},
-            )
-            .unwrap();
+            let w = dots_weight(dtype, n, k, &bytes);
             // Decode, prefill in blocks of MR rows, and (at the AMX level) full tiles of 16
             // rows with a remainder.
             for m in [1, 3, 6, 16, 35] {

@@ -141,6 +141,9 @@ pub struct RepackedWeight {
     shape: RecordShape,
     /// Where a record's bytes come from.
     map: ByteMap,
+    /// [`prefetching`], read once: a decode kernel reads this field, where a call to the
+    /// lazily set flag in its loop would make it save its vector registers around it.
+    prefetch: bool,
 }
 
 /// A record's geometry for one format (see the module docs).
@@ -670,6 +673,7 @@ impl RepackedWeight {
             data,
             shape,
             map,
+            prefetch: prefetching(),
         })
     }
 
@@ -716,7 +720,7 @@ impl RepackedWeight {
     #[inline(always)]
     pub(super) fn prefetch(&self, g: usize, b: usize) {
         #[cfg(target_arch = "x86_64")]
-        if prefetching() {
+        if self.prefetch {
             let s = &self.shape;
             let at = (g * s.blocks + b) * s.bytes + PREFETCH_AHEAD;
             let p = self.data.as_ptr().wrapping_add(at);
