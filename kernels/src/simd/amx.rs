@@ -20,8 +20,8 @@
 //! · (d_w · d_x)`, then `acc += m_w · s_x`. Units go through a two-deep pipeline: unit
 //! `u + 1`'s tile instructions are issued before unit `u`'s scaling. The tile unit and the
 //! vector units still overlap little: on a Xeon (model 207) a tile-block of 16 × 16 × 32
-//! took about 47 ns, of which the tile instructions alone 25-31 and the scaling alone about
-//! 24 (deeper pipelines, and four groups per tile of activations, measured no faster).
+//! took about 47 ns, of which the tile instructions alone 31-32 and the scaling alone 23-26
+//! (deeper pipelines, and four groups per tile of activations, measured no faster).
 //!
 //! **Enabling**: Linux grants the 8 KiB of tile data to a process that asks
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, kernel documentation
