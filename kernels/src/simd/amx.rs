@@ -82,23 +82,31 @@ fn unit_len(dtype: DType) -> usize {
 struct TileConfig([u8; 64]);
 
 impl TileConfig {
-    fn new(len: usize) -> TileConfig {
+    /// Palette 1, every tile unused.
+    fn empty() -> TileConfig {
         let mut c = [0u8; 64];
         c[0] = 1;
-        let mut set = |t: usize, rows: usize, bytes: usize| {
-            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&(bytes as u16).to_le_bytes());
-            c[48 + t] = rows as u8;
-        };
+        TileConfig(c)
+    }
+
+    /// Tile `t` as `rows` rows of `bytes` bytes.
+    fn set(&mut self, t: usize, rows: usize, bytes: usize) {
+        self.0[16 + 2 * t..18 + 2 * t].copy_from_slice(&(bytes as u16).to_le_bytes());
+        self.0[48 + t] = rows as u8;
+    }
+
+    fn new(len: usize) -> TileConfig {
+        let mut c = TileConfig::empty();
         for t in [0, 3] {
-            set(t, 16, 64);
+            c.set(t, 16, 64);
         }
         for t in [1, 4] {
-            set(t, 16, len);
+            c.set(t, 16, len);
         }
         for t in [2, 5] {
-            set(t, len / 4, 64);
+            c.set(t, len / 4, 64);
         }
-        TileConfig(c)
+        c
     }
 }
 
@@ -333,13 +341,10 @@ unsafe fn tile<const MINS: bool, const LEN: usize>(
 /// # Safety
 /// [`granted`] is true.
 pub(super) unsafe fn probe(iters: usize) -> i32 {
-    let mut c = [0u8; 64];
-    c[0] = 1;
+    let mut cfg = TileConfig::empty();
     for t in 0..8 {
-        c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
-        c[48 + t] = 16;
+        cfg.set(t, 16, 64);
     }
-    let cfg = TileConfig(c);
     let src = [3i8; 1024];
     let mut sums = [0i32; 256];
     // SAFETY: tiles of 16 rows × 64 bytes read from and written to 1 KiB buffers.
