@@ -7,10 +7,16 @@
 //! any last-level cache, as a model's layers would. The per-row ops report
 //! the bytes they read and write in GB/s against the same read roof (rows that fit in cache
 //! can exceed 100%).
+//!
+//! The rows of one case (its backends and modes) take turns, a slice of the budget each in
+//! several rounds (see `time_in_turns`), so that rows compared with each other are timed
+//! through the same moments of a shared machine; a cold decode row holds a gigabyte of
+//! weight copies, so those rows run one after the other instead.
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -109,24 +115,180 @@ impl Serialize for Op {
     }
 }
 
-/// Times `run` on a case's state, after its setup: the [`Visit`] that times a row.
-struct Timer<'a, B> {
+/// Hands `with` one call of a case on a backend, after the case's setup: the [`Visit`] that
+/// a row's timing runs in.
+struct Runner<'a, B, F> {
     backend: &'a B,
-    budget: Duration,
+    with: F,
 }
 
-impl<B: Backend> Visit for Timer<'_, B> {
-    type Out = Result<Timing, crate::Error>;
+impl<B: Backend, T, F: FnOnce(&mut dyn FnMut()) -> T> Visit for Runner<'_, B, F> {
+    type Out = Result<T, crate::Error>;
     fn visit<C: OpCase>(self, case: &C) -> Self::Out {
         let inputs = case.inputs();
         let mut state = case.setup(self.backend, &inputs)?;
-        // The first call fails on a shape the backend refuses; the timed ones cannot.
+        // The first call fails on a shape the backend refuses; the later ones cannot.
         case.run(self.backend, &inputs, &mut state)?;
-        Ok(time(self.budget, 5, || {
+        Ok((self.with)(&mut || {
             case.run(self.backend, &inputs, &mut state)
                 .expect("the same call succeeded once")
         }))
     }
+}
+
+/// Runs `with` on one call of `case` by `contender` (in `mode`, on `threads`), set up once.
+fn with_call<T>(
+    contender: Contender,
+    mode: Option<Mode>,
+    threads: usize,
+    case: &Case,
+    with: impl FnOnce(&mut dyn FnMut()) -> T,
+) -> Result<T, crate::Error> {
+    match contender {
+        Contender::Chord(v) => {
+            let mode = mode.unwrap_or(Mode::Exact);
+            crate::with_variant!(v, threads, mode, b => case.visit(Runner { backend: &b, with }))
+        }
+        Contender::MatrixMultiply => match case {
+            Case::Matmul(c) => Ok(with(&mut matrixmultiply_runner(c))),
+            _ => unreachable!("matrixmultiply runs matmul rows only"),
+        },
+    }
+}
+
+/// One call of a row.
+type Call<'a> = dyn FnMut() + 'a;
+
+/// Sets up row `i` and hands one call of it to the sink, once: what [`time_in_turns`] times.
+type WithRow<'a> =
+    dyn Fn(usize, &mut dyn FnMut(&mut Call<'_>)) -> Result<(), crate::Error> + Sync + 'a;
+
+/// Rounds in which the rows of one case take turns (see [`time_in_turns`]).
+const ROUNDS: usize = 5;
+
+/// Whose turn it is among the rows of one case timed in turns, or that one of them panicked.
+struct Turns {
+    next: Mutex<Option<usize>>,
+    changed: Condvar,
+}
+
+impl Turns {
+    /// Waits for turn `t`; `false` if a row panicked and the turns have stopped.
+    fn wait(&self, t: usize) -> bool {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match *next {
+                Some(n) if n == t => return true,
+                None => return false,
+                Some(_) => next = self.changed.wait(next).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
+
+    /// Ends the current turn (`stop`: ends every turn).
+    fn pass(&self, stop: bool) {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        *next = if stop { None } else { next.map(|n| n + 1) };
+        self.changed.notify_all();
+    }
+}
+
+/// Stops the turns if the row's thread unwinds, so that the others do not wait forever.
+struct StopOnPanic<'a>(&'a Turns);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.pass(true);
+        }
+    }
+}
+
+/// Times the rows `entries` of one case taking turns, so that a noisy moment of a shared
+/// machine falls on every row alike rather than on the one timed then: each row is set up on
+/// a thread of its own (one at a time), then in each of [`ROUNDS`] rounds every row in turn
+/// makes one untimed call (its data back in cache after the others ran, skipped for calls
+/// longer than a tenth of the slice) and calls until `budget / ROUNDS` has passed, at least
+/// once. Only one row runs at a time; the others wait on a condition variable and their
+/// teams park. The median is over every round's calls.
+fn time_in_turns(
+    rows: usize,
+    budget: Duration,
+    with_row: &WithRow<'_>,
+) -> Result<Vec<Timing>, crate::Error> {
+    let slice = budget / ROUNDS as u32;
+    let turns = Turns {
+        next: Mutex::new(Some(0)),
+        changed: Condvar::new(),
+    };
+    let turns = &turns;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..rows)
+            .map(|i| {
+                scope.spawn(move || {
+                    let _guard = StopOnPanic(turns);
+                    // Turns i (setup), then rows + i, 2 rows + i, ... (rounds).
+                    let mut mine = (0..=ROUNDS).map(|r| r * rows + i);
+                    if !turns.wait(mine.next().expect("a setup turn")) {
+                        return Ok(Vec::new());
+                    }
+                    let mut samples = Vec::new();
+                    let mut set_up = false;
+                    let done = with_row(i, &mut |call| {
+                        set_up = true;
+                        turns.pass(false);
+                        let mut last = Duration::ZERO;
+                        for t in mine.by_ref() {
+                            if !turns.wait(t) {
+                                break;
+                            }
+                            if last < slice / 10 {
+                                call();
+                            }
+                            let start = Instant::now();
+                            loop {
+                                let t = Instant::now();
+                                call();
+                                last = t.elapsed();
+                                samples.push(last.as_secs_f64());
+                                if start.elapsed() >= slice {
+                                    break;
+                                }
+                            }
+                            turns.pass(false);
+                        }
+                    });
+                    if !set_up {
+                        // The row failed to set up: pass its turns, so the others go on.
+                        turns.pass(false);
+                        for t in mine {
+                            if turns.wait(t) {
+                                turns.pass(false);
+                            }
+                        }
+                    }
+                    done.map(|()| samples)
+                })
+            })
+            .collect();
+        // A panicking row stopped the others' turns: its panic is the one to report.
+        let joined: Vec<_> = handles
+            .into_iter()
+            .map(|h| h.join())
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        joined
+            .into_iter()
+            .map(|timed: Result<Vec<f64>, crate::Error>| {
+                let mut samples = timed?;
+                samples.sort_by(f64::total_cmp);
+                Ok(Timing {
+                    median_s: samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN),
+                    samples: samples.len(),
+                })
+            })
+            .collect()
+    })
 }
 
 /// `y (m, n) = x (m, k) · W (n, k)ᵀ` with `matrixmultiply::sgemm` on one thread: the
@@ -156,12 +318,6 @@ pub fn matrixmultiply_matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: u
             1,
         );
     }
-}
-
-/// Times [`matrixmultiply_matmul`] on an F32 matmul case, with the case's weight copies
-/// (cold for decode) as chord's rows have them.
-fn time_matrixmultiply(c: &MatmulCase, budget: Duration) -> Timing {
-    time(budget, 5, matrixmultiply_runner(c))
 }
 
 /// One call of [`matrixmultiply_matmul`] on an F32 matmul case per call of the closure,
@@ -200,17 +356,19 @@ pub fn run(
             .iter()
             .find(|r| r.threads == threads)
             .expect("a roof per thread count");
-        for &contender in &cfg.contenders {
-            // The scalar backend and the baseline run on one thread only.
-            let single = matches!(
-                contender,
-                Contender::Chord(Variant::Scalar) | Contender::MatrixMultiply
-            );
-            if single && threads != 1 {
-                continue;
-            }
-            for (label, case) in &cases {
-                let (op, dtype) = (case.op(), case.dtype());
+        for (label, case) in &cases {
+            let (op, dtype) = (case.op(), case.dtype());
+            // The rows of this case: (contender, mode) of each.
+            let mut entries = Vec::new();
+            for &contender in &cfg.contenders {
+                // The scalar backend and the baseline run on one thread only.
+                let single = matches!(
+                    contender,
+                    Contender::Chord(Variant::Scalar) | Contender::MatrixMultiply
+                );
+                if single && threads != 1 {
+                    continue;
+                }
                 let support = match contender {
                     Contender::Chord(v) => {
                         crate::with_variant!(v, 1, Mode::Exact, b => b.supports(op, dtype))
@@ -227,64 +385,66 @@ pub fn run(
                     continue;
                 }
                 // The modes that change this row: quantized matmuls on the SIMD backend.
-                let modes: Vec<Option<Mode>> = match contender {
-                    Contender::Chord(Variant::Simd(_)) if dtype != DType::F32 => cfg
-                        .modes
-                        .iter()
-                        .filter(|&&mode| {
-                            let differs = mode == Mode::Exact || repackable(dtype);
-                            if !differs {
+                match contender {
+                    Contender::Chord(Variant::Simd(_)) if dtype != DType::F32 => {
+                        for &mode in &cfg.modes {
+                            if mode == Mode::Exact || repackable(dtype) {
+                                entries.push((contender, Some(mode)));
+                            } else {
                                 note(format!(
                                     "fast mode computes {dtype} as exact mode does: no fast row"
                                 ));
                             }
-                            differs
-                        })
-                        .map(|&mode| Some(mode))
-                        .collect(),
-                    _ => vec![None],
-                };
-                for mode in modes {
-                    let timing = match contender {
-                        Contender::Chord(v) => {
-                            let mode = mode.unwrap_or(Mode::Exact);
-                            crate::with_variant!(v, threads, mode, b => {
-                                let timer = Timer { backend: &b, budget: cfg.budget };
-                                case.visit(timer)?
-                            })
                         }
-                        Contender::MatrixMultiply => match case {
-                            Case::Matmul(c) => time_matrixmultiply(c, cfg.budget),
-                            _ => continue,
-                        },
-                    };
-                    // Fast mode's prefill is integer arithmetic, set against the 8-bit roof.
-                    let (work, unit) = case.work();
-                    let unit = match (unit, mode) {
-                        (Unit::Gflops, Some(Mode::Fast)) => Unit::Gops,
-                        (u, _) => u,
-                    };
-                    let rate = work / timing.median_s / 1e9;
-                    let roof_rate = match unit {
-                        Unit::Gflops => roof.fma_gflops,
-                        Unit::Gbs => roof.read_gbs,
-                        Unit::Gops => roof.int8_gops,
-                    };
-                    let row = Row {
-                        op,
-                        backend: contender.to_string(),
-                        shape: format!("{label} {}", case.shape()),
-                        dtype: dtype.name().to_string(),
-                        mode: mode.map(Mode::name),
-                        threads,
-                        timing,
-                        rate,
-                        unit,
-                        roof_pct: 100.0 * rate / roof_rate,
-                    };
-                    on_row(&row);
-                    rows.push(row);
+                    }
+                    _ => entries.push((contender, None)),
                 }
+            }
+            // Rows whose weights stay in cache take turns; a cold decode row holds a
+            // gigabyte of weight copies, so those rows run one after the other.
+            let cold = matches!(case, Case::Matmul(c) if c.copies > 1);
+            let timings = if cold || entries.len() < 2 {
+                entries
+                    .iter()
+                    .map(|&(contender, mode)| {
+                        with_call(contender, mode, threads, case, |call| {
+                            time(cfg.budget, 5, call)
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            } else {
+                time_in_turns(entries.len(), cfg.budget, &|i, sink| {
+                    let (contender, mode) = entries[i];
+                    with_call(contender, mode, threads, case, |call| sink(call))
+                })?
+            };
+            for (&(contender, mode), timing) in entries.iter().zip(timings) {
+                // Fast mode's prefill is integer arithmetic, set against the 8-bit roof.
+                let (work, unit) = case.work();
+                let unit = match (unit, mode) {
+                    (Unit::Gflops, Some(Mode::Fast)) => Unit::Gops,
+                    (u, _) => u,
+                };
+                let rate = work / timing.median_s / 1e9;
+                let roof_rate = match unit {
+                    Unit::Gflops => roof.fma_gflops,
+                    Unit::Gbs => roof.read_gbs,
+                    Unit::Gops => roof.int8_gops,
+                };
+                let row = Row {
+                    op,
+                    backend: contender.to_string(),
+                    shape: format!("{label} {}", case.shape()),
+                    dtype: dtype.name().to_string(),
+                    mode: mode.map(Mode::name),
+                    threads,
+                    timing,
+                    rate,
+                    unit,
+                    roof_pct: 100.0 * rate / roof_rate,
+                };
+                on_row(&row);
+                rows.push(row);
             }
         }
     }
@@ -324,4 +484,61 @@ pub fn format_row(r: &Row) -> String {
         format!("{:.1} {unit}", r.rate),
         r.roof_pct
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rows a log of calls went through, one entry per run of calls by the same row.
+    fn runs(log: &[usize]) -> Vec<usize> {
+        let mut out: Vec<usize> = Vec::new();
+        for &i in log {
+            if out.last() != Some(&i) {
+                out.push(i);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rows_of_a_case_take_turns_round_by_round() {
+        let log = Mutex::new(Vec::new());
+        let budget = Duration::from_millis(25);
+        let timings = time_in_turns(3, budget, &|i, sink| {
+            sink(&mut || {
+                log.lock().unwrap().push(i);
+                std::thread::sleep(Duration::from_micros(300));
+            });
+            Ok(())
+        })
+        .unwrap();
+        // One run of calls per row and round, in row order, never two rows at once.
+        let expected: Vec<usize> = (0..ROUNDS).flat_map(|_| 0..3).collect();
+        assert_eq!(runs(&log.lock().unwrap()), expected);
+        for t in &timings {
+            // A slice of 5 ms holds several 0.3 ms calls in each of the rounds.
+            assert!(t.samples >= 2 * ROUNDS, "{t:?}");
+            assert!(t.median_s >= 300e-6 && t.median_s < 0.1, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn a_row_that_fails_to_set_up_is_reported_and_the_others_still_run() {
+        let calls = Mutex::new([0usize; 3]);
+        let out = time_in_turns(3, Duration::from_millis(10), &|i, sink| {
+            if i == 1 {
+                return Err(crate::Error::Unavailable("row 1".into()));
+            }
+            sink(&mut || calls.lock().unwrap()[i] += 1);
+            Ok(())
+        });
+        match out {
+            Err(crate::Error::Unavailable(what)) => assert_eq!(what, "row 1"),
+            other => panic!("expected row 1's error, got {other:?}"),
+        }
+        let calls = calls.lock().unwrap();
+        assert!(calls[0] >= ROUNDS && calls[2] >= ROUNDS, "{calls:?}");
+        assert_eq!(calls[1], 0);
+    }
 }
