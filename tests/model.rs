@@ -73,13 +73,18 @@ fn check_against_reference<B: Backend>(
 }
 
 /// Exact mode's acceptance on every SIMD level this CPU runs (each with its own kernels:
-/// repacked records for Q4_1 and Q8_0, f32 GEMM panels when prefilling).
+/// repacked records for Q4_1 and Q8_0, f32 GEMM panels when prefilling). The AMX level
+/// differs from AVX-512 in fast mode only: its exact mode is checked to give AVX-512's bits
+/// (`exact_mode_on_simd_amx_gives_simd_avx512s_bits`), which carries this acceptance over.
 #[test]
 fn q4_1_exact_mode_on_every_simd_level_matches_llama_cpp_f32_logits_and_all_greedy_tokens() {
     use chord::kernels::simd::Level;
     let cases = greedy_cases("greedy_f32_kvf32.jsonl");
     assert_eq!(cases.len(), 10);
-    for level in Level::ALL.into_iter().filter(|l| l.is_supported()) {
+    for level in Level::ALL
+        .into_iter()
+        .filter(|&l| l.is_supported() && l != Level::Amx)
+    {
         eprintln!("exact mode on simd-{}", level.name());
         check_against_reference(
             SimdBackend::with_level(level, 2).unwrap(),
@@ -88,6 +93,33 @@ fn q4_1_exact_mode_on_every_simd_level_matches_llama_cpp_f32_logits_and_all_gree
             0.01,
             64,
         );
+    }
+}
+
+/// Exact mode on the AMX level runs the AVX-512 kernels (the tiles are fast mode's): two
+/// prompts' logits, prefill and eight greedy steps each, are the same bits on both levels.
+/// On a CPU without AMX there is no second level to compare, and the test says so.
+#[test]
+fn exact_mode_on_simd_amx_gives_simd_avx512s_bits() {
+    use chord::kernels::simd::Level;
+    if !Level::Amx.is_supported() {
+        eprintln!("this CPU has no AMX level: nothing to compare");
+        return;
+    }
+    let file = GgufFile::open(model_path()).unwrap();
+    let [amx, avx512] = [Level::Amx, Level::Avx512]
+        .map(|l| Model::load(&file, SimdBackend::with_level(l, 2).unwrap()).unwrap());
+    let bits = |l: &[f32]| l.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let cases = greedy_cases("greedy_f32_kvf32.jsonl");
+    for case in &cases[..2] {
+        let mut states = [&amx, &avx512].map(|m| State::new(&m.config, 512, 64));
+        let mut input = case.prompt_ids.clone();
+        for step in 0..9 {
+            let a = amx.forward(&mut states[0], &input).unwrap().to_vec();
+            let b = avx512.forward(&mut states[1], &input).unwrap();
+            assert_eq!(bits(&a), bits(b), "{}: step {step}", case.name);
+            input = vec![argmax(&a)];
+        }
     }
 }
 
