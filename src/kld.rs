@@ -11,8 +11,6 @@
 
 use std::io::{Read, Write};
 
-use crate::backend::Backend;
-use crate::model::{Model, ModelError};
 use crate::tokenizer::Tokenizer;
 
 const MAGIC: &[u8; 8] = b"chordKLD";
@@ -253,37 +251,4 @@ pub fn tokens_hash(tokenizer: &Tokenizer, text: &str) -> u64 {
         }
     }
     h
-}
-
-/// Compares `other` with `base` over `text`, in lockstep chunk by chunk (no file): the KL
-/// divergence of `other`'s distributions from `base`'s at every position perplexity scores,
-/// the base rows quantized as a stored base is. `progress(chunk, of)` after each chunk.
-pub fn kl_divergence<A: Backend, B: Backend>(
-    base: &Model<'_, A>,
-    other: &Model<'_, B>,
-    tokenizer: &Tokenizer,
-    text: &str,
-    ctx: usize,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<KldStats, ModelError> {
-    let chunks = crate::perplexity::chunks(tokenizer, text, ctx)?;
-    let mut state_a = crate::model::State::new(&base.config, ctx, ctx.min(512));
-    let mut state_b = crate::model::State::new(&other.config, ctx, ctx.min(512));
-    let mut rows: Vec<BaseRow> = Vec::new();
-    let mut acc = KldAccumulator::default();
-    for (c, chunk) in chunks.iter().enumerate() {
-        rows.clear();
-        crate::perplexity::score_chunk(base, &mut state_a, chunk, |logits, _| {
-            rows.push(BaseRow::of(logits));
-            Ok(())
-        })?;
-        let mut at = 0;
-        crate::perplexity::score_chunk(other, &mut state_b, chunk, |logits, _| {
-            acc.add(&rows[at], logits);
-            at += 1;
-            Ok(())
-        })?;
-        progress(c + 1, chunks.len());
-    }
-    Ok(acc.stats())
 }
