@@ -8,10 +8,11 @@
 //! the bytes they read and write in GB/s against the same read roof (rows that fit in cache
 //! can exceed 100%).
 //!
-//! The rows of one case (its backends and modes) take turns, a slice of the budget each in
-//! several rounds (see `time_in_turns`), so that rows compared with each other are timed
-//! through the same moments of a shared machine; a cold decode row holds a gigabyte of
-//! weight copies, so those rows run one after the other instead.
+//! The rows of one case (its backends, modes and thread counts) take turns, a slice of the
+//! budget each in several rounds (see `time_in_turns`), so that rows compared with each
+//! other, and a row's one- and two-thread figures, are timed through the same moments of a
+//! shared machine; a cold decode row holds a gigabyte of weight copies, so those rows run
+//! one after the other instead. The table lists each case's rows together.
 
 use std::fmt;
 use std::str::FromStr;
@@ -351,15 +352,11 @@ pub fn run(
             notes.push(s);
         }
     };
-    for &threads in &cfg.threads {
-        let roof = roofs
-            .iter()
-            .find(|r| r.threads == threads)
-            .expect("a roof per thread count");
-        for (label, case) in &cases {
-            let (op, dtype) = (case.op(), case.dtype());
-            // The rows of this case: (contender, mode) of each.
-            let mut entries = Vec::new();
+    for (label, case) in &cases {
+        let (op, dtype) = (case.op(), case.dtype());
+        // The rows of this case: (contender, mode, threads) of each.
+        let mut entries = Vec::new();
+        for &threads in &cfg.threads {
             for &contender in &cfg.contenders {
                 // The scalar backend and the baseline run on one thread only.
                 let single = matches!(
@@ -389,7 +386,7 @@ pub fn run(
                     Contender::Chord(Variant::Simd(_)) if dtype != DType::F32 => {
                         for &mode in &cfg.modes {
                             if mode == Mode::Exact || repackable(dtype) {
-                                entries.push((contender, Some(mode)));
+                                entries.push((contender, Some(mode), threads));
                             } else {
                                 note(format!(
                                     "fast mode computes {dtype} as exact mode does: no fast row"
@@ -397,55 +394,59 @@ pub fn run(
                             }
                         }
                     }
-                    _ => entries.push((contender, None)),
+                    _ => entries.push((contender, None, threads)),
                 }
             }
-            // Rows whose weights stay in cache take turns; a cold decode row holds a
-            // gigabyte of weight copies, so those rows run one after the other.
-            let cold = matches!(case, Case::Matmul(c) if c.copies > 1);
-            let timings = if cold || entries.len() < 2 {
-                entries
-                    .iter()
-                    .map(|&(contender, mode)| {
-                        with_call(contender, mode, threads, case, |call| {
-                            time(cfg.budget, 5, call)
-                        })
+        }
+        // Rows whose weights stay in cache take turns; a cold decode row holds a
+        // gigabyte of weight copies, so those rows run one after the other.
+        let cold = matches!(case, Case::Matmul(c) if c.copies > 1);
+        let timings = if cold || entries.len() < 2 {
+            entries
+                .iter()
+                .map(|&(contender, mode, threads)| {
+                    with_call(contender, mode, threads, case, |call| {
+                        time(cfg.budget, 5, call)
                     })
-                    .collect::<Result<Vec<_>, _>>()?
-            } else {
-                time_in_turns(entries.len(), cfg.budget, &|i, sink| {
-                    let (contender, mode) = entries[i];
-                    with_call(contender, mode, threads, case, |call| sink(call))
-                })?
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            time_in_turns(entries.len(), cfg.budget, &|i, sink| {
+                let (contender, mode, threads) = entries[i];
+                with_call(contender, mode, threads, case, |call| sink(call))
+            })?
+        };
+        for (&(contender, mode, threads), timing) in entries.iter().zip(timings) {
+            let roof = roofs
+                .iter()
+                .find(|r| r.threads == threads)
+                .expect("a roof per thread count");
+            // Fast mode's prefill is integer arithmetic, set against the 8-bit roof.
+            let (work, unit) = case.work();
+            let unit = match (unit, mode) {
+                (Unit::Gflops, Some(Mode::Fast)) => Unit::Gops,
+                (u, _) => u,
             };
-            for (&(contender, mode), timing) in entries.iter().zip(timings) {
-                // Fast mode's prefill is integer arithmetic, set against the 8-bit roof.
-                let (work, unit) = case.work();
-                let unit = match (unit, mode) {
-                    (Unit::Gflops, Some(Mode::Fast)) => Unit::Gops,
-                    (u, _) => u,
-                };
-                let rate = work / timing.median_s / 1e9;
-                let roof_rate = match unit {
-                    Unit::Gflops => roof.fma_gflops,
-                    Unit::Gbs => roof.read_gbs,
-                    Unit::Gops => roof.int8_gops,
-                };
-                let row = Row {
-                    op,
-                    backend: contender.to_string(),
-                    shape: format!("{label} {}", case.shape()),
-                    dtype: dtype.name().to_string(),
-                    mode: mode.map(Mode::name),
-                    threads,
-                    timing,
-                    rate,
-                    unit,
-                    roof_pct: 100.0 * rate / roof_rate,
-                };
-                on_row(&row);
-                rows.push(row);
-            }
+            let rate = work / timing.median_s / 1e9;
+            let roof_rate = match unit {
+                Unit::Gflops => roof.fma_gflops,
+                Unit::Gbs => roof.read_gbs,
+                Unit::Gops => roof.int8_gops,
+            };
+            let row = Row {
+                op,
+                backend: contender.to_string(),
+                shape: format!("{label} {}", case.shape()),
+                dtype: dtype.name().to_string(),
+                mode: mode.map(Mode::name),
+                threads,
+                timing,
+                rate,
+                unit,
+                roof_pct: 100.0 * rate / roof_rate,
+            };
+            on_row(&row);
+            rows.push(row);
         }
     }
     Ok((rows, notes))
