@@ -207,12 +207,13 @@ impl Drop for StopOnPanic<'_> {
     }
 }
 
-/// Times the rows `entries` of one case taking turns, so that a noisy moment of a shared
-/// machine falls on every row alike rather than on the one timed then: each row is set up on
-/// a thread of its own (one at a time), then in each of [`ROUNDS`] rounds every row in turn
-/// makes one untimed call (its data back in cache after the others ran, skipped for calls
-/// longer than a tenth of the slice) and calls until `budget / ROUNDS` has passed (at least
-/// once, at most [`MAX_TURN_CALLS`] times). Only one row runs at a time; the others wait on a condition variable and their
+/// Times `rows` rows of one case (row `i` set up and handed over by `with_row(i, ..)`)
+/// taking turns, so that a noisy moment of a shared machine falls on every row alike rather
+/// than on the one timed then: each row is set up on a thread of its own (one at a time),
+/// then in each of [`ROUNDS`] rounds every row in turn makes one untimed call (its data back
+/// in cache after the others ran, skipped for calls longer than a tenth of the slice) and
+/// calls until `budget / ROUNDS` has passed (at least once, at most [`MAX_TURN_CALLS`]
+/// times). Only one row runs at a time; the others wait on a condition variable and their
 /// teams park. The median is over every round's calls.
 fn time_in_turns(
     rows: usize,
