@@ -98,6 +98,20 @@ pub(crate) trait V16: Copy {
         }
     }
 
+    /// Lane `i` = the sum of `rows[i]`'s lanes, for all sixteen at once (sixteen dot
+    /// products finished together). The order of each sum is fixed per level. This default
+    /// takes sixteen [`reduce_add`](V16::reduce_add)s; the x86 levels add pairs of lanes in
+    /// a tree of shuffles instead.
+    #[inline(always)]
+    fn reduce16(rows: [Self; 16]) -> Self {
+        let mut sums = [0.0f32; 16];
+        for (s, r) in sums.iter_mut().zip(rows) {
+            *s = r.reduce_add();
+        }
+        // SAFETY: 16 values.
+        unsafe { Self::load(sums.as_ptr()) }
+    }
+
     /// `self + v` in the lanes whose bit of `bits` is set (bit `i`, lane `i`); `self`
     /// elsewhere. This default goes through [`u8_from_bits`](V16::u8_from_bits); AVX-512
     /// adds under a mask register.
@@ -436,6 +450,44 @@ mod x86 {
                 Avx512::from_raw(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(h)))
             }
         }
+        /// Four rounds, each halving the vectors: 32-bit interleaves of row pairs (lanes `e`
+        /// and `e + 2` of each 128-bit block summed), 64-bit picks (the other pair), then two
+        /// rounds of 128-bit block picks. 30 shuffles and 15 adds for 16 rows, where 16
+        /// horizontal sums take 64 shuffles and 64 adds.
+        #[inline(always)]
+        fn reduce16(rows: [Self; 16]) -> Self {
+            unsafe {
+                // Per 128-bit block, rows a, b: [a0 + a2, b0 + b2, a1 + a3, b1 + b3].
+                let mut s = [_mm512_setzero_ps(); 8];
+                for (i, s) in s.iter_mut().enumerate() {
+                    let (a, b) = (rows[2 * i].raw(), rows[2 * i + 1].raw());
+                    *s = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+                }
+                // Per block, rows 4i .. 4i + 4: that block's four lanes summed, row by row.
+                let mut u = [_mm512_setzero_ps(); 4];
+                for (i, u) in u.iter_mut().enumerate() {
+                    let (x, y) = (s[2 * i], s[2 * i + 1]);
+                    *u = _mm512_add_ps(
+                        _mm512_shuffle_ps::<0x44>(x, y),
+                        _mm512_shuffle_ps::<0xee>(x, y),
+                    );
+                }
+                // Blocks 0 + 1 and 2 + 3 of rows 8i .. 8i + 4, then of 8i + 4 .. 8i + 8.
+                let mut w = [_mm512_setzero_ps(); 2];
+                for (i, w) in w.iter_mut().enumerate() {
+                    let (x, y) = (u[2 * i], u[2 * i + 1]);
+                    *w = _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0x88>(x, y),
+                        _mm512_shuffle_f32x4::<0xdd>(x, y),
+                    );
+                }
+                Avx512::from_raw(_mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x88>(w[0], w[1]),
+                    _mm512_shuffle_f32x4::<0xdd>(w[0], w[1]),
+                ))
+            }
+        }
+
         /// In registers: 32-bit, 64-bit, then two rounds of 128-bit interleaves. Loops, not
         /// closures, so that everything compiles inside the caller's target features.
         #[inline(always)]
@@ -600,6 +652,41 @@ mod x86 {
                 Pair([widen(p), widen(p.add(16))])
             }
         }
+        /// Each row's halves added, then AVX-512's tree on eight lanes: 32-bit interleaves,
+        /// 64-bit picks, and one round of 128-bit block picks per half of the result.
+        #[inline(always)]
+        fn reduce16(rows: [Self; 16]) -> Self {
+            unsafe {
+                let mut r = [_mm256_setzero_ps(); 16];
+                for (r, row) in r.iter_mut().zip(rows) {
+                    let [lo, hi] = row.halves();
+                    *r = _mm256_add_ps(lo.raw(), hi.raw());
+                }
+                let mut s = [_mm256_setzero_ps(); 8];
+                for (i, s) in s.iter_mut().enumerate() {
+                    let (a, b) = (r[2 * i], r[2 * i + 1]);
+                    *s = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+                }
+                let mut u = [_mm256_setzero_ps(); 4];
+                for (i, u) in u.iter_mut().enumerate() {
+                    let (x, y) = (s[2 * i], s[2 * i + 1]);
+                    *u = _mm256_add_ps(
+                        _mm256_shuffle_ps::<0x44>(x, y),
+                        _mm256_shuffle_ps::<0xee>(x, y),
+                    );
+                }
+                // Not a closure: it would not inherit the level's target features.
+                let mut halves = [_mm256_setzero_ps(); 2];
+                for (i, h) in halves.iter_mut().enumerate() {
+                    let (x, y) = (u[2 * i], u[2 * i + 1]);
+                    *h = _mm256_add_ps(
+                        _mm256_permute2f128_ps::<0x20>(x, y),
+                        _mm256_permute2f128_ps::<0x31>(x, y),
+                    );
+                }
+                Pair([Avx2::from_raw(halves[0]), Avx2::from_raw(halves[1])])
+            }
+        }
     }
 }
 
@@ -656,6 +743,40 @@ mod tests {
                 unsafe { r.store(o.as_mut_ptr()) };
             }
             out
+        }
+    }
+
+    struct Reduce;
+    impl Kernel16 for Reduce {
+        type Output = [f32; 16];
+        #[inline(always)]
+        fn run<V: V16>(self) -> [f32; 16] {
+            // Row i: lanes 1000 i + 3^j mod 97 (integers: every order sums them exactly).
+            let m: [[f32; 16]; 16] = std::array::from_fn(|i| {
+                std::array::from_fn(|j| (1000 * i + 3usize.pow(j as u32) % 97) as f32)
+            });
+            // SAFETY: 16 values each.
+            let rows: [V; 16] = std::array::from_fn(|i| unsafe { V::load(m[i].as_ptr()) });
+            let mut out = [0.0f32; 16];
+            // SAFETY: 16 values.
+            unsafe { V::reduce16(rows).store(out.as_mut_ptr()) };
+            out
+        }
+    }
+
+    #[test]
+    fn reduce16_sums_each_row_into_its_lane_at_every_level() {
+        let lanes: usize = (0..16).map(|j| 3usize.pow(j) % 97).sum();
+        for isa in Isa::available() {
+            let r = dispatch16(isa, Reduce);
+            for (i, got) in r.iter().enumerate() {
+                assert_eq!(
+                    *got,
+                    (16_000 * i + lanes) as f32,
+                    "{:?} lane {i}",
+                    isa.level()
+                );
+            }
         }
     }
 
