@@ -18,10 +18,11 @@
 //!
 //! **Dot products**: per record and activation row, steps of "16 lanes × 4 bytes of weights
 //! times the row's 4 activation bytes, broadcast" (`vpdpbusd` on AVX512-VNNI; `maddubs` +
-//! `madd` on AVX2; plain loops on the portable level) give the 16 rows' integer sums
-//! `Σ q_w q_x` over one activation block (a `Q6_K` group of 16: half a block). The offsets of
-//! the unsigned weights are taken back with the activations' `Σ q_x` (`- 8 Σq_x` for `Q4_0`,
-//! `- 16` for `Q5_0`, `- 32` per group of 16 for `Q6_K`, `- 128` for `Q8_0`); then, in f32,
+//! `madd` on AVX2; 16-bit pairs, `wide`'s `i16x8::dot`, on the portable level) give the 16
+//! rows' integer sums `Σ q_w q_x` over one activation block (a `Q6_K` group of 16: half a
+//! block). The offsets of the unsigned weights are taken back with the activations' `Σ q_x`
+//! (`- 8 Σq_x` for `Q4_0`, `- 16` for `Q5_0`, `- 32` per group of 16 for `Q6_K`, `- 128` for
+//! `Q8_0`); then, in f32,
 //! `acc += (d_w d_x) · sum` (`d_w` is `d · scale` for a K-quant's sub-block or group), plus
 //! `m_w · s_x` for `Q4_1` and `Q5_1` (minus `(dmin · min) s_x` for `Q4_K` and `Q5_K`).
 //! Blocks accumulate in order, so a result does not depend on the thread count.
@@ -35,7 +36,7 @@ use super::repack::{GROUP, Layout, Record, RepackedWeight, dots_chunk};
 use super::{Isa, Level};
 use crate::quant::{DType, QuantizedRows, f16_to_f32, scale_min_k4};
 use crate::team::Team;
-use wide::i16x8;
+use wide::{f32x4, i16x8};
 
 /// Activation rows up to which a matmul runs as a decode (each weight group read once for
 /// all rows, row by row); above, row blocks of [`MR`].
@@ -204,6 +205,11 @@ pub fn matmuls(
                     // group g's columns belong to this task.
                     done = unsafe { amx::group(ws[i], act, g, m, outs[i].get()) };
                 }
+                if kind == DotKind::Portable && ws[i].dtype.block_len() == 32 {
+                    // SAFETY: as below.
+                    unsafe { group_portable(ws[i], act, g, m, outs[i].get()) };
+                    continue;
+                }
                 for i0 in (done..m).step_by(MR) {
                     let rows = MR.min(m - i0);
                     // SAFETY: group g's columns of rows i0.. of y belong to this task.
@@ -257,7 +263,7 @@ unsafe fn group(
         // SAFETY: as above.
         DotKind::Avx2 => unsafe { x86::group_avx2(w, x, g, i0, rows, &mut out) },
         _ if k4 => group_portable_k4(w, x, g, i0, rows, &mut out),
-        _ => group_portable(w, x, g, i0, rows, &mut out),
+        _ => unreachable!("the portable level's {} runs in group_portable", w.dtype),
     }
     let cols = GROUP.min(w.n - g * GROUP);
     for (r, o) in out.iter().enumerate().take(rows) {
@@ -274,17 +280,21 @@ fn widen(v: [i16; 32]) -> [i16x8; 4] {
     std::array::from_fn(|c| i16x8::new(std::array::from_fn(|t| v[8 * c + t])))
 }
 
-/// The plain-loop kernel (the portable level).
-fn group_portable(
-    w: &RepackedWeight,
-    x: &QuantizedRows,
-    g: usize,
-    i0: usize,
-    rows: usize,
-    out: &mut [[f32; GROUP]; MR],
-) {
+/// The portable level's kernel for the 4-, 5- and 8-bit formats: `y[i][16g ..]` for every
+/// activation row `i < m`, each record unpacked once for all of them (unpacked once per
+/// [`MR`] rows, the unpacking took a third of this level's time). Per record and
+/// activation row, four weight rows at a time: their dots' lane sums (integers below 2²⁴,
+/// exact in f32) transposed and added into one vector of four sums, then scaled as the
+/// other kernels scale them, in `wide`'s `f32x4::mul_add` (two roundings where the target
+/// has no FMA: the bits differ from the x86 levels', as their fast-mode figures do).
+///
+/// # Safety
+/// `y` points to `m * w.n` values; no other task writes group `g`'s columns of them.
+unsafe fn group_portable(w: &RepackedWeight, x: &QuantizedRows, g: usize, m: usize, y: *mut f32) {
     let blocks = w.k / 32;
-    let off = offset(w.dtype);
+    let off = offset(w.dtype) as f32;
+    // Row i's sixteen outputs, four weight rows per vector.
+    let mut acc = vec![[f32x4::ZERO; GROUP / 4]; m];
     for b in 0..blocks {
         let Record {
             d, m: mins, qh, qs, ..
@@ -320,28 +330,42 @@ fn group_portable(
         // has no byte widening instruction), and the level ran 4x slower.
         let vals: [[i16x8; 4]; GROUP] = vals.map(|v| widen(v.map(i16::from)));
         let half = |h: &[u8], j: usize| f16_to_f32([h[2 * j], h[2 * j + 1]]);
-        let dw: [f32; GROUP] = std::array::from_fn(|j| half(d, j));
-        let mw: Option<[f32; GROUP]> = mins.map(|m| std::array::from_fn(|j| half(m, j)));
-        for (r, o) in out.iter_mut().enumerate().take(rows) {
-            let xr = x.row(i0 + r);
+        let fours = |h: &[u8]| -> [f32x4; GROUP / 4] {
+            std::array::from_fn(|c| f32x4::new(std::array::from_fn(|t| half(h, 4 * c + t))))
+        };
+        let dw = fours(d);
+        let mw = mins.map(fours);
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let xr = x.row(i);
             let xq: &[i8; 32] = xr.qs[32 * b..][..32].try_into().expect("a block");
             let xq = widen(xq.map(i16::from));
-            for (j, (acc, v)) in o.iter_mut().zip(&vals).enumerate() {
-                // Lane sums, which cannot wrap (32 · 255 · 128 < 2³¹); wrapping adds, for
-                // builds with overflow checks (the tests').
-                let lanes =
-                    (v[0].dot(xq[0]) + v[1].dot(xq[1])) + (v[2].dot(xq[2]) + v[3].dot(xq[3]));
-                let dot = lanes
-                    .to_array()
-                    .iter()
-                    .fold(0i32, |s, &l| s.wrapping_add(l));
-                let sum = dot - off * xr.sum[b];
-                *acc = (sum as f32).mul_add(dw[j] * xr.d[b], *acc);
+            let scale = f32x4::splat(xr.d[b]);
+            // The weights' offset times Σ q_x: at most 128 · 32 · 127, exact in f32.
+            let taken = f32x4::splat(off * xr.sum[b] as f32);
+            for (c, a) in acc.iter_mut().enumerate() {
+                // Each weight row's lane sums: eight products of at most 255 · 128 each,
+                // exact in f32 (and their sum of four below 2²⁴).
+                let lanes: [f32x4; 4] = std::array::from_fn(|t| {
+                    let v = &vals[4 * c + t];
+                    f32x4::from_i32x4(
+                        (v[0].dot(xq[0]) + v[1].dot(xq[1])) + (v[2].dot(xq[2]) + v[3].dot(xq[3])),
+                    )
+                });
+                let [l0, l1, l2, l3] = f32x4::transpose(lanes);
+                let sum = ((l0 + l1) + (l2 + l3)) - taken;
+                *a = sum.mul_add(dw[c] * scale, *a);
                 if let Some(mw) = &mw {
-                    *acc = mw[j].mul_add(xr.s[b], *acc);
+                    *a = mw[c].mul_add(f32x4::splat(xr.s[b]), *a);
                 }
             }
         }
+    }
+    let cols = GROUP.min(w.n - g * GROUP);
+    for (i, a) in acc.iter().enumerate() {
+        let row: [f32; GROUP] = std::array::from_fn(|j| a[j / 4].to_array()[j % 4]);
+        // SAFETY: row i's columns 16g .. 16g + cols of y, per the contract.
+        let out = unsafe { std::slice::from_raw_parts_mut(y.add(i * w.n + g * GROUP), cols) };
+        out.copy_from_slice(&row[..cols]);
     }
 }
 
