@@ -36,7 +36,7 @@ use super::repack::{GROUP, Layout, Record, RepackedWeight, dots_chunk};
 use super::{Isa, Level};
 use crate::quant::{DType, QuantizedRows, f16_to_f32, scale_min_k4};
 use crate::team::Team;
-use wide::{f32x4, i16x8};
+use wide::{f32x4, i16x8, u8x16, u32x4};
 
 /// Activation rows up to which a matmul runs as a decode (each weight group read once for
 /// all rows, row by row); above, row blocks of [`MR`].
@@ -277,7 +277,78 @@ unsafe fn group(
 /// A block's 32 values as four vectors of eight.
 #[inline(always)]
 fn widen(v: [i16; 32]) -> [i16x8; 4] {
-    std::array::from_fn(|c| i16x8::new(std::array::from_fn(|t| v[8 * c + t])))
+    // A loop, not `array::from_fn` (see `unpack_values`).
+    let mut out = [i16x8::ZERO; 4];
+    for (o, c) in out.iter_mut().zip(v.chunks_exact(8)) {
+        *o = i16x8::new(c.try_into().expect("eight values"));
+    }
+    out
+}
+
+/// Four IEEE halves (little-endian, `h` 8 bytes) as f32, exactly as
+/// [`crate::quant::f16_to_f32`] converts them, four at a time: the magnitude's bits moved to
+/// f32's place and scaled by 2¹¹² (exact for normal and subnormal halves), infinities and
+/// NaNs (payload kept) given f32's all-ones exponent, then the sign. One at a time, the
+/// conversions of each record's scales took a tenth of this level's decoding.
+#[inline(always)]
+fn halves4(h: &[u8]) -> f32x4 {
+    let at = |t: usize| u32::from(u16::from_le_bytes([h[2 * t], h[2 * t + 1]]));
+    let v = u32x4::new([at(0), at(1), at(2), at(3)]);
+    let moved = (v & u32x4::splat(0x7fff)) << 13;
+    let magnitude: f32x4 = bytemuck::cast(moved);
+    // 2^112: a half's exponent bias (15) to f32's (127).
+    let scaled: u32x4 = bytemuck::cast(magnitude * f32x4::splat(f32::from_bits(0x7780_0000)));
+    let special = (v & u32x4::splat(0x7c00)).simd_eq(u32x4::splat(0x7c00));
+    let bits = scaled ^ ((scaled ^ (moved | u32x4::splat(0x7f80_0000))) & special);
+    bytemuck::cast(bits | ((v & u32x4::splat(0x8000)) << 16))
+}
+
+/// A record's sixteen weight rows for [`group_portable`], each as its 32 unsigned values in
+/// value order widened to i16 (vector `c` values `8c .. 8c + 8`), from the record's quants
+/// in [`Layout::Dots`] (`qs`; `qh` the fifth bits of `Q5_0`/`Q5_1`). Row `j`'s lane of
+/// chunks 0 to 3 (little-endian `u32`s, as the chunks are laid out) side by side are its
+/// sixteen quant bytes in value order: for the 4- and 5-bit formats low nibbles values
+/// `0 .. 16` and high nibbles `16 .. 32`, each fifth bit shifted to bit 4 of its byte; for
+/// `Q8_0` chunks 4 to 7 hold values `16 .. 32`. Unpacked a byte at a time, decoding on this
+/// level ran at 0.6 GB/s.
+#[inline(always)]
+fn unpack_values(dtype: DType, qs: &[u8], qh: Option<&[u8]>) -> [[i16x8; 4]; GROUP] {
+    let lane = |c: usize, j: usize| {
+        u32::from_le_bytes(qs[64 * c + 4 * j..][..4].try_into().expect("four bytes"))
+    };
+    // Four lanes as sixteen bytes, lane c's bytes at 4c .. 4c + 4 (little-endian targets,
+    // as the kernels' reading of GGUF blocks in place assumes throughout).
+    let bytes = |v: u32x4| -> [i16x8; 2] {
+        let b: u8x16 = bytemuck::cast(v);
+        [i16x8::from_u8x16_low(b), i16x8::from_u8x16_high(b)]
+    };
+    // A loop, not `array::from_fn`: its closure was not inlined here (a fifth of decoding).
+    let mut vals = [[i16x8::ZERO; 4]; GROUP];
+    for (j, v) in vals.iter_mut().enumerate() {
+        let first = u32x4::new([lane(0, j), lane(1, j), lane(2, j), lane(3, j)]);
+        let [lo, hi] = if dtype == DType::Q8_0 {
+            [
+                first,
+                u32x4::new([lane(4, j), lane(5, j), lane(6, j), lane(7, j)]),
+            ]
+        } else {
+            let nibbles = u32x4::splat(0x0f0f_0f0f);
+            let (mut lo, mut hi) = (first & nibbles, (first >> 4) & nibbles);
+            if let Some(qh) = qh {
+                // Row j's fifth bits: byte t, bit c holds value 4c + t's bit and bit 4 + c
+                // value 16 + 4c + t's (see `simd::repack`); lane c shifted right by c (by
+                // 4 + c) brings them to bit 0 of each byte.
+                let h = u32::from_le_bytes(qh[4 * j..][..4].try_into().expect("four bytes"));
+                let ones = u32x4::splat(0x0101_0101);
+                lo |= (u32x4::new([h, h >> 1, h >> 2, h >> 3]) & ones) << 4;
+                hi |= (u32x4::new([h >> 4, h >> 5, h >> 6, h >> 7]) & ones) << 4;
+            }
+            [lo, hi]
+        };
+        let ([a, b], [c, d]) = (bytes(lo), bytes(hi));
+        *v = [a, b, c, d];
+    }
+    vals
 }
 
 /// The portable level's kernel for the 4-, 5- and 8-bit formats: `y[i][16g ..]` for every
@@ -299,39 +370,20 @@ unsafe fn group_portable(w: &RepackedWeight, x: &QuantizedRows, g: usize, m: usi
         let Record {
             d, m: mins, qh, qs, ..
         } = w.record(g, b);
-        // The record unpacked once for all the activation rows: each weight row's 32
-        // unsigned values in value order, its scale and its min in f32 (unpacked per row
-        // and value, this level's kernel dominated the test suite's time).
-        let mut vals = [[0u8; 32]; GROUP];
-        for (j, v) in vals.iter_mut().enumerate() {
-            if w.dtype == DType::Q8_0 {
-                for c in 0..8 {
-                    v[4 * c..4 * c + 4].copy_from_slice(&qs[64 * c + 4 * j..][..4]);
-                }
-                continue;
+        // The record unpacked once for all the activation rows, its values widened to i16,
+        // and each activation row's too: the dot is pairs of 16-bit products summed in 32
+        // bits (`wide`'s `i16x8::dot`: `pmaddwd` on baseline x86-64). Written on bytes, the
+        // compiler assembled each vector a byte at a time (baseline x86-64 has no byte
+        // widening instruction), and the level ran 4x slower.
+        let vals = unpack_values(w.dtype, qs, qh);
+        // Loops and literals, not `array::from_fn`, here and below: its closures were not
+        // inlined (a tenth of decoding).
+        let fours = |h: &[u8]| {
+            let mut v = [f32x4::ZERO; GROUP / 4];
+            for (c, v) in v.iter_mut().enumerate() {
+                *v = halves4(&h[8 * c..][..8]);
             }
-            // Row j's fifth bits (zero for 4-bit formats).
-            let h = qh.map_or(0, |qh| {
-                u32::from_le_bytes([qh[4 * j], qh[4 * j + 1], qh[4 * j + 2], qh[4 * j + 3]])
-            });
-            let fifth = |bit: usize| (((h >> bit) & 1) << 4) as u8;
-            for c in 0..4 {
-                for t in 0..4 {
-                    let q = qs[64 * c + 4 * j + t];
-                    v[4 * c + t] = (q & 0xf) | fifth(8 * t + c);
-                    v[16 + 4 * c + t] = (q >> 4) | fifth(8 * t + 4 + c);
-                }
-            }
-        }
-        // Both operands widened to i16 once (the record's for every activation row, each
-        // row's for the sixteen weight rows), and the dot taken as pairs of 16-bit products
-        // summed in 32 bits (`wide`'s `i16x8::dot`: `pmaddwd` on baseline x86-64). Written
-        // on bytes, the compiler assembled each vector a byte at a time (baseline x86-64
-        // has no byte widening instruction), and the level ran 4x slower.
-        let vals: [[i16x8; 4]; GROUP] = vals.map(|v| widen(v.map(i16::from)));
-        let half = |h: &[u8], j: usize| f16_to_f32([h[2 * j], h[2 * j + 1]]);
-        let fours = |h: &[u8]| -> [f32x4; GROUP / 4] {
-            std::array::from_fn(|c| f32x4::new(std::array::from_fn(|t| half(h, 4 * c + t))))
+            v
         };
         let dw = fours(d);
         let mw = mins.map(fours);
@@ -345,13 +397,13 @@ unsafe fn group_portable(w: &RepackedWeight, x: &QuantizedRows, g: usize, m: usi
             for (c, a) in acc.iter_mut().enumerate() {
                 // Each weight row's lane sums: eight products of at most 255 · 128 each,
                 // exact in f32 (and their sum of four below 2²⁴).
-                let lanes: [f32x4; 4] = std::array::from_fn(|t| {
+                let lanes = |t: usize| {
                     let v = &vals[4 * c + t];
                     f32x4::from_i32x4(
                         (v[0].dot(xq[0]) + v[1].dot(xq[1])) + (v[2].dot(xq[2]) + v[3].dot(xq[3])),
                     )
-                });
-                let [l0, l1, l2, l3] = f32x4::transpose(lanes);
+                };
+                let [l0, l1, l2, l3] = f32x4::transpose([lanes(0), lanes(1), lanes(2), lanes(3)]);
                 let sum = ((l0 + l1) + (l2 + l3)) - taken;
                 *a = sum.mul_add(dw[c] * scale, *a);
                 if let Some(mw) = &mw {
@@ -1187,6 +1239,27 @@ mod tests {
             DType::Q5K => BlockQ5K::dot_q8(bytemuck::cast_slice(b), x),
             DType::Q6K => BlockQ6K::dot_q8(bytemuck::cast_slice(b), x),
             _ => panic!("no integer reference for {dtype}"),
+        }
+    }
+
+    /// The portable kernel's four-at-a-time half conversion gives `f16_to_f32`'s bits for
+    /// every half: zeros, subnormals, normals, infinities and NaNs of both signs.
+    #[test]
+    fn halves4_converts_every_half_as_f16_to_f32_does() {
+        for first in (0..1u32 << 16).step_by(4) {
+            let hs: Vec<u8> = (first..first + 4)
+                .flat_map(|h| (h as u16).to_le_bytes())
+                .collect();
+            let got = halves4(&hs).to_array();
+            for (t, g) in got.iter().enumerate() {
+                let want = quant::f16_to_f32([hs[2 * t], hs[2 * t + 1]]);
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "half {:#06x}",
+                    first + t as u32
+                );
+            }
         }
     }
 
