@@ -7,10 +7,12 @@
 //! `window` with a sliding window), the softmax of the scores times the shape's `scale`
 //! ([`super::softmax`]), then `Σ_t p_t v_t`.
 //!
-//! Decode (fewer than `TILED_MIN_ROWS` query rows): the pairs are cut into one contiguous
-//! part per task, each task keeping its own score buffer, and a part is taken in runs of
-//! query heads that share a row and a kv head, so that a run reads each key and value
-//! from memory once for all its heads:
+//! Decode (fewer than `TILED_MIN_ROWS` query rows), and prompts whose heads the tiled path
+//! below does not take: the pairs are taken in runs of query heads that share a row and a
+//! kv head, so that a run reads each key and value from memory once for all its heads. A
+//! decode cuts the pairs into one contiguous part per task (a kv head's heads may be split
+//! between two tasks); a prompt deals whole runs round-robin, as its rows grow longer. Each
+//! task keeps its own score buffer. A run:
 //! - scores sixteen positions at a time, each head of the run in turn while those keys sit
 //!   in L1: sixteen 16-lane dot products side by side, summed together at the end
 //!   (`V16::reduce16`) rather than by sixteen horizontal sums;
@@ -31,7 +33,7 @@
 //! horizontal sums (`QB` broadcasts of `q[d]` against `NC` key vectors per `d`, summed in
 //! `d` order), takes each query's softmax over its own visible positions, zeroes the rest,
 //! and sums `Σ_t p_t v_t` in position order for its `QB` queries at once, sharing each
-//! loaded value vector. The scores' summation order differs from the per-pair path's; a
+//! loaded value vector. The scores' summation order differs from the runs' path's; a
 //! query's result still does not depend on the unit or task it lands in, as long as the
 //! cached values are finite (a query's sum adds `0 · v_t` for the positions before its
 //! window and up to the longest query of its unit: an infinite `v_t` there would make it
@@ -126,64 +128,89 @@ pub fn attention(
     if p.m >= TILED_MIN_ROWS && p.head_dim.is_multiple_of(16) && p.head_dim <= 256 {
         return tiled(isa, team, scratch, q, k_cache, v_cache, out, p);
     }
-    let pairs = p.m * p.n_heads;
-    let tasks = team.threads().min(scratch.slots.len()).min(pairs).max(1);
     let (hd, group) = (p.head_dim, p.n_heads / p.n_kv_heads);
+    if hd == 0 {
+        return;
+    }
     let o = Out(out.as_mut_ptr());
     let softmax_params = SoftmaxParams {
         scale: p.scale,
         causal: None,
     };
-    team.run(tasks, &|t| {
-        let mut scores = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
-        // This task's pairs: a contiguous part, taken in runs of query heads that share a
-        // row and a kv head.
-        let (mut a, end) = (pairs * t / tasks, pairs * (t + 1) / tasks);
-        while a < end {
-            let (i, h) = (a / p.n_heads, a % p.n_heads);
-            let kv_head = h / group;
-            let heads = (end - a).min((kv_head + 1) * group - h);
-            let lo = p.first_visible(p.pos + i);
-            let n = p.pos + i + 1 - lo;
-            if scores.len() < heads * n {
-                scores.resize(heads * n, 0.0);
-            }
-            let s = &mut scores[..heads * n];
-            let at = (i * p.n_heads + h) * hd;
-            let (k, v) = (&k_cache[lo * kv..], &v_cache[lo * kv..]);
-            let kv_off = kv_head * hd;
-            let q = &q[at..][..heads * hd];
-            dispatch16(
-                isa,
-                Scores {
-                    q,
-                    hd,
-                    k,
-                    kv,
-                    kv_off,
-                    s,
-                },
-            );
-            for row in s.chunks_exact_mut(n) {
-                softmax(isa, row, n, &softmax_params);
-            }
-            // SAFETY: pairs a .. a + heads' outputs, written by this task only.
-            let out = unsafe { std::slice::from_raw_parts_mut(o.get().add(at), heads * hd) };
-            let s = &scores[..heads * n];
-            dispatch16(
-                isa,
-                Mix {
-                    p: s,
-                    hd,
-                    v,
-                    kv,
-                    kv_off,
-                    out,
-                },
-            );
-            a += heads;
+    // Query heads h .. h + heads of row i, which share kv head h / group.
+    let run = |scores: &mut Vec<f32>, i: usize, h: usize, heads: usize| {
+        let at = (i * p.n_heads + h) * hd;
+        // SAFETY: pairs (i, h .. h + heads)'s outputs, written by this task only.
+        let out = unsafe { std::slice::from_raw_parts_mut(o.get().add(at), heads * hd) };
+        let lo = p.first_visible(p.pos + i);
+        let n = p.pos + i + 1 - lo;
+        if n == 0 {
+            // A window of no positions: no values to sum.
+            out.fill(0.0);
+            return;
         }
-    });
+        if scores.len() < heads * n {
+            scores.resize(heads * n, 0.0);
+        }
+        let s = &mut scores[..heads * n];
+        let (k, v) = (&k_cache[lo * kv..], &v_cache[lo * kv..]);
+        let kv_off = (h / group) * hd;
+        let q = &q[at..][..heads * hd];
+        dispatch16(
+            isa,
+            Scores {
+                q,
+                hd,
+                k,
+                kv,
+                kv_off,
+                s,
+            },
+        );
+        for row in s.chunks_exact_mut(n) {
+            softmax(isa, row, n, &softmax_params);
+        }
+        let s = &scores[..heads * n];
+        dispatch16(
+            isa,
+            Mix {
+                p: s,
+                hd,
+                v,
+                kv,
+                kv_off,
+                out,
+            },
+        );
+    };
+    if p.m < TILED_MIN_ROWS {
+        // Decode: each task a contiguous part of the (row, head) pairs, in runs that share
+        // a row and a kv head (a kv head's query heads may be cut between two tasks).
+        let pairs = p.m * p.n_heads;
+        let tasks = team.threads().min(scratch.slots.len()).min(pairs).max(1);
+        team.run(tasks, &|t| {
+            let mut scores = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
+            let (mut a, end) = (pairs * t / tasks, pairs * (t + 1) / tasks);
+            while a < end {
+                let (i, h) = (a / p.n_heads, a % p.n_heads);
+                let heads = (end - a).min((h / group + 1) * group - h);
+                run(&mut scores, i, h, heads);
+                a += heads;
+            }
+        });
+    } else {
+        // Prompt rows (heads the tiled path does not take): whole runs dealt round-robin,
+        // as rows grow longer down the prompt.
+        let units = p.m * p.n_kv_heads;
+        let tasks = team.threads().min(scratch.slots.len()).min(units).max(1);
+        team.run(tasks, &|t| {
+            let mut scores = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
+            for u in (t..units).step_by(tasks) {
+                let (i, g) = (u / p.n_kv_heads, u % p.n_kv_heads);
+                run(&mut scores, i, g * group, group);
+            }
+        });
+    }
 }
 
 /// Positions per step of [`Mix`]: each query head of a run sums one step's values while
@@ -290,7 +317,7 @@ impl Kernel16 for Mix<'_> {
     /// up to four chunks of 16 values, in two chains (even and odd positions, each in
     /// position order, added at the end of the step: eight independent sums hide the FMA
     /// latency), and adds it to its output, steps in order. Else each head in one chain in
-    /// position order (through memory above 256 values).
+    /// position order (through memory from 17 whole chunks, 272 values, on).
     #[inline(always)]
     fn run<V: V16>(mut self) {
         let hd = self.hd;
@@ -705,11 +732,16 @@ mod tests {
             (1, 15, 1, 5, 256, None),
             (1, 200, 2, 3, 64, Some(90)),
             (1, 0, 1, 1, 64, None),
+            // A slice of two chunks (96 = 64 + 32), and a window of no positions.
+            (1, 50, 1, 3, 96, None),
+            (2, 9, 1, 2, 64, Some(0)),
             // Heads of no whole number of 16-value chunks: one position, one chain at a
-            // time (in registers, and through memory above 256 values), on both paths' rows.
+            // time (in registers up to 16 whole chunks, through memory from 17), in decode
+            // and in prompts dealt round-robin.
             (5, 10, 1, 3, 40, None),
             (1, 33, 2, 2, 72, None),
             (1, 20, 1, 2, 264, Some(7)),
+            (6, 12, 2, 2, 280, None),
         ] {
             let n_heads = n_kv_heads * group;
             let (t_all, kv) = (pos + m, n_kv_heads * hd);

@@ -39,7 +39,8 @@ use crate::team::Team;
 use wide::{f32x4, i16x8, u8x16, u32x4};
 
 /// Activation rows up to which a matmul runs as a decode (each weight group read once for
-/// all rows, row by row); above, row blocks of [`MR`].
+/// all rows, row by row); above, row blocks of [`MR`]. The portable level's 4-, 5- and
+/// 8-bit formats take all rows at once instead ([`group_portable`]).
 const MR: usize = 4;
 
 /// Per-call scratch of the fast path: the quantized activations.
@@ -64,7 +65,8 @@ enum DotKind {
     Vnni512,
     /// `maddubs` + `madd` on ymm (AVX2).
     Avx2,
-    /// Plain loops.
+    /// `wide`'s vectors: 16-bit pairs (`i16x8::dot`, `pmaddwd` on x86-64) for the 4-, 5-
+    /// and 8-bit formats, plain loops for the K-quants.
     Portable,
 }
 
@@ -289,7 +291,9 @@ fn widen(v: [i16; 32]) -> [i16x8; 4] {
 /// [`crate::quant::f16_to_f32`] converts them, four at a time: the magnitude's bits moved to
 /// f32's place and scaled by 2¹¹² (exact for normal and subnormal halves), infinities and
 /// NaNs (payload kept) given f32's all-ones exponent, then the sign. One at a time, the
-/// conversions of each record's scales took a tenth of this level's decoding.
+/// conversions of each record's scales took a tenth of this level's decoding. The scaling
+/// assumes subnormals are not flushed (Rust never sets the FPU's DAZ mode; a host process
+/// that does would zero subnormal scales here, and in every f32 kernel's inputs).
 #[inline(always)]
 fn halves4(h: &[u8]) -> f32x4 {
     let at = |t: usize| u32::from(u16::from_le_bytes([h[2 * t], h[2 * t + 1]]));
