@@ -129,7 +129,7 @@ pub fn attention(
         return tiled(isa, team, scratch, q, k_cache, v_cache, out, p);
     }
     let (hd, group) = (p.head_dim, p.n_heads / p.n_kv_heads);
-    if hd == 0 {
+    if hd == 0 || p.n_heads == 0 {
         return;
     }
     let o = Out(out.as_mut_ptr());
