@@ -47,7 +47,7 @@ use super::Out;
 use super::v16::{Kernel16, V16, dispatch16};
 use super::{Isa, softmax};
 use crate::SoftmaxParams;
-use crate::team::Team;
+use crate::team::{Team, for_each_part};
 
 /// The shape of an attention call (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -190,13 +190,15 @@ pub fn attention(
         let tasks = team.threads().min(scratch.slots.len()).min(pairs).max(1);
         team.run(tasks, &|t| {
             let mut scores = scratch.slots[t].lock().unwrap_or_else(|e| e.into_inner());
-            let (mut a, end) = (pairs * t / tasks, pairs * (t + 1) / tasks);
-            while a < end {
-                let (i, h) = (a / p.n_heads, a % p.n_heads);
-                let heads = (end - a).min((h / group + 1) * group - h);
-                run(&mut scores, i, h, heads);
-                a += heads;
-            }
+            for_each_part(&[pairs], tasks, t, |_, part| {
+                let mut a = part.start;
+                while a < part.end {
+                    let (i, h) = (a / p.n_heads, a % p.n_heads);
+                    let heads = (part.end - a).min((h / group + 1) * group - h);
+                    run(&mut scores, i, h, heads);
+                    a += heads;
+                }
+            });
         });
     } else {
         // Prompt rows (heads the tiled path does not take): whole runs dealt round-robin,

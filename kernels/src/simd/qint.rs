@@ -33,6 +33,7 @@ use super::Out;
 #[cfg(target_arch = "x86_64")]
 use super::amx;
 use super::repack::{GROUP, Layout, Record, RepackedWeight, dots_chunk};
+use super::v16::halves4;
 use super::{Isa, Level};
 use crate::quant::{DType, QuantizedRows, f16_to_f32, scale_min_k4};
 use crate::team::Team;
@@ -285,26 +286,6 @@ fn widen(v: [i16; 32]) -> [i16x8; 4] {
         *o = i16x8::new(c.try_into().expect("eight values"));
     }
     out
-}
-
-/// Four IEEE halves (little-endian, `h` 8 bytes) as f32, exactly as
-/// [`crate::quant::f16_to_f32`] converts them, four at a time: the magnitude's bits moved to
-/// f32's place and scaled by 2¹¹² (exact for normal and subnormal halves), infinities and
-/// NaNs (payload kept) given f32's all-ones exponent, then the sign. One at a time, the
-/// conversions of each record's scales took a tenth of this level's decoding. The scaling
-/// assumes subnormals are not flushed (Rust never sets the FPU's DAZ mode; a host process
-/// that does would zero subnormal scales here, and in every f32 kernel's inputs).
-#[inline(always)]
-fn halves4(h: &[u8]) -> f32x4 {
-    let at = |t: usize| u32::from(u16::from_le_bytes([h[2 * t], h[2 * t + 1]]));
-    let v = u32x4::new([at(0), at(1), at(2), at(3)]);
-    let moved = (v & u32x4::splat(0x7fff)) << 13;
-    let magnitude: f32x4 = bytemuck::cast(moved);
-    // 2^112: a half's exponent bias (15) to f32's (127).
-    let scaled: u32x4 = bytemuck::cast(magnitude * f32x4::splat(f32::from_bits(0x7780_0000)));
-    let special = (v & u32x4::splat(0x7c00)).simd_eq(u32x4::splat(0x7c00));
-    let bits = scaled ^ ((scaled ^ (moved | u32x4::splat(0x7f80_0000))) & special);
-    bytemuck::cast(bits | ((v & u32x4::splat(0x8000)) << 16))
 }
 
 /// A record's sixteen weight rows for [`group_portable`], each as its 32 unsigned values in
@@ -1243,27 +1224,6 @@ mod tests {
             DType::Q5K => BlockQ5K::dot_q8(bytemuck::cast_slice(b), x),
             DType::Q6K => BlockQ6K::dot_q8(bytemuck::cast_slice(b), x),
             _ => panic!("no integer reference for {dtype}"),
-        }
-    }
-
-    /// The portable kernel's four-at-a-time half conversion gives `f16_to_f32`'s bits for
-    /// every half: zeros, subnormals, normals, infinities and NaNs of both signs.
-    #[test]
-    fn halves4_converts_every_half_as_f16_to_f32_does() {
-        for first in (0..1u32 << 16).step_by(4) {
-            let hs: Vec<u8> = (first..first + 4)
-                .flat_map(|h| (h as u16).to_le_bytes())
-                .collect();
-            let got = halves4(&hs).to_array();
-            for (t, g) in got.iter().enumerate() {
-                let want = quant::f16_to_f32([hs[2 * t], hs[2 * t + 1]]);
-                assert_eq!(
-                    g.to_bits(),
-                    want.to_bits(),
-                    "half {:#06x}",
-                    first + t as u32
-                );
-            }
         }
     }
 

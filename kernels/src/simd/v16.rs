@@ -8,6 +8,7 @@
 //! `#[target_feature]` wrapper of its level, as in [`super::vec`].
 
 use super::vec::{F32Vec, Portable};
+use wide::{f32x4, u32x4};
 
 /// 16 f32 lanes, and the 16-byte integer vectors block formats decode from.
 pub(crate) trait V16: Copy {
@@ -132,6 +133,27 @@ pub(crate) trait V16: Copy {
     fn high_nibbles(a: Self::U8) -> Self::U8 {
         Self::u8_shr(a, 4)
     }
+}
+
+/// Four IEEE halves (little-endian, `h` 8 bytes) as f32, exactly as
+/// [`crate::quant::f16_to_f32`] converts them, four at a time: the magnitude's bits moved to
+/// f32's place and scaled by 2¹¹² (exact for normal and subnormal halves), infinities and
+/// NaNs (payload kept) given f32's all-ones exponent, then the sign: the portable level's
+/// half loads ([`V16::load_f16`], and the fast kernel's record scales). One at a time, the
+/// conversions of each record's scales took a tenth of that level's fast decoding. The scaling
+/// assumes subnormals are not flushed (Rust never sets the FPU's DAZ mode; a host process
+/// that does would zero subnormal scales here, and in every f32 kernel's inputs).
+#[inline(always)]
+pub(crate) fn halves4(h: &[u8]) -> f32x4 {
+    let at = |t: usize| u32::from(u16::from_le_bytes([h[2 * t], h[2 * t + 1]]));
+    let v = u32x4::new([at(0), at(1), at(2), at(3)]);
+    let moved = (v & u32x4::splat(0x7fff)) << 13;
+    let magnitude: f32x4 = bytemuck::cast(moved);
+    // 2^112: a half's exponent bias (15) to f32's (127).
+    let scaled: u32x4 = bytemuck::cast(magnitude * f32x4::splat(f32::from_bits(0x7780_0000)));
+    let special = (v & u32x4::splat(0x7c00)).simd_eq(u32x4::splat(0x7c00));
+    let bits = scaled ^ ((scaled ^ (moved | u32x4::splat(0x7f80_0000))) & special);
+    bytemuck::cast(bits | ((v & u32x4::splat(0x8000)) << 16))
 }
 
 /// Two 8-lane vectors as one of 16: the f32 half of [`V16`] for AVX2 and the portable path.
@@ -268,10 +290,12 @@ impl V16 for Pair<Portable> {
     }
     #[inline(always)]
     unsafe fn load_f16(p: *const u8) -> Self {
-        let v: [f32; 16] = std::array::from_fn(|i| {
-            // SAFETY: 32 readable bytes, per the trait's contract.
-            crate::quant::f16_to_f32(unsafe { [*p.add(2 * i), *p.add(2 * i + 1)] })
-        });
+        // SAFETY: 32 readable bytes, per the trait's contract.
+        let h = unsafe { std::slice::from_raw_parts(p, 32) };
+        let mut v = [0.0f32; 16];
+        for (v, h) in v.chunks_exact_mut(4).zip(h.chunks_exact(8)) {
+            v.copy_from_slice(&halves4(h).to_array());
+        }
         // SAFETY: 16 values.
         unsafe { Self::load(v.as_ptr()) }
     }
@@ -726,6 +750,27 @@ pub(crate) fn dispatch16<K: Kernel16>(isa: super::Isa, k: K) -> K::Output {
 mod tests {
     use super::*;
     use crate::simd::Isa;
+
+    /// The portable level's four-at-a-time half conversion gives `f16_to_f32`'s bits for
+    /// every half: zeros, subnormals, normals, infinities and NaNs of both signs.
+    #[test]
+    fn halves4_converts_every_half_as_f16_to_f32_does() {
+        for first in (0..1u32 << 16).step_by(4) {
+            let hs: Vec<u8> = (first..first + 4)
+                .flat_map(|h| (h as u16).to_le_bytes())
+                .collect();
+            let got = halves4(&hs).to_array();
+            for (t, g) in got.iter().enumerate() {
+                let want = crate::quant::f16_to_f32([hs[2 * t], hs[2 * t + 1]]);
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "half {:#06x}",
+                    first + t as u32
+                );
+            }
+        }
+    }
 
     struct Transpose;
     impl Kernel16 for Transpose {
