@@ -504,6 +504,46 @@ fn synth_refuses_bad_shapes_and_writes_a_model_that_runs() {
     let picture = std::fs::read_to_string(&svg).unwrap();
     assert!(picture.starts_with("<svg"));
     assert!(picture.contains("pp8 1 thread") && picture.contains("tg4 1 thread"));
+    // At a depth the tests are named as llama-bench names them; a context that cannot hold
+    // the depth and the test is refused by name.
+    let bench_at = |depth: &str| {
+        chord(&[
+            "bench",
+            "model",
+            "--model",
+            o,
+            "--pp",
+            "8",
+            "--tg",
+            "4",
+            "--depth",
+            depth,
+            "--reps",
+            "1",
+            "--threads",
+            "1",
+            "--modes",
+            "exact",
+            "--json",
+        ])
+    };
+    let r = bench_at("16");
+    assert!(r.status.success(), "{}", stderr(&r));
+    let rows: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let names: Vec<(&str, u64)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["test"].as_str().unwrap(), r["depth"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(names, [("pp8 @ d16", 16), ("tg4 @ d16", 16)]);
+    let r = bench_at("100000");
+    assert!(!r.status.success());
+    assert!(
+        stderr(&r).contains("a depth of 100000 and a test of 8 tokens exceed the model's"),
+        "{}",
+        stderr(&r)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -381,8 +381,27 @@ fn the_profiler_sees_every_op_of_a_forward_pass_and_changes_nothing() {
         int8_gops: 400.0,
         int8_kernel: "avx512-vnni",
     };
-    let phases = profile::run(&profiled, 8, 4, &roof).unwrap();
+    let phases = profile::run(&profiled, 8, 4, 0, &roof).unwrap();
     assert_eq!(phases.len(), 2);
+    // Decoding 4 tokens after 16 cached positions, token i attends to 17 + i positions: 18.5
+    // on average (2.5 from an empty cache), 4 FLOP per position and head dimension, 9 heads of
+    // 64, 30 layers.
+    let attention_flops = |p: &profile::Phase| {
+        let r = p.rows.iter().find(|r| r.op == "attention").unwrap();
+        r.rate * 1e9 * r.ms_per_token / 1e3
+    };
+    let deep = profile::run(&profiled, 0, 4, 16, &roof).unwrap();
+    assert_eq!(deep.len(), 1);
+    assert_eq!(deep[0].name, "decode (tg4 @ d16)");
+    for (phase, positions) in [(&phases[1], 2.5), (&deep[0], 18.5)] {
+        let want = 4.0 * positions * 9.0 * 64.0 * 30.0;
+        let got = attention_flops(phase);
+        assert!(
+            (got - want).abs() < 1e-6 * want,
+            "{}: {got} vs {want}",
+            phase.name
+        );
+    }
     let decode = &phases[1];
     let calls = |op: &str, weight: &str| {
         decode

@@ -30,6 +30,74 @@ pub fn cpu_name() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
+/// The input of the whole-model measurements ([`model::run`], [`profile::run`]): fixed token
+/// ids, spread over the vocabulary, and a state whose first `depth` positions are filled.
+pub(crate) struct Workload {
+    /// `max(pp, tg)` ids for the tests (the depth's ids were fed already).
+    pub tokens: Vec<u32>,
+    /// Room for `depth + max(pp, tg)` positions; `pos == depth`. A test starts by setting
+    /// `pos` back to the depth: the positions after it are written again.
+    pub state: crate::model::State,
+}
+
+impl Workload {
+    /// Fills `depth` positions of a new state with one untimed prompt (in batches of up to
+    /// 512, as a prompt of `pp` runs).
+    ///
+    /// # Errors
+    /// As [`check_depth`], or the model's error in the prompt.
+    pub fn new<B: crate::Backend>(
+        model: &crate::model::Model<'_, B>,
+        pp: usize,
+        tg: usize,
+        depth: usize,
+    ) -> Result<Workload, crate::model::ModelError> {
+        check_depth(&model.config, pp, tg, depth)?;
+        let vocab = model.config.vocab as u64;
+        let n = pp.max(tg);
+        let mut tokens: Vec<u32> = (0..(depth + n) as u64)
+            .map(|i| ((i * 7919 + 13) % vocab) as u32)
+            .collect();
+        let batch = pp.max(depth).clamp(1, 512);
+        let mut state = crate::model::State::new(&model.config, (depth + n).max(1), batch);
+        if depth > 0 {
+            model.forward(&mut state, &tokens[..depth])?;
+        }
+        tokens.drain(..depth);
+        Ok(Workload { tokens, state })
+    }
+}
+
+/// Whether a model of `config` holds tests of `pp` and `tg` tokens after `depth` cached
+/// positions.
+///
+/// # Errors
+/// [`ModelError::Input`](crate::model::ModelError::Input) naming the figures if `depth +
+/// max(pp, tg)` exceeds the model's context.
+pub fn check_depth(
+    config: &crate::model::Config,
+    pp: usize,
+    tg: usize,
+    depth: usize,
+) -> Result<(), crate::model::ModelError> {
+    let (n, ctx) = (pp.max(tg), config.ctx_len);
+    if depth + n > ctx {
+        return Err(crate::model::ModelError::Input(format!(
+            "a depth of {depth} and a test of {n} tokens exceed the model's {ctx}-token context"
+        )));
+    }
+    Ok(())
+}
+
+/// A test's name at `depth`, as llama-bench prints it: `tg128`, `tg128 @ d2048`.
+pub(crate) fn test_name(test: &str, depth: usize) -> String {
+    if depth == 0 {
+        test.to_string()
+    } else {
+        format!("{test} @ d{depth}")
+    }
+}
+
 /// The roofs at one thread count.
 #[derive(Clone, Debug, Serialize)]
 pub struct Roof {

@@ -1,19 +1,24 @@
 //! `chord bench model`: whole-model throughput as llama-bench measures it. `pp N`: a prompt
-//! of `N` tokens in one batched pass from an empty cache; `tg N`: `N` tokens decoded one at
-//! a time from an empty cache. Token ids are fixed and spread over the vocabulary.
+//! of `N` tokens in one batched pass; `tg N`: `N` tokens decoded one at a time. Both start
+//! from an empty cache, or at depth `D` (llama-bench's `-d`, a test named `tg128 @ d2048`):
+//! after `D` cached positions, filled once by an untimed prompt and kept for every
+//! repetition. Token ids are fixed and spread over the vocabulary (see [`super::Workload`]).
 
 use std::time::Instant;
 
 use serde::Serialize;
 
+use super::Workload;
 use crate::backend::Backend;
-use crate::model::{Model, ModelError, State};
+use crate::model::{Model, ModelError};
 
 /// One measured row.
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelRow {
-    /// `pp512`, `tg128`...
+    /// `pp512`, `tg128`, `tg128 @ d2048`...
     pub test: String,
+    /// Positions in the KV cache before each test (llama-bench's `n_depth`).
+    pub depth: usize,
     pub backend: String,
     pub mode: String,
     pub threads: usize,
@@ -22,20 +27,17 @@ pub struct ModelRow {
     pub repetitions: usize,
 }
 
-/// Runs `pp` and `tg` tests of `model`, `reps` times each (after one warm-up), and returns
-/// their medians.
+/// Runs `pp` and `tg` tests of `model` at `depth` cached positions, `reps` times each
+/// (after one warm-up), and returns their medians.
 pub fn run<B: Backend>(
     model: &Model<'_, B>,
     mode: &str,
     pp: usize,
     tg: usize,
+    depth: usize,
     reps: usize,
 ) -> Result<Vec<ModelRow>, ModelError> {
-    let vocab = model.config.vocab as u64;
-    let tokens: Vec<u32> = (0..pp.max(tg) as u64)
-        .map(|i| ((i * 7919 + 13) % vocab) as u32)
-        .collect();
-    let mut state = State::new(&model.config, pp.max(tg).max(1), pp.clamp(1, 512));
+    let Workload { tokens, mut state } = Workload::new(model, pp, tg, depth)?;
     let mut rows = Vec::new();
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -43,7 +45,8 @@ pub fn run<B: Backend>(
     };
     let backend = model.backend();
     let row = |test: String, tps: f64| ModelRow {
-        test,
+        test: super::test_name(&test, depth),
+        depth,
         backend: backend.name(),
         mode: mode.to_string(),
         threads: backend.threads(),
@@ -53,7 +56,7 @@ pub fn run<B: Backend>(
     if pp > 0 {
         let mut speeds = Vec::new();
         for r in 0..=reps {
-            state.reset();
+            state.pos = depth;
             let t = Instant::now();
             model.forward(&mut state, &tokens[..pp])?;
             if r > 0 {
@@ -65,7 +68,7 @@ pub fn run<B: Backend>(
     if tg > 0 {
         let mut speeds = Vec::new();
         for r in 0..=reps {
-            state.reset();
+            state.pos = depth;
             let t = Instant::now();
             for &tok in &tokens[..tg] {
                 model.forward(&mut state, &[tok])?;

@@ -365,27 +365,24 @@ pub struct Phase {
     pub weights_mb_per_token: f64,
 }
 
-/// Profiles a prefill of `pp` tokens and a decode of `tg` tokens (each from an empty cache,
-/// after one unrecorded warm-up), against the roofs `roof` (at the backend's thread count).
+/// Profiles a prefill of `pp` tokens and a decode of `tg` tokens (each after `depth` cached
+/// positions, 0 for an empty cache, and after one unrecorded warm-up), against the roofs
+/// `roof` (at the backend's thread count).
 pub fn run<B: Backend>(
     model: &crate::model::Model<'_, Profiled<B>>,
     pp: usize,
     tg: usize,
+    depth: usize,
     roof: &super::Roof,
 ) -> Result<Vec<Phase>, crate::model::ModelError> {
-    use crate::model::State;
-    let vocab = model.config.vocab as u64;
-    let tokens: Vec<u32> = (0..pp.max(tg) as u64)
-        .map(|i| ((i * 7919 + 13) % vocab) as u32)
-        .collect();
-    let mut state = State::new(&model.config, pp.max(tg).max(1), pp.clamp(1, 512));
+    let super::Workload { tokens, mut state } = super::Workload::new(model, pp, tg, depth)?;
     let profiler = model.backend();
     let mut phases = Vec::new();
     let mut measure =
         |name: String, n: usize, decode: bool| -> Result<(), crate::model::ModelError> {
             for recorded in [false, true] {
                 profiler.reset();
-                state.reset();
+                state.pos = depth;
                 let t = Instant::now();
                 if decode {
                     for &tok in &tokens[..n] {
@@ -403,10 +400,18 @@ pub fn run<B: Backend>(
             Ok(())
         };
     if pp > 0 {
-        measure(format!("prefill (pp{pp})"), pp, false)?;
+        measure(
+            format!("prefill ({})", super::test_name(&format!("pp{pp}"), depth)),
+            pp,
+            false,
+        )?;
     }
     if tg > 0 {
-        measure(format!("decode (tg{tg})"), tg, true)?;
+        measure(
+            format!("decode ({})", super::test_name(&format!("tg{tg}"), depth)),
+            tg,
+            true,
+        )?;
     }
     Ok(phases)
 }

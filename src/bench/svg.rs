@@ -200,6 +200,7 @@ mod tests {
         .iter()
         .map(|&(test, threads, tps)| ModelRow {
             test: test.into(),
+            depth: 0,
             backend: "simd-avx512".into(),
             mode: "exact".into(),
             threads,

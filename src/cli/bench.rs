@@ -121,6 +121,10 @@ pub(crate) struct ModelBenchArgs {
     /// Generated tokens of the tg test (0 to skip).
     #[arg(long, default_value_t = 128)]
     tg: usize,
+    /// Positions already in the KV cache when each test starts (llama-bench's `-d`): long
+    /// context, filled once by an untimed prompt.
+    #[arg(long, default_value_t = 0)]
+    depth: usize,
     /// Timed repetitions of each test, after one warm-up; the median is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -148,6 +152,8 @@ pub(crate) fn bench_model(args: ModelBenchArgs) -> Result<(), Box<dyn std::error
     check_svg(args.svg.as_deref())?;
     let path = model_path(args.model)?;
     let file = chord::gguf::GgufFile::open(&path)?;
+    let config = chord::model::Config::from_gguf(&file)?;
+    chord::bench::check_depth(&config, args.pp, args.tg, args.depth)?;
     let mut rows = Vec::new();
     if !args.json {
         out!(
@@ -156,7 +162,7 @@ pub(crate) fn bench_model(args: ModelBenchArgs) -> Result<(), Box<dyn std::error
             args.reps
         )?;
         out!(
-            "{:<8} {:<14} {:<6} {:>7} {:>12}",
+            "{:<14} {:<14} {:<6} {:>7} {:>12}",
             "test",
             "backend",
             "mode",
@@ -170,10 +176,17 @@ pub(crate) fn bench_model(args: ModelBenchArgs) -> Result<(), Box<dyn std::error
                 &file,
                 chord::SimdBackend::new(threads)?.with_mode(mode),
             )?;
-            for r in chord::bench::model::run(&model, mode.name(), args.pp, args.tg, args.reps)? {
+            for r in chord::bench::model::run(
+                &model,
+                mode.name(),
+                args.pp,
+                args.tg,
+                args.depth,
+                args.reps,
+            )? {
                 if !args.json {
                     out!(
-                        "{:<8} {:<14} {:<6} {:>7} {:>12.1}",
+                        "{:<14} {:<14} {:<6} {:>7} {:>12.1}",
                         r.test,
                         r.backend,
                         r.mode,
@@ -208,6 +221,10 @@ pub(crate) struct ProfileArgs {
     /// Tokens of the decode phase (0 to skip).
     #[arg(long, default_value_t = 32)]
     tg: usize,
+    /// Positions already in the KV cache when each phase starts (as `chord bench model
+    /// --depth`): long context, filled once by an untimed prompt.
+    #[arg(long, default_value_t = 0)]
+    depth: usize,
     /// Print one JSON object (roof and phases) instead of the tables.
     #[arg(long)]
     json: bool,
@@ -225,10 +242,12 @@ pub(crate) fn profile_on<B: chord::Backend>(
     use chord::Backend as _;
     use chord::bench::profile::{self, Profiled};
     let threads = backend.threads();
+    let config = chord::model::Config::from_gguf(file)?;
+    chord::bench::check_depth(&config, args.pp, args.tg, args.depth)?;
     eprintln!("measuring the roofs on {threads} thread(s)...");
     let roof = chord::bench::measure_roofs(&[threads]).remove(0);
     let model = chord::model::Model::load(file, Profiled::new(backend))?;
-    let phases = profile::run(&model, args.pp, args.tg, &roof)?;
+    let phases = profile::run(&model, args.pp, args.tg, args.depth, &roof)?;
     if args.json {
         out!(
             "{}",
