@@ -64,56 +64,73 @@ stamp! {
 #[inline(always)]
 fn softmax_body<V: F32Vec>(x: &mut [f32], cols: usize, p: &SoftmaxParams) {
     debug_assert!(cols > 0 && x.len().is_multiple_of(cols));
-    let l = V::LANES;
-    let scale = V::splat(p.scale);
     for (r, row) in x.chunks_exact_mut(cols).enumerate() {
         let (visible, masked) = row.split_at_mut(p.visible(r, cols));
         masked.fill(0.0);
-        // Pass 1: scale in place, running maximum.
-        let mut vmax = V::splat(f32::NEG_INFINITY);
-        let mut chunks = visible.chunks_exact_mut(l);
-        for c in &mut chunks {
-            // SAFETY: each chunk holds exactly LANES values.
-            unsafe {
-                let v = V::load(c.as_ptr()).mul(scale);
-                v.store(c.as_mut_ptr());
-                vmax = vmax.max(v);
-            }
+        let (_, sum) = exp_shifted_body::<V>(visible, p.scale);
+        if sum > 0.0 {
+            // Pass 3: normalise.
+            scale_in_place(visible, V::splat(1.0 / sum));
         }
-        let tail = chunks.into_remainder();
-        if !tail.is_empty() {
-            let v = load_partial::<V>(tail, f32::NEG_INFINITY).mul(scale);
-            store_partial(v, tail);
+    }
+}
+
+stamp! {
+    /// The unnormalised softmax of one row, in place: `x_t <- exp(scale x_t - max)`, with
+    /// `max = max_t scale x_t`; returns `(max, Σ_t x_t)`, the sum in lane-parallel partial
+    /// sums. A row of no values, or whose scaled values are all -inf, becomes zeros and
+    /// returns `(-inf, 0)`. Softmax's first two passes: [`softmax`] divides by the sum;
+    /// attention over spans of positions (`simd::attention`) rescales each span's by
+    /// `exp(max - the row's max)` instead.
+    pub fn exp_shifted(x: &mut [f32], scale: f32) -> (f32, f32) = exp_shifted_body;
+}
+
+#[inline(always)]
+fn exp_shifted_body<V: F32Vec>(visible: &mut [f32], scale: f32) -> (f32, f32) {
+    let l = V::LANES;
+    let scale = V::splat(scale);
+    // Pass 1: scale in place, running maximum.
+    let mut vmax = V::splat(f32::NEG_INFINITY);
+    let mut chunks = visible.chunks_exact_mut(l);
+    for c in &mut chunks {
+        // SAFETY: each chunk holds exactly LANES values.
+        unsafe {
+            let v = V::load(c.as_ptr()).mul(scale);
+            v.store(c.as_mut_ptr());
             vmax = vmax.max(v);
         }
-        let max = vmax.reduce_max();
-        if max == f32::NEG_INFINITY {
-            visible.fill(0.0);
-            continue;
-        }
-        // Pass 2: exponentiate, sum.
-        let vm = V::splat(max);
-        let mut vsum = V::zero();
-        let mut chunks = visible.chunks_exact_mut(l);
-        for c in &mut chunks {
-            // SAFETY: each chunk holds exactly LANES values.
-            unsafe {
-                let e = exp(V::load(c.as_ptr()).sub(vm));
-                e.store(c.as_mut_ptr());
-                vsum = vsum.add(e);
-            }
-        }
-        let tail = chunks.into_remainder();
-        if !tail.is_empty() {
-            // Missing lanes are -inf, so they exponentiate to 0 and add nothing.
-            let e = exp(load_partial::<V>(tail, f32::NEG_INFINITY).sub(vm));
-            store_partial(e, tail);
+    }
+    let tail = chunks.into_remainder();
+    if !tail.is_empty() {
+        let v = load_partial::<V>(tail, f32::NEG_INFINITY).mul(scale);
+        store_partial(v, tail);
+        vmax = vmax.max(v);
+    }
+    let max = vmax.reduce_max();
+    if max == f32::NEG_INFINITY {
+        visible.fill(0.0);
+        return (max, 0.0);
+    }
+    // Pass 2: exponentiate, sum.
+    let vm = V::splat(max);
+    let mut vsum = V::zero();
+    let mut chunks = visible.chunks_exact_mut(l);
+    for c in &mut chunks {
+        // SAFETY: each chunk holds exactly LANES values.
+        unsafe {
+            let e = exp(V::load(c.as_ptr()).sub(vm));
+            e.store(c.as_mut_ptr());
             vsum = vsum.add(e);
         }
-        // Pass 3: normalise.
-        let inv = V::splat(1.0 / vsum.reduce_add());
-        scale_in_place(visible, inv);
     }
+    let tail = chunks.into_remainder();
+    if !tail.is_empty() {
+        // Missing lanes are -inf, so they exponentiate to 0 and add nothing.
+        let e = exp(load_partial::<V>(tail, f32::NEG_INFINITY).sub(vm));
+        store_partial(e, tail);
+        vsum = vsum.add(e);
+    }
+    (max, vsum.reduce_add())
 }
 
 #[inline(always)]

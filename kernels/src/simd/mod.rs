@@ -147,16 +147,21 @@ impl Out {
 /// vector type of `isa`, inside a wrapper compiled for that instruction set.
 macro_rules! stamp {
     ($(#[$meta:meta])* pub fn $name:ident($($arg:ident : $ty:ty),* $(,)?) = $body:ident;) => {
+        $crate::simd::stamp! {
+            $(#[$meta])* pub fn $name($($arg: $ty),*) -> () = $body;
+        }
+    };
+    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty = $body:ident;) => {
         $(#[$meta])*
-        pub fn $name(isa: $crate::simd::Isa, $($arg: $ty),*) {
+        pub fn $name(isa: $crate::simd::Isa, $($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx2,fma")]
-            fn avx512($($arg: $ty),*) {
+            fn avx512($($arg: $ty),*) -> $ret {
                 $body::<$crate::simd::vec::Avx512>($($arg),*)
             }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
-            fn avx2($($arg: $ty),*) {
+            fn avx2($($arg: $ty),*) -> $ret {
                 $body::<$crate::simd::vec::Avx2>($($arg),*)
             }
             match isa.level() {
