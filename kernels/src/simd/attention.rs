@@ -16,8 +16,9 @@
 //! - scores sixteen positions at a time, each head of the run in turn while those keys sit
 //!   in L1: sixteen 16-lane dot products side by side, summed together at the end
 //!   (`V16::reduce16`) rather than by sixteen horizontal sums;
-//! - values in steps of `MIX_STEP` positions, each head in turn: a step's sum in two chains
-//!   (even and odd positions), added to the head's output, steps in order.
+//! - values in steps of `MIX_STEP` positions, up to `MIX_HEADS` heads side by side: each
+//!   position's values loaded once for them all, each output value one chain of FMAs in
+//!   position order.
 //!
 //! Heads of no whole number of 16-value chunks take one position and one chain at a time.
 //! A pair's arithmetic does not depend on the run or task it lands in, so results are
@@ -403,8 +404,9 @@ impl Kernel16 for Axpy<'_> {
     }
 }
 
-/// Positions per step of [`Mix`]: each query head of a run sums one step's values while
-/// they sit in L1 (8 KiB of them for a head of 64 values).
+/// Positions per step of [`Mix`]: where a run's heads and values take more than one block
+/// of [`MIX_HEADS`] heads by 64 values, the blocks read a step's values while they sit in
+/// L1 (8 KiB of them for a head of 64 values).
 const MIX_STEP: usize = 32;
 
 /// The scores of a run of query heads that read one kv head: `s[r * n + t] = q_r · k_t` for
@@ -422,9 +424,11 @@ impl Kernel16 for Scores<'_> {
     type Output = ();
 
     /// Sixteen positions at a time where `hd` is a multiple of 16, every query head of the
-    /// run in turn while those sixteen keys sit in L1: sixteen dot products accumulated
-    /// side by side over the head's chunks of 16 values, then summed together
-    /// ([`V16::reduce16`]). Else one position at a time, with a horizontal sum each.
+    /// run in turn while those sixteen keys sit in L1: sixteen dot products, each over the
+    /// head's chunks of 16 values, then summed together ([`V16::reduce16`]). A whole step
+    /// addresses its keys from the first by the row stride ([`scores_step`]); a last,
+    /// partial one repeats its last position through a table of row pointers. Else one
+    /// position at a time, with a horizontal sum each.
     #[inline(always)]
     fn run<V: V16>(self) {
         let hd = self.hd;
@@ -439,6 +443,21 @@ impl Kernel16 for Scores<'_> {
         }
         for t0 in (0..n).step_by(16) {
             let live = 16.min(n - t0);
+            if live == 16 {
+                let step = (self.q, &mut *self.s, n, t0, row(t0), self.kv);
+                match hd / 16 {
+                    1 => scores_step::<V, 1>(step),
+                    2 => scores_step::<V, 2>(step),
+                    3 => scores_step::<V, 3>(step),
+                    4 => scores_step::<V, 4>(step),
+                    5 => scores_step::<V, 5>(step),
+                    6 => scores_step::<V, 6>(step),
+                    7 => scores_step::<V, 7>(step),
+                    8 => scores_step::<V, 8>(step),
+                    _ => scores_step_wide::<V>(step),
+                }
+                continue;
+            }
             // Past the last position, the step repeats it and drops the result.
             let rows: [*const f32; 16] = std::array::from_fn(|j| row(t0 + j.min(live - 1)));
             for (qr, sr) in self.q.chunks_exact(hd).zip(self.s.chunks_exact_mut(n)) {
@@ -462,6 +481,53 @@ impl Kernel16 for Scores<'_> {
                 }
             }
         }
+    }
+}
+
+/// One whole step of [`Scores`] (sixteen positions from `t0`, the first at `k0`, one every
+/// `stride` values) for each query head of `q` (`C` chunks of 16 values each): the head's
+/// query in registers, each position's dot product in one chain over the chunks (as many
+/// chains in flight as positions), then the sixteen summed together.
+#[inline(always)]
+fn scores_step<V: V16, const C: usize>(
+    (q, s, n, t0, k0, stride): (&[f32], &mut [f32], usize, usize, *const f32, usize),
+) {
+    for (qr, sr) in q.chunks_exact(16 * C).zip(s.chunks_exact_mut(n)) {
+        let mut qv = [V::zero(); C];
+        for (c, v) in qv.iter_mut().enumerate() {
+            // SAFETY: 16 C values in the head's query.
+            *v = unsafe { V::load(qr.as_ptr().add(16 * c)) };
+        }
+        let mut acc = [V::zero(); 16];
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: positions t0 + j < n, 16 C values each.
+            let r = unsafe { k0.add(j * stride) };
+            for (c, v) in qv.iter().enumerate() {
+                *a = v.fma(unsafe { V::load(r.add(16 * c)) }, *a);
+            }
+        }
+        // SAFETY: t0 + 16 <= n.
+        unsafe { V::reduce16(acc).store(sr.as_mut_ptr().add(t0)) };
+    }
+}
+
+/// [`scores_step`] for heads of more than eight chunks: the query's chunks loaded as used.
+#[inline(always)]
+fn scores_step_wide<V: V16>(
+    (q, s, n, t0, k0, stride): (&[f32], &mut [f32], usize, usize, *const f32, usize),
+) {
+    let hd = q.len() / (s.len() / n);
+    for (qr, sr) in q.chunks_exact(hd).zip(s.chunks_exact_mut(n)) {
+        let mut acc = [V::zero(); 16];
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: positions t0 + j < n, hd values each, and hd values of the query.
+            let r = unsafe { k0.add(j * stride) };
+            for c in (0..hd).step_by(16) {
+                *a = unsafe { V::load(qr.as_ptr().add(c)).fma(V::load(r.add(c)), *a) };
+            }
+        }
+        // SAFETY: t0 + 16 <= n.
+        unsafe { V::reduce16(acc).store(sr.as_mut_ptr().add(t0)) };
     }
 }
 
@@ -502,12 +568,13 @@ struct Mix<'a> {
 impl Kernel16 for Mix<'_> {
     type Output = ();
 
-    /// Where `hd` is a multiple of 16: steps of [`MIX_STEP`] positions, every query head of
-    /// the run in turn while the step's values sit in L1. A head sums a step in slices of
-    /// up to four chunks of 16 values, in two chains (even and odd positions, each in
-    /// position order, added at the end of the step: eight independent sums hide the FMA
-    /// latency), and adds it to its output, steps in order. Else each head in one chain in
-    /// position order (through memory from 17 whole chunks, 272 values, on).
+    /// Where `hd` is a multiple of 16: steps of [`MIX_STEP`] positions; in each, blocks of
+    /// up to [`MIX_HEADS`] query heads by up to four chunks of 16 values, each block
+    /// loading a position's values once for all its heads ([`mix_heads`]), while the
+    /// step's values sit in L1. Else each head in turn. Either way a head's output value
+    /// is one chain of FMAs in position order (the heads' sums side by side hide the FMA
+    /// latency), through memory from 17 whole chunks (272 values) on where `hd` is not a
+    /// multiple of 16.
     #[inline(always)]
     fn run<V: V16>(mut self) {
         let hd = self.hd;
@@ -522,57 +589,67 @@ impl Kernel16 for Mix<'_> {
         self.out.fill(0.0);
         for t0 in (0..n).step_by(MIX_STEP) {
             let steps = t0..n.min(t0 + MIX_STEP);
-            for r in 0..heads {
+            for r0 in (0..heads).step_by(MIX_HEADS) {
                 for c0 in (0..hd).step_by(64) {
-                    let slice = (r, steps.clone(), c0);
-                    match (hd - c0) / 16 {
-                        1 => mix_slice::<V, 1>(&mut self, slice),
-                        2 => mix_slice::<V, 2>(&mut self, slice),
-                        3 => mix_slice::<V, 3>(&mut self, slice),
-                        _ => mix_slice::<V, 4>(&mut self, slice),
+                    let block = (r0, steps.clone(), c0);
+                    macro_rules! arms {
+                        ($($h:literal, $w:literal);*) => {
+                            match ((heads - r0).min(MIX_HEADS), ((hd - c0) / 16).min(4)) {
+                                $(($h, $w) => mix_heads::<V, $h, $w>(&mut self, block),)*
+                                _ => unreachable!("at most MIX_HEADS heads and four chunks"),
+                            }
+                        };
                     }
+                    arms!(1, 1; 1, 2; 1, 3; 1, 4; 2, 1; 2, 2; 2, 3; 2, 4;
+                          3, 1; 3, 2; 3, 3; 3, 4; 4, 1; 4, 2; 4, 3; 4, 4);
                 }
             }
         }
     }
 }
 
-/// Adds head `r`'s sum over positions `ts` to its output values `c0 .. c0 + 16 W` (see
-/// [`Mix::run`]).
+/// Query heads [`Mix`] sums side by side.
+const MIX_HEADS: usize = 4;
+
+/// Adds heads `r0 .. r0 + H`'s sums over positions `ts` to their output values `c0 .. c0 +
+/// 16 W`: each position's `W` value vectors loaded once for the `H` heads, one chain per
+/// head and vector in position order, carried from step to step through the output.
 #[inline(always)]
-fn mix_slice<V: V16, const W: usize>(
+fn mix_heads<V: V16, const H: usize, const W: usize>(
     m: &mut Mix<'_>,
-    (r, ts, c0): (usize, std::ops::Range<usize>, usize),
+    (r0, ts, c0): (usize, std::ops::Range<usize>, usize),
 ) {
-    let n = m.p.len() / (m.out.len() / m.hd);
-    let pr = &m.p[r * n..][..n];
-    let out = &mut m.out[r * m.hd + c0..][..16 * W];
-    let row = |t: usize| m.v[t * m.kv + m.kv_off + c0..][..16 * W].as_ptr();
-    let (mut even, mut odd) = ([V::zero(); W], [V::zero(); W]);
-    let pairs_end = ts.end - (ts.end - ts.start) % 2;
-    for t in (ts.start..pairs_end).step_by(2) {
-        let (w0, w1) = (V::splat(pr[t]), V::splat(pr[t + 1]));
-        let (r0, r1) = (row(t), row(t + 1));
-        for c in 0..W {
-            // SAFETY: 16 W values of each row.
-            unsafe {
-                even[c] = w0.fma(V::load(r0.add(16 * c)), even[c]);
-                odd[c] = w1.fma(V::load(r1.add(16 * c)), odd[c]);
+    let hd = m.hd;
+    let n = m.p.len() / (m.out.len() / hd);
+    debug_assert!((r0 + H) * hd <= m.out.len() && c0 + 16 * W <= hd && ts.end <= n);
+    let out = m.out.as_mut_ptr();
+    let mut acc = [[V::zero(); W]; H];
+    for (h, a) in acc.iter_mut().enumerate() {
+        for (c, a) in a.iter_mut().enumerate() {
+            // SAFETY: head r0 + h's values c0 + 16c .. + 16 of the output.
+            *a = unsafe { V::load(out.add((r0 + h) * hd + c0 + 16 * c)) };
+        }
+    }
+    let p = &m.p[r0 * n..];
+    let v = &m.v[m.kv_off + c0..];
+    for t in ts {
+        let row = v[t * m.kv..][..16 * W].as_ptr();
+        let mut vals = [V::zero(); W];
+        for (c, x) in vals.iter_mut().enumerate() {
+            // SAFETY: 16 W values of the row.
+            *x = unsafe { V::load(row.add(16 * c)) };
+        }
+        for (h, a) in acc.iter_mut().enumerate() {
+            let w = V::splat(p[h * n + t]);
+            for (a, x) in a.iter_mut().zip(&vals) {
+                *a = w.fma(*x, *a);
             }
         }
     }
-    if pairs_end < ts.end {
-        let (w, r) = (V::splat(pr[pairs_end]), row(pairs_end));
-        for (c, e) in even.iter_mut().enumerate() {
+    for (h, a) in acc.iter().enumerate() {
+        for (c, a) in a.iter().enumerate() {
             // SAFETY: as above.
-            *e = w.fma(unsafe { V::load(r.add(16 * c)) }, *e);
-        }
-    }
-    for c in 0..W {
-        // SAFETY: 16 values at 16c of the output slice's 16 W.
-        unsafe {
-            let o = out.as_mut_ptr().add(16 * c);
-            V::load(o).add(even[c].add(odd[c])).store(o);
+            unsafe { a.store(out.add((r0 + h) * hd + c0 + 16 * c)) };
         }
     }
 }
