@@ -123,7 +123,7 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/gguf/malformed/tensor_count_2_60.gguf"
     );
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 12] = [
         (
             &[
                 "generate",
@@ -159,6 +159,40 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
         (
             &["generate", "--model", m, "--prompt", "x", "--threads", "0"],
             "--threads",
+        ),
+        // Thousands of threads would exhaust the process's memory maps: refused by name.
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--threads",
+                "9999",
+            ],
+            "--threads 9999: this machine runs",
+        ),
+        (
+            &[
+                "bench",
+                "model",
+                "--model",
+                m,
+                "--pp",
+                "0",
+                "--tg",
+                "0",
+                "--threads",
+                "1",
+            ],
+            "--pp 0 --tg 0: no test to run",
+        ),
+        (
+            &[
+                "profile", "--model", m, "--pp", "0", "--tg", "4", "--depth", "61", "--ctx", "64",
+            ],
+            "a test of 4 tokens after a depth of 61 exceeds the 64-token context (--ctx)",
         ),
         (
             &[
@@ -504,8 +538,8 @@ fn synth_refuses_bad_shapes_and_writes_a_model_that_runs() {
     let picture = std::fs::read_to_string(&svg).unwrap();
     assert!(picture.starts_with("<svg"));
     assert!(picture.contains("pp8 1 thread") && picture.contains("tg4 1 thread"));
-    // At a depth the tests are named as llama-bench names them; a context that cannot hold
-    // the depth and the test is refused by name.
+    // At depths the tests are named as llama-bench names them; a context that cannot hold
+    // the depth and the test is refused by name, even where the sum would overflow.
     let bench_at = |depth: &str| {
         chord(&[
             "bench",
@@ -527,7 +561,7 @@ fn synth_refuses_bad_shapes_and_writes_a_model_that_runs() {
             "--json",
         ])
     };
-    let r = bench_at("16");
+    let r = bench_at("16,32");
     assert!(r.status.success(), "{}", stderr(&r));
     let rows: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     let names: Vec<(&str, u64)> = rows
@@ -536,14 +570,29 @@ fn synth_refuses_bad_shapes_and_writes_a_model_that_runs() {
         .iter()
         .map(|r| (r["test"].as_str().unwrap(), r["depth"].as_u64().unwrap()))
         .collect();
-    assert_eq!(names, [("pp8 @ d16", 16), ("tg4 @ d16", 16)]);
-    let r = bench_at("100000");
-    assert!(!r.status.success());
-    assert!(
-        stderr(&r).contains("a depth of 100000 and a test of 8 tokens exceed the model's"),
-        "{}",
-        stderr(&r)
+    assert_eq!(
+        names,
+        [
+            ("pp8 @ d16", 16),
+            ("tg4 @ d16", 16),
+            ("pp8 @ d32", 32),
+            ("tg4 @ d32", 32)
+        ]
     );
+    for (depth, want) in [
+        (
+            "100000",
+            "a test of 8 tokens after a depth of 100000 exceeds the 2048-token context",
+        ),
+        (
+            "18446744073709551615",
+            "after a depth of 18446744073709551615 exceeds the 2048-token context",
+        ),
+    ] {
+        let r = bench_at(depth);
+        assert_eq!(r.status.code(), Some(1), "{depth}: {}", stderr(&r));
+        assert!(stderr(&r).contains(want), "{depth}: {}", stderr(&r));
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

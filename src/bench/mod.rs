@@ -45,14 +45,14 @@ impl Workload {
     /// 512, as a prompt of `pp` runs).
     ///
     /// # Errors
-    /// As [`check_depth`], or the model's error in the prompt.
+    /// As [`check_depth`] with the model's context, or the model's error in the prompt.
     pub fn new<B: crate::Backend>(
         model: &crate::model::Model<'_, B>,
         pp: usize,
         tg: usize,
         depth: usize,
     ) -> Result<Workload, crate::model::ModelError> {
-        check_depth(&model.config, pp, tg, depth)?;
+        check_depth(model.config.ctx_len, pp, tg, depth)?;
         let vocab = model.config.vocab as u64;
         let n = pp.max(tg);
         let mut tokens: Vec<u32> = (0..(depth + n) as u64)
@@ -68,29 +68,33 @@ impl Workload {
     }
 }
 
-/// Whether a model of `config` holds tests of `pp` and `tg` tokens after `depth` cached
-/// positions.
+/// Whether a context of `ctx` tokens holds tests of `pp` and `tg` tokens after `depth`
+/// cached positions.
 ///
 /// # Errors
 /// [`ModelError::Input`](crate::model::ModelError::Input) naming the figures if `depth +
-/// max(pp, tg)` exceeds the model's context.
+/// max(pp, tg)` exceeds `ctx`.
 pub fn check_depth(
-    config: &crate::model::Config,
+    ctx: usize,
     pp: usize,
     tg: usize,
     depth: usize,
 ) -> Result<(), crate::model::ModelError> {
-    let (n, ctx) = (pp.max(tg), config.ctx_len);
-    if depth + n > ctx {
+    let n = pp.max(tg);
+    if depth.checked_add(n).is_none_or(|total| total > ctx) {
+        let test = match depth {
+            0 => format!("a test of {n} tokens exceeds"),
+            _ => format!("a test of {n} tokens after a depth of {depth} exceeds"),
+        };
         return Err(crate::model::ModelError::Input(format!(
-            "a depth of {depth} and a test of {n} tokens exceed the model's {ctx}-token context"
+            "{test} the {ctx}-token context"
         )));
     }
     Ok(())
 }
 
 /// A test's name at `depth`, as llama-bench prints it: `tg128`, `tg128 @ d2048`.
-pub(crate) fn test_name(test: &str, depth: usize) -> String {
+pub fn test_name(test: &str, depth: usize) -> String {
     if depth == 0 {
         test.to_string()
     } else {

@@ -46,10 +46,8 @@ pub(crate) struct KernelArgs {
 }
 
 pub(crate) fn bench_kernels(args: KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if let Some(&t) = args.threads.iter().find(|&&t| t == 0) {
-        return Err(
-            format!("bench kernels: --threads {t}: a thread count must be at least 1").into(),
-        );
+    for &t in &args.threads {
+        check_threads(t)?;
     }
     let cfg = kernels::Config {
         ops: args.ops,
@@ -121,10 +119,10 @@ pub(crate) struct ModelBenchArgs {
     /// Generated tokens of the tg test (0 to skip).
     #[arg(long, default_value_t = 128)]
     tg: usize,
-    /// Positions already in the KV cache when each test starts (llama-bench's `-d`): long
-    /// context, filled once by an untimed prompt.
-    #[arg(long, default_value_t = 0)]
-    depth: usize,
+    /// Positions already in the KV cache when each test starts (comma-separated, as
+    /// llama-bench's `-d`): long context, filled once by an untimed prompt.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    depth: Vec<usize>,
     /// Timed repetitions of each test, after one warm-up; the median is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -146,23 +144,37 @@ pub(crate) fn bench_model(args: ModelBenchArgs) -> Result<(), Box<dyn std::error
     if args.reps == 0 {
         return Err("--reps 0: at least one repetition".into());
     }
-    if let Some(&t) = args.threads.iter().find(|&&t| t == 0) {
-        return Err(format!("--threads {t}: a thread count must be at least 1").into());
+    for &t in &args.threads {
+        check_threads(t)?;
+    }
+    if args.pp == 0 && args.tg == 0 {
+        return Err("--pp 0 --tg 0: no test to run".into());
     }
     check_svg(args.svg.as_deref())?;
     let path = model_path(args.model)?;
     let file = chord::gguf::GgufFile::open(&path)?;
     let config = chord::model::Config::from_gguf(&file)?;
-    chord::bench::check_depth(&config, args.pp, args.tg, args.depth)?;
+    for &depth in &args.depth {
+        chord::bench::check_depth(config.ctx_len, args.pp, args.tg, depth)?;
+    }
+    // The test column fits the longest name.
+    let width = args
+        .depth
+        .iter()
+        .map(|&d| chord::bench::test_name(&format!("pp{}", args.pp.max(args.tg)), d).len())
+        .max()
+        .unwrap_or(0)
+        .max("test".len());
     let mut rows = Vec::new();
     if !args.json {
+        let runs = if args.reps == 1 { "run" } else { "runs" };
         out!(
-            "{}: simd backend, median of {} runs",
+            "{}: simd backend, median of {} {runs}",
             path.display(),
             args.reps
         )?;
         out!(
-            "{:<14} {:<14} {:<6} {:>7} {:>12}",
+            "{:<width$} {:<14} {:<6} {:>7} {:>12}",
             "test",
             "backend",
             "mode",
@@ -176,25 +188,21 @@ pub(crate) fn bench_model(args: ModelBenchArgs) -> Result<(), Box<dyn std::error
                 &file,
                 chord::SimdBackend::new(threads)?.with_mode(mode),
             )?;
-            for r in chord::bench::model::run(
-                &model,
-                mode.name(),
-                args.pp,
-                args.tg,
-                args.depth,
-                args.reps,
-            )? {
-                if !args.json {
-                    out!(
-                        "{:<14} {:<14} {:<6} {:>7} {:>12.1}",
-                        r.test,
-                        r.backend,
-                        r.mode,
-                        r.threads,
-                        r.tokens_per_second
-                    )?;
+            for &depth in &args.depth {
+                let (pp, tg, reps) = (args.pp, args.tg, args.reps);
+                for r in chord::bench::model::run(&model, mode.name(), pp, tg, depth, reps)? {
+                    if !args.json {
+                        out!(
+                            "{:<width$} {:<14} {:<6} {:>7} {:>12.1}",
+                            r.test,
+                            r.backend,
+                            r.mode,
+                            r.threads,
+                            r.tokens_per_second
+                        )?;
+                    }
+                    rows.push(r);
                 }
-                rows.push(r);
             }
         }
     }
@@ -222,7 +230,8 @@ pub(crate) struct ProfileArgs {
     #[arg(long, default_value_t = 32)]
     tg: usize,
     /// Positions already in the KV cache when each phase starts (as `chord bench model
-    /// --depth`): long context, filled once by an untimed prompt.
+    /// --depth`): long context, filled once by an untimed prompt. With the phase, at most
+    /// `--ctx`.
     #[arg(long, default_value_t = 0)]
     depth: usize,
     /// Print one JSON object (roof and phases) instead of the tables.
@@ -242,8 +251,13 @@ pub(crate) fn profile_on<B: chord::Backend>(
     use chord::Backend as _;
     use chord::bench::profile::{self, Profiled};
     let threads = backend.threads();
+    if args.pp == 0 && args.tg == 0 {
+        return Err("--pp 0 --tg 0: no phase to profile".into());
+    }
     let config = chord::model::Config::from_gguf(file)?;
-    chord::bench::check_depth(&config, args.pp, args.tg, args.depth)?;
+    let ctx = args.run.ctx.min(config.ctx_len);
+    chord::bench::check_depth(ctx, args.pp, args.tg, args.depth)
+        .map_err(|e| format!("{e} (--ctx)"))?;
     eprintln!("measuring the roofs on {threads} thread(s)...");
     let roof = chord::bench::measure_roofs(&[threads]).remove(0);
     let model = chord::model::Model::load(file, Profiled::new(backend))?;
@@ -251,7 +265,7 @@ pub(crate) fn profile_on<B: chord::Backend>(
     if args.json {
         out!(
             "{}",
-            serde_json::json!({ "backend": model.backend().name(), "mode": args.run.mode.name(), "threads": threads, "roof": roof, "phases": phases })
+            serde_json::json!({ "backend": model.backend().name(), "mode": args.run.mode.name(), "threads": threads, "depth": args.depth, "roof": roof, "phases": phases })
         )?;
     } else {
         out!(

@@ -16,9 +16,7 @@ macro_rules! out {
 macro_rules! on_backend {
     ($run:expr, $file:ident, $b:ident => $body:expr) => {{
         let run: &RunArgs = $run;
-        if run.threads == 0 {
-            return Err("--threads 0: a thread count must be at least 1".into());
-        }
+        check_threads(run.threads)?;
         check_mode(&run.backend, run.mode)?;
         let path = model_path(run.model.clone())?;
         let $file = chord::gguf::GgufFile::open(&path)?;
@@ -162,6 +160,33 @@ pub(crate) fn check_mode(
     }
     Ok(())
 }
+
+/// A thread count a user asked for (`--threads`): at least 1, and at most
+/// [`MAX_THREADS_PER_CPU`] per CPU this process may run on. More threads than CPUs take
+/// turns on the same cores, and a team spin-waits for its slowest member, so each extra
+/// one costs time: a warning says so.
+pub(crate) fn check_threads(threads: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let most = MAX_THREADS_PER_CPU * cpus;
+    if threads == 0 {
+        return Err("--threads 0: a thread count must be at least 1".into());
+    }
+    if threads > most {
+        return Err(format!(
+            "--threads {threads}: this machine runs {cpus} threads at once; at most {most} (4 per CPU)"
+        )
+        .into());
+    }
+    if threads > cpus {
+        eprintln!(
+            "chord: warning: --threads {threads} is more than the {cpus} CPUs this process may run on: the threads take turns on the same cores"
+        );
+    }
+    Ok(())
+}
+
+/// Threads per CPU [`check_threads`] allows.
+const MAX_THREADS_PER_CPU: usize = 4;
 
 /// A prompt of `tokens` fits the context (`--ctx`, at most the model's).
 pub(crate) fn check_prompt_fits(

@@ -38,9 +38,7 @@ pub(crate) fn perplexity(args: PerplexityArgs) -> Result<(), Box<dyn std::error:
     if args.ctx < 4 {
         return Err(format!("--ctx {}: a chunk needs at least 4 tokens", args.ctx).into());
     }
-    if args.threads == 0 {
-        return Err("--threads 0: a thread count must be at least 1".into());
-    }
+    check_threads(args.threads)?;
     let text =
         std::fs::read_to_string(&args.file).map_err(|e| format!("{}: {e}", args.file.display()))?;
     let file = chord::gguf::GgufFile::open(model_path(args.model.clone())?)?;
