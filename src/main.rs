@@ -1,5 +1,6 @@
 //! The `chord` command line (the commands themselves are in `cli/`).
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -121,7 +122,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("chord: {e}");
+            // A closed stderr has no one to tell.
+            let _ = writeln!(std::io::stderr(), "chord: {e}");
             ExitCode::FAILURE
         }
     }

@@ -20,6 +20,24 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Notes for the user go to stderr; where no one reads it any more (a pipe whose reader
+/// has gone, as in `chord pull 2>&1 | head -1`) they are dropped and the run still
+/// succeeds, where `eprintln!` panicked.
+#[test]
+fn a_closed_stderr_pipe_drops_the_notes_not_the_run() {
+    let m = model();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(env!("CARGO_BIN_EXE_chord"))
+        .args(["generate", "--model", m.to_str().unwrap(), "--prompt", "Hi"])
+        .args(["-n", "2", "--temperature", "0"])
+        .stderr(writer)
+        .output()
+        .expect("chord runs");
+    assert!(o.status.success(), "{:?}", o.status);
+    assert!(!o.stdout.is_empty());
+}
+
 #[test]
 fn generate_json_reproduces_the_exact_math_reference() {
     let m = model();

@@ -63,7 +63,7 @@ pub(crate) fn bench_kernels(args: KernelArgs) -> Result<(), Box<dyn std::error::
         budget: Duration::from_millis(args.budget_ms),
     };
     check_svg(args.svg.as_deref())?;
-    eprintln!("measuring roofs on {:?} threads...", cfg.threads);
+    note!("measuring roofs on {:?} threads...", cfg.threads);
     let roofs = chord::bench::measure_roofs(&cfg.threads);
     if !args.json {
         out!(
@@ -258,7 +258,7 @@ pub(crate) fn profile_on<B: chord::Backend>(
     let ctx = args.run.ctx.min(config.ctx_len);
     chord::bench::check_depth(ctx, args.pp, args.tg, args.depth)
         .map_err(|e| format!("{e} (--ctx)"))?;
-    eprintln!("measuring the roofs on {threads} thread(s)...");
+    note!("measuring the roofs on {threads} thread(s)...");
     let roof = chord::bench::measure_roofs(&[threads]).remove(0);
     let model = chord::model::Model::load(file, Profiled::new(backend))?;
     let phases = profile::run(&model, args.pp, args.tg, args.depth, &roof)?;
@@ -304,7 +304,7 @@ fn write_svg(
     svg: Result<String, String>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(path, svg?).map_err(|e| format!("--svg {}: {e}", path.display()))?;
-    eprintln!("wrote {}", path.display());
+    note!("wrote {}", path.display());
     Ok(())
 }
 

@@ -85,7 +85,7 @@ pub(crate) fn model_template(
             return Err("--template model: this model file has no tokenizer.chat_template".into());
         }
         (None, None) => {
-            eprintln!(
+            note!(
                 "note: this model has no chat template (tokenizer.chat_template): it is likely a base model, so the conversation is given as plain text to continue (--template chatml|llama2|alpaca|zephyr|llama3 chooses a chat format)"
             );
             chord::chat::Template::Plain
@@ -186,7 +186,7 @@ pub(crate) fn chat_on<B: chord::Backend>(
     let interactive = std::io::stdin().is_terminal();
     // On stderr, so that piped replies stay alone on stdout.
     {
-        eprintln!(
+        note!(
             "chord chat: {} on {}. /quit, /clear, /system TEXT; Ctrl-C stops a reply.",
             args.run.model.as_deref().map_or_else(
                 || super::pull::FILE_NAME.to_string(),
@@ -204,7 +204,7 @@ pub(crate) fn chat_on<B: chord::Backend>(
     let mut buf = String::new();
     loop {
         if interactive {
-            eprint!("> ");
+            note_part!("> ");
         }
         buf.clear();
         if input.read_line(&mut buf)? == 0 {
@@ -219,12 +219,12 @@ pub(crate) fn chat_on<B: chord::Backend>(
             "/quit" | "/exit" => break,
             "/clear" => {
                 session.clear();
-                eprintln!("[conversation cleared]");
+                note!("[conversation cleared]");
                 continue;
             }
             "/system" => {
                 session.set_system(rest);
-                eprintln!("[system prompt set]");
+                note!("[system prompt set]");
                 continue;
             }
             // Record a turn without generating: replaying a conversation from a script.
@@ -233,7 +233,7 @@ pub(crate) fn chat_on<B: chord::Backend>(
                 continue;
             }
             c if c.starts_with('/') => {
-                eprintln!(
+                note!(
                     "[unknown command {c}: /quit, /clear, /system TEXT, /user TEXT, /assistant TEXT]"
                 );
                 continue;
@@ -258,9 +258,7 @@ pub(crate) fn chat_on<B: chord::Backend>(
         match result {
             Ok((g, dropped)) => {
                 if dropped > 0 {
-                    eprintln!(
-                        "[dropped the {dropped} oldest turn(s) to fit the {ctx}-token context]"
-                    );
+                    note!("[dropped the {dropped} oldest turn(s) to fit the {ctx}-token context]");
                 }
                 if args.json {
                     let v = serde_json::json!({ "reply": g.text, "ids": g.generated_ids, "stop_reason": g.stop_reason,
@@ -274,7 +272,7 @@ pub(crate) fn chat_on<B: chord::Backend>(
                 } else {
                     ""
                 };
-                eprintln!(
+                note!(
                     "[{} tokens, {:.1} tok/s{stopped}]",
                     g.generated_ids.len(),
                     g.generation_tokens_per_second()
@@ -283,7 +281,7 @@ pub(crate) fn chat_on<B: chord::Backend>(
             Err(e) => {
                 // This turn cannot run (the context is too small for it): say so, keep going.
                 session.messages.pop();
-                eprintln!("[{e}]");
+                note!("[{e}]");
             }
         }
     }

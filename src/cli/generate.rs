@@ -113,7 +113,7 @@ pub(crate) fn generate_on<B: chord::Backend>(
         out!("{v}")?;
     } else {
         out!()?;
-        eprintln!(
+        note!(
             "[loaded in {load_seconds:.2} s; {} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s; {backend}, {} mode, stop: {}]",
             g.prompt_ids.len(),
             g.prompt_tokens_per_second(),

@@ -11,6 +11,26 @@ macro_rules! out {
     }};
 }
 
+/// A line (`note!`) or text (`note_part!`) for the user on stderr: progress, speeds,
+/// warnings. A closed stderr (`chord pull 2>&1 | head -1`) drops it rather than panicking,
+/// as `eprintln!` would.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// [`note!`] without the line's end.
+macro_rules! note_part {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut e = std::io::stderr().lock();
+        let _ = write!(e, $($arg)*);
+        let _ = e.flush();
+    }};
+}
+
 /// Opens the model `run` names, checks the run flags, and evaluates `$body` with `$b` bound to
 /// the backend `run` names (see [`chord::with_backend!`]).
 macro_rules! on_backend {
@@ -126,7 +146,7 @@ pub(crate) fn model_path(
     };
     let dir = pull::models_dir();
     if !dir.join(known.file).exists() {
-        eprintln!(
+        note!(
             "{} is not in {}: fetching it (chord pull {})...",
             known.name,
             dir.display(),
@@ -178,7 +198,7 @@ pub(crate) fn check_threads(threads: usize) -> Result<(), Box<dyn std::error::Er
         .into());
     }
     if threads > cpus {
-        eprintln!(
+        note!(
             "chord: warning: --threads {threads} is more than the {cpus} CPUs this process may run on: the threads take turns on the same cores"
         );
     }

@@ -133,13 +133,13 @@ pub(crate) fn perplexity_on<B: chord::Backend>(
         // A progress bar on stderr, redrawn in place.
         let width = 30;
         let filled = done * width / of;
-        eprint!(
+        note_part!(
             "\r[{}{}] chunk {done}/{of}, PPL so far {ppl:.4}",
             "#".repeat(filled),
             ".".repeat(width - filled)
         );
         if done == of {
-            eprintln!();
+            note!();
         }
     };
     let result =

@@ -76,7 +76,7 @@ pub(crate) fn dump(args: DumpArgs) -> Result<(), Box<dyn std::error::Error>> {
         let bytes = chord::research::dump(&model, &ids, points.clone(), args.layers.clone(), meta)?;
         std::fs::write(&args.out, &bytes)
             .map_err(|e| format!("--out {}: {e}", args.out.display()))?;
-        eprintln!(
+        note!(
             "wrote {} ({} tokens, {} bytes)",
             args.out.display(),
             ids.len(),
@@ -92,7 +92,7 @@ pub(crate) fn diverge(args: DivergeArgs) -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("chord: {e}");
+            note!("chord: {e}");
             ExitCode::from(2)
         }
     }
