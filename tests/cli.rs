@@ -141,7 +141,7 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/gguf/malformed/tensor_count_2_60.gguf"
     );
-    let cases: [(&[&str], &str); 12] = [
+    let cases: [(&[&str], &str); 14] = [
         (
             &[
                 "generate",
@@ -229,6 +229,15 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
             "/nonexistent/model.gguf",
         ),
         (&["inspect", malformed], "header.tensor_count at byte 8"),
+        // A directory, and a bare word that is neither a file nor a known name.
+        (
+            &["generate", "--model", "/", "--prompt", "x"],
+            "/: a directory, not a GGUF file",
+        ),
+        (
+            &["generate", "--model", "smollm3", "--prompt", "x"],
+            "--model smollm3: no such file, and not a model chord knows by name (smollm2-135m,",
+        ),
         // An empty stop text would end generation before any text.
         (
             &["generate", "--model", m, "--prompt", "x", "--stop", ""],

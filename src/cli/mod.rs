@@ -141,6 +141,19 @@ pub(crate) fn model_path(
         None => pull::DEFAULT,
         Some(path) => match path.to_str().and_then(pull::known) {
             Some(k) if !path.exists() => k,
+            // A bare word that is neither a file nor a name chord knows: say which names.
+            None if !path.exists()
+                && path.components().count() == 1
+                && path.extension().is_none() =>
+            {
+                let names: Vec<&str> = pull::MODELS.iter().map(|m| m.name).collect();
+                return Err(format!(
+                    "--model {}: no such file, and not a model chord knows by name ({})",
+                    path.display(),
+                    names.join(", ")
+                )
+                .into());
+            }
             _ => return Ok(path.clone()),
         },
     };

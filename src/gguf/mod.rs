@@ -42,6 +42,12 @@ pub enum GgufError {
     /// A tensor the caller needs is missing or has another shape.
     #[error("GGUF tensor '{name}': {problem}")]
     Tensor { name: String, problem: String },
+    /// What is wrong with the file at `path` ([`GgufFile::open`]'s parse errors).
+    #[error("{path}: {source}")]
+    InFile {
+        path: String,
+        source: Box<GgufError>,
+    },
 }
 
 /// The type tag of a metadata value.
@@ -428,11 +434,20 @@ impl GgufFile {
             source,
         };
         let file = std::fs::File::open(path).map_err(io)?;
+        if file.metadata().map_err(io)?.is_dir() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "a directory, not a GGUF file",
+            )));
+        }
         // SAFETY: the map is read-only and private to this value. Another process truncating
         // or rewriting the file while it is mapped would change what is read: chord opens model
         // files it does not write to.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        let gguf = Gguf::parse(&map)?;
+        let gguf = Gguf::parse(&map).map_err(|e| GgufError::InFile {
+            path: path.display().to_string(),
+            source: Box::new(e),
+        })?;
         Ok(GgufFile { map, gguf })
     }
 
