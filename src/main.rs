@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Measure kernels against the machine's own roofs.
+    /// Measure: kernels against the machine's own roofs (bench kernels), or whole-model
+    /// tokens/s as llama-bench does (bench model).
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Fetch a model chord knows by name (default: smollm2-135m, SmolLM2-135M-Instruct Q4_1

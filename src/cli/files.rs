@@ -264,7 +264,7 @@ pub(crate) fn synth(args: SynthArgs) -> Result<(), Box<dyn std::error::Error>> {
     let written = written.expect("set when the write succeeded");
     let bytes = std::fs::metadata(&args.output)?.len();
     out!(
-        "{}: dim {}, {} layers, {} heads ({} kv), ffn {}, vocab {}, ctx {}; {:.3} B weights in {} ({} tensors, {:.1} MB), seed {}, {:.1} s",
+        "{}: dim {}, {} layers, {} heads ({} kv), ffn {}, vocab {}, ctx {}; {:.3} M weights in {} ({} tensors, {:.1} MB), seed {}, {:.1} s",
         args.output.display(),
         shape.dim,
         shape.layers,
@@ -273,7 +273,7 @@ pub(crate) fn synth(args: SynthArgs) -> Result<(), Box<dyn std::error::Error>> {
         shape.ffn,
         shape.vocab,
         shape.ctx,
-        written.params as f64 / 1e9,
+        written.params as f64 / 1e6,
         args.dtype.name(),
         written.tensors,
         bytes as f64 / 1e6,
