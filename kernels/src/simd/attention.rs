@@ -28,7 +28,8 @@
 //!
 //! Decode deep into the cache (a first row that sees `SPANS_MIN` positions or more, heads
 //! of whole 16-value chunks) splits the positions instead, as flash-decoding does (Dao et
-//! al. 2023): each row's visible positions are cut into spans of `SPAN` from its first
+//! al. 2023): each row's visible positions are cut into an even number of spans of at most
+//! `SPAN`, as equal as multiples of 16 allow, from its first
 //! visible one, and a (span, kv head) unit runs its query heads as a run does, but over its
 //! span only and keeping its softmax unnormalised: scores scaled, less their maximum
 //! `max_c`, exponentiated (`exp_shifted`), their sum `l_c` and `Σ_t p_t v_t` kept for each
@@ -39,7 +40,9 @@
 //! and rescaled. The units and their order do not depend on the team, so the results are
 //! bitwise identical for any thread count here too. Measured on the Xeon above, 2 threads,
 //! 30 layers' caches (out of L2): position 2100, 210-340 µs a call on the runs, 180-240 on
-//! spans; position 1024, 69-120 µs against 66-78.
+//! spans; position 1024, 69-120 µs against 66-78 (before the value sums took four heads at
+//! once); positions 300 and 450, on spans of at most 256 made even and of an even count,
+//! 15-16 and 21-23 µs against 17-18 and 25-27 on the runs.
 //!
 //! Prefill (`m >= TILED_MIN_ROWS` query rows, `head_dim` a multiple of 16 up to 256) takes a tiled
 //! path instead, one kv head at a time: the team first packs that head's keys transposed,
@@ -245,10 +248,18 @@ fn visible(p: &AttentionShape, i: usize) -> usize {
 }
 
 /// Decode calls whose first row sees at least this many positions take the spans path.
-const SPANS_MIN: usize = 512;
-/// Positions per span: a multiple of 16, so that a span's scores take their positions in
-/// the same sixteens as the runs' path.
+const SPANS_MIN: usize = 256;
+/// Most positions per span.
 const SPAN: usize = 256;
+
+/// The span length for a row that sees `visible` positions: an even number of spans of at
+/// most [`SPAN`], as equal as a multiple of 16 allows (a span's scores take their positions
+/// in sixteens). Equal spans make equal units, and an even count splits evenly between two
+/// threads (a count from the team would make the sums depend on it).
+fn span_len(visible: usize) -> usize {
+    let spans = visible.div_ceil(SPAN).next_multiple_of(2).max(2);
+    visible.div_ceil(spans).next_multiple_of(16)
+}
 
 /// The spans path (see the module docs): a unit is one span of one row's visible positions
 /// and one kv head; units go to the tasks in contiguous parts, spans outermost, so that a
@@ -271,7 +282,7 @@ fn spans(
     // u / n_kv_heads of its visible positions and kv head u % n_kv_heads. A unit's `group`
     // heads' sums of values sit at unit * group * hd in the partials, their maxima and
     // sums of scores (two values a head) at 2 * unit * group past all the sums.
-    let spans_of = |i: usize| visible(p, i).div_ceil(SPAN);
+    let spans_of = |i: usize| visible(p, i).div_ceil(span_len(visible(p, i)));
     let mut first = vec![0];
     for i in 0..p.m {
         first.push(first[i] + spans_of(i) * p.n_kv_heads);
@@ -292,8 +303,9 @@ fn spans(
                     (unit - first[i]) / p.n_kv_heads,
                     (unit - first[i]) % p.n_kv_heads,
                 );
-                let lo = p.first_visible(p.pos + i) + c * SPAN;
-                let len = SPAN.min(visible(p, i) - c * SPAN);
+                let span = span_len(visible(p, i));
+                let lo = p.first_visible(p.pos + i) + c * span;
+                let len = span.min(visible(p, i) - c * span);
                 if scores.len() < group * len {
                     scores.resize(group * len, 0.0);
                 }
@@ -1009,15 +1021,18 @@ mod tests {
             (1, 33, 2, 2, 72, None),
             (1, 20, 1, 2, 264, Some(7)),
             (6, 12, 2, 2, 280, None),
-            // Decode over SPANS_MIN or more positions: spans of SPAN, a last one partial and
-            // of no whole sixteen, rows of one call, a window, heads of 80; a first row one
-            // short of the spans path, and a head of no whole chunks, stay on the runs.
+            // Decode over SPANS_MIN or more positions: an even number of spans, a last one
+            // shorter and of no whole sixteen, rows of one call, a window, heads of 80; a
+            // first row one short of the spans path, and a head of no whole chunks, stay
+            // on the runs.
+            (1, 255, 3, 3, 64, None),
             (1, 511, 3, 3, 64, None),
             (1, 700, 2, 2, 64, None),
             (3, 1000, 1, 4, 128, None),
             (1, 1500, 2, 3, 64, Some(600)),
             (2, 520, 1, 2, 80, None),
             (2, 510, 1, 2, 64, None),
+            (2, 254, 1, 2, 64, None),
             (1, 600, 1, 2, 72, None),
         ] {
             let n_heads = n_kv_heads * group;
