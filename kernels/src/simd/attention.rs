@@ -28,12 +28,12 @@
 //!
 //! Decode deep into the cache (a first row that sees `SPANS_MIN` positions or more, heads
 //! of whole 16-value chunks) splits the positions instead, as flash-decoding does (Dao et
-//! al. 2023): each row's visible positions are cut into an even number of spans of at most
-//! `SPAN`, as equal as multiples of 16 allow, from its first
+//! al. 2023): each row's visible positions are cut into an even number of spans of about
+//! `SPAN`, cut on multiples of 16 and so each within 16 of an equal share, from its first
 //! visible one, and a (span, kv head) unit runs its query heads as a run does, but over its
 //! span only and keeping its softmax unnormalised: scores scaled, less their maximum
 //! `max_c`, exponentiated (`exp_shifted`), their sum `l_c` and `Σ_t p_t v_t` kept for each
-//! head. The tasks take the units in contiguous parts, spans outermost, so the two threads
+//! head. The tasks take the units in contiguous parts, spans before kv heads, so the two threads
 //! read different halves of the caches rather than each a kv head's strided rows (and a
 //! kv head cut between them twice). Each head then adds its spans in order: `Σ_c w_c
 //! sums_c / Σ_c w_c l_c` with `w_c = exp(max_c - max)`, the softmax's sums regrouped by span
@@ -41,7 +41,7 @@
 //! bitwise identical for any thread count here too. Measured on the Xeon above, 2 threads,
 //! 30 layers' caches (out of L2): position 2100, 210-340 µs a call on the runs, 180-240 on
 //! spans; position 1024, 69-120 µs against 66-78 (before the value sums took four heads at
-//! once); positions 300 and 450, on spans of at most 256 made even and of an even count,
+//! once); positions 300 and 450, on an even number of spans of about equal length,
 //! 15-16 and 21-23 µs against 17-18 and 25-27 on the runs.
 //!
 //! Prefill (`m >= TILED_MIN_ROWS` query rows, `head_dim` a multiple of 16 up to 256) takes a tiled
@@ -249,22 +249,35 @@ fn visible(p: &AttentionShape, i: usize) -> usize {
 
 /// Decode calls whose first row sees at least this many positions take the spans path.
 const SPANS_MIN: usize = 256;
-/// Most positions per span.
+/// Positions per span, about: a row's spans are as many as spans of this length need,
+/// made even.
 const SPAN: usize = 256;
 
-/// The span length for a row that sees `visible` positions: an even number of spans of at
-/// most [`SPAN`], as equal as a multiple of 16 allows (a span's scores take their positions
-/// in sixteens). Equal spans make equal units, and an even count splits evenly between two
-/// threads (a count from the team would make the sums depend on it).
-fn span_len(visible: usize) -> usize {
-    let spans = visible.div_ceil(SPAN).next_multiple_of(2).max(2);
-    visible.div_ceil(spans).next_multiple_of(16)
+/// Where span `c` of a row that sees `visible` positions starts, counted from its first
+/// visible one; `c == span_count(visible)` gives `visible`. An even number of spans of
+/// about [`SPAN`] positions, each starting on a multiple of 16 (a span's scores take their
+/// positions in sixteens), so each within 16 of an equal share: equal spans make equal
+/// units, and an even count splits evenly between two threads. The cuts depend on the row
+/// only (a count from the team would make the sums depend on it).
+fn span_start(visible: usize, c: usize) -> usize {
+    let spans = span_count(visible);
+    if c >= spans {
+        visible
+    } else {
+        (c * visible / spans) / 16 * 16
+    }
+}
+
+/// The number of spans of a row that sees `visible` positions (see [`span_start`]).
+fn span_count(visible: usize) -> usize {
+    visible.div_ceil(SPAN).next_multiple_of(2).max(2)
 }
 
 /// The spans path (see the module docs): a unit is one span of one row's visible positions
-/// and one kv head; units go to the tasks in contiguous parts, spans outermost, so that a
-/// task reads one stretch of the caches, every kv head of each position in it. Then each
-/// head's spans are combined on the calling thread, in span order.
+/// and one kv head; units go to the tasks in contiguous parts, rows outermost, then spans,
+/// so that a task reads one stretch of a row's caches, every kv head of each position in
+/// it (a call of two or three rows hands whole rows to the tasks). Then each head's spans
+/// are combined on the calling thread, in span order.
 #[allow(clippy::too_many_arguments)] // the op's tensors, side by side
 fn spans(
     isa: Isa,
@@ -282,7 +295,7 @@ fn spans(
     // u / n_kv_heads of its visible positions and kv head u % n_kv_heads. A unit's `group`
     // heads' sums of values sit at unit * group * hd in the partials, their maxima and
     // sums of scores (two values a head) at 2 * unit * group past all the sums.
-    let spans_of = |i: usize| visible(p, i).div_ceil(span_len(visible(p, i)));
+    let spans_of = |i: usize| span_count(visible(p, i));
     let mut first = vec![0];
     for i in 0..p.m {
         first.push(first[i] + spans_of(i) * p.n_kv_heads);
@@ -303,9 +316,11 @@ fn spans(
                     (unit - first[i]) / p.n_kv_heads,
                     (unit - first[i]) % p.n_kv_heads,
                 );
-                let span = span_len(visible(p, i));
-                let lo = p.first_visible(p.pos + i) + c * span;
-                let len = span.min(visible(p, i) - c * span);
+                let (from, to) = (
+                    span_start(visible(p, i), c),
+                    span_start(visible(p, i), c + 1),
+                );
+                let (lo, len) = (p.first_visible(p.pos + i) + from, to - from);
                 if scores.len() < group * len {
                     scores.resize(group * len, 0.0);
                 }
@@ -447,6 +462,12 @@ impl Kernel16 for Scores<'_> {
         let heads = self.q.len() / hd;
         let n = self.s.len() / heads;
         let row = |t: usize| self.k[t * self.kv + self.kv_off..][..hd].as_ptr();
+        // The whole steps reach their keys by the stride from the first, unchecked: the last
+        // position's key must be in the cache.
+        assert!(
+            n == 0 || self.k.len() >= (n - 1) * self.kv + self.kv_off + hd,
+            "attention scores: {n} positions past the cache"
+        );
         if !hd.is_multiple_of(16) {
             for (qr, sr) in self.q.chunks_exact(hd).zip(self.s.chunks_exact_mut(n)) {
                 scores_one_by_one::<V>(qr, sr, row);
@@ -481,16 +502,10 @@ impl Kernel16 for Scores<'_> {
                         *a = qc.fma(unsafe { V::load(r.add(c)) }, *a);
                     }
                 }
-                let sums = V::reduce16(acc);
-                if live == 16 {
-                    // SAFETY: t0 + 16 <= n.
-                    unsafe { sums.store(sr.as_mut_ptr().add(t0)) };
-                } else {
-                    let mut tail = [0.0f32; 16];
-                    // SAFETY: 16 values.
-                    unsafe { sums.store(tail.as_mut_ptr()) };
-                    sr[t0..].copy_from_slice(&tail[..live]);
-                }
+                let mut tail = [0.0f32; 16];
+                // SAFETY: 16 values.
+                unsafe { V::reduce16(acc).store(tail.as_mut_ptr()) };
+                sr[t0..].copy_from_slice(&tail[..live]);
             }
         }
     }
@@ -986,6 +1001,28 @@ mod tests {
     /// counts leaving a partial last unit, prompts after a cached prefix, sliding windows
     /// shorter and longer than the visible positions, a scale other than `1/sqrt(head_dim)`.
     #[test]
+    fn spans_are_an_even_number_cut_on_sixteens_each_within_sixteen_of_an_equal_share() {
+        for visible in (SPANS_MIN..5000).chain([8192, 32768, 131_072]) {
+            let n = span_count(visible);
+            assert!(
+                n.is_multiple_of(2) && n >= visible.div_ceil(SPAN),
+                "{visible}"
+            );
+            let lens: Vec<usize> = (0..n)
+                .map(|c| span_start(visible, c + 1) - span_start(visible, c))
+                .collect();
+            assert_eq!(span_start(visible, 0), 0);
+            assert!((1..n).all(|c| span_start(visible, c).is_multiple_of(16)));
+            let share = visible as f64 / n as f64;
+            assert!(
+                lens.iter().all(|&l| (l as f64 - share).abs() < 16.0),
+                "{visible}: {lens:?}"
+            );
+            assert_eq!(lens.iter().sum::<usize>(), visible);
+        }
+    }
+
+    #[test]
     fn attention_matches_f64_and_is_bitwise_identical_for_any_thread_count() {
         for (m, pos, n_kv_heads, group, hd, window) in [
             (4, 0, 1, 1, 64, None),
@@ -1027,12 +1064,18 @@ mod tests {
             // on the runs.
             (1, 255, 3, 3, 64, None),
             (1, 511, 3, 3, 64, None),
+            (2, 511, 1, 2, 64, None),
+            (1, 3840, 1, 2, 64, None),
             (1, 700, 2, 2, 64, None),
             (3, 1000, 1, 4, 128, None),
             (1, 1500, 2, 3, 64, Some(600)),
             (2, 520, 1, 2, 80, None),
             (2, 510, 1, 2, 64, None),
             (2, 254, 1, 2, 64, None),
+            // Whole steps of heads of 2, 3 and 7 chunks.
+            (1, 70, 1, 3, 32, None),
+            (1, 40, 2, 2, 48, None),
+            (1, 100, 1, 2, 112, None),
             (1, 600, 1, 2, 72, None),
         ] {
             let n_heads = n_kv_heads * group;

@@ -67,9 +67,10 @@ fn softmax_body<V: F32Vec>(x: &mut [f32], cols: usize, p: &SoftmaxParams) {
     for (r, row) in x.chunks_exact_mut(cols).enumerate() {
         let (visible, masked) = row.split_at_mut(p.visible(r, cols));
         masked.fill(0.0);
-        let (_, sum) = exp_shifted_body::<V>(visible, p.scale);
-        if sum > 0.0 {
-            // Pass 3: normalise.
+        let (max, sum) = exp_shifted_body::<V>(visible, p.scale);
+        if max != f32::NEG_INFINITY {
+            // Pass 3: normalise (a sum of 0 or NaN, from an infinite or NaN score, makes
+            // the row NaN, as the scalar softmax does).
             scale_in_place(visible, V::splat(1.0 / sum));
         }
     }
