@@ -141,7 +141,7 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/gguf/malformed/tensor_count_2_60.gguf"
     );
-    let cases: [(&[&str], &str); 14] = [
+    let cases: [(&[&str], &str); 15] = [
         (
             &[
                 "generate",
@@ -189,7 +189,7 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
                 "--threads",
                 "9999",
             ],
-            "--threads 9999: this machine runs",
+            "--threads 9999: this process may run on",
         ),
         (
             &[
@@ -237,6 +237,10 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
         (
             &["generate", "--model", "smollm3", "--prompt", "x"],
             "--model smollm3: no such file, and not a model chord knows by name (smollm2-135m,",
+        ),
+        (
+            &["generate", "--model", "qwen2.5", "--prompt", "x"],
+            "--model qwen2.5: no such file, and not a model chord knows by name",
         ),
         // An empty stop text would end generation before any text.
         (

@@ -141,16 +141,16 @@ pub(crate) fn model_path(
         None => pull::DEFAULT,
         Some(path) => match path.to_str().and_then(pull::known) {
             Some(k) if !path.exists() => k,
-            // A bare word that is neither a file nor a name chord knows: say which names.
+            // A bare word (no folder, not a .gguf name) that is neither a file nor a name
+            // chord knows: say which names it knows.
             None if !path.exists()
                 && path.components().count() == 1
-                && path.extension().is_none() =>
+                && path.extension().is_none_or(|e| e != "gguf") =>
             {
-                let names: Vec<&str> = pull::MODELS.iter().map(|m| m.name).collect();
                 return Err(format!(
                     "--model {}: no such file, and not a model chord knows by name ({})",
                     path.display(),
-                    names.join(", ")
+                    pull::known_names()
                 )
                 .into());
             }
@@ -206,7 +206,7 @@ pub(crate) fn check_threads(threads: usize) -> Result<(), Box<dyn std::error::Er
     }
     if threads > most {
         return Err(format!(
-            "--threads {threads}: this machine runs {cpus} threads at once; at most {most} (4 per CPU)"
+            "--threads {threads}: this process may run on {cpus} CPUs; at most {most} (4 per CPU)"
         )
         .into());
     }

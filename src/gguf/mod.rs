@@ -433,13 +433,20 @@ impl GgufFile {
             path: path.display().to_string(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(io)?;
-        if file.metadata().map_err(io)?.is_dir() {
+        // Before opening: opening a FIFO would wait for a writer.
+        let kind = std::fs::metadata(path).map_err(io)?.file_type();
+        if !kind.is_file() {
+            let (e, what) = if kind.is_dir() {
+                (std::io::ErrorKind::IsADirectory, "a directory")
+            } else {
+                (std::io::ErrorKind::InvalidInput, "a pipe, socket or device")
+            };
             return Err(io(std::io::Error::new(
-                std::io::ErrorKind::IsADirectory,
-                "a directory, not a GGUF file",
+                e,
+                format!("{what}, not a GGUF file"),
             )));
         }
+        let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only and private to this value. Another process truncating
         // or rewriting the file while it is mapped would change what is read: chord opens model
         // files it does not write to.
