@@ -546,33 +546,9 @@ fn synth_refuses_bad_shapes_and_writes_a_model_that_runs() {
     let text = String::from_utf8_lossy(&info.stdout);
     assert!(text.contains("general.architecture") && text.contains("\"llama\""));
     assert!(text.contains("llama.attention.head_count_kv") && text.contains("300 tokens"));
-    let svg = dir.join("bench.svg");
-    let r = chord(&[
-        "bench",
-        "model",
-        "--model",
-        o,
-        "--pp",
-        "8",
-        "--tg",
-        "4",
-        "--reps",
-        "1",
-        "--threads",
-        "1",
-        "--modes",
-        "exact",
-        "--svg",
-        svg.to_str().unwrap(),
-    ]);
-    assert!(r.status.success(), "{}", stderr(&r));
-    let picture = std::fs::read_to_string(&svg).unwrap();
-    assert!(picture.starts_with("<svg"));
-    assert!(picture.contains("pp8 1 thread") && picture.contains("tg4 1 thread"));
-    // At depths the tests are named as llama-bench names them; a context that cannot hold
-    // the depth and the test is refused by name, even where the sum would overflow.
-    let bench_at = |depth: &str| {
-        chord(&[
+    // One small bench model run, with `extra` flags.
+    let bench = |extra: &[&str]| {
+        let base = [
             "bench",
             "model",
             "--model",
@@ -581,17 +557,24 @@ fn synth_refuses_bad_shapes_and_writes_a_model_that_runs() {
             "8",
             "--tg",
             "4",
-            "--depth",
-            depth,
             "--reps",
             "1",
             "--threads",
             "1",
             "--modes",
             "exact",
-            "--json",
-        ])
+        ];
+        chord(&[&base[..], extra].concat())
     };
+    let svg = dir.join("bench.svg");
+    let r = bench(&["--svg", svg.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.starts_with("<svg"));
+    assert!(picture.contains("pp8 1 thread") && picture.contains("tg4 1 thread"));
+    // At depths the tests are named as llama-bench names them; a context that cannot hold
+    // the depth and the test is refused by name, even where the sum would overflow.
+    let bench_at = |depth: &str| bench(&["--depth", depth, "--json"]);
     let r = bench_at("16,32");
     assert!(r.status.success(), "{}", stderr(&r));
     let rows: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
