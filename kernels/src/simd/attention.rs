@@ -156,6 +156,9 @@ pub fn attention(
     if hd == 0 || p.n_heads == 0 {
         return;
     }
+    if p.m < TILED_MIN_ROWS && hd.is_multiple_of(16) && visible(p, 0) >= SPANS_MIN {
+        return spans(isa, team, scratch, q, k_cache, v_cache, out, p);
+    }
     let o = Out(out.as_mut_ptr());
     let softmax_params = SoftmaxParams {
         scale: p.scale,
@@ -166,50 +169,29 @@ pub fn attention(
         let at = (i * p.n_heads + h) * hd;
         // SAFETY: pairs (i, h .. h + heads)'s outputs, written by this task only.
         let out = unsafe { std::slice::from_raw_parts_mut(o.get().add(at), heads * hd) };
-        let lo = p.first_visible(p.pos + i);
-        let n = p.pos + i + 1 - lo;
+        let (lo, n) = (p.first_visible(p.pos + i), visible(p, i));
         if n == 0 {
             // A window of no positions: no values to sum.
             out.fill(0.0);
             return;
         }
-        if scores.len() < heads * n {
-            scores.resize(heads * n, 0.0);
-        }
-        let s = &mut scores[..heads * n];
-        let (k, v) = (&k_cache[lo * kv..], &v_cache[lo * kv..]);
-        let kv_off = (h / group) * hd;
-        let q = &q[at..][..heads * hd];
-        dispatch16(
+        let stretch = Stretch {
+            k: &k_cache[lo * kv..],
+            v: &v_cache[lo * kv..],
+            kv,
+            kv_off: (h / group) * hd,
+            hd,
+            n,
+        };
+        run_heads(
             isa,
-            Scores {
-                q,
-                hd,
-                k,
-                kv,
-                kv_off,
-                s,
-            },
-        );
-        for row in s.chunks_exact_mut(n) {
-            softmax(isa, row, n, &softmax_params);
-        }
-        let s = &scores[..heads * n];
-        dispatch16(
-            isa,
-            Mix {
-                p: s,
-                hd,
-                v,
-                kv,
-                kv_off,
-                out,
-            },
+            scores,
+            &q[at..][..heads * hd],
+            stretch,
+            out,
+            |_, row| softmax(isa, row, n, &softmax_params),
         );
     };
-    if p.m < TILED_MIN_ROWS && hd.is_multiple_of(16) && visible(p, 0) >= SPANS_MIN {
-        return spans(isa, team, scratch, q, k_cache, v_cache, out, p);
-    }
     if p.m < TILED_MIN_ROWS {
         // Decode: each task a contiguous part of the (row, head) pairs, in runs that share
         // a row and a kv head (a kv head's query heads may be cut between two tasks).
@@ -321,24 +303,6 @@ fn spans(
                     span_start(visible(p, i), c + 1),
                 );
                 let (lo, len) = (p.first_visible(p.pos + i) + from, to - from);
-                if scores.len() < group * len {
-                    scores.resize(group * len, 0.0);
-                }
-                let s = &mut scores[..group * len];
-                let at = (i * p.n_heads + g * group) * hd;
-                let (k, v) = (&k_cache[lo * kv..], &v_cache[lo * kv..]);
-                let q = &q[at..][..group * hd];
-                dispatch16(
-                    isa,
-                    Scores {
-                        q,
-                        hd,
-                        k,
-                        kv,
-                        kv_off: g * hd,
-                        s,
-                    },
-                );
                 // SAFETY: this unit's slots of the partials, written by this task only.
                 let (sums, stats) = unsafe {
                     (
@@ -352,20 +316,24 @@ fn spans(
                         ),
                     )
                 };
-                for (row, st) in s.chunks_exact_mut(len).zip(stats.chunks_exact_mut(2)) {
-                    let (max, sum) = exp_shifted(isa, row, p.scale);
-                    st.copy_from_slice(&[max, sum]);
-                }
-                let p = &*s;
-                dispatch16(
+                let stretch = Stretch {
+                    k: &k_cache[lo * kv..],
+                    v: &v_cache[lo * kv..],
+                    kv,
+                    kv_off: g * hd,
+                    hd,
+                    n: len,
+                };
+                let at = (i * p.n_heads + g * group) * hd;
+                run_heads(
                     isa,
-                    Mix {
-                        p,
-                        hd,
-                        v,
-                        kv,
-                        kv_off: g * hd,
-                        out: sums,
+                    &mut scores,
+                    &q[at..][..group * hd],
+                    stretch,
+                    sums,
+                    |r, row| {
+                        let (max, sum) = exp_shifted(isa, row, p.scale);
+                        stats[2 * r..][..2].copy_from_slice(&[max, sum]);
                     },
                 );
             }
@@ -406,6 +374,69 @@ fn spans(
             o.iter_mut().for_each(|x| *x *= inv);
         }
     }
+}
+
+/// `n` positions of one kv head: its keys and values, rows of `kv` values from the first
+/// position's, the head's `hd` at `kv_off` in each.
+struct Stretch<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    kv: usize,
+    kv_off: usize,
+    hd: usize,
+    n: usize,
+}
+
+/// A run of query heads `q (heads, hd)` that read one kv head, over a stretch of its
+/// positions: their scores into `scores` (grown as needed), `weigh(r, row)` on head `r`'s
+/// row of them (a softmax, or the spans' unnormalised one), then `out (heads, hd) =
+/// Σ_t p_t v_t`.
+fn run_heads(
+    isa: Isa,
+    scores: &mut Vec<f32>,
+    q: &[f32],
+    Stretch {
+        k,
+        v,
+        kv,
+        kv_off,
+        hd,
+        n,
+    }: Stretch<'_>,
+    out: &mut [f32],
+    mut weigh: impl FnMut(usize, &mut [f32]),
+) {
+    let heads = q.len() / hd;
+    if scores.len() < heads * n {
+        scores.resize(heads * n, 0.0);
+    }
+    let s = &mut scores[..heads * n];
+    dispatch16(
+        isa,
+        Scores {
+            q,
+            hd,
+            k,
+            kv,
+            kv_off,
+            s,
+        },
+    );
+    for (r, row) in s.chunks_exact_mut(n).enumerate() {
+        weigh(r, row);
+    }
+    let p = &scores[..heads * n];
+    dispatch16(
+        isa,
+        Mix {
+            p,
+            hd,
+            v,
+            kv,
+            kv_off,
+            out,
+        },
+    );
 }
 
 /// `y += a x`, in vectors of 16 (`y.len()` a multiple of 16).
