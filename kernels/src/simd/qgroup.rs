@@ -1,11 +1,13 @@
 //! Exact mode on repacked weights: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K`, `Q5_K` and
-//! `Q6_K` in [`Layout::Values`], sixteen rows to a record, one value position of the sixteen rows per
-//! 16-byte chunk (see `simd::repack`). The arithmetic is f32 on the weights' exact values, as on rows of blocks
-//! (`simd::qmatmul`); the layout takes away what that path pays per row and block.
+//! `Q6_K` in [`Layout::Values`], sixteen rows to a record, each value position of the sixteen
+//! rows one or two instructions from one vector (see `simd::repack`). The arithmetic is f32 on
+//! the weights' exact values, as on rows of blocks (`simd::qmatmul`); the layout takes away
+//! what that path pays per row and block.
 //!
-//! - **decode** (`m <= GEMV_ROWS`): a record's chunk becomes one vector of sixteen weight
-//!   values (`vpmovzxbd` + `vpermps` for a nibble, plus 16 under the fifth bits' mask for a
-//!   5-bit format; `vpmovsxbd` + `vcvtdq2ps` for a byte), multiplied by one activation
+//! - **decode** (`m <= GEMV_ROWS`): a value position of a record becomes one vector of
+//!   sixteen weight values (for `Q4_0` .. `Q5_1`, a shift of the chunk's 32-bit lanes +
+//!   `vpermps`, plus 16 under the fifth bits' mask for a 5-bit format; for the K-quants'
+//!   nibbles `vpmovzxbd` + `vpermps`; `vpmovsxbd` + `vcvtdq2ps` for a byte), multiplied by one activation
 //!   value, broadcast: a lane accumulates one output row, so there is no horizontal sum and
 //!   no per-row scale table. Each block's sums are scaled once, sixteen rows at a time:
 //!   `acc += d · Σ_v q_v x_v` (`q - 8` for `Q4_0`, `q - 16` for `Q5_0`), plus `m · Σ_v x_v`
@@ -152,10 +154,9 @@ fn value_offset(dtype: DType) -> f32 {
     }
 }
 
-/// Sixteen rows' values `j` and `j + 16` of a 4- or 5-bit chunk `q`, with the fifth bits `h`
-/// (one mask per value position): `table[q & 15]` (`q`, `q - 8` or `q - 16`) plus 16 under
-/// the mask where the level has a lookup; else the bytes with their fifth bit, converted,
-/// plus `offset`.
+/// `Q5_K`'s sixteen rows' values `j` and `j + 16` of a chunk `q`, with the fifth bits `h`
+/// (one mask per value position): `table[q & 15]` plus 16 under the mask where the level
+/// has a lookup; else the bytes with their fifth bit, converted, plus `offset`.
 #[inline(always)]
 fn nibbles<V: V16>(table: V, offset: V, q: V::U8, h: Option<[u16; 2]>) -> [V; 2] {
     if V::LOOKUP16 {
@@ -216,14 +217,29 @@ fn k5_mask(qs: &[u8], v: usize) -> u16 {
     u16::from_le_bytes([qs[at], qs[at + 1]])
 }
 
-/// Value positions `j` and `j + 16`'s fifth-bit masks in a record's `qh` (see
-/// `simd::repack`).
+/// Value `v`'s fifth-bit mask in a record's `qh` (see `simd::repack`).
 #[inline(always)]
-fn fifth_masks(qh: Option<&[u8]>, j: usize) -> Option<[u16; 2]> {
-    qh.map(|qh| {
-        let mask = |v: usize| u16::from_le_bytes([qh[2 * v], qh[2 * v + 1]]);
-        [mask(j), mask(j + 16)]
-    })
+fn fifth_mask(qh: Option<&[u8]>, v: usize) -> Option<u16> {
+    qh.map(|qh| u16::from_le_bytes([qh[2 * v], qh[2 * v + 1]]))
+}
+
+/// The value of a 4- or 5-bit record's chunk `c` (see `simd::repack`) in nibble `n` of
+/// every lane: value `4c + n / 2`, or 16 on for an odd `n`.
+#[inline(always)]
+fn lane_value(c: usize, n: usize) -> usize {
+    4 * c + n / 2 + 16 * (n % 2)
+}
+
+/// Sixteen rows' values in nibble `n` of a 4- or 5-bit chunk's lanes `q`, with their fifth
+/// bits `h`: `q + offset` (`q`, `q - 8` or `q - 16`; `table` = `iota + offset`), and 16 more
+/// under the mask.
+#[inline(always)]
+fn lane_nibble<V: V16>(table: V, offset: V, q: V::U32, n: usize, h: Option<u16>) -> V {
+    let v = V::nibble_value(table, offset, q, n as u32);
+    match h {
+        Some(h) => v.add_where(h, V::splat(16.0)),
+        None => v,
+    }
 }
 
 /// The decode work of one task: groups `groups` of `w`.
@@ -287,26 +303,30 @@ impl<const M: usize, const F: u8> Kernel16 for GroupGemv<'_, M, F> {
                         }
                     }
                 } else {
-                    for j in (0..16).step_by(2) {
-                        // SAFETY: a 4-bit record holds 16 chunks of 16 bytes.
-                        let (q0, q1) = unsafe {
-                            (
-                                V::load_u8(rec.qs.as_ptr().add(GROUP * j)),
-                                V::load_u8(rec.qs.as_ptr().add(GROUP * (j + 1))),
-                            )
-                        };
-                        let (h0, h1) = if five {
-                            (fifth_masks(rec.qh, j), fifth_masks(rec.qh, j + 1))
-                        } else {
-                            (None, None)
-                        };
-                        let [lo0, hi0] = nibbles(table, offset, q0, h0);
-                        let [lo1, hi1] = nibbles(table, offset, q1, h1);
+                    for c in 0..4 {
+                        // SAFETY: a 4- or 5-bit record holds 4 chunks of 64 bytes.
+                        let q = unsafe { V::load_u32(rec.qs.as_ptr().add(64 * c)) };
+                        // The chunk's eight values, nibble by nibble (a loop, not
+                        // array::from_fn, as above; unrolled, so each shift is an immediate).
+                        let mut ws = [V::zero(); 8];
+                        for (n, w) in ws.iter_mut().enumerate() {
+                            let h = if five {
+                                fifth_mask(rec.qh, lane_value(c, n))
+                            } else {
+                                None
+                            };
+                            *w = lane_nibble(table, offset, q, n, h);
+                        }
+                        let v = 4 * c;
                         for (p, xb) in p.iter_mut().zip(&xs) {
-                            p[0] = lo0.fma(V::splat(xb[j]), p[0]);
-                            p[1] = lo1.fma(V::splat(xb[j + 1]), p[1]);
-                            p[2] = hi0.fma(V::splat(xb[16 + j]), p[2]);
-                            p[3] = hi1.fma(V::splat(xb[17 + j]), p[3]);
+                            p[0] = ws[0].fma(V::splat(xb[v]), p[0]);
+                            p[1] = ws[1].fma(V::splat(xb[v + 16]), p[1]);
+                            p[2] = ws[2].fma(V::splat(xb[v + 1]), p[2]);
+                            p[3] = ws[3].fma(V::splat(xb[v + 17]), p[3]);
+                            p[0] = ws[4].fma(V::splat(xb[v + 2]), p[0]);
+                            p[1] = ws[5].fma(V::splat(xb[v + 18]), p[1]);
+                            p[2] = ws[6].fma(V::splat(xb[v + 3]), p[2]);
+                            p[3] = ws[7].fma(V::splat(xb[v + 19]), p[3]);
                         }
                     }
                 }
@@ -589,18 +609,20 @@ impl Panels for GroupPanels<'_> {
                             Some(m) => unsafe { W::load_f16(m.as_ptr()) },
                             None => W::zero(),
                         };
-                        for j in 0..16 {
-                            // SAFETY: a 4-bit record holds 16 chunks of 16 bytes.
-                            let q = unsafe { W::load_u8(rec.qs.as_ptr().add(GROUP * j)) };
-                            let [lo, hi] = nibbles(table, offset, q, fifth_masks(rec.qh, j));
-                            let (lo, hi) = if rec.m.is_some() {
-                                (lo.mul(d).add(m), hi.mul(d).add(m))
-                            } else {
-                                (lo.mul(d), hi.mul(d))
-                            };
-                            store_lanes(lo, lane0, &mut panel[at(p + j)..at(p + j) + lanes]);
-                            let h = p + 16 + j;
-                            store_lanes(hi, lane0, &mut panel[at(h)..at(h) + lanes]);
+                        for c in 0..4 {
+                            // SAFETY: a 4- or 5-bit record holds 4 chunks of 64 bytes.
+                            let q = unsafe { W::load_u32(rec.qs.as_ptr().add(64 * c)) };
+                            for n in 0..8 {
+                                let v = lane_value(c, n);
+                                let h = fifth_mask(rec.qh, v);
+                                let val = lane_nibble(table, offset, q, n, h);
+                                let val = if rec.m.is_some() {
+                                    val.mul(d).add(m)
+                                } else {
+                                    val.mul(d)
+                                };
+                                store_lanes(val, lane0, &mut panel[at(p + v)..at(p + v) + lanes]);
+                            }
                         }
                     }
                 }

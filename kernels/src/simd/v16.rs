@@ -14,6 +14,9 @@ use wide::{f32x4, u32x4};
 pub(crate) trait V16: Copy {
     /// 16 bytes.
     type U8: Copy;
+    /// Sixteen 32-bit lanes: four quant bytes (eight nibbles) of each of sixteen rows, as
+    /// the repacked 4- and 5-bit formats hold them (see `simd::repack`).
+    type U32: Copy;
 
     /// Loads 16 values.
     ///
@@ -39,6 +42,15 @@ pub(crate) trait V16: Copy {
     /// # Safety
     /// `p` must be valid for reading 16 bytes.
     unsafe fn load_u8(p: *const u8) -> Self::U8;
+    /// Loads 64 bytes as sixteen little-endian 32-bit lanes.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 64 bytes.
+    unsafe fn load_u32(p: *const u8) -> Self::U32;
+    /// Lane `i` = nibble `n` (0..8, bits `4n .. 4n + 4`) of lane `i` of `v`, plus `offset`,
+    /// exactly, with `table` = [`iota16`](V16::iota16) + `offset`: one shift and one permute
+    /// through `table` on AVX-512, else a shift, a mask, a conversion and an add.
+    fn nibble_value(table: Self, offset: Self, v: Self::U32, n: u32) -> Self;
     fn u8_splat(v: u8) -> Self::U8;
     fn u8_and(a: Self::U8, b: Self::U8) -> Self::U8;
     fn u8_or(a: Self::U8, b: Self::U8) -> Self::U8;
@@ -188,6 +200,7 @@ impl<V: F32Vec> Pair<V> {
 
 impl V16 for Pair<Portable> {
     type U8 = [u8; 16];
+    type U32 = [u32; 16];
 
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
@@ -227,6 +240,20 @@ impl V16 for Pair<Portable> {
     unsafe fn load_u8(p: *const u8) -> [u8; 16] {
         // SAFETY: 16 readable bytes, per the trait's contract.
         unsafe { std::ptr::read_unaligned(p as *const [u8; 16]) }
+    }
+    #[inline(always)]
+    unsafe fn load_u32(p: *const u8) -> [u32; 16] {
+        // SAFETY: 64 readable bytes, per the trait's contract.
+        let b = unsafe { std::ptr::read_unaligned(p as *const [u8; 64]) };
+        std::array::from_fn(|i| {
+            u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+        })
+    }
+    #[inline(always)]
+    fn nibble_value(_: Self, offset: Self, v: [u32; 16], n: u32) -> Self {
+        let q: [f32; 16] = std::array::from_fn(|i| (v[i] >> (4 * n) & 15) as f32);
+        // SAFETY: 16 values.
+        unsafe { Self::load(q.as_ptr()) }.add(offset)
     }
     #[inline(always)]
     fn u8_splat(v: u8) -> [u8; 16] {
@@ -327,6 +354,24 @@ mod x86 {
         }
     }
 
+    /// Each 32-bit lane `>> 4n` (`n` < 8): an immediate shift once `n` is known where the
+    /// kernel is inlined (its loops over nibbles are unrolled), so one instruction.
+    #[inline(always)]
+    unsafe fn nibble_down(v: __m512i, n: u32) -> __m512i {
+        unsafe {
+            match n {
+                0 => v,
+                1 => _mm512_srli_epi32::<4>(v),
+                2 => _mm512_srli_epi32::<8>(v),
+                3 => _mm512_srli_epi32::<12>(v),
+                4 => _mm512_srli_epi32::<16>(v),
+                5 => _mm512_srli_epi32::<20>(v),
+                6 => _mm512_srli_epi32::<24>(v),
+                _ => _mm512_srli_epi32::<28>(v),
+            }
+        }
+    }
+
     /// Bytes `>> n` within each byte: a 16-bit shift, then the bits that crossed in cleared.
     #[inline(always)]
     unsafe fn shr_bytes(a: __m128i, n: u32) -> __m128i {
@@ -361,6 +406,7 @@ mod x86 {
     // compiled with `avx512f` (and `avx2`, `fma`, `f16c`) enabled, after run-time detection.
     impl V16 for Avx512 {
         type U8 = __m128i;
+        type U32 = __m512i;
 
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
@@ -397,6 +443,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn load_u8(p: *const u8) -> __m128i {
             unsafe { _mm_loadu_si128(p as *const __m128i) }
+        }
+        #[inline(always)]
+        unsafe fn load_u32(p: *const u8) -> __m512i {
+            unsafe { _mm512_loadu_si512(p as *const _) }
         }
         #[inline(always)]
         fn u8_splat(v: u8) -> __m128i {
@@ -447,6 +497,12 @@ mod x86 {
         #[inline(always)]
         fn add_where(self, bits: u16, v: Self) -> Self {
             unsafe { Avx512::from_raw(_mm512_mask_add_ps(self.raw(), bits, self.raw(), v.raw())) }
+        }
+        /// `vpermps` reads the low 4 bits of each index lane: one shift brings nibble `n`
+        /// there, and the nibbles above it need no mask.
+        #[inline(always)]
+        fn nibble_value(table: Self, _: Self, v: __m512i, n: u32) -> Self {
+            unsafe { Avx512::from_raw(_mm512_permutexvar_ps(nibble_down(v, n), table.raw())) }
         }
         /// `vpermps` reads the low 4 bits of each index lane: the low nibble needs no mask.
         #[inline(always)]
@@ -552,6 +608,7 @@ mod x86 {
     // `fma` and `f16c` enabled, after run-time detection.
     impl V16 for Pair<Avx2> {
         type U8 = __m128i;
+        type U32 = [__m256i; 2];
 
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
@@ -588,6 +645,29 @@ mod x86 {
         #[inline(always)]
         unsafe fn load_u8(p: *const u8) -> __m128i {
             unsafe { _mm_loadu_si128(p as *const __m128i) }
+        }
+        #[inline(always)]
+        unsafe fn load_u32(p: *const u8) -> [__m256i; 2] {
+            unsafe {
+                [
+                    _mm256_loadu_si256(p as *const __m256i),
+                    _mm256_loadu_si256(p.add(32) as *const __m256i),
+                ]
+            }
+        }
+        #[inline(always)]
+        fn nibble_value(_: Self, offset: Self, v: [__m256i; 2], n: u32) -> Self {
+            unsafe {
+                let count = _mm_cvtsi32_si128(4 * n as i32);
+                let fifteen = _mm256_set1_epi32(15);
+                let lo = _mm256_and_si256(_mm256_srl_epi32(v[0], count), fifteen);
+                let hi = _mm256_and_si256(_mm256_srl_epi32(v[1], count), fifteen);
+                let q = Pair([
+                    Avx2::from_raw(_mm256_cvtepi32_ps(lo)),
+                    Avx2::from_raw(_mm256_cvtepi32_ps(hi)),
+                ]);
+                q.add(offset)
+            }
         }
         #[inline(always)]
         fn u8_splat(v: u8) -> __m128i {
