@@ -481,3 +481,103 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod exp_tests {
+    use super::super::vec::{F32Vec, exp};
+    use crate::simd::{Isa, stamp};
+
+    stamp! {
+        /// `exp` over whole vectors of `x`, in place (a tail shorter than a vector is left).
+        pub fn exp_in_place(x: &mut [f32]) = exp_in_place_body;
+    }
+
+    #[inline(always)]
+    fn exp_in_place_body<V: F32Vec>(x: &mut [f32]) {
+        for c in x.chunks_exact_mut(V::LANES) {
+            // SAFETY: each chunk holds exactly LANES values.
+            unsafe { exp(V::load(c.as_ptr())).store(c.as_mut_ptr()) };
+        }
+    }
+
+    /// A NaN score makes its whole row NaN on every level, as in the scalar reference,
+    /// wherever it sits (a vector's first or last lane, the tail); the other rows are
+    /// untouched. (AVX-512 had turned it into a weight of 0 and AVX2 into about 2e38.)
+    #[test]
+    fn a_nan_score_makes_its_softmax_row_nan_on_every_level_as_the_scalar_reference() {
+        let cols = 37;
+        for at in [0, 5, 15, 16, 31, 32, 36] {
+            let mut x: Vec<f32> = (0..2 * cols).map(|i| (i * 7 % 11) as f32 - 5.0).collect();
+            x[at] = f32::NAN;
+            let mut want = x.clone();
+            crate::scalar::softmax(&mut want, cols, &super::SoftmaxParams::PLAIN);
+            assert!(want[..cols].iter().all(|v| v.is_nan()));
+            for isa in Isa::available() {
+                let mut got = x.clone();
+                super::softmax(isa, &mut got, cols, &super::SoftmaxParams::PLAIN);
+                assert!(
+                    got[..cols].iter().all(|v| v.is_nan()),
+                    "{:?} NaN at {at}: {:?}",
+                    isa.level(),
+                    &got[..cols]
+                );
+                let sum: f32 = got[cols..].iter().sum();
+                assert!(
+                    (sum - 1.0).abs() < 1e-6,
+                    "{:?}: second row sums to {sum}",
+                    isa.level()
+                );
+            }
+        }
+    }
+
+    /// Units in the last place between `y` and the f64 `want` rounded to f32.
+    fn ulps(y: f32, want: f64) -> u32 {
+        (y.to_bits() as i64 - (want as f32).to_bits() as i64).unsigned_abs() as u32
+    }
+
+    /// Every level: within 2 ulp of the f64 `exp` from -87.3 to 88.3 and 6 from there to
+    /// where f32 overflows; 0 below -87.3; +inf beyond f32's range and for +inf; NaN for NaN.
+    #[test]
+    fn exp_is_within_a_few_ulp_up_to_its_overflow_and_keeps_nan_on_every_level() {
+        let mut xs: Vec<f32> = (0..=17_600).map(|i| -87.3 + i as f32 * 0.01).collect();
+        xs.extend((0..1000).map(|i| 88.3 + i as f32 * 0.0005));
+        let specials = [
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            88.8,
+            100.0,
+            1e30,
+            f32::MAX,
+            -87.4,
+            -100.0,
+            -1e30,
+            f32::MIN,
+            0.0,
+            -0.0,
+        ];
+        xs.extend(specials);
+        xs.resize(xs.len().next_multiple_of(16), 1.0);
+        for isa in Isa::available() {
+            let mut ys = xs.clone();
+            exp_in_place(isa, &mut ys);
+            for (&x, &y) in xs.iter().zip(&ys) {
+                let want = (x as f64).exp();
+                let ok = if x.is_nan() {
+                    y.is_nan()
+                } else if x < -87.3 {
+                    y == 0.0
+                } else if want > f32::MAX as f64 {
+                    y == f32::INFINITY
+                } else {
+                    // Past 88.3, r grows to ln 2, outside the polynomial's fitted range:
+                    // 5 ulp measured at most, by 88.7225.
+                    ulps(y, want) <= if x <= 88.3 { 2 } else { 6 }
+                };
+                assert!(ok, "{:?}: exp({x:e}) = {y:e}, want {want:e}", isa.level());
+            }
+        }
+    }
+}

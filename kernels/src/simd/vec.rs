@@ -38,7 +38,7 @@ pub(crate) trait F32Vec: Copy {
     fn round(self) -> Self;
     /// `2^self` for integer-valued lanes in `[-126, 127]`, built in the exponent bits.
     fn pow2i(self) -> Self;
-    /// `self` where `x >= threshold`, 0 where `x < threshold` (or `x` is `-inf`).
+    /// 0 where `x < threshold` (`x` is `-inf` included), `self` elsewhere (`x` NaN included).
     fn zero_where_below(self, x: Self, threshold: f32) -> Self;
     /// Swaps adjacent lanes: `[a0, a1, a2, a3, ...] -> [a1, a0, a3, a2, ...]`.
     fn swap_pairs(self) -> Self;
@@ -68,11 +68,15 @@ pub(crate) fn store_partial<V: F32Vec>(v: V, d: &mut [f32]) {
     d.copy_from_slice(&buf[..n]);
 }
 
-/// `exp(x)` lane by lane, within 2 ulp of the true value for `x` in `[-87.3, 88.3]`;
-/// 0 below `-87.3` (true value < 1.2e-38) and `exp(88.3)` above it.
+/// `exp(x)` lane by lane, within 2 ulp of the true value for `x` in `[-87.3, 88.3]` and 6
+/// from there to f32's overflow (`x` about 88.72), `+inf` above it; 0 below `-87.3` (true
+/// value < 1.2e-38); NaN for NaN, on every level.
 ///
 /// Cody-Waite reduction `x = n ln2 + r`, `|r| <= ln2/2`, then the degree-6 polynomial of
-/// Cephes' `expf` for `exp(r)`, scaled by `2^n` through the exponent bits.
+/// Cephes' `expf` for `exp(r)`, scaled by `2^n` through the exponent bits. `n` comes from `x`
+/// clamped to `[-87.3, 88.3]`, so that `2^n` is a normal float; `r` from `x` itself, so that
+/// a NaN stays NaN and an `x` past the clamp grows `r` (to `+inf` past the overflow)
+/// instead of returning `exp(88.3)`.
 #[inline(always)]
 pub(crate) fn exp<V: F32Vec>(x: V) -> V {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -80,7 +84,7 @@ pub(crate) fn exp<V: F32Vec>(x: V) -> V {
     const LN2_LO: f32 = -2.121_944_4e-4;
     let xc = x.min(V::splat(88.3)).max(V::splat(-87.3));
     let n = xc.mul(V::splat(LOG2E)).round();
-    let r = n.fma(V::splat(-LN2_HI), xc);
+    let r = n.fma(V::splat(-LN2_HI), x);
     let r = n.fma(V::splat(-LN2_LO), r);
     let mut p = V::splat(1.987_569_1e-4);
     p = p.fma(r, V::splat(1.398_199_9e-3));
@@ -189,7 +193,8 @@ mod x86 {
         #[inline(always)]
         fn zero_where_below(self, x: Self, threshold: f32) -> Self {
             unsafe {
-                let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x.0, _mm512_set1_ps(threshold));
+                // Not less than, unordered: true for a NaN `x`, as the other levels keep it.
+                let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x.0, _mm512_set1_ps(threshold));
                 Self(_mm512_maskz_mov_ps(keep, self.0))
             }
         }
