@@ -146,7 +146,11 @@ pub(crate) fn ensure(model: &KnownModel, dir: &Path, quiet: bool) -> Result<Path
                 model.sha256
             )));
         }
-        write_stamp(dir, model);
+        // The stamp read before hashing: a file changed while it was hashed keeps no
+        // stamp of its new version.
+        if let Some(stamp) = stamp {
+            let _ = std::fs::write(stamp_path(dir, model), stamp);
+        }
         return Ok(path);
     }
     let err = |what: &str, e: &dyn std::fmt::Display| PullError::Fetch(format!("{what}: {e}"));
@@ -169,8 +173,8 @@ fn stamp_path(dir: &Path, model: &KnownModel) -> PathBuf {
     dir.join(format!(".{}.verified", model.file))
 }
 
-/// Stamps `model`'s file in `dir` as verified, as it is now. A stamp that cannot be written
-/// only costs the next run a hash.
+/// Stamps `model`'s file in `dir`, just fetched and hashed, as verified. A stamp that
+/// cannot be written only costs the next run a hash.
 fn write_stamp(dir: &Path, model: &KnownModel) {
     if let Some(stamp) = file_stamp(&dir.join(model.file), model.sha256) {
         let _ = std::fs::write(stamp_path(dir, model), stamp);
@@ -287,8 +291,8 @@ fn run_on_stderr(mut cmd: Command, quiet: bool) -> std::io::Result<std::process:
 }
 
 /// Runs `cmd` to its end with its stderr (and stdout, unless `quiet`) on a pipe whose bytes
-/// go to `sink`; once `sink` fails, the rest is read and dropped, so the child never writes
-/// into a closed pipe.
+/// go to `sink`; once `sink` fails, the rest is read and dropped, so the child does not
+/// write into a closed pipe (unless reading the pipe itself fails, which a pipe does not).
 fn run_forwarding(
     mut cmd: Command,
     quiet: bool,

@@ -154,33 +154,25 @@ fn value_offset(dtype: DType) -> f32 {
     }
 }
 
-/// `Q5_K`'s sixteen rows' values `j` and `j + 16` of a chunk `q`, with the fifth bits `h`
-/// (one mask per value position): `table[q & 15]` plus 16 under the mask where the level
-/// has a lookup; else the bytes with their fifth bit, converted, plus `offset`.
+/// `Q5_K`'s sixteen rows' values `q` in the low and high nibbles of a chunk, with the
+/// fifth bits `[h0, h1]` (one mask per value position): `iota[q & 15]` plus 16 under the
+/// mask where the level has a lookup; else the bytes with their fifth bit, converted.
 #[inline(always)]
-fn nibbles<V: V16>(table: V, offset: V, q: V::U8, h: Option<[u16; 2]>) -> [V; 2] {
+fn k5_nibbles<V: V16>(iota: V, q: V::U8, [h0, h1]: [u16; 2]) -> [V; 2] {
     if V::LOOKUP16 {
-        let [lo, hi] = [V::lookup16(table, q, false), V::lookup16(table, q, true)];
-        match h {
-            Some([h0, h1]) => {
-                let sixteen = V::splat(16.0);
-                [lo.add_where(h0, sixteen), hi.add_where(h1, sixteen)]
-            }
-            None => [lo, hi],
-        }
+        let [lo, hi] = [V::lookup16(iota, q, false), V::lookup16(iota, q, true)];
+        let sixteen = V::splat(16.0);
+        [lo.add_where(h0, sixteen), hi.add_where(h1, sixteen)]
     } else {
-        let (mut lo, mut hi) = (V::low_nibbles(q), V::high_nibbles(q));
-        if let Some([h0, h1]) = h {
-            let bit = V::u8_splat(0x10);
-            lo = V::u8_or(lo, V::u8_and(V::u8_from_bits(h0), bit));
-            hi = V::u8_or(hi, V::u8_and(V::u8_from_bits(h1), bit));
-        }
-        [V::u8_to_f32(lo).add(offset), V::u8_to_f32(hi).add(offset)]
+        let bit = V::u8_splat(0x10);
+        let lo = V::u8_or(V::low_nibbles(q), V::u8_and(V::u8_from_bits(h0), bit));
+        let hi = V::u8_or(V::high_nibbles(q), V::u8_and(V::u8_from_bits(h1), bit));
+        [V::u8_to_f32(lo), V::u8_to_f32(hi)]
     }
 }
 
 /// Sixteen rows' low and high nibbles of a chunk as f32 (`Q4_K`'s `q`): the lookup of
-/// [`nibbles`] where the level has one, else a conversion.
+/// [`k5_nibbles`] where the level has one, else a conversion.
 #[inline(always)]
 fn k4_nibbles<V: V16>(iota: V, q: V::U8) -> [V; 2] {
     if V::LOOKUP16 {
@@ -231,15 +223,11 @@ fn lane_value(c: usize, n: usize) -> usize {
 }
 
 /// Sixteen rows' values in nibble `n` of a 4- or 5-bit chunk's lanes `q`, with their fifth
-/// bits `h`: `q + offset` (`q`, `q - 8` or `q - 16`; `table` = `iota + offset`), and 16 more
+/// bits `h`: `q + offset` (`q`, `q - 8` or `q - 16`; `table` = `iota + offset`), 16 more
 /// under the mask.
 #[inline(always)]
 fn lane_nibble<V: V16>(table: V, offset: V, q: V::U32, n: usize, h: Option<u16>) -> V {
-    let v = V::nibble_value(table, offset, q, n as u32);
-    match h {
-        Some(h) => v.add_where(h, V::splat(16.0)),
-        None => v,
-    }
+    V::nibble_value(table, offset, q, n as u32, h)
 }
 
 /// The decode work of one task: groups `groups` of `w`.
@@ -408,10 +396,7 @@ impl<const M: usize, const FIVE: bool> Kernel16 for GroupGemvK4<'_, M, FIVE> {
                         let ([lo0, hi0], [lo1, hi1]) = if FIVE {
                             let h0 = k5_masks(rec.qs, i, l);
                             let h1 = k5_masks(rec.qs, i, l + 1);
-                            (
-                                nibbles(table, V::zero(), q0, Some(h0)),
-                                nibbles(table, V::zero(), q1, Some(h1)),
-                            )
+                            (k5_nibbles(table, q0, h0), k5_nibbles(table, q1, h1))
                         } else {
                             (k4_nibbles(table, q0), k4_nibbles(table, q1))
                         };

@@ -112,7 +112,9 @@ const RELEASE_BYTES: usize = 1 << 20;
 /// How a record's quants are arranged (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
-    /// A 16-byte chunk per value position: exact mode's f32 kernels.
+    /// Sixteen rows of a value position from one or two instructions (a 32-bit lane per
+    /// row for the 4- and 5-bit formats, else a 16-byte chunk per value position): exact
+    /// mode's f32 kernels.
     Values,
     /// Four values of a row per 32-bit lane: fast mode's integer dot products.
     Dots,

@@ -47,10 +47,12 @@ pub(crate) trait V16: Copy {
     /// # Safety
     /// `p` must be valid for reading 64 bytes.
     unsafe fn load_u32(p: *const u8) -> Self::U32;
-    /// Lane `i` = nibble `n` (0..8, bits `4n .. 4n + 4`) of lane `i` of `v`, plus `offset`,
-    /// exactly, with `table` = [`iota16`](V16::iota16) + `offset`: one shift and one permute
-    /// through `table` on AVX-512, else a shift, a mask, a conversion and an add.
-    fn nibble_value(table: Self, offset: Self, v: Self::U32, n: u32) -> Self;
+    /// Lane `i` = nibble `n` (0..8, bits `4n .. 4n + 4`) of lane `i` of `v`, plus 16 where
+    /// bit `i` of `fifth` is set (a 5-bit format's fifth bits), plus `offset`, exactly, with
+    /// `table` = [`iota16`](V16::iota16) + `offset`. AVX-512: one shift and one permute
+    /// through `table`, and an add under a mask register; else the fifth bit joins the
+    /// nibble as an integer before one conversion.
+    fn nibble_value(table: Self, offset: Self, v: Self::U32, n: u32, fifth: Option<u16>) -> Self;
     fn u8_splat(v: u8) -> Self::U8;
     fn u8_and(a: Self::U8, b: Self::U8) -> Self::U8;
     fn u8_or(a: Self::U8, b: Self::U8) -> Self::U8;
@@ -250,8 +252,11 @@ impl V16 for Pair<Portable> {
         })
     }
     #[inline(always)]
-    fn nibble_value(_: Self, offset: Self, v: [u32; 16], n: u32) -> Self {
-        let q: [f32; 16] = std::array::from_fn(|i| (v[i] >> (4 * n) & 15) as f32);
+    fn nibble_value(_: Self, offset: Self, v: [u32; 16], n: u32, fifth: Option<u16>) -> Self {
+        debug_assert!(n < 8);
+        let h = fifth.unwrap_or(0);
+        let q: [f32; 16] =
+            std::array::from_fn(|i| (v[i] >> (4 * n) & 15 | (h as u32 >> i & 1) << 4) as f32);
         // SAFETY: 16 values.
         unsafe { Self::load(q.as_ptr()) }.add(offset)
     }
@@ -358,6 +363,7 @@ mod x86 {
     /// kernel is inlined (its loops over nibbles are unrolled), so one instruction.
     #[inline(always)]
     unsafe fn nibble_down(v: __m512i, n: u32) -> __m512i {
+        debug_assert!(n < 8);
         unsafe {
             match n {
                 0 => v,
@@ -501,8 +507,13 @@ mod x86 {
         /// `vpermps` reads the low 4 bits of each index lane: one shift brings nibble `n`
         /// there, and the nibbles above it need no mask.
         #[inline(always)]
-        fn nibble_value(table: Self, _: Self, v: __m512i, n: u32) -> Self {
-            unsafe { Avx512::from_raw(_mm512_permutexvar_ps(nibble_down(v, n), table.raw())) }
+        fn nibble_value(table: Self, _: Self, v: __m512i, n: u32, fifth: Option<u16>) -> Self {
+            let q =
+                unsafe { Avx512::from_raw(_mm512_permutexvar_ps(nibble_down(v, n), table.raw())) };
+            match fifth {
+                Some(h) => q.add_where(h, <Self as V16>::splat(16.0)),
+                None => q,
+            }
         }
         /// `vpermps` reads the low 4 bits of each index lane: the low nibble needs no mask.
         #[inline(always)]
@@ -656,12 +667,30 @@ mod x86 {
             }
         }
         #[inline(always)]
-        fn nibble_value(_: Self, offset: Self, v: [__m256i; 2], n: u32) -> Self {
+        fn nibble_value(
+            _: Self,
+            offset: Self,
+            v: [__m256i; 2],
+            n: u32,
+            fifth: Option<u16>,
+        ) -> Self {
             unsafe {
                 let count = _mm_cvtsi32_si128(4 * n as i32);
                 let fifteen = _mm256_set1_epi32(15);
-                let lo = _mm256_and_si256(_mm256_srl_epi32(v[0], count), fifteen);
-                let hi = _mm256_and_si256(_mm256_srl_epi32(v[1], count), fifteen);
+                let mut lo = _mm256_and_si256(_mm256_srl_epi32(v[0], count), fifteen);
+                let mut hi = _mm256_and_si256(_mm256_srl_epi32(v[1], count), fifteen);
+                if let Some(h) = fifth {
+                    // Lane i's bit of h, as 16: each half's lanes test their own bits.
+                    let b = _mm256_set1_epi32(h as i32);
+                    let bits_lo = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+                    let bits_hi = _mm256_slli_epi32::<8>(bits_lo);
+                    let sixteen = _mm256_set1_epi32(16);
+                    // Not a closure: it would not inherit the level's target features.
+                    let on_lo = _mm256_cmpeq_epi32(_mm256_and_si256(b, bits_lo), bits_lo);
+                    let on_hi = _mm256_cmpeq_epi32(_mm256_and_si256(b, bits_hi), bits_hi);
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(on_lo, sixteen));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(on_hi, sixteen));
+                }
                 let q = Pair([
                     Avx2::from_raw(_mm256_cvtepi32_ps(lo)),
                     Avx2::from_raw(_mm256_cvtepi32_ps(hi)),
