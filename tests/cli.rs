@@ -20,6 +20,45 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A file in the models folder that is not the model it is named for is refused by name,
+/// not fetched over: `chord pull` says to delete it, and a command that takes `--model` also
+/// says it can point elsewhere (`chord pull` has no `--model` to offer).
+#[test]
+fn a_wrong_file_in_the_models_folder_is_named_and_each_command_gives_its_own_way_out() {
+    let dir = std::env::temp_dir().join(format!("chord-cli-bad-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        b"not the model",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_chord"))
+            .args(args)
+            .env("CHORD_MODELS", &dir)
+            .output()
+            .expect("chord runs")
+    };
+    let pull = run(&["pull"]);
+    let generate = run(&["generate", "--prompt", "Hi", "-n", "1"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    for o in [&pull, &generate] {
+        let e = stderr(o);
+        assert!(!o.status.success(), "{e}");
+        assert!(
+            e.contains("is not smollm2-135m") && e.contains("delete it"),
+            "{e}"
+        );
+        assert!(!e.contains("cannot fetch"), "{e}");
+    }
+    assert!(!stderr(&pull).contains("--model"), "{}", stderr(&pull));
+    assert!(
+        stderr(&generate).contains("--model PATH"),
+        "{}",
+        stderr(&generate)
+    );
+}
+
 /// Notes for the user go to stderr; where no one reads it any more (a pipe whose reader
 /// has gone, as in `chord pull 2>&1 | head -1`) they are dropped and the run still
 /// succeeds, where `eprintln!` panicked.

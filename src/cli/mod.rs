@@ -166,7 +166,10 @@ pub(crate) fn model_path(
             known.name
         );
     }
-    Ok(pull::ensure(&known, &dir, false)?)
+    // `chord pull` has no --model: the advice is for the commands that do.
+    pull::ensure(&known, &dir, false).map_err(|e| {
+        format!("{e}\n  (or pass --model PATH to use a GGUF file you already have)").into()
+    })
 }
 
 /// The ids of `--prompt` in `tok` (BOS added as the model asks); an empty prompt is an

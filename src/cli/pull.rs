@@ -92,12 +92,10 @@ pub(crate) fn known_names() -> String {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PullError {
     /// The model was absent and fetching it failed.
-    #[error(
-        "cannot fetch the model: {0}\n  (pass --model PATH to use a GGUF file you already have)"
-    )]
+    #[error("cannot fetch the model: {0}")]
     Fetch(String),
     /// The file in place cannot be read or is not the model.
-    #[error("{0}\n  (delete it to fetch it again, or pass --model PATH to use another GGUF file)")]
+    #[error("{0}\n  (delete it to fetch it again)")]
     InPlace(String),
 }
 
