@@ -146,9 +146,7 @@ pub(crate) fn ensure(model: &KnownModel, dir: &Path, quiet: bool) -> Result<Path
         }
         // The stamp read before hashing: a file changed while it was hashed keeps no
         // stamp of its new version.
-        if let Some(stamp) = stamp {
-            let _ = std::fs::write(stamp_path(dir, model), stamp);
-        }
+        write_stamp(dir, model, stamp);
         return Ok(path);
     }
     let err = |what: &str, e: &dyn std::fmt::Display| PullError::Fetch(format!("{what}: {e}"));
@@ -162,7 +160,7 @@ pub(crate) fn ensure(model: &KnownModel, dir: &Path, quiet: bool) -> Result<Path
     let _ = std::fs::remove_dir_all(&tmp);
     result?;
     // Hashed as it was assembled: the next run need not hash it again.
-    write_stamp(dir, model);
+    write_stamp(dir, model, file_stamp(&path, model.sha256));
     Ok(path)
 }
 
@@ -171,10 +169,11 @@ fn stamp_path(dir: &Path, model: &KnownModel) -> PathBuf {
     dir.join(format!(".{}.verified", model.file))
 }
 
-/// Stamps `model`'s file in `dir`, just fetched and hashed, as verified. A stamp that
-/// cannot be written only costs the next run a hash.
-fn write_stamp(dir: &Path, model: &KnownModel) {
-    if let Some(stamp) = file_stamp(&dir.join(model.file), model.sha256) {
+/// Writes `stamp` ([`file_stamp`] of `model`'s file in `dir` as it was when its hash
+/// matched), if there is one. A stamp that cannot be written only costs the next run a
+/// hash.
+fn write_stamp(dir: &Path, model: &KnownModel, stamp: Option<String>) {
+    if let Some(stamp) = stamp {
         let _ = std::fs::write(stamp_path(dir, model), stamp);
     }
 }
@@ -433,14 +432,9 @@ mod tests {
             "{err}"
         );
         assert!(!models.join("fake.gguf").exists());
-        let right = {
-            let mut h = Sha256::new();
-            h.update(b"not a real model");
-            h.finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        };
+        let payload = dir.join("payload");
+        std::fs::write(&payload, b"not a real model").unwrap();
+        let right = sha256_file(&payload).unwrap();
         model.sha256 = Box::leak(right.into_boxed_str());
         let path = ensure(&model, &models, true).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"not a real model");

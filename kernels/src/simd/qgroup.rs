@@ -222,14 +222,6 @@ fn lane_value(c: usize, n: usize) -> usize {
     4 * c + n / 2 + 16 * (n % 2)
 }
 
-/// Sixteen rows' values in nibble `n` of a 4- or 5-bit chunk's lanes `q`, with their fifth
-/// bits `h`: `q + offset` (`q`, `q - 8` or `q - 16`; `table` = `iota + offset`), 16 more
-/// under the mask.
-#[inline(always)]
-fn lane_nibble<V: V16>(table: V, offset: V, q: V::U32, n: usize, h: Option<u16>) -> V {
-    V::nibble_value(table, offset, q, n as u32, h)
-}
-
 /// The decode work of one task: groups `groups` of `w`.
 struct Gemv<'a> {
     w: &'a RepackedWeight,
@@ -303,7 +295,7 @@ impl<const M: usize, const F: u8> Kernel16 for GroupGemv<'_, M, F> {
                             } else {
                                 None
                             };
-                            *w = lane_nibble(table, offset, q, n, h);
+                            *w = V::nibble_value(table, offset, q, n as u32, h);
                         }
                         let v = 4 * c;
                         for (p, xb) in p.iter_mut().zip(&xs) {
@@ -600,7 +592,7 @@ impl Panels for GroupPanels<'_> {
                             for n in 0..8 {
                                 let v = lane_value(c, n);
                                 let h = fifth_mask(rec.qh, v);
-                                let val = lane_nibble(table, offset, q, n, h);
+                                let val = W::nibble_value(table, offset, q, n as u32, h);
                                 let val = if rec.m.is_some() {
                                     val.mul(d).add(m)
                                 } else {

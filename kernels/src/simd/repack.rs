@@ -477,9 +477,11 @@ impl ByteMap {
                         });
                     }
                 }
-                Layout::Values if in_lanes(dtype) => byte(src, q0 + 64 * (i / 4) + i % 4, 4, 0),
-                Layout::Values => byte(src, q0 + GROUP * values_chunk(dtype, i), 1, 0),
-                Layout::Dots => {
+                Layout::Values if !in_lanes(dtype) => {
+                    byte(src, q0 + GROUP * values_chunk(dtype, i), 1, 0)
+                }
+                // Dots, and the formats Values holds in lanes as Dots does.
+                Layout::Values | Layout::Dots => {
                     let flip = if dtype == DType::Q8_0 { 0x80 } else { 0 };
                     byte(src, q0 + 64 * dots_chunk(dtype, i / 4) + i % 4, 4, flip);
                 }
