@@ -6,7 +6,7 @@
 //!
 //! - **decode** (`m <= GEMV_ROWS`): a value position of a record becomes one vector of
 //!   sixteen weight values (for `Q4_0` .. `Q5_1`, a shift of the chunk's 32-bit lanes +
-//!   `vpermps`, plus 16 under the fifth bits' mask for a 5-bit format; for the K-quants'
+//!   `vpermps`, plus 16 under the fifth bits' mask for a 5-bit format; for `Q4_K`/`Q5_K`'s
 //!   nibbles `vpmovzxbd` + `vpermps`; `vpmovsxbd` + `vcvtdq2ps` for a byte), multiplied by one activation
 //!   value, broadcast: a lane accumulates one output row, so there is no horizontal sum and
 //!   no per-row scale table. Each block's sums are scaled once, sixteen rows at a time:
@@ -14,9 +14,10 @@
 //!   for `Q4_1` and `Q5_1`, the block sums of `x` computed once per call. `Q4_K` (`Q5_K`,
 //!   its fifth bits added under masks as `Q5_0`'s) sums each sub-block of 32 apart and
 //!   scales it by its own `d · scale`, less `dmin · min · Σ_v x_v`; `Q6_K` each group of 16
-//!   by its `d · scale`, its values `q - 32` built in bytes (`vpmovsxbd` + `vcvtdq2ps`: six
-//!   bits have no 16-entry table). That is the dequantized weight's dot product with the
-//!   scale taken out of each block's sum, as ggml computes it: the same value up to f32
+//!   by its `d · scale`, its values `q - 32` from the low nibble in lanes as `Q4_0`'s and
+//!   the top two bits from lanes of their own, each through a table. That is the
+//!   dequantized weight's dot product with the scale taken out of each block's sum, as ggml
+//!   computes it: the same value up to f32
 //!   rounding. Without a min it is a reordering of the sum; with one (`Q4_1`, `Q5_1`,
 //!   `Q4_K`, `Q5_K`) the sum is rewritten as `d Σ q x + m Σ x`, whose rounding scales with
 //!   `|d| Σ |q x| + |m| |Σ x|` rather than with `Σ |w x|`, and can cancel where a block's
@@ -32,7 +33,7 @@
 use super::Isa;
 use super::Out;
 use super::qmatmul::{BlockScratch, GEMV_ROWS, Panels, prefill_on_team};
-use super::repack::{GROUP, Layout, RepackedWeight, k5_mask_at, values_chunk};
+use super::repack::{GROUP, K6_PAIR, Layout, RepackedWeight, k5_mask_at, k6_place, values_chunk};
 use super::v16::{Kernel16, V16, dispatch16};
 use crate::quant::DType;
 use crate::team::Team;
@@ -145,11 +146,13 @@ const fn has_mins(f: u8) -> bool {
     f == Q4_1 || f == Q5_1
 }
 
-/// `q`'s offset in a format's values: `q - 8` (`Q4_0`), `q - 16` (`Q5_0`), else `q`.
+/// `q`'s offset in a format's values: `q - 8` (`Q4_0`), `q - 16` (`Q5_0`), `q - 32`
+/// (`Q6_K`), else `q`.
 fn value_offset(dtype: DType) -> f32 {
     match dtype {
         DType::Q4_0 => -8.0,
         DType::Q5_0 => -16.0,
+        DType::Q6K => -32.0,
         _ => 0.0,
     }
 }
@@ -421,15 +424,19 @@ struct GroupGemvK6<'a, const M: usize>(Gemv<'a>);
 impl<const M: usize> Kernel16 for GroupGemvK6<'_, M> {
     type Output = ();
 
-    /// Per group, per record, per half and per group of 16 positions: the four quarters'
-    /// values times the broadcast activations into two chains each per activation row; then
-    /// each 16-value group's sum times its `d · scale`.
+    /// Per record, per run of four chunks (`4j ..`, two pairs, see `repack::k6_place`):
+    /// the chunks' low nibbles are 16 values of one scale group, `base + 4c + t` (`base =
+    /// 128 (j / 4) + 32 (j / 2 % 2) + 16 (j % 2)`), their high nibbles the 16 of the group 64
+    /// values on; each value `q - 32` times the broadcast activation into two chains per
+    /// group and activation row, then each group's sum times its `d · scale`.
     #[inline(always)]
     fn run<V: V16>(self) {
         let Gemv {
             w, x, groups, y, ..
         } = self.0;
         let (k, n) = (w.k, w.n);
+        let offset = V::splat(value_offset(w.dtype));
+        let table = V::iota16().add(offset);
         for g in groups {
             let mut acc = [V::zero(); M];
             for b in 0..w.blocks() {
@@ -437,32 +444,42 @@ impl<const M: usize> Kernel16 for GroupGemvK6<'_, M> {
                 let rec = w.record(g, b);
                 // SAFETY: 16 halves.
                 let d = unsafe { V::load_f16(rec.d.as_ptr()) };
-                for h in 0..2 {
-                    // This half's 128 values of each activation row.
+                for j in 0..8 {
+                    let base = 128 * (j / 4) + 32 * (j / 2 % 2) + 16 * (j % 2);
+                    debug_assert_eq!(k6_place(base), (4 * j, 0));
+                    // The two groups' values of each activation row.
                     let xs: [&[f32]; M] =
-                        std::array::from_fn(|r| &x[r * k + 256 * b + 128 * h..][..128]);
-                    for half in 0..2 {
-                        let mut p = [[V::zero(); 8]; M];
-                        for l in (16 * half..16 * half + 16).step_by(2) {
-                            let mut w0 = [V::zero(); 4];
-                            let mut w1 = [V::zero(); 4];
-                            for q in 0..4 {
-                                w0[q] = rec.k6_value(h, q, l);
-                                w1[q] = rec.k6_value(h, q, l + 1);
-                            }
+                        std::array::from_fn(|r| &x[r * k + 256 * b + base..][..80]);
+                    let mut p = [[V::zero(); 4]; M];
+                    for pair in 0..2 {
+                        let at = K6_PAIR * (2 * j + pair);
+                        // SAFETY: a Q6_K record holds 16 pairs of K6_PAIR bytes.
+                        let (top, lanes) = unsafe {
+                            let ptr = rec.qs.as_ptr().add(at);
+                            (
+                                V::load_u32(ptr),
+                                [V::load_u32(ptr.add(64)), V::load_u32(ptr.add(128))],
+                            )
+                        };
+                        for (e, q) in lanes.into_iter().enumerate() {
+                            let ws = V::values6(table, offset, q, top, e);
+                            let v = 4 * (2 * pair + e);
                             for (p, xb) in p.iter_mut().zip(&xs) {
-                                for q in 0..4 {
-                                    p[q] = w0[q].fma(V::splat(xb[32 * q + l]), p[q]);
-                                    p[4 + q] = w1[q].fma(V::splat(xb[32 * q + l + 1]), p[4 + q]);
-                                }
+                                p[0] = ws[0].fma(V::splat(xb[v]), p[0]);
+                                p[1] = ws[1].fma(V::splat(xb[v + 64]), p[1]);
+                                p[2] = ws[2].fma(V::splat(xb[v + 1]), p[2]);
+                                p[3] = ws[3].fma(V::splat(xb[v + 65]), p[3]);
+                                p[0] = ws[4].fma(V::splat(xb[v + 2]), p[0]);
+                                p[1] = ws[5].fma(V::splat(xb[v + 66]), p[1]);
+                                p[2] = ws[6].fma(V::splat(xb[v + 3]), p[2]);
+                                p[3] = ws[7].fma(V::splat(xb[v + 67]), p[3]);
                             }
                         }
-                        for (a, p) in acc.iter_mut().zip(&p) {
-                            for q in 0..4 {
-                                let sc = rec.k6_scale(d, 8 * h + 2 * q + half);
-                                *a = p[q].add(p[4 + q]).fma(sc, *a);
-                            }
-                        }
+                    }
+                    let (lo, hi) = (rec.k6_scale(d, base / 16), rec.k6_scale(d, base / 16 + 4));
+                    for (a, p) in acc.iter_mut().zip(&p) {
+                        *a = p[0].add(p[2]).fma(lo, *a);
+                        *a = p[1].add(p[3]).fma(hi, *a);
                     }
                 }
             }
@@ -537,12 +554,25 @@ impl Panels for GroupPanels<'_> {
                 let d = unsafe { W::load_f16(rec.d.as_ptr()) };
                 match w.dtype {
                     DType::Q6K => {
-                        // Half h, quarter q: the 32 values at 128 h + 32 q.
-                        let (h, q) = (p % 256 / 128, p % 128 / 32);
-                        for l in 0..32 {
-                            let sc = rec.k6_scale(d, 8 * h + 2 * q + l / 16);
-                            let val = sc.mul(rec.k6_value(h, q, l));
-                            store_lanes(val, lane0, &mut panel[at(p + l)..at(p + l) + lanes]);
+                        // Values p .. p + 32, of scale groups p / 16 and p / 16 + 1.
+                        let (lo, hi) = (
+                            rec.k6_scale(d, p % 256 / 16),
+                            rec.k6_scale(d, p % 256 / 16 + 1),
+                        );
+                        for l in (0..32).step_by(4) {
+                            let (c, n0) = k6_place(p % 256 + l);
+                            // SAFETY: a Q6_K record holds 16 pairs of K6_PAIR bytes.
+                            let (top, q) = unsafe {
+                                let at = rec.qs.as_ptr().add(K6_PAIR * (c / 2));
+                                (W::load_u32(at), W::load_u32(at.add(64 * (1 + c % 2))))
+                            };
+                            let vals = W::values6(table, offset, q, top, c % 2);
+                            for t in 0..4 {
+                                // Value p + l + t: nibble n0 + 2t of the chunk.
+                                let val = vals[n0 + 2 * t].mul(if l < 16 { lo } else { hi });
+                                let v = p + l + t;
+                                store_lanes(val, lane0, &mut panel[at(v)..at(v) + lanes]);
+                            }
                         }
                     }
                     DType::Q4K | DType::Q5K => {

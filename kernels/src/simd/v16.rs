@@ -7,6 +7,7 @@
 //! on both x86 levels) or a plain array. Each implementation is used only inside a
 //! `#[target_feature]` wrapper of its level, as in [`super::vec`].
 
+use super::repack::k6_top;
 use super::vec::{F32Vec, Portable};
 use wide::{f32x4, u32x4};
 
@@ -53,11 +54,17 @@ pub(crate) trait V16: Copy {
     /// through `table`, and an add under a mask register; else the fifth bit joins the
     /// nibble as an integer before one conversion.
     fn nibble_value(table: Self, offset: Self, v: Self::U32, n: u32, fifth: Option<u16>) -> Self;
+    /// The eight values of a chunk of `Q6_K` in lanes (`simd::repack`): value `n` (0..8) of
+    /// lane `i` is a 6-bit `q` plus `offset`, exactly, nibble `n` of lane `i` of `lo` its low
+    /// four bits and bits `2m, 2m + 1` of lane `i` of `hi`, `m = `[`k6_top`]`(e, n)`, its top
+    /// two; `table` as for [`nibble_value`](V16::nibble_value). AVX-512: each nibble
+    /// through `table`, each top field through a table of its own (a byte's two nibbles'
+    /// top bits share a 4-bit window: one shift serves both), added; else nibbles and top
+    /// bits joined as bytes, all lanes' bytes at once, and each byte converted.
+    fn values6(table: Self, offset: Self, lo: Self::U32, hi: Self::U32, e: usize) -> [Self; 8];
     fn u8_splat(v: u8) -> Self::U8;
     fn u8_and(a: Self::U8, b: Self::U8) -> Self::U8;
     fn u8_or(a: Self::U8, b: Self::U8) -> Self::U8;
-    /// Each byte `a - b`, wrapping.
-    fn u8_sub(a: Self::U8, b: Self::U8) -> Self::U8;
     /// Each byte shifted right by `n` (0..8), zeros shifted in.
     fn u8_shr(a: Self::U8, n: u32) -> Self::U8;
     /// Each byte shifted left by `n` (0..8), zeros shifted in.
@@ -261,6 +268,17 @@ impl V16 for Pair<Portable> {
         unsafe { Self::load(q.as_ptr()) }.add(offset)
     }
     #[inline(always)]
+    fn values6(_: Self, offset: Self, lo: [u32; 16], hi: [u32; 16], e: usize) -> [Self; 8] {
+        std::array::from_fn(|n| {
+            let m = k6_top(e, n);
+            let q: [f32; 16] = std::array::from_fn(|i| {
+                (lo[i] >> (4 * n) & 15 | (hi[i] >> (2 * m) & 3) << 4) as f32
+            });
+            // SAFETY: 16 values.
+            unsafe { Self::load(q.as_ptr()) }.add(offset)
+        })
+    }
+    #[inline(always)]
     fn u8_splat(v: u8) -> [u8; 16] {
         [v; 16]
     }
@@ -271,10 +289,6 @@ impl V16 for Pair<Portable> {
     #[inline(always)]
     fn u8_or(a: [u8; 16], b: [u8; 16]) -> [u8; 16] {
         std::array::from_fn(|i| a[i] | b[i])
-    }
-    #[inline(always)]
-    fn u8_sub(a: [u8; 16], b: [u8; 16]) -> [u8; 16] {
-        std::array::from_fn(|i| a[i].wrapping_sub(b[i]))
     }
     #[inline(always)]
     fn u8_shr(a: [u8; 16], n: u32) -> [u8; 16] {
@@ -347,7 +361,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::vec::{Avx2, Avx512, F32Vec};
-    use super::{Pair, V16};
+    use super::{Pair, V16, k6_top};
 
     /// Half to f32 in one instruction (F16C); exact, as `quant::f16_to_f32`.
     #[inline(always)]
@@ -467,10 +481,6 @@ mod x86 {
             unsafe { _mm_or_si128(a, b) }
         }
         #[inline(always)]
-        fn u8_sub(a: __m128i, b: __m128i) -> __m128i {
-            unsafe { _mm_sub_epi8(a, b) }
-        }
-        #[inline(always)]
         fn u8_shr(a: __m128i, n: u32) -> __m128i {
             unsafe { shr_bytes(a, n) }
         }
@@ -514,6 +524,43 @@ mod x86 {
                 Some(h) => q.add_where(h, <Self as V16>::splat(16.0)),
                 None => q,
             }
+        }
+        /// `vpermps` reads the low 4 bits of each index lane: the bits above the nibble, or
+        /// above the window of top bits, need no mask.
+        #[inline(always)]
+        fn values6(table: Self, _: Self, lo: __m512i, hi: __m512i, e: usize) -> [Self; 8] {
+            /// Value `n` (a literal at each call: its shifts are immediates).
+            #[inline(always)]
+            fn value(table: Avx512, lo: __m512i, hi: __m512i, e: usize, n: usize) -> Avx512 {
+                let m = k6_top(e, n);
+                unsafe {
+                    let q = _mm512_permutexvar_ps(nibble_down(lo, n as u32), table.raw());
+                    // Window m / 2 holds field m in its low (m even) or high two bits.
+                    let top = if m.is_multiple_of(2) {
+                        _mm512_setr_ps(
+                            0.0, 16.0, 32.0, 48.0, 0.0, 16.0, 32.0, 48.0, 0.0, 16.0, 32.0, 48.0,
+                            0.0, 16.0, 32.0, 48.0,
+                        )
+                    } else {
+                        _mm512_setr_ps(
+                            0.0, 0.0, 0.0, 0.0, 16.0, 16.0, 16.0, 16.0, 32.0, 32.0, 32.0, 32.0,
+                            48.0, 48.0, 48.0, 48.0,
+                        )
+                    };
+                    let t = _mm512_permutexvar_ps(nibble_down(hi, (m / 2) as u32), top);
+                    Avx512::from_raw(_mm512_add_ps(q, t))
+                }
+            }
+            [
+                value(table, lo, hi, e, 0),
+                value(table, lo, hi, e, 1),
+                value(table, lo, hi, e, 2),
+                value(table, lo, hi, e, 3),
+                value(table, lo, hi, e, 4),
+                value(table, lo, hi, e, 5),
+                value(table, lo, hi, e, 6),
+                value(table, lo, hi, e, 7),
+            ]
         }
         /// `vpermps` reads the low 4 bits of each index lane: the low nibble needs no mask.
         #[inline(always)]
@@ -698,6 +745,74 @@ mod x86 {
                 q.add(offset)
             }
         }
+        /// The low nibbles (`odd` false) or high nibbles of every byte of `lo`, each with
+        /// its top bits from `hi` ([`k6_top`]: at one distance from the byte for every byte),
+        /// as bytes; then byte `t` of each lane converted. A literal `t` and `e` at each call
+        /// make every shift an immediate.
+        #[inline(always)]
+        fn values6(
+            _: Self,
+            offset: Self,
+            lo: [__m256i; 2],
+            hi: [__m256i; 2],
+            e: usize,
+        ) -> [Self; 8] {
+            #[inline(always)]
+            fn joined(lo: __m256i, hi: __m256i, e: usize, odd: bool) -> __m256i {
+                debug_assert_eq!(k6_top(e, odd as usize) * 2, 4 * (1 - e) + 2 * odd as usize);
+                unsafe {
+                    let l = if odd { _mm256_srli_epi32::<4>(lo) } else { lo };
+                    // Bits 4(1 - e) + 2 odd .. of each byte's window to bits 4, 5.
+                    let h = match (e, odd) {
+                        (0, false) => hi,
+                        (0, true) => _mm256_srli_epi32::<2>(hi),
+                        (_, false) => _mm256_slli_epi32::<4>(hi),
+                        (_, true) => _mm256_slli_epi32::<2>(hi),
+                    };
+                    let (low, top) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+                    _mm256_or_si256(_mm256_and_si256(l, low), _mm256_and_si256(h, top))
+                }
+            }
+            #[inline(always)]
+            fn byte(j: [__m256i; 2], t: usize, offset: Pair<Avx2>) -> Pair<Avx2> {
+                unsafe {
+                    let six = _mm256_set1_epi32(0x3f);
+                    // Not a closure or a loop: t must stay a literal.
+                    let [a, b] = match t {
+                        0 => [_mm256_and_si256(j[0], six), _mm256_and_si256(j[1], six)],
+                        1 => [
+                            _mm256_and_si256(_mm256_srli_epi32::<8>(j[0]), six),
+                            _mm256_and_si256(_mm256_srli_epi32::<8>(j[1]), six),
+                        ],
+                        2 => [
+                            _mm256_and_si256(_mm256_srli_epi32::<16>(j[0]), six),
+                            _mm256_and_si256(_mm256_srli_epi32::<16>(j[1]), six),
+                        ],
+                        _ => [_mm256_srli_epi32::<24>(j[0]), _mm256_srli_epi32::<24>(j[1])],
+                    };
+                    Pair([
+                        Avx2::from_raw(_mm256_cvtepi32_ps(a)),
+                        Avx2::from_raw(_mm256_cvtepi32_ps(b)),
+                    ])
+                    .add(offset)
+                }
+            }
+            let even = [
+                joined(lo[0], hi[0], e, false),
+                joined(lo[1], hi[1], e, false),
+            ];
+            let odd = [joined(lo[0], hi[0], e, true), joined(lo[1], hi[1], e, true)];
+            [
+                byte(even, 0, offset),
+                byte(odd, 0, offset),
+                byte(even, 1, offset),
+                byte(odd, 1, offset),
+                byte(even, 2, offset),
+                byte(odd, 2, offset),
+                byte(even, 3, offset),
+                byte(odd, 3, offset),
+            ]
+        }
         #[inline(always)]
         fn u8_splat(v: u8) -> __m128i {
             unsafe { _mm_set1_epi8(v as i8) }
@@ -709,10 +824,6 @@ mod x86 {
         #[inline(always)]
         fn u8_or(a: __m128i, b: __m128i) -> __m128i {
             unsafe { _mm_or_si128(a, b) }
-        }
-        #[inline(always)]
-        fn u8_sub(a: __m128i, b: __m128i) -> __m128i {
-            unsafe { _mm_sub_epi8(a, b) }
         }
         #[inline(always)]
         fn u8_shr(a: __m128i, n: u32) -> __m128i {
