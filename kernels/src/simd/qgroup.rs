@@ -1,6 +1,6 @@
 //! Exact mode on repacked weights: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K`, `Q5_K` and
 //! `Q6_K` in [`Layout::Values`], sixteen rows to a record, each value position of the sixteen
-//! rows one or two instructions from one vector (see `simd::repack`). The arithmetic is f32 on
+//! rows a few instructions from one or two vectors (see `simd::repack`). The arithmetic is f32 on
 //! the weights' exact values, as on rows of blocks (`simd::qmatmul`); the layout takes away
 //! what that path pays per row and block.
 //!
@@ -15,10 +15,9 @@
 //!   its fifth bits added under masks as `Q5_0`'s) sums each sub-block of 32 apart and
 //!   scales it by its own `d · scale`, less `dmin · min · Σ_v x_v`; `Q6_K` each group of 16
 //!   by its `d · scale`, its values `q - 32` from the low nibble in lanes as `Q4_0`'s and
-//!   the top two bits from lanes of their own, each through a table. That is the
-//!   dequantized weight's dot product with the scale taken out of each block's sum, as ggml
-//!   computes it: the same value up to f32
-//!   rounding. Without a min it is a reordering of the sum; with one (`Q4_1`, `Q5_1`,
+//!   the top two bits from lanes of their own (`V16::values6`). That is the dequantized
+//!   weight's dot product with the scale taken out of each block's sum, as ggml computes
+//!   it: the same value up to f32 rounding. Without a min it is a reordering of the sum; with one (`Q4_1`, `Q5_1`,
 //!   `Q4_K`, `Q5_K`) the sum is rewritten as `d Σ q x + m Σ x`, whose rounding scales with
 //!   `|d| Σ |q x| + |m| |Σ x|` rather than with `Σ |w x|`, and can cancel where a block's
 //!   weights sit near its min.
@@ -33,7 +32,7 @@
 use super::Isa;
 use super::Out;
 use super::qmatmul::{BlockScratch, GEMV_ROWS, Panels, prefill_on_team};
-use super::repack::{GROUP, K6_PAIR, Layout, RepackedWeight, k5_mask_at, k6_place, values_chunk};
+use super::repack::{GROUP, Layout, RepackedWeight, k5_mask_at, k6_place, values_chunk};
 use super::v16::{Kernel16, V16, dispatch16};
 use crate::quant::DType;
 use crate::team::Team;
@@ -424,11 +423,12 @@ struct GroupGemvK6<'a, const M: usize>(Gemv<'a>);
 impl<const M: usize> Kernel16 for GroupGemvK6<'_, M> {
     type Output = ();
 
-    /// Per record, per run of four chunks (`4j ..`, two pairs, see `repack::k6_place`):
-    /// the chunks' low nibbles are 16 values of one scale group, `base + 4c + t` (`base =
-    /// 128 (j / 4) + 32 (j / 2 % 2) + 16 (j % 2)`), their high nibbles the 16 of the group 64
-    /// values on; each value `q - 32` times the broadcast activation into two chains per
-    /// group and activation row, then each group's sum times its `d · scale`.
+    /// Per record, per run of four chunks (`4j .. 4j + 4`, two pairs, see
+    /// `repack::k6_place`): nibble `2t` of the run's `i`-th chunk is value `base + 4i + t`
+    /// (`base = 128 (j / 4) + 32 (j / 2 % 2) + 16 (j % 2)`), so the low nibbles are the 16
+    /// values of one scale group and the high nibbles the 16 of the group 64 values on; each
+    /// value `q - 32` times the broadcast activation into two chains per group and
+    /// activation row, then each group's sum times its `d · scale`.
     #[inline(always)]
     fn run<V: V16>(self) {
         let Gemv {
@@ -452,16 +452,8 @@ impl<const M: usize> Kernel16 for GroupGemvK6<'_, M> {
                         std::array::from_fn(|r| &x[r * k + 256 * b + base..][..80]);
                     let mut p = [[V::zero(); 4]; M];
                     for pair in 0..2 {
-                        let at = K6_PAIR * (2 * j + pair);
-                        // SAFETY: a Q6_K record holds 16 pairs of K6_PAIR bytes.
-                        let (top, lanes) = unsafe {
-                            let ptr = rec.qs.as_ptr().add(at);
-                            (
-                                V::load_u32(ptr),
-                                [V::load_u32(ptr.add(64)), V::load_u32(ptr.add(128))],
-                            )
-                        };
-                        for (e, q) in lanes.into_iter().enumerate() {
+                        for e in 0..2 {
+                            let [top, q] = rec.k6_chunk::<V>(4 * j + 2 * pair + e);
                             let ws = V::values6(table, offset, q, top, e);
                             let v = 4 * (2 * pair + e);
                             for (p, xb) in p.iter_mut().zip(&xs) {
@@ -554,19 +546,21 @@ impl Panels for GroupPanels<'_> {
                 let d = unsafe { W::load_f16(rec.d.as_ptr()) };
                 match w.dtype {
                     DType::Q6K => {
-                        // Values p .. p + 32, of scale groups p / 16 and p / 16 + 1.
+                        // Values p .. p + 32 of the block, of its scale groups p % 256 / 16
+                        // and the next.
                         let (lo, hi) = (
                             rec.k6_scale(d, p % 256 / 16),
                             rec.k6_scale(d, p % 256 / 16 + 1),
                         );
                         for l in (0..32).step_by(4) {
                             let (c, n0) = k6_place(p % 256 + l);
-                            // SAFETY: a Q6_K record holds 16 pairs of K6_PAIR bytes.
-                            let (top, q) = unsafe {
-                                let at = rec.qs.as_ptr().add(K6_PAIR * (c / 2));
-                                (W::load_u32(at), W::load_u32(at.add(64 * (1 + c % 2))))
-                            };
-                            let vals = W::values6(table, offset, q, top, c % 2);
+                            // c % 2, written so that it is a literal once the loop is
+                            // unrolled (p is a multiple of 32): values6's shifts are then
+                            // immediates.
+                            let e = l / 4 % 2;
+                            debug_assert_eq!(e, c % 2);
+                            let [top, q] = rec.k6_chunk::<W>(c);
+                            let vals = W::values6(table, offset, q, top, e);
                             for t in 0..4 {
                                 // Value p + l + t: nibble n0 + 2t of the chunk.
                                 let val = vals[n0 + 2 * t].mul(if l < 16 { lo } else { hi });

@@ -17,7 +17,7 @@
 //!    `qh`; `Q6_K` its `ql` then its `qh`), in one of two layouts.
 //!
 //! [`Layout::Values`] (exact mode): sixteen lanes of one value position from one or two
-//! instructions.
+//! vectors, in a few instructions.
 //! - `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`: the quants as [`Layout::Dots`] holds them, 4 chunks of
 //!   64 bytes, chunk `c` each row's `qs[4c .. 4c + 4]` as one 32-bit lane (row `r` at bytes
 //!   `4r .. 4r + 4`): nibble `2t` of a lane is value `4c + t`, nibble `2t + 1` value
@@ -49,7 +49,7 @@
 //!
 //! Each record is laid out to be read front to back: a record read as two or three streams
 //! a few hundred bytes apart stalled on its loads (`Q6_K`'s old chunks decoded at 5.4 GB/s
-//! that way, 12.6 as one stream).
+//! that way on an AMD Zen 4, 12.6 as one stream).
 //!
 //! [`Layout::Dots`] (fast mode): chunks of 64 bytes, each holding four consecutive quant
 //! bytes of each row (row `r` at bytes `4r .. 4r + 4`): one 32-bit lane is the operand of one
@@ -120,9 +120,9 @@ const RELEASE_BYTES: usize = 1 << 20;
 /// How a record's quants are arranged (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
-    /// Sixteen rows of a value position from one or two instructions (a 32-bit lane per
-    /// row for the 4- and 5-bit formats, else a 16-byte chunk per value position): exact
-    /// mode's f32 kernels.
+    /// Sixteen rows of a value position from one or two vectors (32-bit lanes for the 4-,
+    /// 5- and 6-bit formats, else a 16-byte chunk per value position): exact mode's f32
+    /// kernels.
     Values,
     /// Four values of a row per 32-bit lane: fast mode's integer dot products.
     Dots,
@@ -236,6 +236,20 @@ impl Record<'_> {
         d.mul(V::i8_to_f32(unsafe {
             V::load_u8(s.as_ptr().add(GROUP * t))
         }))
+    }
+
+    /// `Q6_K` in [`Layout::Values`]: chunk `c`'s pair's lanes of top bits and the chunk's
+    /// lanes of low nibbles (see [`K6_PAIR`]).
+    #[inline(always)]
+    pub(super) fn k6_chunk<V: V16>(&self, c: usize) -> [V::U32; 2] {
+        assert!(c < 32 && self.qs.len() >= 16 * K6_PAIR);
+        // SAFETY: c < 32: both 64-byte runs lie inside pair c / 2 of the 16 checked above.
+        unsafe {
+            [
+                V::load_u32(self.qs.as_ptr().add(k6_top_at(c))),
+                V::load_u32(self.qs.as_ptr().add(k6_chunk_at(c))),
+            ]
+        }
     }
 }
 
@@ -369,8 +383,8 @@ struct ByteMap {
     zeros: Vec<u16>,
     /// `Q8_0` in [`Layout::Dots`]: where the quants start, each stored XOR 0x80.
     flip_from: Option<usize>,
-    /// Bits moved one at a time (`Q5_0`/`Q5_1`'s fifth bits; `Q5_K`'s and `Q6_K`'s `qh` in
-    /// [`Layout::Values`]), boxed: a weight holds its map, and most maps have none.
+    /// The bits that move alone (`Q5_0`/`Q5_1`'s fifth bits; `Q5_K`'s and `Q6_K`'s `qh` in
+    /// [`Layout::Values`]), boxed (`SimdWeight`, an enum, holds a weight and its map).
     bits: Box<BitSpread>,
     row_bytes: usize,
 }
@@ -402,8 +416,16 @@ struct LaneTable {
 }
 
 impl BitSpread {
-    fn new(moves: Vec<BitMove>) -> BitSpread {
+    /// `moves`; for `Q6_K` in [`Layout::Values`], [`k6`](Self::k6), which writes them all.
+    fn new(moves: Vec<BitMove>, k6: Option<(usize, usize)>) -> BitSpread {
         let mut spread = BitSpread::default();
+        if k6.is_some() {
+            return BitSpread {
+                moves,
+                k6,
+                ..spread
+            };
+        }
         for b in &moves {
             if b.lane {
                 let i = match spread
@@ -451,7 +473,7 @@ impl BitSpread {
                         let y = x >> (2 * s) & 0x3333_3333_3333_3333;
                         let z = (y | y >> 2) & 0x0f0f_0f0f_0f0f_0f0f;
                         let lane = (z as u32) << 4 | (z >> 32) as u32;
-                        let at = q0 + K6_PAIR * (8 * h + 4 * s + a) + 4 * r;
+                        let at = q0 + k6_top_at(2 * (8 * h + 4 * s + a)) + 4 * r;
                         rec[at..at + 4].copy_from_slice(&lane.to_le_bytes());
                     }
                 }
@@ -562,8 +584,7 @@ impl ByteMap {
                 }
                 Layout::Values if dtype == DType::Q6K && i < 128 => {
                     // ql[4c .. 4c + 4] as row r's lane of chunk c, after its pair's top bits.
-                    let c = i / 4;
-                    byte(src, q0 + K6_PAIR * (c / 2) + 64 * (1 + c % 2) + i % 4, 4, 0)
+                    byte(src, q0 + k6_chunk_at(i / 4) + i % 4, 4, 0)
                 }
                 Layout::Values if dtype == DType::Q6K => {
                     // qh[32h + l] bits 2q, 2q + 1: bits 4 and 5 of value 128h + 32q + l,
@@ -577,7 +598,7 @@ impl ByteMap {
                             bits.push(BitMove {
                                 src: src as u8,
                                 src_bit: (2 * q + hb) as u8,
-                                at: (q0 + K6_PAIR * (c / 2) + bit / 8) as u16,
+                                at: (q0 + k6_top_at(c) + bit / 8) as u16,
                                 lane: true,
                                 bit: (bit % 8) as u8,
                             });
@@ -638,15 +659,10 @@ impl ByteMap {
             reach: (GROUP - 1) * row_bytes + dtype.block_bytes(),
             zeros,
             flip_from,
-            bits: Box::new(if layout == Layout::Values && dtype == DType::Q6K {
-                BitSpread {
-                    moves: bits,
-                    k6: Some((off(p.more), q0)),
-                    ..BitSpread::default()
-                }
-            } else {
-                BitSpread::new(bits)
-            }),
+            bits: Box::new(BitSpread::new(
+                bits,
+                (layout == Layout::Values && dtype == DType::Q6K).then(|| (off(p.more), q0)),
+            )),
             row_bytes,
         }
     }
@@ -708,7 +724,21 @@ pub(super) fn values_chunk(dtype: DType, i: usize) -> usize {
 /// `Q6_K` in [`Layout::Values`]: bytes of one of a record's 16 pairs of chunks: 16 lanes of
 /// the top bits of the pair's values (see [`k6_top`]), then the two chunks' lanes of low
 /// nibbles.
-pub(super) const K6_PAIR: usize = 192;
+const K6_PAIR: usize = 192;
+
+/// `Q6_K` in [`Layout::Values`]: where the lanes of top bits of chunk `c`'s pair start in a
+/// record's quants.
+#[inline(always)]
+fn k6_top_at(c: usize) -> usize {
+    K6_PAIR * (c / 2)
+}
+
+/// `Q6_K` in [`Layout::Values`]: where chunk `c`'s lanes of low nibbles start in a record's
+/// quants.
+#[inline(always)]
+fn k6_chunk_at(c: usize) -> usize {
+    k6_top_at(c) + 64 * (1 + c % 2)
+}
 
 /// `Q6_K` in [`Layout::Values`]: the field (bits `2m, 2m + 1`) of a pair's top-bits lane
 /// that holds the top bits of nibble `n` of chunk `e` (0 or 1) of the pair. Byte `t` of the

@@ -16,7 +16,7 @@ pub(crate) trait V16: Copy {
     /// 16 bytes.
     type U8: Copy;
     /// Sixteen 32-bit lanes: four quant bytes (eight nibbles) of each of sixteen rows, as
-    /// the repacked 4- and 5-bit formats hold them (see `simd::repack`).
+    /// the repacked 4-, 5- and 6-bit formats hold them (see `simd::repack`).
     type U32: Copy;
 
     /// Loads 16 values.
