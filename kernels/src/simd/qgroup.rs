@@ -299,17 +299,7 @@ impl<const M: usize, const F: u8> Kernel16 for GroupGemv<'_, M, F> {
                             };
                             *w = V::nibble_value(table, offset, q, n as u32, h);
                         }
-                        let v = 4 * c;
-                        for (p, xb) in p.iter_mut().zip(&xs) {
-                            p[0] = ws[0].fma(V::splat(xb[v]), p[0]);
-                            p[1] = ws[1].fma(V::splat(xb[v + 16]), p[1]);
-                            p[2] = ws[2].fma(V::splat(xb[v + 1]), p[2]);
-                            p[3] = ws[3].fma(V::splat(xb[v + 17]), p[3]);
-                            p[0] = ws[4].fma(V::splat(xb[v + 2]), p[0]);
-                            p[1] = ws[5].fma(V::splat(xb[v + 18]), p[1]);
-                            p[2] = ws[6].fma(V::splat(xb[v + 3]), p[2]);
-                            p[3] = ws[7].fma(V::splat(xb[v + 19]), p[3]);
-                        }
+                        chunk_into_chains(&ws, &xs, 4 * c, 16, &mut p);
                     }
                 }
                 // SAFETY: 16 halves each.
@@ -455,17 +445,7 @@ impl<const M: usize> Kernel16 for GroupGemvK6<'_, M> {
                         for e in 0..2 {
                             let [top, q] = rec.k6_chunk::<V>(4 * j + 2 * pair + e);
                             let ws = V::values6(table, offset, q, top, e);
-                            let v = 4 * (2 * pair + e);
-                            for (p, xb) in p.iter_mut().zip(&xs) {
-                                p[0] = ws[0].fma(V::splat(xb[v]), p[0]);
-                                p[1] = ws[1].fma(V::splat(xb[v + 64]), p[1]);
-                                p[2] = ws[2].fma(V::splat(xb[v + 1]), p[2]);
-                                p[3] = ws[3].fma(V::splat(xb[v + 65]), p[3]);
-                                p[0] = ws[4].fma(V::splat(xb[v + 2]), p[0]);
-                                p[1] = ws[5].fma(V::splat(xb[v + 66]), p[1]);
-                                p[2] = ws[6].fma(V::splat(xb[v + 3]), p[2]);
-                                p[3] = ws[7].fma(V::splat(xb[v + 67]), p[3]);
-                            }
+                            chunk_into_chains(&ws, &xs, 4 * (2 * pair + e), 64, &mut p);
                         }
                     }
                     let (lo, hi) = (rec.k6_scale(d, base / 16), rec.k6_scale(d, base / 16 + 4));
@@ -477,6 +457,30 @@ impl<const M: usize> Kernel16 for GroupGemvK6<'_, M> {
             }
             store_group(&acc, y, g, n);
         }
+    }
+}
+
+/// A chunk's eight values (`ws`, nibble by nibble) times the broadcast activations into
+/// each activation row's four chains: nibble `2t` is value `v + t` of the row's `xs`, into
+/// chains 0 and 2 by turns; nibble `2t + 1` value `v + hi + t`, into chains 1 and 3. Written
+/// out: a chain chosen by a run-time index would keep `p` in memory.
+#[inline(always)]
+fn chunk_into_chains<V: V16, const M: usize>(
+    ws: &[V; 8],
+    xs: &[&[f32]; M],
+    v: usize,
+    hi: usize,
+    p: &mut [[V; 4]; M],
+) {
+    for (p, xb) in p.iter_mut().zip(xs) {
+        p[0] = ws[0].fma(V::splat(xb[v]), p[0]);
+        p[1] = ws[1].fma(V::splat(xb[v + hi]), p[1]);
+        p[2] = ws[2].fma(V::splat(xb[v + 1]), p[2]);
+        p[3] = ws[3].fma(V::splat(xb[v + hi + 1]), p[3]);
+        p[0] = ws[4].fma(V::splat(xb[v + 2]), p[0]);
+        p[1] = ws[5].fma(V::splat(xb[v + hi + 2]), p[1]);
+        p[2] = ws[6].fma(V::splat(xb[v + 3]), p[2]);
+        p[3] = ws[7].fma(V::splat(xb[v + hi + 3]), p[3]);
     }
 }
 
