@@ -158,7 +158,7 @@ pub(crate) fn chat_on<B: chord::Backend>(
 ) -> Result<(), Box<dyn std::error::Error>> {
     use std::io::{BufRead, IsTerminal, Write as _};
     use std::sync::atomic::Ordering;
-    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
+    let (tok, model) = super::load(file, backend)?;
     let template = model_template(file, args.template.as_deref())?;
     let (bos, eos) = bos_eos_text(&tok);
     let mut session = chord::chat::Session::new(template, &bos, &eos);
@@ -170,7 +170,6 @@ pub(crate) fn chat_on<B: chord::Backend>(
     let trial = session.render();
     session.messages.pop();
     trial.map_err(|e| format!("the chat template cannot render a conversation: {e}"))?;
-    let model = chord::model::Model::load(file, backend)?;
     let ctx = args.run.ctx.min(model.config.ctx_len);
     if args.n >= ctx {
         return Err(format!(

@@ -33,21 +33,21 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Err
     if args.stop.iter().any(String::is_empty) {
         return Err("--stop \"\": an empty stop text would end generation before any text".into());
     }
-    on_backend!(&args.run, file, b => generate_on(b, &file, &args))
+    on_backend!(&args.run, file, opened, b => generate_on(b, &file, opened, &args))
 }
 
 pub(crate) fn generate_on<B: chord::Backend>(
     backend: B,
     file: &chord::gguf::GgufFile,
+    opened: std::time::Instant,
     args: &GenerateArgs,
 ) -> Result<(), Box<dyn std::error::Error>> {
     use std::io::Write as _;
-    // Load time as llama.cpp's `load time` counts it: the tokenizer and the weights made
-    // ready for the backend (repacked, or packed), from the mapped file.
-    let start = std::time::Instant::now();
-    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
-    let model = chord::model::Model::load(file, backend)?;
-    let load_seconds = start.elapsed().as_secs_f64();
+    // Load time as llama.cpp's `load time` counts it: from opening the file (`opened`: its
+    // metadata parsed) to the tokenizer built and the weights ready for the backend
+    // (repacked, or packed).
+    let (tok, model) = super::load(file, backend)?;
+    let load_seconds = opened.elapsed().as_secs_f64();
     let ctx = args.run.ctx.min(model.config.ctx_len);
     let prompt_ids = prompt_ids(&tok, &args.prompt, args.parse_special)?;
     if prompt_ids.len() + args.n > ctx {

@@ -131,9 +131,8 @@ fn prompt_and_model<'f, B: chord::Backend>(
     parse_special: bool,
     ctx: usize,
 ) -> Result<(Vec<u32>, chord::model::Model<'f, B>), Box<dyn std::error::Error>> {
-    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
+    let (tok, model) = super::load(file, backend)?;
     let ids = prompt_ids(&tok, prompt, parse_special)?;
-    let model = chord::model::Model::load(file, backend)?;
     check_prompt_fits(ids.len(), &model.config, ctx)?;
     Ok((ids, model))
 }

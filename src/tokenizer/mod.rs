@@ -9,7 +9,9 @@
 mod pretok;
 mod special;
 
-use std::collections::HashMap;
+// foldhash: the vocabulary's maps are built once per load (about 100k strings and pairs) and
+// read per piece; std's SipHash made building them a third of the default model's load time.
+use foldhash::{HashMap, HashMapExt};
 
 use crate::gguf::{Array, Gguf, Value};
 pub use pretok::PreTokenizer;
@@ -162,11 +164,10 @@ impl Tokenizer {
             }
             None => vec![TokenType::Normal; tokens.len()],
         };
-        let ids: HashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let mut ids: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            ids.insert(t.clone(), i as u32); // a token listed twice: the last id, as llama.cpp
+        }
         let pre_name = g.str("tokenizer.ggml.pre").unwrap_or("default");
         let resolved = special::resolve(g, model == "llama", pre_name, &tokens, &mut types, &ids);
         // Split out before pre-tokenization: control and unknown tokens on request,
@@ -230,6 +231,7 @@ impl Tokenizer {
                     symbol(byte_char[b].encode_utf8(&mut [0; 4]))
                 }));
                 let mut merge_table = HashMap::with_capacity(merges.len());
+                let mut joined = String::new();
                 for (rank, m) in merges.iter().enumerate() {
                     // Split at the first space after the first byte, as llama.cpp does (a
                     // symbol may itself be a space); a merge without one merges nothing.
@@ -238,7 +240,10 @@ impl Tokenizer {
                     };
                     let (a, b) = (&m[..at + 1], &m[at + 2..]);
                     let pair = (symbol(a), symbol(b));
-                    let merged = symbol(&format!("{a}{b}"));
+                    joined.clear();
+                    joined.push_str(a);
+                    joined.push_str(b);
+                    let merged = symbol(&joined);
                     // The first (lowest) rank of a merge listed twice wins.
                     merge_table.entry(pair).or_insert((rank as u32, merged));
                 }

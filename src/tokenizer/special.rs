@@ -3,7 +3,7 @@
 //! end-of-turn, end-of-message and fill-in-the-middle tokens found by name where no key names
 //! them; the types of such tokens corrected to control; and the end-of-generation set.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::TokenType;
 use crate::gguf::{Gguf, Value};
