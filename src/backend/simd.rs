@@ -416,8 +416,7 @@ impl Backend for SimdBackend {
             return Ok(());
         }
         let mut table = self.rope_table.lock().unwrap_or_else(|e| e.into_inner());
-        table.prepare(rows, pos, p);
-        let table = &*table;
+        let table = table.prepare(&self.team, rows, pos, p);
         let out = Out(x.as_mut_ptr());
         self.split(rows, ROWS_PER_TASK, &|r| {
             // SAFETY: rows r of x belong to this task alone.

@@ -5,6 +5,7 @@
 
 use super::stamp;
 use super::vec::{F32Vec, exp, load_partial, store_partial};
+use crate::team::Team;
 use crate::{RopeLayout, RopeParams, SoftmaxParams};
 
 stamp! {
@@ -213,47 +214,102 @@ fn rotate_row<V: F32Vec>(row: &mut [f32], cos: &[f32], sin: &[f32], layout: Rope
     }
 }
 
-/// The angles' `cos` and `sin` for one run of positions, kept between [`rope_rows`] calls.
+/// The angles' `cos` and `sin` for runs of positions, kept between [`rope_rows`] calls.
 ///
 /// A forward pass rotates the queries and the keys of every layer at the same positions:
 /// with the table those angles (`head_dim / 2` calls of `powf` and `sin_cos` per position)
 /// are computed once per pass instead of twice per layer, and the values are the ones
-/// [`rope`] computes, bit for bit.
+/// [`rope`] computes, bit for bit. It keeps the last [`ROPE_RUNS`] runs, so that a model
+/// whose layers take turns between two frequency bases (Gemma 3: 10000 for its sliding-window
+/// layers, 1000000 for the global ones) computes each once per pass too: with one run, the
+/// recomputation at every change of base was 3-4% of Gemma 3 270M's prefill.
 #[derive(Debug, Default)]
 pub struct RopeTable {
-    /// `(theta bits, head_dim, layout, pos, rows)` of the run the table holds.
-    key: Option<(u32, usize, RopeLayout, usize, usize)>,
+    /// The runs, the most recently used last.
+    runs: Vec<RopeRun>,
+}
+
+/// Runs of angles a [`RopeTable`] keeps.
+pub const ROPE_RUNS: usize = 4;
+
+/// One run of a [`RopeTable`]: the angles of positions `pos..pos + rows` for one set of
+/// rotation parameters.
+#[derive(Debug)]
+pub struct RopeRun {
+    /// `(theta bits, head_dim, layout, pos, rows)`.
+    key: (u32, usize, RopeLayout, usize, usize),
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl RopeTable {
-    /// Makes the table hold rows `pos..pos + rows` for `p`, computing them unless it already
-    /// does. Memory: `2 · rows · head_dim` values.
-    pub fn prepare(&mut self, rows: usize, pos: usize, p: &RopeParams) {
+    /// The run of rows `pos..pos + rows` for `p`, computed unless the table holds it (the
+    /// least recently used run makes room). Memory: `2 · rows · head_dim` values a run.
+    /// The angles are computed on `team`'s threads.
+    pub fn prepare(&mut self, team: &Team, rows: usize, pos: usize, p: &RopeParams) -> &RopeRun {
         let key = (p.theta.to_bits(), p.head_dim, p.layout, pos, rows);
-        if self.key == Some(key) {
-            return;
-        }
-        let d = p.head_dim;
+        let run = match self.runs.iter().position(|r| r.key == key) {
+            Some(i) => self.runs.remove(i),
+            None => {
+                let mut run = if self.runs.len() == ROPE_RUNS {
+                    self.runs.remove(0)
+                } else {
+                    RopeRun {
+                        key,
+                        cos: Vec::new(),
+                        sin: Vec::new(),
+                    }
+                };
+                run.compute(team, key, p);
+                run
+            }
+        };
+        self.runs.push(run);
+        self.runs.last().expect("just pushed")
+    }
+}
+
+impl RopeRun {
+    /// Fills the run for `key` (`p`'s, at its positions), rows split over `team`.
+    fn compute(
+        &mut self,
+        team: &Team,
+        key: (u32, usize, RopeLayout, usize, usize),
+        p: &RopeParams,
+    ) {
+        /// Positions per task at least (a position is `head_dim / 2` calls of `sin_cos`).
+        const ROWS_PER_TASK: usize = 16;
+        let (d, pos, rows) = (p.head_dim, key.3, key.4);
         self.cos.clear();
         self.cos.resize(rows * d, 0.0);
         self.sin.clear();
         self.sin.resize(rows * d, 0.0);
         let mut freqs = vec![0.0f64; d / 2];
         rope_freqs(p, &mut freqs);
-        for (r, (c, s)) in self
+        let tasks = (rows / ROWS_PER_TASK).clamp(1, team.threads());
+        let per_task = rows.div_ceil(tasks);
+        let parts: Vec<_> = self
             .cos
-            .chunks_exact_mut(d)
-            .zip(self.sin.chunks_exact_mut(d))
-            .enumerate()
-        {
-            rope_angles(pos + r, p, &freqs, c, s);
-        }
-        self.key = Some(key);
+            .chunks_mut(per_task * d)
+            .zip(self.sin.chunks_mut(per_task * d))
+            .map(std::sync::Mutex::new)
+            .collect();
+        team.run(parts.len(), &|t| {
+            let mut part = parts[t].lock().unwrap_or_else(|e| e.into_inner());
+            let (cos, sin) = &mut *part;
+            for (r, (c, s)) in cos
+                .chunks_exact_mut(d)
+                .zip(sin.chunks_exact_mut(d))
+                .enumerate()
+            {
+                rope_angles(pos + t * per_task + r, p, &freqs, c, s);
+            }
+        });
+        self.key = key;
     }
 
-    /// `(cos, sin)` of rows `r` (counted from the prepared `pos`), `head_dim` values each.
+    /// `(cos, sin)` of rows `r` (counted from the run's first position), `head_dim` values
+    /// each.
     pub fn rows(&self, r: std::ops::Range<usize>, head_dim: usize) -> (&[f32], &[f32]) {
         (
             &self.cos[r.start * head_dim..r.end * head_dim],
@@ -441,12 +497,42 @@ mod tests {
     use super::*;
     use crate::simd::Isa;
 
+    /// Runs for two bases taken in turn stay in the table; the oldest of too many goes.
+    #[test]
+    fn the_table_keeps_its_last_runs() {
+        let p = |theta| RopeParams {
+            head_dim: 8,
+            theta,
+            layout: RopeLayout::Neox,
+        };
+        let (team, mut table) = (Team::new(1).unwrap(), RopeTable::default());
+        for theta in [10_000.0, 1e6, 10_000.0, 1e6] {
+            table.prepare(&team, 3, 5, &p(theta));
+        }
+        let thetas = |t: &RopeTable| {
+            t.runs
+                .iter()
+                .map(|r| f32::from_bits(r.key.0))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(thetas(&table), [10_000.0, 1e6]);
+        for theta in [1.0, 2.0, 3.0] {
+            table.prepare(&team, 3, 5, &p(theta));
+        }
+        assert_eq!(thetas(&table), [1e6, 1.0, 2.0, 3.0]);
+    }
+
     /// The table path gives the bits of `rope` on every level, for both layouts, after a
     /// cached prefix, for any split of the rows (as the backend splits them over a team).
     #[test]
     fn rope_rows_from_the_table_is_bitwise_rope() {
         for layout in [RopeLayout::Interleaved, RopeLayout::Neox] {
-            for (head_dim, heads, rows, pos) in [(64, 3, 7, 0), (128, 2, 5, 1000), (6, 1, 3, 9)] {
+            for (head_dim, heads, rows, pos) in [
+                (64, 3, 7, 0),
+                (128, 2, 5, 1000),
+                (6, 1, 3, 9),
+                (16, 2, 37, 11),
+            ] {
                 let p = RopeParams {
                     head_dim,
                     theta: 100_000.0,
@@ -456,7 +542,20 @@ mod tests {
                     .map(|i| ((i * 7919 % 1013) as f32 / 506.5) - 1.0)
                     .collect();
                 let mut table = RopeTable::default();
-                table.prepare(rows, pos, &p);
+                // Another base between: the table keeps both runs. Angles computed on two
+                // threads (odd row counts) are the same.
+                let team = Team::new(1 + rows % 2).unwrap();
+                table.prepare(&team, rows, pos, &p);
+                table.prepare(
+                    &team,
+                    rows,
+                    pos,
+                    &RopeParams {
+                        theta: 10_000.0,
+                        ..p
+                    },
+                );
+                let table = table.prepare(&team, rows, pos, &p);
                 for isa in Isa::available() {
                     let mut want = x.clone();
                     rope(isa, &mut want, rows, pos, &p);

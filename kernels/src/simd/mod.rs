@@ -26,7 +26,7 @@ mod vec;
 pub use attention::{AttentionScratch, AttentionShape, attention};
 pub use dequant::dequantize;
 pub use elementwise::{
-    ROPE_MAX_HEAD_DIM, RopeTable, add, geglu, rmsnorm, rope, rope_rows, softmax, swiglu,
+    ROPE_MAX_HEAD_DIM, RopeRun, RopeTable, add, geglu, rmsnorm, rope, rope_rows, softmax, swiglu,
 };
 pub use gemm::{GemmScratch, PackedWeight, matmul, pack_weight};
 pub use qgroup::matmuls as matmuls_grouped;
