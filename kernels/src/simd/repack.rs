@@ -88,29 +88,60 @@ pub const GROUP: usize = 16;
 const PREFETCH_AHEAD: usize = 4096;
 
 /// Whether decode kernels prefetch their weight stream ([`RepackedWeight::prefetch`]):
-/// `CHORD_PREFETCH=1` or `0` forces it; otherwise on Intel CPUs, whose hardware prefetchers
-/// fell behind the decode kernels' single stream (they read 33% of the read roof on one
-/// thread). Not yet measured on AMD: off there until it is.
+/// `CHORD_PREFETCH=1` or `0` forces it; otherwise on where it was measured to pay:
+/// - Intel CPUs, whose hardware prefetchers fell behind the decode kernels' single stream
+///   (they read 33% of the read roof on one thread);
+/// - AMD from Zen 5 on (family 26): `chord bench model --pp 0 --tg 64`, 3 alternating
+///   rounds, 2 threads, exact mode, tokens/s without → with: Gemma 3 270M 120-122 → 139-180
+///   (its K-quants' long records starve the hardware prefetchers: Q6_K decode streamed at
+///   6 GB/s on one thread without, 12 with), Q4_0 350-439 → 435-515, Q8_0 205-268 →
+///   260-280, Q4_1 250-362 → 343-398.
+///
+/// Off on older AMD (Zen 4), where it has not been measured.
 pub fn prefetching() -> bool {
     static ON: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| match std::env::var("CHORD_PREFETCH").as_deref() {
             Ok("1") => true,
             Ok("0") => false,
-            _ => is_intel(),
+            _ => match cpu_vendor_family() {
+                Some((Vendor::Intel, _)) => true,
+                Some((Vendor::Amd, family)) => family >= 0x1a,
+                None => false,
+            },
         });
     *ON
 }
 
-/// Whether the CPU's vendor string is `GenuineIntel` (CPUID leaf 0).
-fn is_intel() -> bool {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vendor {
+    Intel,
+    Amd,
+}
+
+/// The CPU's vendor (CPUID leaf 0) and family (leaf 1: the base family, plus the extended
+/// family when the base is 15), for the two vendors that decide a default here.
+fn cpu_vendor_family() -> Option<(Vendor, u32)> {
     #[cfg(target_arch = "x86_64")]
     {
-        let l = std::arch::x86_64::__cpuid(0);
+        use std::arch::x86_64::__cpuid;
+        let l = __cpuid(0);
         let b = |r: u32| r.to_le_bytes();
-        [b(l.ebx), b(l.edx), b(l.ecx)].concat() == b"GenuineIntel"
+        let vendor = match &[b(l.ebx), b(l.edx), b(l.ecx)].concat()[..] {
+            b"GenuineIntel" => Vendor::Intel,
+            b"AuthenticAMD" => Vendor::Amd,
+            _ => return None,
+        };
+        let eax = __cpuid(1).eax;
+        let base = (eax >> 8) & 0xf;
+        let family = if base == 0xf {
+            base + ((eax >> 20) & 0xff)
+        } else {
+            base
+        };
+        Some((vendor, family))
     }
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    None
 }
 
 /// Source bytes per thread per call of [`RepackedWeight::new`]'s `done` (at least one
