@@ -93,8 +93,8 @@ pub struct SimdBackend {
     scratch: GemmScratch,
     block_scratch: BlockScratch,
     attention_scratch: AttentionScratch,
-    /// RoPE angles of the positions of the current forward pass (queries and keys of every
-    /// layer share them).
+    /// RoPE angles of the last few runs of positions and bases (`ROPE_RUNS`): the queries
+    /// and keys of every layer of a forward pass share them.
     rope_table: Mutex<RopeTable>,
     /// Quantized activation rows of fast mode, grown to the largest call.
     int_scratch: IntScratch,

@@ -158,8 +158,9 @@ pub(crate) fn chat_on<B: chord::Backend>(
 ) -> Result<(), Box<dyn std::error::Error>> {
     use std::io::{BufRead, IsTerminal, Write as _};
     use std::sync::atomic::Ordering;
-    let (tok, model) = super::load(file, backend)?;
+    // A template that is unknown or does not parse fails before the weights load.
     let template = model_template(file, args.template.as_deref())?;
+    let (tok, model) = super::load(file, backend)?;
     let (bos, eos) = bos_eos_text(&tok);
     let mut session = chord::chat::Session::new(template, &bos, &eos);
     if let Some(s) = &args.system {

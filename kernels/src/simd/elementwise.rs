@@ -244,7 +244,8 @@ pub struct RopeRun {
 
 impl RopeTable {
     /// The run of rows `pos..pos + rows` for `p`, computed unless the table holds it (the
-    /// least recently used run makes room). Memory: `2 · rows · head_dim` values a run.
+    /// least recently used run makes room, its buffers reused). Memory: `2 · rows ·
+    /// head_dim` values a run, up to [`ROPE_RUNS`] runs of the longest calls kept.
     /// The angles are computed on `team`'s threads.
     pub fn prepare(&mut self, team: &Team, rows: usize, pos: usize, p: &RopeParams) -> &RopeRun {
         let key = (p.theta.to_bits(), p.head_dim, p.layout, pos, rows);
@@ -287,7 +288,7 @@ impl RopeRun {
         let mut freqs = vec![0.0f64; d / 2];
         rope_freqs(p, &mut freqs);
         let tasks = (rows / ROWS_PER_TASK).clamp(1, team.threads());
-        let per_task = rows.div_ceil(tasks);
+        let per_task = rows.div_ceil(tasks).max(1); // no rows: no parts, nothing to run
         let parts: Vec<_> = self
             .cos
             .chunks_mut(per_task * d)
@@ -320,7 +321,7 @@ impl RopeRun {
 
 stamp! {
     /// Rotary embedding, in place, with the angles of a [`RopeTable`]: `x (rows,
-    /// n_heads * head_dim)`, `cos`, `sin (rows, head_dim)` from [`RopeTable::rows`].
+    /// n_heads * head_dim)`, `cos`, `sin (rows, head_dim)` from [`RopeRun::rows`].
     /// Bitwise the result of [`rope`] at the table's positions, for heads of up to
     /// [`ROPE_MAX_HEAD_DIM`] values ([`rope`] gives wider ones to the scalar kernel).
     pub fn rope_rows(x: &mut [f32], cos: &[f32], sin: &[f32], p: &RopeParams) = rope_rows_body;
@@ -520,6 +521,11 @@ mod tests {
             table.prepare(&team, 3, 5, &p(theta));
         }
         assert_eq!(thetas(&table), [1e6, 1.0, 2.0, 3.0]);
+        // No rows: an empty run, no task.
+        assert_eq!(
+            table.prepare(&team, 0, 5, &p(4.0)).rows(0..0, 8),
+            (&[][..], &[][..])
+        );
     }
 
     /// The table path gives the bits of `rope` on every level, for both layouts, after a
@@ -542,8 +548,8 @@ mod tests {
                     .map(|i| ((i * 7919 % 1013) as f32 / 506.5) - 1.0)
                     .collect();
                 let mut table = RopeTable::default();
-                // Another base between: the table keeps both runs. Angles computed on two
-                // threads (odd row counts) are the same.
+                // Another base between: the table keeps both runs. With an odd row count the
+                // team has two threads, and 37 rows split over them: the angles are the same.
                 let team = Team::new(1 + rows % 2).unwrap();
                 table.prepare(&team, rows, pos, &p);
                 table.prepare(

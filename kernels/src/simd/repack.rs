@@ -88,7 +88,7 @@ pub const GROUP: usize = 16;
 const PREFETCH_AHEAD: usize = 4096;
 
 /// Whether decode kernels prefetch their weight stream ([`RepackedWeight::prefetch`]):
-/// `CHORD_PREFETCH=1` or `0` forces it; otherwise on where it was measured to pay:
+/// `CHORD_PREFETCH=1` or `0` forces it; otherwise it is on where it was measured to pay:
 /// - Intel CPUs, whose hardware prefetchers fell behind the decode kernels' single stream
 ///   (they read 33% of the read roof on one thread);
 /// - AMD from Zen 5 on (family 26): `chord bench model --pp 0 --tg 64`, 3 alternating
@@ -97,7 +97,7 @@ const PREFETCH_AHEAD: usize = 4096;
 ///   6 GB/s on one thread without, 12 with), Q4_0 350-439 → 435-515, Q8_0 205-268 →
 ///   260-280, Q4_1 250-362 → 343-398.
 ///
-/// Off on older AMD (Zen 4), where it has not been measured.
+/// Off on AMD before Zen 5 (and other vendors), where it has not been measured.
 pub fn prefetching() -> bool {
     static ON: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| match std::env::var("CHORD_PREFETCH").as_deref() {
@@ -113,6 +113,7 @@ pub fn prefetching() -> bool {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Vendor {
     Intel,
     Amd,
@@ -709,8 +710,9 @@ impl ByteMap {
         assert!(blk.len() >= self.reach && rec.len() == self.len);
         for run in &self.runs {
             let out = &mut rec[run.at..][..run.width * run.src.len()];
-            // SAFETY: every source ends below `reach <= blk.len()`, as `new` builds them: row
-            // < 16 and a run inside a block's bytes; `out` is the run's.
+            // SAFETY: every byte a run reads is some record byte's source, below `reach <=
+            // blk.len()` as `new` builds them (row < 16, a byte of a block; zeros read
+            // byte 0); `out` is the run's.
             unsafe {
                 match run.width {
                     16 => copy_runs::<16>(blk, &run.src, out),
