@@ -180,7 +180,7 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/gguf/malformed/tensor_count_2_60.gguf"
     );
-    let cases: [(&[&str], &str); 15] = [
+    let cases: [(&[&str], &str); 16] = [
         (
             &[
                 "generate",
@@ -250,6 +250,13 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
                 "profile", "--model", m, "--pp", "0", "--tg", "4", "--depth", "61", "--ctx", "64",
             ],
             "a test of 4 tokens after a depth of 61 exceeds the 64-token context (--ctx)",
+        ),
+        (
+            // Without --ctx, profile's context is the model's (8192), not generate's 2048.
+            &[
+                "profile", "--model", m, "--pp", "0", "--tg", "4", "--depth", "8189",
+            ],
+            "a test of 4 tokens after a depth of 8189 exceeds the 8192-token context (--ctx)",
         ),
         (
             &[

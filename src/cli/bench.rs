@@ -255,7 +255,7 @@ pub(crate) fn profile_on<B: chord::Backend>(
         return Err("--pp 0 --tg 0: no phase to profile".into());
     }
     let config = chord::model::Config::from_gguf(file)?;
-    let ctx = args.run.ctx.min(config.ctx_len);
+    let ctx = args.run.ctx.unwrap_or(config.ctx_len).min(config.ctx_len);
     chord::bench::check_depth(ctx, args.pp, args.tg, args.depth)
         .map_err(|e| format!("{e} (--ctx)"))?;
     note!("measuring the roofs on {threads} thread(s)...");

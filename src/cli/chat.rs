@@ -171,7 +171,7 @@ pub(crate) fn chat_on<B: chord::Backend>(
     let trial = session.render();
     session.messages.pop();
     trial.map_err(|e| format!("the chat template cannot render a conversation: {e}"))?;
-    let ctx = args.run.ctx.min(model.config.ctx_len);
+    let ctx = args.run.ctx().min(model.config.ctx_len);
     if args.n >= ctx {
         return Err(format!(
             "-n {}: a reply must leave room for the conversation in the {ctx}-token context",

@@ -48,7 +48,7 @@ pub(crate) fn generate_on<B: chord::Backend>(
     // (repacked, or packed).
     let (tok, model) = super::load(file, backend)?;
     let load_seconds = opened.elapsed().as_secs_f64();
-    let ctx = args.run.ctx.min(model.config.ctx_len);
+    let ctx = args.run.ctx().min(model.config.ctx_len);
     let prompt_ids = prompt_ids(&tok, &args.prompt, args.parse_special)?;
     if prompt_ids.len() + args.n > ctx {
         return Err(format!(

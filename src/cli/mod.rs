@@ -76,6 +76,14 @@ pub(crate) fn load<'f, B: chord::Backend + 'f>(
     })
 }
 
+impl RunArgs {
+    /// The context for generating and chatting: `--ctx`, else 2048 (the caller caps it at
+    /// the model's).
+    fn ctx(&self) -> usize {
+        self.ctx.unwrap_or(2048)
+    }
+}
+
 /// Which model runs where: shared by generate and chat.
 #[derive(Args)]
 pub(crate) struct RunArgs {
@@ -90,9 +98,10 @@ pub(crate) struct RunArgs {
     /// Threads for the backend.
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
-    /// Context length in tokens (at most the model's).
-    #[arg(long, default_value_t = 2048)]
-    ctx: usize,
+    /// Context length in tokens (at most the model's). Default: 2048; `chord profile`: the
+    /// model's, so that `--depth` reaches it.
+    #[arg(long)]
+    ctx: Option<usize>,
     /// How quantized weights are computed on: exact (dequantize, f32 math) or fast (8-bit
     /// activations and integer dot products, as ggml; simd backend only).
     #[arg(long, default_value = "exact")]

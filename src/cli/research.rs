@@ -64,7 +64,7 @@ pub(crate) fn dump(args: DumpArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     on_backend!(&args.run, file, b => {
         let (ids, model) =
-            prompt_and_model(&file, b, &args.prompt, args.parse_special, args.run.ctx)?;
+            prompt_and_model(&file, b, &args.prompt, args.parse_special, args.run.ctx())?;
         let meta = [
             ("prompt".to_string(), args.prompt.clone()),
             ("tokens".to_string(), serde_json::to_string(&ids)?),
@@ -103,7 +103,7 @@ pub(crate) fn diverge_run(args: &DivergeArgs) -> Result<bool, Box<dyn std::error
         // The reference reads the same file, in exact mode on the same threads.
         chord::with_backend!(&args.reference, args.run.threads, chord::backend::Mode::Exact, r => {
             let (ids, model) =
-                prompt_and_model(&file, b, &args.prompt, args.parse_special, args.run.ctx)?;
+                prompt_and_model(&file, b, &args.prompt, args.parse_special, args.run.ctx())?;
             let reference = chord::model::Model::load(&file, r)?;
             let tol = args.tol.unwrap_or(chord::research::default_tolerance(
                 args.run.mode == chord::backend::Mode::Fast,
