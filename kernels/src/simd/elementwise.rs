@@ -374,17 +374,31 @@ fn rotate_neox<V: F32Vec>(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = head.len() / 2;
     let (lo, hi) = head.split_at_mut(half);
     let (c, s_lo, s_hi) = (&cos[..half], &sin[..half], &sin[half..]);
+    let l = V::LANES;
     let mut i = 0;
-    while i < half {
-        let n = V::LANES.min(half - i);
-        let a: V = load_partial(&lo[i..i + n], 0.0);
-        let b: V = load_partial(&hi[i..i + n], 0.0);
-        let cv: V = load_partial(&c[i..i + n], 0.0);
-        let y_lo = a.mul(cv).add(b.mul(load_partial(&s_lo[i..i + n], 0.0)));
-        let y_hi = b.mul(cv).add(a.mul(load_partial(&s_hi[i..i + n], 0.0)));
-        store_partial(y_lo, &mut lo[i..i + n]);
-        store_partial(y_hi, &mut hi[i..i + n]);
-        i += n;
+    // Whole vectors by plain loads: the partial loads go through a buffer on the stack, and
+    // taking every vector that way held Gemma 3's rotation (head_dim 256) to about 6 GB/s.
+    while i + l <= half {
+        // SAFETY: `i + LANES <= half`, the length of all five slices.
+        unsafe {
+            let a = V::load(lo.as_ptr().add(i));
+            let b = V::load(hi.as_ptr().add(i));
+            let cv = V::load(c.as_ptr().add(i));
+            let y_lo = a.mul(cv).add(b.mul(V::load(s_lo.as_ptr().add(i))));
+            let y_hi = b.mul(cv).add(a.mul(V::load(s_hi.as_ptr().add(i))));
+            y_lo.store(lo.as_mut_ptr().add(i));
+            y_hi.store(hi.as_mut_ptr().add(i));
+        }
+        i += l;
+    }
+    if i < half {
+        let a: V = load_partial(&lo[i..], 0.0);
+        let b: V = load_partial(&hi[i..], 0.0);
+        let cv: V = load_partial(&c[i..], 0.0);
+        let y_lo = a.mul(cv).add(b.mul(load_partial(&s_lo[i..], 0.0)));
+        let y_hi = b.mul(cv).add(a.mul(load_partial(&s_hi[i..], 0.0)));
+        store_partial(y_lo, &mut lo[i..]);
+        store_partial(y_hi, &mut hi[i..]);
     }
 }
 
