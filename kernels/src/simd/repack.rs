@@ -410,8 +410,6 @@ struct ByteMap {
     /// move together: record bytes `p .. p + width` of block `b` are bytes `b · block_bytes
     /// + src ..` of the group's bytes (zeros: from byte 0, put right after).
     runs: Vec<Runs>,
-    /// Bytes of a record.
-    len: usize,
     /// The bytes the runs must reach from a block's start: `15 · row_bytes + block_bytes`.
     reach: usize,
     /// Record bytes that are zero before the fifth bits go in.
@@ -690,7 +688,6 @@ impl ByteMap {
         let flip_from = (layout == Layout::Dots && dtype == DType::Q8_0).then_some(q0);
         ByteMap {
             runs: Runs::split(&at),
-            len: from.len(),
             from,
             reach: (GROUP - 1) * row_bytes + dtype.block_bytes(),
             zeros,
@@ -707,7 +704,7 @@ impl ByteMap {
     /// to end (rows past the weight's last zero).
     #[inline]
     fn fill(&self, blk: &[u8], rec: &mut [u8]) {
-        assert!(blk.len() >= self.reach && rec.len() == self.len);
+        assert!(blk.len() >= self.reach && rec.len() == self.from.len());
         for run in &self.runs {
             let out = &mut rec[run.at..][..run.width * run.src.len()];
             // SAFETY: every byte a run reads is some record byte's source, below `reach <=
