@@ -29,6 +29,23 @@ pub const REGION: usize = 32 << 20;
 /// Alignment of every chunk: a cache line (and so of any vector load the kernels make).
 pub const CHUNK_ALIGN: usize = 64;
 
+/// Whether regions ask for huge pages: yes, unless `CHORD_HUGE_PAGES=0`.
+///
+/// The trade, measured on an AMD EPYC (family 25 model 17), a KVM guest whose balloon hands
+/// freed memory back to the host: decode runs faster on huge pages (`chord bench model --pp
+/// 128 --tg 128`, medians of 4 alternating rounds, tokens/s with → without: the default model
+/// exact 162 → 144 on one thread and 219 → 196 on two, fast 207 → 165 and 235 → 207; Gemma
+/// 3 270M exact 72 → 63 and fast 93 → 81 on one thread), but memory the host has taken back
+/// costs far more to touch first on huge pages: 136 MiB on two threads took 246-259 ms on
+/// huge pages after a minute idle and 39 ms on 4 KiB pages, and Gemma 3 loaded in 1.6-2.5 s
+/// against 0.32-0.54 (`load_seconds`; llama.cpp 0.83-1.08). Right after another process
+/// freed memory, both are fast. `CHORD_HUGE_PAGES=0` suits short runs after long pauses.
+pub fn huge_pages() -> bool {
+    static ON: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| std::env::var("CHORD_HUGE_PAGES").as_deref() != Ok("0"));
+    *ON
+}
+
 /// Memory the regions are cut from.
 enum Backing {
     /// An anonymous mapping, over-allocated by a huge page so that its base can be aligned.
@@ -60,7 +77,7 @@ impl Region {
             #[cfg(target_os = "linux")]
             {
                 // Advice only: a kernel without transparent huge pages keeps 4 KiB pages.
-                if huge > 0 {
+                if huge > 0 && huge_pages() {
                     let _ = map.advise_range(memmap2::Advice::HugePage, skip, huge.min(len));
                 }
             }
