@@ -6,7 +6,8 @@
 //! a stream into the next physical page. On Zen 4, a plain read over many buffers of 256 KiB to 32 MiB (probe's `sum_probe`
 //! split over a `Team`, 96 MiB in all, runs alternated) ran 1.5-1.9x faster on one thread and
 //! 1.1-1.6x on two when the buffers sat on 2 MiB pages; fast-mode decode of the default
-//! model, 1.3-1.45x on one thread. Linux gives an anonymous
+//! model, 1.3-1.45x on one thread (1.25x with the kernels of [`huge_pages`]' measurement).
+//! Linux gives an anonymous
 //! mapping huge pages when it is asked (`madvise(MADV_HUGEPAGE)`, honoured unless
 //! `/sys/kernel/mm/transparent_hugepage/enabled` is `never`) for each 2 MiB-aligned 2 MiB of
 //! it, so small weights only get them when many share one mapping.
@@ -29,7 +30,9 @@ pub const REGION: usize = 32 << 20;
 /// Alignment of every chunk: a cache line (and so of any vector load the kernels make).
 pub const CHUNK_ALIGN: usize = 64;
 
-/// Whether regions ask for huge pages: yes, unless `CHORD_HUGE_PAGES=0`.
+/// Whether regions ask for huge pages: yes, unless `CHORD_HUGE_PAGES=0`, which asks for
+/// none (`MADV_NOHUGEPAGE`, so that a system whose THP setting is `always` keeps 4 KiB pages
+/// too).
 ///
 /// The trade, measured on an AMD EPYC (family 25 model 17), a KVM guest whose balloon hands
 /// freed memory back to the host: decode runs faster on huge pages (`chord bench model --pp
@@ -77,7 +80,9 @@ impl Region {
             #[cfg(target_os = "linux")]
             {
                 // Advice only: a kernel without transparent huge pages keeps 4 KiB pages.
-                if huge > 0 && huge_pages() {
+                if !huge_pages() {
+                    let _ = map.advise_range(memmap2::Advice::NoHugePage, skip, len);
+                } else if huge > 0 {
                     let _ = map.advise_range(memmap2::Advice::HugePage, skip, huge.min(len));
                 }
             }

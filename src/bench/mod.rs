@@ -126,7 +126,8 @@ pub struct Roof {
 /// reading one contiguous part.
 /// - Buffers: `heap` (4 KiB pages unless the OS backs every mapping with huge pages) and
 ///   `huge-pages`, from a [`chord_kernels::arena::Arena`], on huge pages where the OS gives
-///   them, as the backends' prepared weights are.
+///   them, as the backends' prepared weights are (on 4 KiB pages like them under
+///   `CHORD_HUGE_PAGES=0`: see [`chord_kernels::arena::huge_pages`]).
 /// - Patterns: one sequential stream (`1-stream`); eight rows of 2048 values read side by
 ///   side, as a matrix-vector kernel reads a weight (`rows-8x2048`); one stream with a
 ///   software prefetch 2 KiB ahead (`prefetch`).

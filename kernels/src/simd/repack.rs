@@ -97,10 +97,10 @@ const PREFETCH_AHEAD: usize = 4096;
 ///   6 GB/s on one thread without, 12 with), Q4_0 350-439 → 435-515, Q8_0 205-268 →
 ///   260-280, Q4_1 250-362 → 343-398.
 ///
-/// Off on AMD before Zen 5, where it costs: on Zen 4 (family 25 model 17), the same runs,
-/// medians without → with, one thread: Q4_1 194 → 167, Q8_0 145 → 137, Gemma 3 72 → 64;
-/// two threads: Q4_1 262 → 269, Q8_0 207 → 186, Gemma 3 108 → 95. Off on other vendors,
-/// where it has not been measured.
+/// Off on AMD before Zen 5. On Zen 4 (family 25 model 17) it cost: the same runs, medians
+/// without → with, one thread: Q4_1 194 → 167, Q8_0 145 → 137, Gemma 3 72 → 64; two
+/// threads: Q8_0 207 → 186, Gemma 3 108 → 95, only Q4_1 262 → 269. Earlier Zen and other
+/// vendors are unmeasured.
 pub fn prefetching() -> bool {
     static ON: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| match std::env::var("CHORD_PREFETCH").as_deref() {
@@ -411,7 +411,8 @@ struct ByteMap {
     from: Vec<Source>,
     /// `from` for a group's rows laid end to end, rows of `row_bytes`, as runs of bytes that
     /// move together: record bytes `p .. p + width` of block `b` are bytes `b · block_bytes
-    /// + src ..` of the group's bytes (zeros: from byte 0, put right after).
+    /// + src ..` of the group's bytes (zeros: from byte 0, put right after); a run of width
+    /// [`TILE`] is 16 bytes of each of 16 rows, transposed.
     runs: Vec<Runs>,
     /// The bytes the runs must reach from a block's start: `15 · row_bytes + block_bytes`.
     reach: usize,
