@@ -848,41 +848,34 @@ unsafe fn transpose_runs(blk: &[u8], src: &[u32], row_bytes: usize, out: &mut [u
             use std::arch::x86_64::*;
             let rows: [__m128i; 16] =
                 std::array::from_fn(|r| _mm_loadu_si128(blk.as_ptr().add(at(r)).cast()));
-            // Four rounds of interleaving: of bytes, pairs, quads and eights. After round
-            // `j`, a unit of `2^j` bytes is one column of `2^j` consecutive rows.
-            // a[2p + h]: rows 2p, 2p + 1; columns 8h ..
-            let a: [__m128i; 16] = std::array::from_fn(|i| {
-                let (x, y) = (rows[i & !1], rows[i | 1]);
-                match i % 2 {
-                    0 => _mm_unpacklo_epi8(x, y),
-                    _ => _mm_unpackhi_epi8(x, y),
-                }
-            });
-            // b[4q + 2h + l]: rows 4q ..; columns 8h + 4l ..
-            let b: [__m128i; 16] = std::array::from_fn(|i| {
-                let (q, h) = (i / 4, i % 4 / 2);
-                let (x, y) = (a[4 * q + h], a[4 * q + 2 + h]);
-                match i % 2 {
-                    0 => _mm_unpacklo_epi16(x, y),
-                    _ => _mm_unpackhi_epi16(x, y),
-                }
-            });
-            // c[8o + 2m + l]: rows 8o ..; columns 4m + 2l ..
-            let c: [__m128i; 16] = std::array::from_fn(|i| {
-                let (o, m) = (i / 8, i % 8 / 2);
-                let (x, y) = (b[8 * o + m], b[8 * o + 4 + m]);
-                match i % 2 {
-                    0 => _mm_unpacklo_epi32(x, y),
-                    _ => _mm_unpackhi_epi32(x, y),
-                }
-            });
-            // Column 2n + l: all 16 rows.
-            for (i, chunk) in to.chunks_exact_mut(16).enumerate() {
-                let (x, y) = (c[i / 2], c[8 + i / 2]);
-                let v = match i % 2 {
-                    0 => _mm_unpacklo_epi64(x, y),
-                    _ => _mm_unpackhi_epi64(x, y),
-                };
+            // Four rounds of interleaving: of bytes, pairs, quads and eights. After the round
+            // of `s`-byte units, a unit of `2s` bytes is one column of `2s` consecutive rows;
+            // after the last, vector `c` is column `c`.
+            let v = interleave(
+                rows,
+                1,
+                |x, y| _mm_unpacklo_epi8(x, y),
+                |x, y| _mm_unpackhi_epi8(x, y),
+            );
+            let v = interleave(
+                v,
+                2,
+                |x, y| _mm_unpacklo_epi16(x, y),
+                |x, y| _mm_unpackhi_epi16(x, y),
+            );
+            let v = interleave(
+                v,
+                4,
+                |x, y| _mm_unpacklo_epi32(x, y),
+                |x, y| _mm_unpackhi_epi32(x, y),
+            );
+            let v = interleave(
+                v,
+                8,
+                |x, y| _mm_unpacklo_epi64(x, y),
+                |x, y| _mm_unpackhi_epi64(x, y),
+            );
+            for (chunk, v) in to.chunks_exact_mut(16).zip(v) {
                 _mm_storeu_si128(chunk.as_mut_ptr().cast(), v);
             }
         }
@@ -893,6 +886,28 @@ unsafe fn transpose_runs(blk: &[u8], src: &[u32], row_bytes: usize, out: &mut [u
             }
         }
     }
+}
+
+/// One round of [`transpose_runs`]: vector `i` joins vectors `x` and `x + s`, `x = 2s ⌊i /
+/// 2s⌋ + (i mod 2s) / 2`, through `lo` (their low halves' units interleaved) for even `i` and
+/// `hi` (high halves) for odd. Before the round a unit of `s` bytes is one column of `s`
+/// consecutive rows, and vectors `x` and `x + s` hold the same columns of the next rows: the
+/// units they make together are one column of `2s` rows.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn interleave(
+    v: [std::arch::x86_64::__m128i; 16],
+    s: usize,
+    lo: impl Fn(std::arch::x86_64::__m128i, std::arch::x86_64::__m128i) -> std::arch::x86_64::__m128i,
+    hi: impl Fn(std::arch::x86_64::__m128i, std::arch::x86_64::__m128i) -> std::arch::x86_64::__m128i,
+) -> [std::arch::x86_64::__m128i; 16] {
+    std::array::from_fn(|i| {
+        let x = i / (2 * s) * 2 * s + i % (2 * s) / 2;
+        match i % 2 {
+            0 => lo(v[x], v[x + s]),
+            _ => hi(v[x], v[x + s]),
+        }
+    })
 }
 
 /// Whether [`Layout::Values`] holds `dtype`'s quants in 32-bit lanes, four bytes of a row
