@@ -710,3 +710,42 @@ fn bench_kernels_times_every_op_of_the_table_against_named_roofs() {
     assert!(picture.contains("attention F32 smollm m=512 pos=0 heads=9x64 kv=3"));
     std::fs::remove_file(&svg).unwrap();
 }
+
+/// `dump` and `diverge` check the prompt before the weights load: on a model missing a
+/// weight, a prompt too long for `--ctx` is the error they name (the load would fail too, as
+/// the same command with room for the prompt shows).
+#[test]
+fn research_commands_refuse_a_bad_prompt_before_loading_the_weights() {
+    let src = chord::gguf::GgufFile::open(common::model_path()).unwrap();
+    let g = src.gguf();
+    let mut w = chord::gguf::Writer::new();
+    for (k, v) in &g.metadata {
+        w.metadata(k.clone(), v.clone());
+    }
+    for t in g
+        .tensors
+        .iter()
+        .filter(|t| t.name != "blk.3.ffn_down.weight")
+    {
+        let bytes = src.tensor_bytes(t).to_vec();
+        w.tensor(t.name.clone(), &t.dims, t.dtype().unwrap(), bytes)
+            .unwrap();
+    }
+    let m = common::write_variant("missing_ffn_down", &w);
+    let m = m.to_str().unwrap();
+    let long = "one two three four five six seven eight";
+    for cmd in [
+        vec!["dump", "--points", "logits", "--out", "/dev/null"],
+        vec!["diverge"],
+    ] {
+        let run = |ctx: &str| {
+            let args = [&cmd[..], &["--model", m, "--prompt", long, "--ctx", ctx]].concat();
+            stderr(&chord(&args))
+        };
+        let e = run("4");
+        assert!(e.contains("exceeds the 4-token context"), "{cmd:?}: {e}");
+        assert!(!e.contains("blk.3.ffn_down"), "{cmd:?}: {e}");
+        let e = run("64");
+        assert!(e.contains("blk.3.ffn_down"), "{cmd:?}: {e}");
+    }
+}

@@ -123,7 +123,9 @@ pub(crate) fn diverge_run(args: &DivergeArgs) -> Result<bool, Box<dyn std::error
     })
 }
 
-/// The ids of `--prompt` and the model on `backend`, the prompt checked to fit the context.
+/// The ids of `--prompt` and the model on `backend`, the prompt checked to fit the context
+/// before the weights load (the tokenizer and the config are read first, in a few ms), so
+/// that a bad prompt is refused at once rather than after a load of up to seconds.
 fn prompt_and_model<'f, B: chord::Backend>(
     file: &'f chord::gguf::GgufFile,
     backend: B,
@@ -131,8 +133,8 @@ fn prompt_and_model<'f, B: chord::Backend>(
     parse_special: bool,
     ctx: usize,
 ) -> Result<(Vec<u32>, chord::model::Model<'f, B>), Box<dyn std::error::Error>> {
-    let (tok, model) = super::load(file, backend)?;
+    let tok = chord::tokenizer::Tokenizer::from_gguf(file.gguf())?;
     let ids = prompt_ids(&tok, prompt, parse_special)?;
-    check_prompt_fits(ids.len(), &model.config, ctx)?;
-    Ok((ids, model))
+    check_prompt_fits(ids.len(), &chord::model::Config::from_gguf(file)?, ctx)?;
+    Ok((ids, chord::model::Model::load(file, backend)?))
 }
