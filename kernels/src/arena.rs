@@ -40,7 +40,7 @@ pub const CHUNK_ALIGN: usize = 64;
 /// exact 162 → 144 on one thread and 219 → 196 on two, fast 207 → 165 and 235 → 207; Gemma
 /// 3 270M exact 72 → 63 and fast 93 → 81 on one thread), but memory the host has taken back
 /// costs far more to touch first on huge pages: 136 MiB on two threads took 246-259 ms on
-/// huge pages after a minute idle and 39 ms on 4 KiB pages, and Gemma 3 loaded in 1.6-2.5 s
+/// huge pages after 45 s idle and 39 ms on 4 KiB pages, and Gemma 3 loaded in 1.6-2.5 s
 /// against 0.32-0.54 (`load_seconds`; llama.cpp 0.83-1.08). Right after another process
 /// freed memory, both are fast. `CHORD_HUGE_PAGES=0` suits short runs after long pauses.
 pub fn huge_pages() -> bool {
