@@ -41,13 +41,26 @@ pub fn f32_model_path() -> &'static Path {
 /// `edit` applied, written to `models/variants/NAME.gguf`: the same weights with changed
 /// metadata or extra tensors. Written afresh by each test process.
 pub fn model_variant(name: &str, edit: impl FnOnce(&mut chord::gguf::Writer)) -> PathBuf {
+    model_variant_without(name, &[], edit)
+}
+
+/// [`model_variant`] without the tensors named in `drop`.
+pub fn model_variant_without(
+    name: &str,
+    drop: &[&str],
+    edit: impl FnOnce(&mut chord::gguf::Writer),
+) -> PathBuf {
     let src = GgufFile::open(model_path()).unwrap();
     let g = src.gguf();
     let mut w = chord::gguf::Writer::new();
     for (k, v) in &g.metadata {
         w.metadata(k.clone(), v.clone());
     }
-    for t in &g.tensors {
+    for t in g
+        .tensors
+        .iter()
+        .filter(|t| !drop.contains(&t.name.as_str()))
+    {
         w.tensor(
             t.name.clone(),
             &t.dims,
