@@ -67,6 +67,8 @@
 //! - `Q6_K`: 48 chunks, in triples `ql[64h + 4c' ..]`, `ql[64h + 32 + 4c' ..]`,
 //!   `qh[32h + 4c' ..]`.
 
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::__m128i;
 use std::sync::Mutex;
 
 use super::qmatmul::BlockWeight;
@@ -896,11 +898,11 @@ unsafe fn transpose_runs(blk: &[u8], src: &[u32], row_bytes: usize, out: &mut [u
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn interleave(
-    v: [std::arch::x86_64::__m128i; 16],
+    v: [__m128i; 16],
     s: usize,
-    lo: impl Fn(std::arch::x86_64::__m128i, std::arch::x86_64::__m128i) -> std::arch::x86_64::__m128i,
-    hi: impl Fn(std::arch::x86_64::__m128i, std::arch::x86_64::__m128i) -> std::arch::x86_64::__m128i,
-) -> [std::arch::x86_64::__m128i; 16] {
+    lo: impl Fn(__m128i, __m128i) -> __m128i,
+    hi: impl Fn(__m128i, __m128i) -> __m128i,
+) -> [__m128i; 16] {
     std::array::from_fn(|i| {
         let x = i / (2 * s) * 2 * s + i % (2 * s) / 2;
         match i % 2 {
