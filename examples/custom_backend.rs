@@ -54,6 +54,16 @@ impl<B: Backend> Backend for Counting<B> {
         self.inner.prepare(w)
     }
 
+    // The inner backend may finish its weights in the background once they are all
+    // prepared (the SIMD backend moves them onto huge pages): pass the calls on.
+    fn prepared(&self) {
+        self.inner.prepared()
+    }
+
+    fn settle(&self) {
+        self.inner.settle()
+    }
+
     fn matmul(
         &self,
         x: &[f32],

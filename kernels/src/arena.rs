@@ -19,8 +19,15 @@
 //! pages a chunk touches become resident: a shared region costs at most the rest of the huge
 //! page its last chunk ends in, a region of its own nothing. Where anonymous mappings are
 //! unavailable, regions are plain heap allocations.
+//!
+//! A model's weights are written once, at load, and the first touch of fresh huge pages is
+//! slow where a VM's host has taken the memory back: the SIMD backend's arena
+//! ([`Arena::promoted_later`]) writes them on 4 KiB pages and moves the used 2 MiB stretches
+//! onto huge pages afterwards, in the background (`MADV_COLLAPSE`), once the load is done
+//! ([`Arena::promote`]). Benchmarks wait for the move ([`Arena::settle`]).
 
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The huge page size the regions are aligned to (x86-64's and AArch64's usual 2 MiB).
@@ -32,7 +39,7 @@ pub const CHUNK_ALIGN: usize = 64;
 
 /// Whether regions ask for huge pages: yes, unless `CHORD_HUGE_PAGES=0`, which asks for
 /// none (`MADV_NOHUGEPAGE`, so that a system whose THP setting is `always` keeps 4 KiB pages
-/// too).
+/// too). When they get them is [`HugePages`]'.
 ///
 /// The trade, measured on an AMD EPYC (family 25 model 17), a KVM guest whose balloon hands
 /// freed memory back to the host: decode runs faster on huge pages (`chord bench model --pp
@@ -42,11 +49,36 @@ pub const CHUNK_ALIGN: usize = 64;
 /// costs far more to touch first on huge pages: 136 MiB on two threads took 246-259 ms on
 /// huge pages after 45 s idle and 39 ms on 4 KiB pages, and Gemma 3 loaded in 1.6-2.5 s
 /// against 0.32-0.54 (`load_seconds`; llama.cpp 0.83-1.08). Right after another process
-/// freed memory, both are fast. `CHORD_HUGE_PAGES=0` suits short runs after long pauses.
+/// freed memory, both are fast. So a model's weights are written on 4 KiB pages and moved
+/// onto huge pages after the load ([`Arena::promoted_later`]).
 pub fn huge_pages() -> bool {
-    static ON: std::sync::LazyLock<bool> =
-        std::sync::LazyLock::new(|| std::env::var("CHORD_HUGE_PAGES").as_deref() != Ok("0"));
-    *ON
+    HugePages::chosen() != HugePages::Off
+}
+
+/// When an [`Arena::promoted_later`]'s chunks get huge pages, from `CHORD_HUGE_PAGES`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HugePages {
+    /// `0`: never.
+    Off,
+    /// `fault`: as they are first touched, like an [`Arena::new`]'s.
+    AtFault,
+    /// Unset (or anything else): after [`Arena::promote`], where the kernel can move pages
+    /// (else as `fault`).
+    Promoted,
+}
+
+impl HugePages {
+    /// The setting of this process, read once.
+    pub fn chosen() -> HugePages {
+        static CHOSEN: std::sync::LazyLock<HugePages> =
+            std::sync::LazyLock::new(|| match std::env::var("CHORD_HUGE_PAGES").as_deref() {
+                Ok("0") => HugePages::Off,
+                Ok("fault") => HugePages::AtFault,
+                _ if collapse_supported() => HugePages::Promoted,
+                _ => HugePages::AtFault,
+            });
+        *CHOSEN
+    }
 }
 
 /// Memory the regions are cut from.
@@ -62,6 +94,10 @@ struct Region {
     _backing: Backing,
     base: *mut u8,
     len: usize,
+    /// Its first bytes that may go on huge pages (whole 2 MiB stretches).
+    huge: usize,
+    /// Bytes handed out so far, from the start.
+    used: AtomicUsize,
 }
 
 // SAFETY: a region is only reached through chunks, each owning a disjoint byte range of it.
@@ -71,19 +107,20 @@ unsafe impl Sync for Region {}
 
 impl Region {
     /// `len` zeroed bytes, 2 MiB-aligned, its first `huge` bytes advised onto huge pages
-    /// where possible.
-    fn new(len: usize, huge: usize) -> Region {
+    /// where possible: at once, or (`later`) only once [`Arena::promote`] moves them.
+    fn new(len: usize, huge: usize, later: bool) -> Region {
         let len = len.max(1);
+        let huge = huge.min(len);
         if let Ok(mut map) = memmap2::MmapOptions::new().len(len + HUGE_PAGE).map_anon() {
             let start = map.as_mut_ptr();
             let skip = start.align_offset(HUGE_PAGE).min(HUGE_PAGE);
             #[cfg(target_os = "linux")]
             {
                 // Advice only: a kernel without transparent huge pages keeps 4 KiB pages.
-                if !huge_pages() {
+                if !huge_pages() || later {
                     let _ = map.advise_range(memmap2::Advice::NoHugePage, skip, len);
                 } else if huge > 0 {
-                    let _ = map.advise_range(memmap2::Advice::HugePage, skip, huge.min(len));
+                    let _ = map.advise_range(memmap2::Advice::HugePage, skip, huge);
                 }
             }
             // SAFETY: `skip + len <= len + HUGE_PAGE`, inside the mapping.
@@ -92,6 +129,8 @@ impl Region {
                 _backing: Backing::Map(map),
                 base,
                 len,
+                huge,
+                used: AtomicUsize::new(0),
             };
         }
         let mut heap = vec![0u8; len + CHUNK_ALIGN];
@@ -103,8 +142,51 @@ impl Region {
             _backing: Backing::Heap(heap),
             base,
             len,
+            huge: 0,
+            used: AtomicUsize::new(0),
         }
     }
+
+    /// Moves the pages of its used 2 MiB stretches onto huge pages (`MADV_COLLAPSE`, which
+    /// copies them), where the kernel can.
+    fn collapse(&self) {
+        let span = self
+            .used
+            .load(Ordering::Acquire)
+            .next_multiple_of(HUGE_PAGE)
+            .min(self.huge);
+        #[cfg(target_os = "linux")]
+        if span > 0 {
+            // SAFETY: `base .. base + span` lies in this region's live mapping (`huge > 0`
+            // only for mapped regions); both calls are advice and change no byte.
+            unsafe {
+                libc::madvise(self.base.cast(), span, libc::MADV_HUGEPAGE);
+                libc::madvise(self.base.cast(), span, libc::MADV_COLLAPSE);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = span;
+    }
+}
+
+/// Whether this kernel moves pages onto huge pages on request (`MADV_COLLAPSE`, Linux 6.1
+/// on): asked once, of the first 4 KiB page of a 4 MiB mapping's huge page, touched (an
+/// untouched mapping is refused either way), which it accepts (there is no whole huge page
+/// in the range to move) where it knows the advice and refuses (`EINVAL`) where not.
+fn collapse_supported() -> bool {
+    static YES: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        #[cfg(target_os = "linux")]
+        if let Ok(mut map) = memmap2::MmapOptions::new().len(2 * HUGE_PAGE).map_anon() {
+            let at = map.as_ptr().align_offset(HUGE_PAGE).min(HUGE_PAGE);
+            map[at] = 1;
+            // SAFETY: `at + 4096 <= 2 · HUGE_PAGE`, inside the mapping; advice only.
+            return unsafe {
+                libc::madvise(map.as_mut_ptr().add(at).cast(), 4096, libc::MADV_COLLAPSE)
+            } == 0;
+        }
+        false
+    });
+    *YES
 }
 
 /// Zeroed bytes cut from an [`Arena`]'s region, owned alone (see the module docs).
@@ -139,7 +221,12 @@ impl DerefMut for Chunk {
 impl Clone for Chunk {
     /// A copy in a region of its own, on huge pages for its whole 2 MiB stretches.
     fn clone(&self) -> Chunk {
-        let region = Arc::new(Region::new(self.len, self.len / HUGE_PAGE * HUGE_PAGE));
+        let region = Arc::new(Region::new(
+            self.len,
+            self.len / HUGE_PAGE * HUGE_PAGE,
+            false,
+        ));
+        region.used.store(self.len, Ordering::Release);
         let mut c = Chunk {
             ptr: region.base,
             region,
@@ -159,8 +246,17 @@ impl std::fmt::Debug for Chunk {
 /// Hands out [`Chunk`]s from shared huge-page regions (see the module docs).
 #[derive(Default)]
 pub struct Arena {
-    /// The region being filled and the bytes of it already handed out.
-    current: Mutex<Option<(Arc<Region>, usize)>>,
+    /// The region being filled.
+    current: Mutex<Option<Arc<Region>>>,
+    /// For an arena made by [`Arena::promoted_later`]: its regions not yet promoted, and the
+    /// thread promoting the others.
+    later: Option<Mutex<Later>>,
+}
+
+#[derive(Default)]
+struct Later {
+    waiting: Vec<std::sync::Weak<Region>>,
+    promoting: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Arena {
@@ -170,8 +266,83 @@ impl std::fmt::Debug for Arena {
 }
 
 impl Arena {
+    /// An arena whose chunks go on huge pages as they are first touched.
     pub fn new() -> Arena {
         Arena::default()
+    }
+
+    /// An arena whose chunks start on 4 KiB pages and move onto huge pages when
+    /// [`promote`](Arena::promote) is called, on a thread of its own, so that filling them
+    /// does not wait for the first touch of fresh huge pages. That touch is what a model load
+    /// on a VM spends most of its time on when the host has taken the memory back: on an AMD
+    /// EPYC (family 25 model 17) KVM guest after 45 s idle, 136 MiB took 215 ms to touch on
+    /// two threads on huge pages, 42-50 ms on 4 KiB pages, and their move 475 ms on one
+    /// thread. Unless [`HugePages::chosen`] is [`HugePages::Promoted`], this is
+    /// [`Arena::new`].
+    pub fn promoted_later() -> Arena {
+        Arena {
+            later: (HugePages::chosen() == HugePages::Promoted).then(Mutex::default),
+            ..Arena::default()
+        }
+    }
+
+    /// Starts moving the chunks handed out so far onto huge pages, in the background, on a
+    /// thread of the lowest priority (nice 19), so it runs on the cores the work leaves
+    /// idle; [`settle`](Arena::settle) waits for it. Chunks stay readable and writable
+    /// throughout. Nothing for an arena made by [`Arena::new`].
+    pub fn promote(&self) {
+        let Some(later) = &self.later else { return };
+        let mut later = later.lock().unwrap_or_else(|e| e.into_inner());
+        let regions: Vec<Arc<Region>> = later
+            .waiting
+            .drain(..)
+            .filter_map(|r| r.upgrade())
+            .collect();
+        if regions.is_empty() {
+            return;
+        }
+        let before = later.promoting.take();
+        later.promoting = std::thread::Builder::new()
+            .name("chord-promote".into())
+            .spawn(move || {
+                if let Some(before) = before {
+                    let _ = before.join();
+                }
+                #[cfg(target_os = "linux")]
+                // SAFETY: sets this thread's own nice value; no memory is involved.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+                }
+                for r in &regions {
+                    r.collapse();
+                }
+            })
+            .ok();
+    }
+
+    /// Waits until the chunks [`promote`](Arena::promote) was asked to move are on huge
+    /// pages (or the kernel declined).
+    pub fn settle(&self) {
+        let Some(later) = &self.later else { return };
+        let promoting = later
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .promoting
+            .take();
+        if let Some(p) = promoting {
+            let _ = p.join();
+        }
+    }
+
+    /// A new region of `len` bytes, its first `huge` on huge pages (now or on promotion).
+    fn region(&self, len: usize, huge: usize) -> Arc<Region> {
+        let region = Arc::new(Region::new(len, huge, self.later.is_some()));
+        if let Some(later) = &self.later {
+            let mut later = later.lock().unwrap_or_else(|e| e.into_inner());
+            later.waiting.retain(|r| r.strong_count() > 0);
+            later.waiting.push(Arc::downgrade(&region));
+        }
+        region
     }
 
     /// `len` zeroed bytes, aligned to [`CHUNK_ALIGN`].
@@ -179,7 +350,8 @@ impl Arena {
         if len > REGION / 4 {
             // Huge pages for the whole 2 MiB stretches only: a last, partly used huge page
             // would be resident in full.
-            let region = Arc::new(Region::new(len, len / HUGE_PAGE * HUGE_PAGE));
+            let region = self.region(len, len / HUGE_PAGE * HUGE_PAGE);
+            region.used.store(len, Ordering::Release);
             return Chunk {
                 ptr: region.base,
                 region,
@@ -187,14 +359,18 @@ impl Arena {
             };
         }
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        let fits =
-            |(r, used): &(Arc<Region>, usize)| used.next_multiple_of(CHUNK_ALIGN) + len <= r.len;
+        let fits = |r: &Arc<Region>| {
+            r.used.load(Ordering::Relaxed).next_multiple_of(CHUNK_ALIGN) + len <= r.len
+        };
         if !current.as_ref().is_some_and(fits) {
-            *current = Some((Arc::new(Region::new(REGION, REGION)), 0));
+            *current = Some(self.region(REGION, REGION));
         }
-        let (region, used) = current.as_mut().expect("a region was just made");
-        let at = used.next_multiple_of(CHUNK_ALIGN);
-        *used = at + len;
+        let region = current.as_ref().expect("a region was just made");
+        let at = region
+            .used
+            .load(Ordering::Relaxed)
+            .next_multiple_of(CHUNK_ALIGN);
+        region.used.store(at + len, Ordering::Release);
         Chunk {
             region: Arc::clone(region),
             // SAFETY: `at + len <= region.len` (checked by `fits`).
@@ -236,6 +412,36 @@ mod tests {
         }
         let copy = chunks[2].clone();
         assert_eq!(&copy[..], &chunks[2][..]);
+    }
+
+    #[test]
+    fn promoted_chunks_keep_their_bytes_while_and_after_they_move() {
+        let arena = Arena::promoted_later();
+        let sizes = [3 * HUGE_PAGE + 100, 1000, HUGE_PAGE, REGION / 4 + 1];
+        let mut chunks: Vec<Chunk> = sizes.iter().map(|&n| arena.alloc(n)).collect();
+        let pattern = |i: usize, j: usize| (i * 31 + j * 7 + j / 4096) as u8;
+        for (i, c) in chunks.iter_mut().enumerate() {
+            c.iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = pattern(i, j));
+        }
+        arena.promote();
+        // Written and read while the promotion may be moving them.
+        for (i, c) in chunks.iter_mut().enumerate() {
+            for j in (0..c.len()).step_by(4093) {
+                c[j] = pattern(i, j).wrapping_add(1);
+            }
+        }
+        let late = arena.alloc(5000);
+        arena.promote();
+        arena.settle();
+        for (i, c) in chunks.iter().enumerate() {
+            for (j, &b) in c.iter().enumerate() {
+                let want = pattern(i, j).wrapping_add(j.is_multiple_of(4093) as u8);
+                assert_eq!(b, want, "chunk {i} byte {j}");
+            }
+        }
+        assert!(late.iter().all(|&b| b == 0));
     }
 
     #[test]

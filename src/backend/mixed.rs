@@ -204,6 +204,14 @@ impl<M: Backend> Backend for Mixed<M> {
         self.matmul.prepare(w)
     }
 
+    fn prepared(&self) {
+        self.matmul.prepared()
+    }
+
+    fn settle(&self) {
+        self.matmul.settle()
+    }
+
     fn borrows_view(&self, w: &Self::Weight<'_>) -> bool {
         self.matmul.borrows_view(w)
     }

@@ -186,6 +186,17 @@ pub trait Backend: Send + Sync {
         true
     }
 
+    /// Called once every weight of a model is prepared ([`Model::load`](crate::model::Model::load)
+    /// calls it): a backend may finish preparing them in the background, as long as the
+    /// weights stay usable meanwhile. The SIMD backend moves them onto huge pages there
+    /// (see `chord_kernels::arena`). The default does nothing.
+    fn prepared(&self) {}
+
+    /// Waits for the work [`prepared`](Backend::prepared) started, so that what follows
+    /// runs on the weights as they will stay (benchmarks call it before timing). The
+    /// default does nothing.
+    fn settle(&self) {}
+
     /// The arithmetic [`matmul`](Backend::matmul) runs on this weight in (for profiles and
     /// benchmarks). The default is f32.
     fn arithmetic(&self, _w: &Self::Weight<'_>) -> Arithmetic {

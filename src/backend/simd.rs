@@ -144,7 +144,7 @@ impl SimdBackend {
             attention_scratch: AttentionScratch::new(threads),
             rope_table: Mutex::new(RopeTable::default()),
             int_scratch: IntScratch::new(),
-            arena: Arena::new(),
+            arena: Arena::promoted_later(),
         })
     }
 
@@ -267,6 +267,15 @@ impl Backend for SimdBackend {
             rows,
             cols,
         )))
+    }
+
+    /// Moves the repacked and packed weights onto huge pages, in the background.
+    fn prepared(&self) {
+        self.arena.promote()
+    }
+
+    fn settle(&self) {
+        self.arena.settle()
     }
 
     /// Rows of blocks read the view; repacked and packed weights are copies.

@@ -41,8 +41,9 @@ pub(crate) struct Workload {
 }
 
 impl Workload {
-    /// Fills `depth` positions of a new state with one untimed prompt (in batches of up to
-    /// 512, as a prompt of `pp` runs).
+    /// Waits for the backend to settle its weights ([`Backend::settle`](crate::Backend::settle):
+    /// a benchmark times them as they will stay), then fills `depth` positions of a new
+    /// state with one untimed prompt (in batches of up to 512, as a prompt of `pp` runs).
     ///
     /// # Errors
     /// As [`check_depth`] with the model's context, or the model's error in the prompt.
@@ -53,6 +54,7 @@ impl Workload {
         depth: usize,
     ) -> Result<Workload, crate::model::ModelError> {
         check_depth(model.config.ctx_len, pp, tg, depth)?;
+        model.backend().settle();
         let vocab = model.config.vocab as u64;
         let n = pp.max(tg);
         let mut tokens: Vec<u32> = (0..(depth + n) as u64)

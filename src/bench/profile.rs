@@ -191,6 +191,14 @@ impl<B: Backend> Backend for Profiled<B> {
         })
     }
 
+    fn prepared(&self) {
+        self.inner.prepared()
+    }
+
+    fn settle(&self) {
+        self.inner.settle()
+    }
+
     fn borrows_view(&self, w: &Self::Weight<'_>) -> bool {
         self.inner.borrows_view(&w.inner)
     }

@@ -225,6 +225,7 @@ impl<'f, B: Backend + 'f> Model<'f, B> {
             None => None,
         };
         let output_norm = vector("output_norm.weight", d)?;
+        backend.prepared();
         Ok(Model {
             config,
             backend,
