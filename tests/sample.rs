@@ -33,6 +33,18 @@ proptest! {
     }
 
     #[test]
+    fn top_candidates_are_the_sorted_candidates_first_k(l in logits(), k in 0usize..70) {
+        // The reference: every id sorted by logit, highest first, ties to the lower id.
+        let mut want: Vec<u32> = (0..l.len() as u32).collect();
+        want.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]).then(a.cmp(&b)));
+        if k > 0 {
+            want.truncate(k);
+        }
+        let got: Vec<u32> = sample::top_candidates(&l, k).iter().map(|x| x.id).collect();
+        prop_assert_eq!(got, want);
+    }
+
+    #[test]
     fn top_p_keeps_the_smallest_prefix_reaching_p(l in logits(), p in 0.01f32..=1.0) {
         let mut all = sample::sorted_candidates(&l);
         sample::softmax(&mut all);
