@@ -148,20 +148,26 @@ impl Region {
     }
 
     /// Moves the pages of its used 2 MiB stretches onto huge pages (`MADV_COLLAPSE`, which
-    /// copies them), where the kernel can.
-    fn collapse(&self) {
-        let span = self
+    /// copies them), where the kernel can, one stretch per call: each holds the process's
+    /// memory map for about one copy, and the move stops once `region` is the last holder
+    /// of the region (its chunks dropped).
+    fn collapse(region: &Arc<Region>) {
+        let span = region
             .used
             .load(Ordering::Acquire)
             .next_multiple_of(HUGE_PAGE)
-            .min(self.huge);
+            .min(region.huge);
         #[cfg(target_os = "linux")]
-        if span > 0 {
-            // SAFETY: `base .. base + span` lies in this region's live mapping (`huge > 0`
-            // only for mapped regions); both calls are advice and change no byte.
+        for at in (0..span).step_by(HUGE_PAGE) {
+            if Arc::strong_count(region) == 1 {
+                return;
+            }
+            // SAFETY: `base + at .. + HUGE_PAGE` lies in this region's live mapping (`huge >
+            // 0` only for mapped regions); both calls are advice and change no byte.
             unsafe {
-                libc::madvise(self.base.cast(), span, libc::MADV_HUGEPAGE);
-                libc::madvise(self.base.cast(), span, libc::MADV_COLLAPSE);
+                let p = region.base.add(at).cast();
+                libc::madvise(p, HUGE_PAGE, libc::MADV_HUGEPAGE);
+                libc::madvise(p, HUGE_PAGE, libc::MADV_COLLAPSE);
             }
         }
         #[cfg(not(target_os = "linux"))]
@@ -313,8 +319,8 @@ impl Arena {
                 unsafe {
                     libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
                 }
-                for r in &regions {
-                    r.collapse();
+                for r in regions {
+                    Region::collapse(&r);
                 }
             })
             .ok();
