@@ -39,7 +39,7 @@ pub const CHUNK_ALIGN: usize = 64;
 
 /// Whether regions ask for huge pages: yes, unless `CHORD_HUGE_PAGES=0`, which asks for
 /// none (`MADV_NOHUGEPAGE`, so that a system whose THP setting is `always` keeps 4 KiB pages
-/// too). When they get them is [`HugePages`]'.
+/// too). When they get them: [`HugePages`].
 ///
 /// The trade, measured on an AMD EPYC (family 25 model 17), a KVM guest whose balloon hands
 /// freed memory back to the host: decode runs faster on huge pages (`chord bench model --pp
@@ -272,7 +272,8 @@ impl std::fmt::Debug for Arena {
 }
 
 impl Arena {
-    /// An arena whose chunks go on huge pages as they are first touched.
+    /// An arena whose chunks go on huge pages as they are first touched (unless
+    /// [`huge_pages`] is off).
     pub fn new() -> Arena {
         Arena::default()
     }
