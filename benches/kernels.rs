@@ -43,6 +43,9 @@ impl<B: Backend> Visit for Bench<'_, '_, B> {
     fn visit<C: OpCase>(self, case: &C) -> Self::Out {
         let inputs = case.inputs();
         let mut state = case.setup(self.backend, &inputs)?;
+        // The weights as a loaded model's end up (on huge pages, for the SIMD backend).
+        self.backend.prepared();
+        self.backend.settle();
         case.run(self.backend, &inputs, &mut state)?;
         self.group.bench_function(self.id, |b| {
             b.iter(|| {

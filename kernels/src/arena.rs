@@ -81,6 +81,12 @@ impl HugePages {
     }
 }
 
+/// `madvise`'s advice to move a range's pages onto huge pages (Linux's uapi
+/// `asm-generic/mman-common.h`, since 6.1). Spelled out here: libc defines it for glibc
+/// targets only.
+#[cfg(target_os = "linux")]
+const MADV_COLLAPSE: libc::c_int = 25;
+
 /// Memory the regions are cut from.
 enum Backing {
     /// An anonymous mapping, over-allocated by a huge page so that its base can be aligned.
@@ -100,7 +106,9 @@ struct Region {
     used: AtomicUsize,
 }
 
-// SAFETY: a region is only reached through chunks, each owning a disjoint byte range of it.
+// SAFETY: a region's bytes are only reached through chunks, each owning a disjoint byte
+// range of it; the promoting thread holds regions too, but only passes their addresses to
+// `madvise`, which moves pages without changing a byte.
 unsafe impl Send for Region {}
 // SAFETY: as above.
 unsafe impl Sync for Region {}
@@ -111,6 +119,8 @@ impl Region {
     fn new(len: usize, huge: usize, later: bool) -> Region {
         let len = len.max(1);
         let huge = huge.min(len);
+        #[cfg(not(target_os = "linux"))]
+        let _ = later;
         if let Ok(mut map) = memmap2::MmapOptions::new().len(len + HUGE_PAGE).map_anon() {
             let start = map.as_mut_ptr();
             let skip = start.align_offset(HUGE_PAGE).min(HUGE_PAGE);
@@ -167,7 +177,7 @@ impl Region {
             unsafe {
                 let p = region.base.add(at).cast();
                 libc::madvise(p, HUGE_PAGE, libc::MADV_HUGEPAGE);
-                libc::madvise(p, HUGE_PAGE, libc::MADV_COLLAPSE);
+                libc::madvise(p, HUGE_PAGE, MADV_COLLAPSE);
             }
         }
         #[cfg(not(target_os = "linux"))]
@@ -186,9 +196,8 @@ fn collapse_supported() -> bool {
             let at = map.as_ptr().align_offset(HUGE_PAGE).min(HUGE_PAGE);
             map[at] = 1;
             // SAFETY: `at + 4096 <= 2 · HUGE_PAGE`, inside the mapping; advice only.
-            return unsafe {
-                libc::madvise(map.as_mut_ptr().add(at).cast(), 4096, libc::MADV_COLLAPSE)
-            } == 0;
+            return unsafe { libc::madvise(map.as_mut_ptr().add(at).cast(), 4096, MADV_COLLAPSE) }
+                == 0;
         }
         false
     });
@@ -255,14 +264,14 @@ pub struct Arena {
     /// The region being filled.
     current: Mutex<Option<Arc<Region>>>,
     /// For an arena made by [`Arena::promoted_later`]: its regions not yet promoted, and the
-    /// thread promoting the others.
+    /// threads promoting the others.
     later: Option<Mutex<Later>>,
 }
 
 #[derive(Default)]
 struct Later {
     waiting: Vec<std::sync::Weak<Region>>,
-    promoting: Option<std::thread::JoinHandle<()>>,
+    promoting: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Arena {
@@ -296,7 +305,9 @@ impl Arena {
     /// Starts moving the chunks handed out so far onto huge pages, in the background, on a
     /// thread of the lowest priority (nice 19), so it runs on the cores the work leaves
     /// idle; [`settle`](Arena::settle) waits for it. Chunks stay readable and writable
-    /// throughout. Nothing for an arena made by [`Arena::new`].
+    /// throughout. Chunks handed out later, even from a region promoted now, stay on 4 KiB
+    /// pages until the next call moves those of new regions: prepare every weight first.
+    /// Nothing for an arena made by [`Arena::new`].
     pub fn promote(&self) {
         let Some(later) = &self.later else { return };
         let mut later = later.lock().unwrap_or_else(|e| e.into_inner());
@@ -308,13 +319,9 @@ impl Arena {
         if regions.is_empty() {
             return;
         }
-        let before = later.promoting.take();
-        later.promoting = std::thread::Builder::new()
+        let promoting = std::thread::Builder::new()
             .name("chord-promote".into())
             .spawn(move || {
-                if let Some(before) = before {
-                    let _ = before.join();
-                }
                 #[cfg(target_os = "linux")]
                 // SAFETY: sets this thread's own nice value; no memory is involved.
                 unsafe {
@@ -323,20 +330,18 @@ impl Arena {
                 for r in regions {
                     Region::collapse(&r);
                 }
-            })
-            .ok();
+            });
+        // A thread that cannot be made leaves those regions on 4 KiB pages.
+        later.promoting.extend(promoting.ok());
     }
 
     /// Waits until the chunks [`promote`](Arena::promote) was asked to move are on huge
     /// pages (or the kernel declined).
     pub fn settle(&self) {
         let Some(later) = &self.later else { return };
-        let promoting = later
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .promoting
-            .take();
-        if let Some(p) = promoting {
+        let promoting =
+            std::mem::take(&mut later.lock().unwrap_or_else(|e| e.into_inner()).promoting);
+        for p in promoting {
             let _ = p.join();
         }
     }

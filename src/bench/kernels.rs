@@ -128,6 +128,9 @@ impl<B: Backend, T, F: FnOnce(&mut dyn FnMut()) -> T> Visit for Runner<'_, B, F>
     fn visit<C: OpCase>(self, case: &C) -> Self::Out {
         let inputs = case.inputs();
         let mut state = case.setup(self.backend, &inputs)?;
+        // The weights as a loaded model's end up (on huge pages, for the SIMD backend).
+        self.backend.prepared();
+        self.backend.settle();
         // The first call fails on a shape the backend refuses; the later ones cannot.
         case.run(self.backend, &inputs, &mut state)?;
         Ok((self.with)(&mut || {

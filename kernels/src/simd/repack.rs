@@ -1028,7 +1028,7 @@ impl RepackedWeight {
     /// Repacks `w` (one of the [`repackable`] formats) into `layout`, in memory from `arena`,
     /// on `team`'s threads. `None` if the format cannot be repacked or `w`'s bytes are not
     /// its `n` rows of `k`. `done` is called with each run of `w.bytes` once it has been
-    /// copied (whole groups of 16 rows, about 1 MiB a thread at a time, in order), so that
+    /// copied (whole groups of 16 rows, about 4 MiB a thread at a time, in order), so that
     /// a caller can let go of the source as the copy grows.
     pub fn new(
         arena: &Arena,
@@ -1048,7 +1048,7 @@ impl RepackedWeight {
         let (row_bytes, group_bytes) = (blocks * bb, blocks * rec);
         let map = ByteMap::new(dtype, layout, row_bytes);
         let mut data = arena.alloc(n.div_ceil(GROUP) * group_bytes);
-        // Groups per call of `done`: about 1 MiB of source a thread.
+        // Groups per call of `done`: about 4 MiB of source a thread.
         let batch = (RELEASE_BYTES * team.threads() / (GROUP * row_bytes)).max(1);
         for (i, out) in data.chunks_mut(batch * group_bytes).enumerate() {
             let g0 = i * batch;
@@ -1246,10 +1246,10 @@ mod tests {
     }
 
     /// `done` hands back the source in order, in runs of whole rows that tile it exactly:
-    /// 1.4 MB of Q8_0 rows, about 1 MiB a thread at a time.
+    /// 5.4 MB of Q8_0 rows, about 4 MiB a thread at a time.
     #[test]
     fn the_source_is_handed_back_in_order_as_it_is_copied() {
-        let (n, k) = (40_000, 32);
+        let (n, k) = (160_000, 32);
         let bytes = quant::sample_blocks(DType::Q8_0, n * k, 7).unwrap();
         let src = BlockWeight::new(DType::Q8_0, n, k, &bytes).unwrap();
         for (threads, want_runs) in [(1, 2), (2, 1)] {
