@@ -154,10 +154,10 @@ fn cpu_vendor_family() -> Option<(Vendor, u32)> {
 /// group of 16 rows).
 const RELEASE_BYTES: usize = 4 << 20;
 
-/// Tasks per thread per call of `done`, handed out in turn: a worker that wakes late (a
-/// parked thread takes tens of microseconds, about as long as repacking 1 MiB) still finds
-/// some. With two tasks of 1 MiB, the calling thread of a two-thread team did nearly all of
-/// a load's repacking alone on an AMD EPYC (family 25 model 17).
+/// Tasks per thread per call of `done`, handed out in turn: a worker that wakes late (it
+/// parks between weights) still finds some. With one task of 1 MiB a thread, the calling
+/// thread of a two-thread team did nearly all of a load's repacking alone on an AMD EPYC
+/// (family 25 model 17): `perf` put nearly every sample of the worker in its wait loop.
 const TASKS_PER_THREAD: usize = 4;
 
 /// How a record's quants are arranged (see the module docs).
@@ -1073,7 +1073,9 @@ impl RepackedWeight {
                             &padded
                         }
                     };
-                    // The next group's rows, asked for a slice per record.
+                    // The next group's rows, asked for a slice per record: sixteen short
+                    // streams the hardware prefetchers barely follow. On Zen 4 the loop
+                    // took a third of the samples of a Q8_0 load it took without.
                     let next = w
                         .bytes
                         .get((first + GROUP) * row_bytes..)
