@@ -97,11 +97,9 @@ enum Backing {
 
 /// One region: `len` zeroed bytes at `base`, kept alive by its chunks.
 struct Region {
-    _backing: Backing,
+    backing: Backing,
     base: *mut u8,
     len: usize,
-    /// Its first bytes that may go on huge pages (whole 2 MiB stretches).
-    huge: usize,
     /// Bytes handed out so far, from the start.
     used: AtomicUsize,
 }
@@ -114,11 +112,12 @@ unsafe impl Send for Region {}
 unsafe impl Sync for Region {}
 
 impl Region {
-    /// `len` zeroed bytes, 2 MiB-aligned, its first `huge` bytes advised onto huge pages
-    /// where possible: at once, or (`later`) only once [`Arena::promote`] moves them.
-    fn new(len: usize, huge: usize, later: bool) -> Region {
+    /// `len` zeroed bytes, 2 MiB-aligned, its whole 2 MiB stretches advised onto huge pages
+    /// where possible (a last, partly used huge page would be resident in full): at once,
+    /// or (`later`) only once [`Arena::promote`] moves them.
+    fn new(len: usize, later: bool) -> Region {
         let len = len.max(1);
-        let huge = huge.min(len);
+        let huge = len / HUGE_PAGE * HUGE_PAGE;
         #[cfg(not(target_os = "linux"))]
         let _ = later;
         if let Ok(mut map) = memmap2::MmapOptions::new().len(len + HUGE_PAGE).map_anon() {
@@ -136,10 +135,9 @@ impl Region {
             // SAFETY: `skip + len <= len + HUGE_PAGE`, inside the mapping.
             let base = unsafe { start.add(skip) };
             return Region {
-                _backing: Backing::Map(map),
+                backing: Backing::Map(map),
                 base,
                 len,
-                huge,
                 used: AtomicUsize::new(0),
             };
         }
@@ -149,35 +147,37 @@ impl Region {
         // SAFETY: `skip + len <= len + CHUNK_ALIGN`, inside the allocation.
         let base = unsafe { start.add(skip) };
         Region {
-            _backing: Backing::Heap(heap),
+            backing: Backing::Heap(heap),
             base,
             len,
-            huge: 0,
             used: AtomicUsize::new(0),
         }
     }
 
-    /// Moves the pages of its used 2 MiB stretches onto huge pages (`MADV_COLLAPSE`, which
-    /// copies them), where the kernel can, one stretch per call: each holds the process's
-    /// memory map for about one copy, and the move stops once `region` is the last holder
-    /// of the region (its chunks dropped).
+    /// Moves the pages of its used whole 2 MiB stretches onto huge pages (`MADV_COLLAPSE`,
+    /// which copies them), where the kernel can, one stretch per call: each holds the
+    /// process's memory map for about one copy, and the move stops once `region` is the last
+    /// holder of the region (its chunks dropped). Heap regions stay as they are.
     fn collapse(region: &Arc<Region>) {
+        if !matches!(region.backing, Backing::Map(_)) {
+            return;
+        }
         let span = region
             .used
             .load(Ordering::Acquire)
             .next_multiple_of(HUGE_PAGE)
-            .min(region.huge);
+            .min(region.len / HUGE_PAGE * HUGE_PAGE);
         #[cfg(target_os = "linux")]
-        for at in (0..span).step_by(HUGE_PAGE) {
-            if Arc::strong_count(region) == 1 {
-                return;
-            }
-            // SAFETY: `base + at .. + HUGE_PAGE` lies in this region's live mapping (`huge >
-            // 0` only for mapped regions); both calls are advice and change no byte.
-            unsafe {
-                let p = region.base.add(at).cast();
-                libc::madvise(p, HUGE_PAGE, libc::MADV_HUGEPAGE);
-                libc::madvise(p, HUGE_PAGE, MADV_COLLAPSE);
+        if span > 0 {
+            // SAFETY: `base .. base + span` lies in this region's live mapping; the advice
+            // changes no byte.
+            unsafe { libc::madvise(region.base.cast(), span, libc::MADV_HUGEPAGE) };
+            for at in (0..span).step_by(HUGE_PAGE) {
+                if Arc::strong_count(region) == 1 {
+                    return;
+                }
+                // SAFETY: `base + at .. + HUGE_PAGE` lies in the same mapping; advice only.
+                unsafe { libc::madvise(region.base.add(at).cast(), HUGE_PAGE, MADV_COLLAPSE) };
             }
         }
         #[cfg(not(target_os = "linux"))]
@@ -236,11 +236,7 @@ impl DerefMut for Chunk {
 impl Clone for Chunk {
     /// A copy in a region of its own, on huge pages for its whole 2 MiB stretches.
     fn clone(&self) -> Chunk {
-        let region = Arc::new(Region::new(
-            self.len,
-            self.len / HUGE_PAGE * HUGE_PAGE,
-            false,
-        ));
+        let region = Arc::new(Region::new(self.len, false));
         region.used.store(self.len, Ordering::Release);
         let mut c = Chunk {
             ptr: region.base,
@@ -346,9 +342,9 @@ impl Arena {
         }
     }
 
-    /// A new region of `len` bytes, its first `huge` on huge pages (now or on promotion).
-    fn region(&self, len: usize, huge: usize) -> Arc<Region> {
-        let region = Arc::new(Region::new(len, huge, self.later.is_some()));
+    /// A new region of `len` bytes, on huge pages now or on promotion.
+    fn region(&self, len: usize) -> Arc<Region> {
+        let region = Arc::new(Region::new(len, self.later.is_some()));
         if let Some(later) = &self.later {
             let mut later = later.lock().unwrap_or_else(|e| e.into_inner());
             later.waiting.retain(|r| r.strong_count() > 0);
@@ -360,9 +356,8 @@ impl Arena {
     /// `len` zeroed bytes, aligned to [`CHUNK_ALIGN`].
     pub fn alloc(&self, len: usize) -> Chunk {
         if len > REGION / 4 {
-            // Huge pages for the whole 2 MiB stretches only: a last, partly used huge page
-            // would be resident in full.
-            let region = self.region(len, len / HUGE_PAGE * HUGE_PAGE);
+            // A region of its own (huge pages for its whole 2 MiB stretches only).
+            let region = self.region(len);
             region.used.store(len, Ordering::Release);
             return Chunk {
                 ptr: region.base,
@@ -375,7 +370,7 @@ impl Arena {
             r.used.load(Ordering::Relaxed).next_multiple_of(CHUNK_ALIGN) + len <= r.len
         };
         if !current.as_ref().is_some_and(fits) {
-            *current = Some(self.region(REGION, REGION));
+            *current = Some(self.region(REGION));
         }
         let region = current.as_ref().expect("a region was just made");
         let at = region
