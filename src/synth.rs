@@ -306,9 +306,15 @@ fn metadata(shape: &Shape, dtype: DType, seed: u64) -> Writer {
         )
         .metadata("tokenizer.ggml.model", Value::String("gpt2".into()))
         .metadata("tokenizer.ggml.pre", Value::String("gpt-2".into()))
-        .metadata("tokenizer.ggml.tokens", Value::Array(Array::String(tokens)))
+        .metadata(
+            "tokenizer.ggml.tokens",
+            Value::Array(Array::String(tokens.into())),
+        )
         .metadata("tokenizer.ggml.token_type", Value::Array(Array::I32(types)))
-        .metadata("tokenizer.ggml.merges", Value::Array(Array::String(merges)))
+        .metadata(
+            "tokenizer.ggml.merges",
+            Value::Array(Array::String(merges.into())),
+        )
         .metadata("tokenizer.ggml.bos_token_id", Value::U32(0))
         .metadata("tokenizer.ggml.eos_token_id", Value::U32(1))
         .metadata("tokenizer.ggml.add_bos_token", Value::Bool(true));

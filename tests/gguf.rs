@@ -123,12 +123,7 @@ fn sample() -> Writer {
         .metadata("f64", Value::F64(-2.5e300))
         .metadata(
             "strings",
-            Value::Array(Array::String(vec![
-                "<s>".into(),
-                "Ġthe".into(),
-                "日本".into(),
-                String::new(),
-            ])),
+            Value::Array(Array::String(vec!["<s>", "Ġthe", "日本", ""].into())),
         )
         .metadata("i32s", Value::Array(Array::I32(vec![1, -2, 3])))
         .metadata(
@@ -171,12 +166,9 @@ fn the_writer_round_trips_every_value_type_and_every_format() {
     );
     assert_eq!(
         g.get("strings"),
-        Some(&Value::Array(Array::String(vec![
-            "<s>".into(),
-            "Ġthe".into(),
-            "日本".into(),
-            String::new()
-        ])))
+        Some(&Value::Array(Array::String(
+            vec!["<s>", "Ġthe", "日本", ""].into()
+        )))
     );
     assert_eq!(g.metadata.len(), 15);
     assert_eq!(g.tensors.len(), DType::ALL.len());

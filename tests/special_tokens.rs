@@ -102,7 +102,10 @@ fn apply(spec: &Json, w: &mut Writer, mut tokens: Vec<String>, mut types: Vec<i3
     for (id, ty) in spec["token_types"].as_object().into_iter().flatten() {
         types[id.parse::<usize>().unwrap()] = ty.as_i64().unwrap() as i32;
     }
-    w.metadata("tokenizer.ggml.tokens", Value::Array(Array::String(tokens)));
+    w.metadata(
+        "tokenizer.ggml.tokens",
+        Value::Array(Array::String(tokens.into())),
+    );
     w.metadata("tokenizer.ggml.token_type", Value::Array(Array::I32(types)));
     if !scores.is_empty() {
         w.metadata("tokenizer.ggml.scores", Value::Array(Array::F32(scores)));
@@ -132,7 +135,7 @@ fn default_vocab(g: &Gguf) -> (Vec<String>, Vec<i32>) {
     let Some(Value::Array(Array::I32(ty))) = g.get("tokenizer.ggml.token_type") else {
         panic!()
     };
-    (t.clone(), ty.clone())
+    (t.iter().map(str::to_owned).collect(), ty.clone())
 }
 
 /// The tokenizer of variant `name`, built from its metadata alone.

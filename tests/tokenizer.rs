@@ -131,9 +131,9 @@ impl NaiveBpe {
             ranks.entry((a.to_string(), b.to_string())).or_insert(r);
         }
         let ids = strings("tokenizer.ggml.tokens")
-            .into_iter()
+            .iter()
             .enumerate()
-            .map(|(i, t)| (t, i as u32))
+            .map(|(i, t)| (t.to_owned(), i as u32))
             .collect();
         let pre =
             chord::tokenizer::PreTokenizer::named(g.str("tokenizer.ggml.pre").unwrap()).unwrap();

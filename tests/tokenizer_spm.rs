@@ -21,7 +21,10 @@ fn vocab(pieces: &[(&str, f32)], add_space_prefix: bool) -> Tokenizer {
     }
     let mut w = Writer::new();
     w.metadata("tokenizer.ggml.model", Value::String("llama".into()))
-        .metadata("tokenizer.ggml.tokens", Value::Array(Array::String(tokens)))
+        .metadata(
+            "tokenizer.ggml.tokens",
+            Value::Array(Array::String(tokens.into())),
+        )
         .metadata("tokenizer.ggml.token_type", Value::Array(Array::I32(types)))
         .metadata("tokenizer.ggml.scores", Value::Array(Array::F32(scores)))
         .metadata("tokenizer.ggml.bos_token_id", Value::U32(1))

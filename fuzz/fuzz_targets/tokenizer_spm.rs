@@ -34,7 +34,7 @@ static TOKENIZER: LazyLock<Tokenizer> = LazyLock::new(|| {
     let scores: Vec<f32> = (0..tokens.len()).map(|i| -(i as f32)).collect();
     let mut w = Writer::new();
     w.metadata("tokenizer.ggml.model", Value::String("llama".into()))
-        .metadata("tokenizer.ggml.tokens", Value::Array(Array::String(tokens)))
+        .metadata("tokenizer.ggml.tokens", Value::Array(Array::String(tokens.into())))
         .metadata("tokenizer.ggml.token_type", Value::Array(Array::I32(types)))
         .metadata("tokenizer.ggml.scores", Value::Array(Array::F32(scores)))
         .metadata("tokenizer.ggml.add_bos_token", Value::Bool(false));

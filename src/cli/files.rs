@@ -47,7 +47,7 @@ pub(crate) fn inspect(path: &std::path::Path) -> Result<(), Box<dyn std::error::
             ),
             Value::String(s) => format!("{s:?}"),
             Value::Array(Array::String(v)) => {
-                let head: Vec<&String> = v.iter().take(4).collect();
+                let head: Vec<&str> = v.iter().take(4).collect();
                 format!("[{} strings] {head:?}...", v.len())
             }
             Value::Array(a) if a.len() > 8 => format!("[{} × {:?}]", a.len(), a.element_type()),

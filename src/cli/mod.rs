@@ -60,8 +60,8 @@ pub(crate) mod research;
 
 /// The tokenizer and the model of `file` on `backend`, built side by side: the tokenizer on a
 /// thread of its own while the backend's threads prepare the weights. On the default model
-/// the tokenizer takes 14-21 ms and the weights 50-300 (2 threads; most of it the first
-/// touch of fresh memory, see the README), so a load no longer waits for both in turn.
+/// the tokenizer takes 8-22 ms and the weights 45-90 (2 threads, AMD Zen 4; most of it the
+/// first touch of fresh memory, see the README), so a load does not wait for both in turn.
 pub(crate) fn load<'f, B: chord::Backend + 'f>(
     file: &'f chord::gguf::GgufFile,
     backend: B,

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use super::{Array, GgmlType, Gguf, GgufError, TensorInfo, Value, ValueType};
+use super::{Array, GgmlType, Gguf, GgufError, Strings, TensorInfo, Value, ValueType};
 
 /// Most dimensions a ggml tensor has.
 const MAX_DIMS: usize = 4;
@@ -77,12 +77,30 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    fn string(&mut self, field: &dyn Fn() -> String) -> Result<String, GgufError> {
+    fn str(&mut self, field: &dyn Fn() -> String) -> Result<&'a str, GgufError> {
         let at = self.pos;
         let len = self.count(1, field)?;
         let bytes = self.take(len, field)?;
-        String::from_utf8(bytes.to_vec())
+        std::str::from_utf8(bytes)
             .map_err(|e| format_error(field(), at, format!("string is not valid UTF-8: {e}")))
+    }
+
+    fn string(&mut self, field: &dyn Fn() -> String) -> Result<String, GgufError> {
+        self.str(field).map(str::to_owned)
+    }
+
+    /// `n` little-endian numbers of `N` bytes each, read in one piece.
+    fn numbers<const N: usize, T>(
+        &mut self,
+        n: usize,
+        from_le: fn([u8; N]) -> T,
+        field: &dyn Fn() -> String,
+    ) -> Result<Vec<T>, GgufError> {
+        let bytes = self.take(n * N, field)?; // `count` checked that n * N fits
+        Ok(bytes
+            .chunks_exact(N)
+            .map(|c| from_le(c.try_into().expect("N bytes")))
+            .collect())
     }
 
     fn value(
@@ -153,17 +171,23 @@ impl<'a> Cursor<'a> {
         Ok(match ty {
             ValueType::U8 => Array::U8(self.take(n, field)?.to_vec()),
             ValueType::I8 => Array::I8(self.take(n, field)?.iter().map(|&b| b as i8).collect()),
-            ValueType::U16 => collect!(U16, U16),
-            ValueType::I16 => collect!(I16, I16),
-            ValueType::U32 => collect!(U32, U32),
-            ValueType::I32 => collect!(I32, I32),
-            ValueType::F32 => collect!(F32, F32),
+            ValueType::U16 => Array::U16(self.numbers(n, u16::from_le_bytes, field)?),
+            ValueType::I16 => Array::I16(self.numbers(n, i16::from_le_bytes, field)?),
+            ValueType::U32 => Array::U32(self.numbers(n, u32::from_le_bytes, field)?),
+            ValueType::I32 => Array::I32(self.numbers(n, i32::from_le_bytes, field)?),
+            ValueType::F32 => Array::F32(self.numbers(n, f32::from_le_bytes, field)?),
             ValueType::Bool => collect!(Bool, Bool),
-            ValueType::String => collect!(String, String),
+            ValueType::String => {
+                let mut v = Strings::with_capacity(n, 0);
+                for i in 0..n {
+                    v.push(self.str(&item(i))?);
+                }
+                Array::String(v)
+            }
             ValueType::Array => collect!(Array, Array),
-            ValueType::U64 => collect!(U64, U64),
-            ValueType::I64 => collect!(I64, I64),
-            ValueType::F64 => collect!(F64, F64),
+            ValueType::U64 => Array::U64(self.numbers(n, u64::from_le_bytes, field)?),
+            ValueType::I64 => Array::I64(self.numbers(n, i64::from_le_bytes, field)?),
+            ValueType::F64 => Array::F64(self.numbers(n, f64::from_le_bytes, field)?),
         })
     }
 }

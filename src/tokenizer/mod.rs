@@ -8,14 +8,16 @@
 
 mod pretok;
 mod special;
+mod vocab;
 
 // foldhash: the vocabulary's maps are built once per load (about 100k strings and pairs) and
 // read per piece; std's SipHash made building them a third of the default model's load time.
 use foldhash::{HashMap, HashMapExt};
 
-use crate::gguf::{Array, Gguf, Value};
+use crate::gguf::{Array, Gguf, Strings, Value};
 pub use pretok::PreTokenizer;
 pub use special::Specials;
+use vocab::Vocab;
 
 /// An error building a tokenizer or decoding ids.
 #[derive(Debug, thiserror::Error)]
@@ -83,9 +85,8 @@ enum Algorithm {
 
 /// A tokenizer read from GGUF metadata: byte-level BPE or SentencePiece.
 pub struct Tokenizer {
-    tokens: Vec<String>,
+    vocab: Vocab,
     types: Vec<TokenType>,
-    ids: HashMap<String, u32>,
     algorithm: Algorithm,
     /// Tokens split out before pre-tokenization, longest first.
     pieces: Vec<SpecialPiece>,
@@ -136,15 +137,15 @@ impl Tokenizer {
         let model = g
             .str("tokenizer.ggml.model")
             .map_err(|e| meta(e.to_string()))?;
-        let tokens: Vec<String> = match g.get("tokenizer.ggml.tokens") {
+        let tokens: Strings = match g.get("tokenizer.ggml.tokens") {
             // As llama.cpp reads them: up to a NUL byte (C strings), and an empty token named
             // `[EMPTY_i]`.
             Some(Value::Array(Array::String(t))) => t
                 .iter()
                 .enumerate()
                 .map(|(i, w)| match w.split('\0').next().unwrap_or("") {
-                    "" => format!("[EMPTY_{i}]"),
-                    w => w.to_string(),
+                    "" => std::borrow::Cow::Owned(format!("[EMPTY_{i}]")),
+                    w => std::borrow::Cow::Borrowed(w),
                 })
                 .collect(),
             _ => {
@@ -164,12 +165,9 @@ impl Tokenizer {
             }
             None => vec![TokenType::Normal; tokens.len()],
         };
-        let mut ids: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
-        for (i, t) in tokens.iter().enumerate() {
-            ids.insert(t.clone(), i as u32); // a token listed twice: the last id, as llama.cpp
-        }
+        let vocab = Vocab::new(tokens); // a token listed twice: the last id, as llama.cpp
         let pre_name = g.str("tokenizer.ggml.pre").unwrap_or("default");
-        let resolved = special::resolve(g, model == "llama", pre_name, &tokens, &mut types, &ids);
+        let resolved = special::resolve(g, model == "llama", pre_name, &vocab, &mut types);
         // Split out before pre-tokenization: control and unknown tokens on request,
         // user-defined ones always; longest first. Phi-3's files (by `general.name`, as
         // llama.cpp decides) swallow the whitespace after a special token.
@@ -184,10 +182,10 @@ impl Tokenizer {
                     TokenType::UserDefined => false,
                     _ => return None,
                 };
-                let text = &tokens[i];
-                let rstrip = phi3 && !matches!(text.as_str(), "<unk>" | "<s>" | "<|endoftext|>");
+                let text = vocab.text(i as u32).expect("one type per token");
+                let rstrip = phi3 && !matches!(text, "<unk>" | "<s>" | "<|endoftext|>");
                 Some(SpecialPiece {
-                    text: text.clone(),
+                    text: text.to_owned(),
                     id: i as u32,
                     needs_flag,
                     rstrip,
@@ -218,12 +216,12 @@ impl Tokenizer {
                 let mut extra_ids: HashMap<String, u32> = HashMap::new();
                 let mut extra_symbols = Vec::new();
                 let mut symbol = |text: &str| -> u32 {
-                    if let Some(&id) = ids.get(text) {
+                    if let Some(id) = vocab.id(text) {
                         return id;
                     }
                     *extra_ids.entry(text.to_string()).or_insert_with(|| {
                         extra_symbols.push(text.to_string());
-                        (tokens.len() + extra_symbols.len() - 1) as u32
+                        (vocab.len() + extra_symbols.len() - 1) as u32
                     })
                 };
                 let byte_char = Box::new(byte_alphabet());
@@ -263,16 +261,14 @@ impl Tokenizer {
             }
             "llama" => {
                 let scores = match g.get("tokenizer.ggml.scores") {
-                    Some(Value::Array(Array::F32(s))) if s.len() == tokens.len() => s.clone(),
+                    Some(Value::Array(Array::F32(s))) if s.len() == vocab.len() => s.clone(),
                     _ => {
                         return Err(meta(
                             "tokenizer.ggml.scores: missing or not one f32 per token".into(),
                         ));
                     }
                 };
-                let byte_ids = Box::new(std::array::from_fn(|b| {
-                    ids.get(&format!("<0x{b:02X}>")).copied()
-                }));
+                let byte_ids = Box::new(std::array::from_fn(|b| vocab.id(&format!("<0x{b:02X}>"))));
                 // llama.cpp's default for SentencePiece vocabularies is to add the prefix space.
                 let add_space_prefix = !matches!(
                     g.get("tokenizer.ggml.add_space_prefix"),
@@ -291,9 +287,8 @@ impl Tokenizer {
             }
         };
         Ok(Tokenizer {
-            tokens,
+            vocab,
             types,
-            ids,
             strip_prefix,
             algorithm,
             add_eos: matches!(
@@ -308,12 +303,12 @@ impl Tokenizer {
 
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
-        self.tokens.len()
+        self.vocab.len()
     }
 
     /// The token's text as the vocabulary stores it.
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.tokens.get(id as usize).map(String::as_str)
+        self.vocab.text(id)
     }
 
     /// Token ids of `text`, with BOS (and EOS) where the vocabulary adds them. With
@@ -471,9 +466,9 @@ impl Tokenizer {
         }
         let pair = |syms: &[Sym], left: usize, right: usize| -> Option<Pair> {
             let len = syms[left].len + syms[right].len;
-            let id = *self
-                .ids
-                .get(&text[syms[left].start..syms[left].start + len])?;
+            let id = self
+                .vocab
+                .id(&text[syms[left].start..syms[left].start + len])?;
             Some(Pair {
                 score: scores[id as usize],
                 left,
@@ -510,8 +505,8 @@ impl Tokenizer {
         let mut i = (!syms.is_empty()).then_some(0);
         while let Some(s) = i {
             let piece = &text[syms[s].start..syms[s].start + syms[s].len];
-            match self.ids.get(piece) {
-                Some(&id) => out.push(id),
+            match self.vocab.id(piece) {
+                Some(id) => out.push(id),
                 None => {
                     // Byte fallback, character by character: each byte as `<0xXX>`, else an
                     // ASCII byte's one-character token (as llama.cpp); a character some byte
@@ -523,11 +518,8 @@ impl Tokenizer {
                         let byte_token = |b: u8| {
                             byte_ids[b as usize].or_else(|| {
                                 b.is_ascii()
-                                    .then(|| {
-                                        self.ids.get((b as char).encode_utf8(&mut [0; 4]) as &str)
-                                    })
+                                    .then(|| self.vocab.id((b as char).encode_utf8(&mut [0; 4])))
                                     .flatten()
-                                    .copied()
                             })
                         };
                         match bytes
@@ -571,7 +563,7 @@ impl Tokenizer {
         // Llama 3's vocabularies take a piece that is a whole token as it is (ignore_merges).
         if pre.ignores_merges() {
             let mapped: String = piece.bytes().map(|b| byte_char[b as usize]).collect();
-            if let Some(&id) = self.ids.get(&mapped) {
+            if let Some(id) = self.vocab.id(&mapped) {
                 out.push(id);
                 return;
             }
@@ -624,15 +616,15 @@ impl Tokenizer {
         let mut i = 0;
         while i != NONE {
             let id = syms[i].id;
-            match extra_symbols.get((id as usize).wrapping_sub(self.tokens.len())) {
+            match extra_symbols.get((id as usize).wrapping_sub(self.vocab.len())) {
                 None => out.push(id),
                 // A symbol outside the vocabulary (a byte the vocabulary lacks): each of its
                 // UTF-8 bytes that is a token alone, as llama.cpp does; the rest is lost.
-                Some(text) => out.extend(text.bytes().filter(u8::is_ascii).filter_map(|b| {
-                    self.ids
-                        .get((b as char).encode_utf8(&mut [0; 4]) as &str)
-                        .copied()
-                })),
+                Some(text) => out.extend(
+                    text.bytes()
+                        .filter(u8::is_ascii)
+                        .filter_map(|b| self.vocab.id((b as char).encode_utf8(&mut [0; 4]))),
+                ),
             }
             i = syms[i].next;
         }
@@ -642,9 +634,9 @@ impl Tokenizer {
     /// `special`.
     pub fn token_bytes(&self, id: u32, special: bool) -> Result<Vec<u8>, TokenizerError> {
         let i = id as usize;
-        let text = self.tokens.get(i).ok_or(TokenizerError::UnknownId {
+        let text = self.vocab.text(id).ok_or(TokenizerError::UnknownId {
             id,
-            vocab: self.tokens.len(),
+            vocab: self.vocab.len(),
         })?;
         Ok(match self.types[i] {
             TokenType::Normal => match &self.algorithm {

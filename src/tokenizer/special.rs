@@ -3,9 +3,8 @@
 //! end-of-turn, end-of-message and fill-in-the-middle tokens found by name where no key names
 //! them; the types of such tokens corrected to control; and the end-of-generation set.
 
-use foldhash::HashMap;
-
 use super::TokenType;
+use super::vocab::Vocab;
 use crate::gguf::{Gguf, Value};
 
 /// End-of-turn tokens, looked for by name when `tokenizer.ggml.eot_token_id` is absent.
@@ -151,11 +150,10 @@ pub(super) fn resolve(
     g: &Gguf,
     spm: bool,
     pre: &str,
-    tokens: &[String],
+    vocab: &Vocab,
     types: &mut [TokenType],
-    ids: &HashMap<String, u32>,
 ) -> Specials {
-    let n = tokens.len();
+    let n = vocab.len();
     // An id key out of range keeps the default, as llama.cpp does (with a warning).
     let key = |k: &str, default: Option<u32>| -> Option<u32> {
         let default = default.filter(|&d| (d as usize) < n);
@@ -184,7 +182,7 @@ pub(super) fn resolve(
         types[id as usize] = TokenType::Control;
     };
     // The lowest id among `names` present in the vocabulary.
-    let by_name = |names: &[&str]| names.iter().filter_map(|t| ids.get(*t).copied()).min();
+    let by_name = |names: &[&str]| names.iter().filter_map(|t| vocab.id(t)).min();
     if s.eot.is_none() {
         s.eot = by_name(&EOT_NAMES);
         s.eot.inspect(|&id| make_control(id, types));
@@ -202,21 +200,21 @@ pub(super) fn resolve(
 
     let mut eog: Vec<u32> = fim[3..].iter().flatten().copied().collect();
     for name in EOG_NAMES {
-        if let Some(&id) = ids.get(name) {
+        if let Some(id) = vocab.id(name) {
             eog.push(id);
             make_control(id, types);
         }
     }
     // gpt-oss renders these structural tokens as text.
     for name in ["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"] {
-        if let Some(&id) = ids.get(name) {
+        if let Some(id) = vocab.id(name) {
             types[id as usize] = TokenType::UserDefined;
         }
     }
     eog.extend([s.eos, s.eot, s.eom].into_iter().flatten());
     eog.sort_unstable();
     eog.dedup();
-    let text = |id: &u32| tokens[*id as usize].as_str();
+    let text = |id: &u32| vocab.text(*id).expect("ids from the vocabulary");
     let has = |eog: &[u32], name: &str| eog.iter().any(|id| text(id) == name);
     // Harmony (gpt-oss) and solar-open end a turn with <|return|>/<|call|>, not <|end|>.
     if has(&eog, "<|end|>")
