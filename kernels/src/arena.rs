@@ -23,7 +23,7 @@
 //! A model's weights are written once, at load, and the first touch of fresh huge pages is
 //! slow where a VM's host has taken the memory back: the SIMD backend's arena
 //! ([`Arena::promoted_later`]) writes them on 4 KiB pages and moves the used 2 MiB stretches
-//! onto huge pages afterwards, in the background (`MADV_COLLAPSE`), once the load is done
+//! onto huge pages afterwards, in the background, once the load is done
 //! ([`Arena::promote`]). Benchmarks wait for the move ([`Arena::settle`]).
 
 use std::ops::{Deref, DerefMut};
@@ -62,8 +62,7 @@ pub enum HugePages {
     Off,
     /// `fault`: as they are first touched, like an [`Arena::new`]'s.
     AtFault,
-    /// Unset (or anything else): after [`Arena::promote`], where the kernel can move pages
-    /// (else as `fault`).
+    /// Unset (or anything else): after [`Arena::promote`] (on Linux; elsewhere as `fault`).
     Promoted,
 }
 
@@ -74,18 +73,12 @@ impl HugePages {
             std::sync::LazyLock::new(|| match std::env::var("CHORD_HUGE_PAGES").as_deref() {
                 Ok("0") => HugePages::Off,
                 Ok("fault") => HugePages::AtFault,
-                _ if collapse_supported() => HugePages::Promoted,
+                _ if cfg!(target_os = "linux") => HugePages::Promoted,
                 _ => HugePages::AtFault,
             });
         *CHOSEN
     }
 }
-
-/// `madvise`'s advice to move a range's pages onto huge pages (Linux's uapi
-/// `asm-generic/mman-common.h`, since 6.1). Spelled out here: libc defines it for glibc
-/// targets only.
-#[cfg(target_os = "linux")]
-const MADV_COLLAPSE: libc::c_int = 25;
 
 /// Memory the regions are cut from.
 enum Backing {
@@ -105,8 +98,8 @@ struct Region {
 }
 
 // SAFETY: a region's bytes are only reached through chunks, each owning a disjoint byte
-// range of it; the promoting thread holds regions too, but only passes their addresses to
-// `madvise`, which moves pages without changing a byte.
+// range of it; the promoting thread holds regions too, and reads and re-maps their bytes
+// without changing one, only after their chunks' last write (`Arena::promote`'s contract).
 unsafe impl Send for Region {}
 // SAFETY: as above.
 unsafe impl Sync for Region {}
@@ -154,11 +147,19 @@ impl Region {
         }
     }
 
-    /// Moves the pages of its used whole 2 MiB stretches onto huge pages (`MADV_COLLAPSE`,
-    /// which copies them), where the kernel can, one stretch per call: each holds the
-    /// process's memory map for about one copy, and the move stops once `region` is the last
-    /// holder of the region (its chunks dropped). Heap regions stay as they are.
-    fn collapse(region: &Arc<Region>) {
+    /// Moves the pages of its used 2 MiB stretches onto huge pages, one stretch at a time,
+    /// and stops once `region` is the last holder of the region (its chunks dropped). Heap
+    /// regions stay as they are.
+    ///
+    /// Each stretch is copied into a fresh huge page of a mapping of its own, then put in
+    /// place with `mremap`, which moves the page table entry under the process's memory-map
+    /// lock. The kernel's own move (`MADV_COLLAPSE`, Linux 6.1), used before, holds that lock
+    /// while it copies, about 7 ms a stretch where the host has taken the memory back (136
+    /// MiB in 475 ms), and every `mmap`, `munmap` and `brk` of the process waits for it: right
+    /// after a load, `chord generate -n 1` on the default model spent 18-153 ms generating and
+    /// 28-115 ms freeing, against 12-36 and 2 ms now (AMD EPYC family 25 model 17, KVM guest;
+    /// the move itself takes the same time, 270-380 ms for the default model's 94 MB).
+    fn promote(region: &Arc<Region>) {
         if !matches!(region.backing, Backing::Map(_)) {
             return;
         }
@@ -168,16 +169,14 @@ impl Region {
             .next_multiple_of(HUGE_PAGE)
             .min(region.len / HUGE_PAGE * HUGE_PAGE);
         #[cfg(target_os = "linux")]
-        if span > 0 {
-            // SAFETY: `base .. base + span` lies in this region's live mapping; the advice
-            // changes no byte.
-            unsafe { libc::madvise(region.base.cast(), span, libc::MADV_HUGEPAGE) };
-            for at in (0..span).step_by(HUGE_PAGE) {
-                if Arc::strong_count(region) == 1 {
-                    return;
-                }
-                // SAFETY: `base + at .. + HUGE_PAGE` lies in the same mapping; advice only.
-                unsafe { libc::madvise(region.base.add(at).cast(), HUGE_PAGE, MADV_COLLAPSE) };
+        for at in (0..span).step_by(HUGE_PAGE) {
+            if Arc::strong_count(region) == 1 {
+                return;
+            }
+            // SAFETY: `base + at .. + HUGE_PAGE` lies in this region's live mapping (`span` is
+            // within its whole stretches), 2 MiB-aligned; its chunks are no longer written.
+            if !unsafe { move_onto_huge_page(region.base.add(at)) } {
+                return;
             }
         }
         #[cfg(not(target_os = "linux"))]
@@ -185,23 +184,57 @@ impl Region {
     }
 }
 
-/// Whether this kernel moves pages onto huge pages on request (`MADV_COLLAPSE`, Linux 6.1
-/// on): asked once, of the first 4 KiB page of a 4 MiB mapping's huge page, touched (an
-/// untouched mapping is refused either way), which it accepts (there is no whole huge page
-/// in the range to move) where it knows the advice and refuses (`EINVAL`) where not.
-fn collapse_supported() -> bool {
-    static YES: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-        #[cfg(target_os = "linux")]
-        if let Ok(mut map) = memmap2::MmapOptions::new().len(2 * HUGE_PAGE).map_anon() {
-            let at = map.as_ptr().align_offset(HUGE_PAGE).min(HUGE_PAGE);
-            map[at] = 1;
-            // SAFETY: `at + 4096 <= 2 · HUGE_PAGE`, inside the mapping; advice only.
-            return unsafe { libc::madvise(map.as_mut_ptr().add(at).cast(), 4096, MADV_COLLAPSE) }
-                == 0;
+/// Replaces the 2 MiB at `stretch` with the same bytes on a huge page (where the kernel has
+/// one to give: else on 4 KiB pages, as before). Whether the move was made.
+///
+/// # Safety
+///
+/// `stretch` is 2 MiB-aligned and starts 2 MiB of a private anonymous mapping of this
+/// process that nothing writes during the call. Readers may run throughout: they see the old
+/// pages or the new ones, the same bytes.
+#[cfg(target_os = "linux")]
+unsafe fn move_onto_huge_page(stretch: *mut u8) -> bool {
+    use std::ptr::null_mut;
+    // SAFETY (the block): a fresh mapping of twice the stretch holds one aligned stretch
+    // (`staged`); the copy reads `stretch` (live, not written) into it; `mremap` moves the
+    // staged pages over `stretch`, or fails and changes nothing; the rest of the fresh
+    // mapping is unmapped.
+    unsafe {
+        let fresh = libc::mmap(
+            null_mut(),
+            2 * HUGE_PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if fresh == libc::MAP_FAILED {
+            return false;
         }
-        false
-    });
-    *YES
+        let fresh = fresh.cast::<u8>();
+        let skip = fresh.align_offset(HUGE_PAGE);
+        let staged = fresh.add(skip);
+        libc::madvise(staged.cast(), HUGE_PAGE, libc::MADV_HUGEPAGE);
+        std::ptr::copy_nonoverlapping(stretch, staged, HUGE_PAGE);
+        let moved = libc::mremap(
+            staged.cast(),
+            HUGE_PAGE,
+            HUGE_PAGE,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            stretch.cast::<libc::c_void>(),
+        ) != libc::MAP_FAILED;
+        if !moved {
+            libc::munmap(fresh.cast(), 2 * HUGE_PAGE);
+            return false;
+        }
+        if skip > 0 {
+            libc::munmap(fresh.cast(), skip);
+        }
+        if skip < HUGE_PAGE {
+            libc::munmap(staged.add(HUGE_PAGE).cast(), HUGE_PAGE - skip);
+        }
+        true
+    }
 }
 
 /// Zeroed bytes cut from an [`Arena`]'s region, owned alone (see the module docs).
@@ -288,9 +321,9 @@ impl Arena {
     /// does not wait for the first touch of fresh huge pages. That touch is what a model load
     /// on a VM spends most of its time on when the host has taken the memory back: on an AMD
     /// EPYC (family 25 model 17) KVM guest after 45 s idle, 136 MiB took 215 ms to touch on
-    /// two threads on huge pages, 42-50 ms on 4 KiB pages, and their move 475 ms on one
-    /// thread. Unless [`HugePages::chosen`] is [`HugePages::Promoted`], this is
-    /// [`Arena::new`].
+    /// two threads on huge pages and 42-50 ms on 4 KiB pages; moving them later takes a few
+    /// hundred ms on one thread. Unless [`HugePages::chosen`] is [`HugePages::Promoted`], this
+    /// is [`Arena::new`].
     pub fn promoted_later() -> Arena {
         Arena {
             later: (HugePages::chosen() == HugePages::Promoted).then(Mutex::default),
@@ -300,12 +333,18 @@ impl Arena {
 
     /// Starts moving the chunks handed out so far onto huge pages, in the background, on a
     /// thread of the lowest priority (nice 19), so it runs on the cores the work leaves
-    /// idle; [`settle`](Arena::settle) waits for it. Chunks stay readable and writable
-    /// throughout. Chunks handed out later, even from a region promoted now, stay on 4 KiB
-    /// pages until the next call moves those of new regions: prepare every weight first.
-    /// Nothing for an arena made by [`Arena::new`].
-    pub fn promote(&self) {
+    /// idle; [`settle`](Arena::settle) waits for it. Chunks stay readable throughout. Chunks
+    /// handed out later come from new regions, on 4 KiB pages until the next call: prepare
+    /// every weight first. Nothing for an arena made by [`Arena::new`].
+    ///
+    /// # Safety
+    ///
+    /// No chunk handed out before this call is written after it (a write made while its
+    /// stretch moves could be lost): call it once the chunks hold their final bytes.
+    pub unsafe fn promote(&self) {
         let Some(later) = &self.later else { return };
+        // Later chunks must not land in a stretch being copied.
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let mut later = later.lock().unwrap_or_else(|e| e.into_inner());
         let regions: Vec<Arc<Region>> = later
             .waiting
@@ -324,7 +363,7 @@ impl Arena {
                     libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
                 }
                 for r in regions {
-                    Region::collapse(&r);
+                    Region::promote(&r);
                 }
             });
         // A thread that cannot be made leaves those regions on 4 KiB pages.
@@ -432,23 +471,78 @@ mod tests {
                 .enumerate()
                 .for_each(|(j, b)| *b = pattern(i, j));
         }
-        arena.promote();
-        // Written and read while the promotion may be moving them.
-        for (i, c) in chunks.iter_mut().enumerate() {
-            for j in (0..c.len()).step_by(4093) {
-                c[j] = pattern(i, j).wrapping_add(1);
+        let before: Vec<usize> = chunks.iter().map(|c| c.as_ptr() as usize).collect();
+        // SAFETY: the chunks are only read from here on.
+        unsafe { arena.promote() };
+        // Read while the promotion may be moving them: never a byte out of place.
+        for _ in 0..3 {
+            for (i, c) in chunks.iter().enumerate() {
+                for j in (0..c.len()).step_by(4093) {
+                    assert_eq!(c[j], pattern(i, j), "chunk {i} byte {j} while moving");
+                }
             }
         }
-        let late = arena.alloc(5000);
-        arena.promote();
+        // A chunk handed out after the call comes from a new region, not a moving stretch.
+        let mut late = arena.alloc(5000);
+        assert!(!chunks.iter().any(|c| Arc::ptr_eq(&c.region, &late.region)));
+        assert!(late.iter().all(|&b| b == 0));
+        late.fill(9);
+        // SAFETY: `late` is not written again; the others were covered above.
+        unsafe { arena.promote() };
         arena.settle();
         for (i, c) in chunks.iter().enumerate() {
+            assert_eq!(c.as_ptr() as usize, before[i], "chunk {i} kept its address");
             for (j, &b) in c.iter().enumerate() {
-                let want = pattern(i, j).wrapping_add(j.is_multiple_of(4093) as u8);
-                assert_eq!(b, want, "chunk {i} byte {j}");
+                assert_eq!(b, pattern(i, j), "chunk {i} byte {j}");
             }
         }
-        assert!(late.iter().all(|&b| b == 0));
+        assert!(late.iter().all(|&b| b == 9));
+    }
+
+    /// The move puts the bytes of a stretch on a huge page where the kernel hands them out
+    /// on request (transparent huge pages `always` or `madvise`; else they stay on 4 KiB
+    /// pages), as `/proc/self/smaps` counts them.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_moved_stretch_is_on_a_huge_page() {
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        let want_kb = match thp.contains("[always]") || thp.contains("[madvise]") {
+            true => 2048,
+            false => 0,
+        };
+        let region = Arc::new(Region::new(2 * HUGE_PAGE, true));
+        {
+            // SAFETY: inside the region's mapping, which nothing else reaches.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(region.base, 2 * HUGE_PAGE) };
+            bytes
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (i % 251) as u8);
+        }
+        let huge_kb = |at: *const u8| -> Option<u64> {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+            let mut inside = false;
+            for line in smaps.lines() {
+                if let Some((range, _)) = line.split_once(' ')
+                    && let Some((lo, hi)) = range.split_once('-')
+                    && let (Ok(lo), Ok(hi)) =
+                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = (lo..hi).contains(&(at as usize));
+                } else if inside && let Some(kb) = line.strip_prefix("AnonHugePages:") {
+                    return kb.trim().trim_end_matches(" kB").trim().parse().ok();
+                }
+            }
+            None
+        };
+        assert_eq!(huge_kb(region.base), Some(0), "written on 4 KiB pages");
+        // SAFETY: 2 MiB-aligned, inside the region's mapping, not written during the call.
+        assert!(unsafe { move_onto_huge_page(region.base) });
+        assert_eq!(huge_kb(region.base), Some(want_kb), "THP setting {thp:?}");
+        // SAFETY: as above; only read from here on.
+        let bytes = unsafe { std::slice::from_raw_parts(region.base, 2 * HUGE_PAGE) };
+        assert!(bytes.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
     }
 
     #[test]
