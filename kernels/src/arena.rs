@@ -62,7 +62,8 @@ pub enum HugePages {
     Off,
     /// `fault`: as they are first touched, like an [`Arena::new`]'s.
     AtFault,
-    /// Unset (or anything else): after [`Arena::promote`] (on Linux; elsewhere as `fault`).
+    /// Unset (or anything else): after [`Arena::promote`] (on Linux where transparent huge
+    /// pages are not `never`; elsewhere as `fault`).
     Promoted,
 }
 
@@ -73,11 +74,18 @@ impl HugePages {
             std::sync::LazyLock::new(|| match std::env::var("CHORD_HUGE_PAGES").as_deref() {
                 Ok("0") => HugePages::Off,
                 Ok("fault") => HugePages::AtFault,
-                _ if cfg!(target_os = "linux") => HugePages::Promoted,
+                _ if cfg!(target_os = "linux") && !thp_never() => HugePages::Promoted,
                 _ => HugePages::AtFault,
             });
         *CHOSEN
     }
+}
+
+/// Whether the system gives no transparent huge pages at all (`never`): then moving pages
+/// onto huge pages would only copy them onto 4 KiB pages again.
+fn thp_never() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| s.contains("[never]"))
 }
 
 /// Memory the regions are cut from.
@@ -95,11 +103,15 @@ struct Region {
     len: usize,
     /// Bytes handed out so far, from the start.
     used: AtomicUsize,
+    /// Chunks handed out and not yet frozen ([`ChunkMut`]): the region is not moved while
+    /// any is being written.
+    writing: AtomicUsize,
 }
 
 // SAFETY: a region's bytes are only reached through chunks, each owning a disjoint byte
 // range of it; the promoting thread holds regions too, and reads and re-maps their bytes
-// without changing one, only after their chunks' last write (`Arena::promote`'s contract).
+// without changing one, only once no chunk of theirs is writable (`writing` is 0, with no
+// chunk left to hand out: `Arena::promote`).
 unsafe impl Send for Region {}
 // SAFETY: as above.
 unsafe impl Sync for Region {}
@@ -132,6 +144,7 @@ impl Region {
                 base,
                 len,
                 used: AtomicUsize::new(0),
+                writing: AtomicUsize::new(0),
             };
         }
         let mut heap = vec![0u8; len + CHUNK_ALIGN];
@@ -144,21 +157,22 @@ impl Region {
             base,
             len,
             used: AtomicUsize::new(0),
+            writing: AtomicUsize::new(0),
         }
     }
 
     /// Moves the pages of its used 2 MiB stretches onto huge pages, one stretch at a time,
     /// and stops once `region` is the last holder of the region (its chunks dropped). Heap
-    /// regions stay as they are.
+    /// regions stay as they are. The caller has made sure no chunk of it is written any more.
     ///
-    /// Each stretch is copied into a fresh huge page of a mapping of its own, then put in
-    /// place with `mremap`, which moves the page table entry under the process's memory-map
-    /// lock. The kernel's own move (`MADV_COLLAPSE`, Linux 6.1), used before, holds that lock
-    /// while it copies, about 7 ms a stretch where the host has taken the memory back (136
-    /// MiB in 475 ms), and every `mmap`, `munmap` and `brk` of the process waits for it: right
-    /// after a load, `chord generate -n 1` on the default model spent 18-153 ms generating and
-    /// 28-115 ms freeing, against 12-36 and 2 ms now (AMD EPYC family 25 model 17, KVM guest;
-    /// the move itself takes the same time, 270-380 ms for the default model's 94 MB).
+    /// Each stretch is copied into a fresh huge page of a staging mapping, then put in place
+    /// with `mremap`, which moves the page table entry under the process's memory-map lock.
+    /// The kernel's own move (`MADV_COLLAPSE`, Linux 6.1), used before, holds that lock while
+    /// it copies, about 7 ms a stretch where the host has taken the memory back (136 MiB in
+    /// 475 ms), and every `mmap`, `munmap` and `brk` of the process waits for it: right after
+    /// a load, `chord generate -n 1` on the default model spent 46-251 ms between its load
+    /// and its exit, against 14-38 ms now (AMD EPYC family 25 model 17, KVM guest; the move
+    /// itself takes as long as before, 270-380 ms for the default model's 94 MB).
     fn promote(region: &Arc<Region>) {
         if !matches!(region.backing, Backing::Map(_)) {
             return;
@@ -169,14 +183,12 @@ impl Region {
             .next_multiple_of(HUGE_PAGE)
             .min(region.len / HUGE_PAGE * HUGE_PAGE);
         #[cfg(target_os = "linux")]
-        for at in (0..span).step_by(HUGE_PAGE) {
-            if Arc::strong_count(region) == 1 {
-                return;
-            }
-            // SAFETY: `base + at .. + HUGE_PAGE` lies in this region's live mapping (`span` is
-            // within its whole stretches), 2 MiB-aligned; its chunks are no longer written.
-            if !unsafe { move_onto_huge_page(region.base.add(at)) } {
-                return;
+        if span > 0 {
+            // SAFETY: `base .. base + span` is whole 2 MiB stretches of this region's live
+            // private anonymous mapping, 2 MiB-aligned; the caller guarantees no chunk of the
+            // region is written any more, and `region` keeps the mapping alive.
+            unsafe {
+                move_onto_huge_pages(region.base, span, || Arc::strong_count(region) > 1);
             }
         }
         #[cfg(not(target_os = "linux"))]
@@ -184,63 +196,109 @@ impl Region {
     }
 }
 
-/// Replaces the 2 MiB at `stretch` with the same bytes on a huge page (where the kernel has
-/// one to give: else on 4 KiB pages, as before). Whether the move was made.
+/// Replaces the `span` bytes at `base`, stretch by stretch while `go_on()` says so, with the
+/// same bytes on huge pages (where the kernel has them to give: else on 4 KiB pages, as
+/// before). Returns the bytes moved.
+///
+/// The stretches go through one staging mapping, so that the moved pieces (same anonymous
+/// memory object, consecutive offsets, same flags) merge into one mapping of the process
+/// instead of adding one each.
 ///
 /// # Safety
 ///
-/// `stretch` is 2 MiB-aligned and starts 2 MiB of a private anonymous mapping of this
-/// process that nothing writes during the call. Readers may run throughout: they see the old
-/// pages or the new ones, the same bytes.
+/// `base .. base + span` is whole 2 MiB stretches, 2 MiB-aligned, of a private anonymous
+/// mapping of this process that nothing writes during the call. Readers may run throughout:
+/// they see the old pages or the new ones, the same bytes.
 #[cfg(target_os = "linux")]
-unsafe fn move_onto_huge_page(stretch: *mut u8) -> bool {
-    use std::ptr::null_mut;
-    // SAFETY (the block): a fresh mapping of twice the stretch holds one aligned stretch
-    // (`staged`); the copy reads `stretch` (live, not written) into it; `mremap` moves the
-    // staged pages over `stretch`, or fails and changes nothing; the rest of the fresh
-    // mapping is unmapped.
+unsafe fn move_onto_huge_pages(base: *mut u8, span: usize, go_on: impl Fn() -> bool) -> usize {
+    debug_assert!((base as usize).is_multiple_of(HUGE_PAGE) && span.is_multiple_of(HUGE_PAGE));
+    let len = span + HUGE_PAGE;
+    // SAFETY (the block): `staging` is a fresh mapping of `len` bytes holding an aligned
+    // `span` (`staged`); each copy reads a live stretch of `base` (not written) into the
+    // staged stretch at the same offset; `mremap` moves that staged stretch over it; after
+    // the loop, only the parts of `staging` still mapped by it are unmapped (the moved
+    // stretches' addresses may hold other mappings by then).
     unsafe {
-        let fresh = libc::mmap(
-            null_mut(),
-            2 * HUGE_PAGE,
+        let staging = libc::mmap(
+            std::ptr::null_mut(),
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         );
-        if fresh == libc::MAP_FAILED {
-            return false;
+        if staging == libc::MAP_FAILED {
+            return 0;
         }
-        let fresh = fresh.cast::<u8>();
-        let skip = fresh.align_offset(HUGE_PAGE);
-        let staged = fresh.add(skip);
-        libc::madvise(staged.cast(), HUGE_PAGE, libc::MADV_HUGEPAGE);
-        std::ptr::copy_nonoverlapping(stretch, staged, HUGE_PAGE);
-        let moved = libc::mremap(
-            staged.cast(),
-            HUGE_PAGE,
-            HUGE_PAGE,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            stretch.cast::<libc::c_void>(),
-        ) != libc::MAP_FAILED;
-        if !moved {
-            libc::munmap(fresh.cast(), 2 * HUGE_PAGE);
-            return false;
+        let staging = staging.cast::<u8>();
+        let skip = staging.align_offset(HUGE_PAGE);
+        let staged = staging.add(skip);
+        libc::madvise(staged.cast(), span, libc::MADV_HUGEPAGE);
+        let mut moved = 0;
+        while moved < span && go_on() {
+            let (from, to) = (staged.add(moved), base.add(moved));
+            std::ptr::copy_nonoverlapping(to, from, HUGE_PAGE);
+            let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+            if libc::mremap(
+                from.cast(),
+                HUGE_PAGE,
+                HUGE_PAGE,
+                flags,
+                to.cast::<libc::c_void>(),
+            ) == libc::MAP_FAILED
+            {
+                restore_after_failed_move(to, from);
+                break;
+            }
+            moved += HUGE_PAGE;
         }
         if skip > 0 {
-            libc::munmap(fresh.cast(), skip);
+            libc::munmap(staging.cast(), skip);
         }
-        if skip < HUGE_PAGE {
-            libc::munmap(staged.add(HUGE_PAGE).cast(), HUGE_PAGE - skip);
-        }
-        true
+        libc::munmap(staged.add(moved).cast(), len - skip - moved);
+        moved
     }
 }
 
-/// Zeroed bytes cut from an [`Arena`]'s region, owned alone (see the module docs).
+/// After a failed `mremap` of the staged stretch `from` over `to`: Linux unmaps the
+/// destination before it moves the source, and a move can still fail after that (out of
+/// memory), so `to` may be a hole. Maps it again with `from`'s bytes (the same bytes it
+/// held); where `to` is still mapped, nothing is needed. Aborts if neither holds: the
+/// weights would be gone.
+///
+/// # Safety
+///
+/// `to` is the 2 MiB-aligned stretch `mremap` was asked to replace, `from` a live stretch
+/// with its bytes.
+#[cfg(target_os = "linux")]
+unsafe fn restore_after_failed_move(to: *mut u8, from: *const u8) {
+    // SAFETY: `MAP_FIXED_NOREPLACE` maps `to` only where nothing is mapped (else EEXIST, or
+    // on kernels before 4.17 another address, unmapped again here); the copy fills the new
+    // mapping from the live `from`.
+    unsafe {
+        let at = libc::mmap(
+            to.cast(),
+            HUGE_PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        );
+        if at == to.cast() {
+            std::ptr::copy_nonoverlapping(from, to, HUGE_PAGE);
+        } else if at != libc::MAP_FAILED {
+            libc::munmap(at, HUGE_PAGE); // an old kernel's hint: `to` is still mapped
+        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+            eprintln!("chord: weights lost while moving them onto huge pages; aborting");
+            std::process::abort();
+        }
+    }
+}
+
+/// Bytes cut from an [`Arena`]'s region, owned alone and read only (see the module docs):
+/// a [`ChunkMut`] once written, [`frozen`](ChunkMut::freeze).
 pub struct Chunk {
     /// Keeps the region alive (read only by its drop).
-    #[allow(dead_code)]
     region: Arc<Region>,
     ptr: *mut u8,
     len: usize,
@@ -259,31 +317,71 @@ impl Deref for Chunk {
     }
 }
 
-impl DerefMut for Chunk {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above; `&mut self` makes the access exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
 impl Clone for Chunk {
     /// A copy in a region of its own, on huge pages for its whole 2 MiB stretches.
     fn clone(&self) -> Chunk {
         let region = Arc::new(Region::new(self.len, false));
         region.used.store(self.len, Ordering::Release);
-        let mut c = Chunk {
+        region.writing.store(1, Ordering::Relaxed);
+        let mut c = ChunkMut(Chunk {
             ptr: region.base,
             region,
             len: self.len,
-        };
+        });
         c.copy_from_slice(self);
-        c
+        c.freeze()
     }
 }
 
 impl std::fmt::Debug for Chunk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Chunk({} bytes)", self.len)
+    }
+}
+
+/// Zeroed bytes cut from an [`Arena`]'s region, owned alone and writable until
+/// [`freeze`](ChunkMut::freeze) makes them a [`Chunk`]. [`Arena::promote`] leaves a region
+/// alone while any chunk of it is still a `ChunkMut`.
+pub struct ChunkMut(Chunk);
+
+impl ChunkMut {
+    /// The chunk, read only from now on: its region may move onto huge pages.
+    pub fn freeze(self) -> Chunk {
+        let frozen = Chunk {
+            region: Arc::clone(&self.0.region),
+            ptr: self.0.ptr,
+            len: self.0.len,
+        };
+        drop(self); // no longer writing (Release: the bytes are written before the move)
+        frozen
+    }
+}
+
+impl Drop for ChunkMut {
+    fn drop(&mut self) {
+        self.0.region.writing.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Deref for ChunkMut {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl DerefMut for ChunkMut {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr..ptr + len` lies in the live region and belongs to this chunk alone;
+        // `&mut self` makes the access exclusive, and the region is not moved while a
+        // `ChunkMut` of it lives (`writing`).
+        unsafe { std::slice::from_raw_parts_mut(self.0.ptr, self.0.len) }
+    }
+}
+
+impl std::fmt::Debug for ChunkMut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkMut({} bytes)", self.0.len)
     }
 }
 
@@ -331,26 +429,29 @@ impl Arena {
         }
     }
 
-    /// Starts moving the chunks handed out so far onto huge pages, in the background, on a
-    /// thread of the lowest priority (nice 19), so it runs on the cores the work leaves
-    /// idle; [`settle`](Arena::settle) waits for it. Chunks stay readable throughout. Chunks
-    /// handed out later come from new regions, on 4 KiB pages until the next call: prepare
-    /// every weight first. Nothing for an arena made by [`Arena::new`].
-    ///
-    /// # Safety
-    ///
-    /// No chunk handed out before this call is written after it (a write made while its
-    /// stretch moves could be lost): call it once the chunks hold their final bytes.
-    pub unsafe fn promote(&self) {
+    /// Starts moving the frozen chunks handed out so far onto huge pages, in the background,
+    /// on a thread of the lowest priority (nice 19), so it runs on the cores the work leaves
+    /// idle; [`settle`](Arena::settle) waits for it. Chunks stay readable throughout. A
+    /// region with a chunk still being written ([`ChunkMut`]) waits for the next call, and
+    /// chunks handed out later come from new regions, on 4 KiB pages until the next call:
+    /// prepare every weight first. Nothing for an arena made by [`Arena::new`].
+    pub fn promote(&self) {
         let Some(later) = &self.later else { return };
-        // Later chunks must not land in a stretch being copied.
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Held until the regions are chosen: no chunk is cut meanwhile, and none later from a
+        // region being moved.
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        *current = None;
         let mut later = later.lock().unwrap_or_else(|e| e.into_inner());
-        let regions: Vec<Arc<Region>> = later
-            .waiting
-            .drain(..)
-            .filter_map(|r| r.upgrade())
-            .collect();
+        let mut regions = Vec::new();
+        later.waiting.retain(|r| match r.upgrade() {
+            None => false,
+            Some(r) if r.writing.load(Ordering::Acquire) > 0 => true,
+            Some(r) => {
+                regions.push(r);
+                false
+            }
+        });
+        drop(current);
         if regions.is_empty() {
             return;
         }
@@ -381,9 +482,11 @@ impl Arena {
         }
     }
 
-    /// A new region of `len` bytes, on huge pages now or on promotion.
+    /// A new region of `len` bytes, on huge pages now or on promotion, for a chunk about to
+    /// be handed out from its start (counted as being written).
     fn region(&self, len: usize) -> Arc<Region> {
         let region = Arc::new(Region::new(len, self.later.is_some()));
+        region.writing.store(1, Ordering::Relaxed);
         if let Some(later) = &self.later {
             let mut later = later.lock().unwrap_or_else(|e| e.into_inner());
             later.waiting.retain(|r| r.strong_count() > 0);
@@ -392,37 +495,42 @@ impl Arena {
         region
     }
 
-    /// `len` zeroed bytes, aligned to [`CHUNK_ALIGN`].
-    pub fn alloc(&self, len: usize) -> Chunk {
+    /// `len` zeroed bytes, aligned to [`CHUNK_ALIGN`], to write and then
+    /// [`freeze`](ChunkMut::freeze).
+    pub fn alloc(&self, len: usize) -> ChunkMut {
         if len > REGION / 4 {
             // A region of its own (huge pages for its whole 2 MiB stretches only).
             let region = self.region(len);
             region.used.store(len, Ordering::Release);
-            return Chunk {
+            return ChunkMut(Chunk {
                 ptr: region.base,
                 region,
                 len,
-            };
+            });
         }
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let fits = |r: &Arc<Region>| {
             r.used.load(Ordering::Relaxed).next_multiple_of(CHUNK_ALIGN) + len <= r.len
         };
-        if !current.as_ref().is_some_and(fits) {
-            *current = Some(self.region(REGION));
-        }
-        let region = current.as_ref().expect("a region was just made");
+        let region = match current.as_ref() {
+            Some(r) if fits(r) => {
+                r.writing.fetch_add(1, Ordering::Relaxed);
+                Arc::clone(r)
+            }
+            _ => Arc::clone(current.insert(self.region(REGION))),
+        };
         let at = region
             .used
             .load(Ordering::Relaxed)
             .next_multiple_of(CHUNK_ALIGN);
         region.used.store(at + len, Ordering::Release);
-        Chunk {
-            region: Arc::clone(region),
-            // SAFETY: `at + len <= region.len` (checked by `fits`).
+        ChunkMut(Chunk {
+            // SAFETY: `at + len <= region.len` (checked by `fits`; a new region starts at 0
+            // and `len <= REGION / 4`).
             ptr: unsafe { region.base.add(at) },
+            region,
             len,
-        }
+        })
     }
 }
 
@@ -444,7 +552,7 @@ mod tests {
             0,
             777,
         ];
-        let mut chunks: Vec<Chunk> = sizes.iter().map(|&n| arena.alloc(n)).collect();
+        let mut chunks: Vec<ChunkMut> = sizes.iter().map(|&n| arena.alloc(n)).collect();
         drop(arena);
         for (i, (c, &n)) in chunks.iter_mut().zip(&sizes).enumerate() {
             assert_eq!(c.len(), n);
@@ -452,6 +560,7 @@ mod tests {
             assert!(c.iter().all(|&b| b == 0), "chunk {i} starts zeroed");
             c.fill(i as u8 + 1);
         }
+        let chunks: Vec<Chunk> = chunks.into_iter().map(ChunkMut::freeze).collect();
         // Writing one chunk never touched another.
         for (i, c) in chunks.iter().enumerate() {
             assert!(c.iter().all(|&b| b == i as u8 + 1), "chunk {i}");
@@ -464,16 +573,16 @@ mod tests {
     fn promoted_chunks_keep_their_bytes_while_and_after_they_move() {
         let arena = Arena::promoted_later();
         let sizes = [3 * HUGE_PAGE + 100, 1000, HUGE_PAGE, REGION / 4 + 1];
-        let mut chunks: Vec<Chunk> = sizes.iter().map(|&n| arena.alloc(n)).collect();
+        let mut chunks: Vec<ChunkMut> = sizes.iter().map(|&n| arena.alloc(n)).collect();
         let pattern = |i: usize, j: usize| (i * 31 + j * 7 + j / 4096) as u8;
         for (i, c) in chunks.iter_mut().enumerate() {
             c.iter_mut()
                 .enumerate()
                 .for_each(|(j, b)| *b = pattern(i, j));
         }
+        let chunks: Vec<Chunk> = chunks.into_iter().map(ChunkMut::freeze).collect();
         let before: Vec<usize> = chunks.iter().map(|c| c.as_ptr() as usize).collect();
-        // SAFETY: the chunks are only read from here on.
-        unsafe { arena.promote() };
+        arena.promote();
         // Read while the promotion may be moving them: never a byte out of place.
         for _ in 0..3 {
             for (i, c) in chunks.iter().enumerate() {
@@ -484,11 +593,15 @@ mod tests {
         }
         // A chunk handed out after the call comes from a new region, not a moving stretch.
         let mut late = arena.alloc(5000);
-        assert!(!chunks.iter().any(|c| Arc::ptr_eq(&c.region, &late.region)));
+        assert!(
+            !chunks
+                .iter()
+                .any(|c| Arc::ptr_eq(&c.region, &late.0.region))
+        );
         assert!(late.iter().all(|&b| b == 0));
         late.fill(9);
-        // SAFETY: `late` is not written again; the others were covered above.
-        unsafe { arena.promote() };
+        let late = late.freeze();
+        arena.promote();
         arena.settle();
         for (i, c) in chunks.iter().enumerate() {
             assert_eq!(c.as_ptr() as usize, before[i], "chunk {i} kept its address");
@@ -499,67 +612,68 @@ mod tests {
         assert!(late.iter().all(|&b| b == 9));
     }
 
-    /// The move puts the bytes of a stretch on a huge page where the kernel hands them out
-    /// on request (transparent huge pages `always` or `madvise`; else they stay on 4 KiB
-    /// pages), as `/proc/self/smaps` counts them.
+    /// `AnonHugePages` of the mapping holding `at`, in KiB, from `/proc/self/smaps`.
+    #[cfg(target_os = "linux")]
+    fn huge_kb(at: *const u8) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((lo, hi)) = range.split_once('-')
+                && let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&(at as usize));
+            } else if inside && let Some(kb) = line.strip_prefix("AnonHugePages:") {
+                return kb.trim().trim_end_matches(" kB").trim().parse().ok();
+            }
+        }
+        None
+    }
+
+    /// A region moves onto huge pages once none of its chunks is still being written, its
+    /// moved stretches as one mapping, where the kernel hands huge pages out on request
+    /// (transparent huge pages `always` or `madvise`; with `never`, nothing moves).
     #[cfg(target_os = "linux")]
     #[test]
-    fn a_moved_stretch_is_on_a_huge_page() {
+    fn a_region_moves_onto_huge_pages_once_its_chunks_are_frozen() {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .unwrap_or_default();
-        let want_kb = match thp.contains("[always]") || thp.contains("[madvise]") {
-            true => 2048,
-            false => 0,
-        };
-        let region = Arc::new(Region::new(2 * HUGE_PAGE, true));
-        {
-            // SAFETY: inside the region's mapping, which nothing else reaches.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(region.base, 2 * HUGE_PAGE) };
-            bytes
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, b)| *b = (i % 251) as u8);
-        }
-        let huge_kb = |at: *const u8| -> Option<u64> {
-            let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-            let mut inside = false;
-            for line in smaps.lines() {
-                if let Some((range, _)) = line.split_once(' ')
-                    && let Some((lo, hi)) = range.split_once('-')
-                    && let (Ok(lo), Ok(hi)) =
-                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-                {
-                    inside = (lo..hi).contains(&(at as usize));
-                } else if inside && let Some(kb) = line.strip_prefix("AnonHugePages:") {
-                    return kb.trim().trim_end_matches(" kB").trim().parse().ok();
-                }
-            }
-            None
-        };
-        assert_eq!(huge_kb(region.base), Some(0), "written on 4 KiB pages");
-        // SAFETY: 2 MiB-aligned, inside the region's mapping, not written during the call.
-        assert!(unsafe { move_onto_huge_page(region.base) });
-        assert_eq!(huge_kb(region.base), Some(want_kb), "THP setting {thp:?}");
-        // SAFETY: as above; only read from here on.
-        let bytes = unsafe { std::slice::from_raw_parts(region.base, 2 * HUGE_PAGE) };
-        assert!(bytes.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+        let on = thp.contains("[always]") || thp.contains("[madvise]");
+        let kb = |mib: u64| Some(if on { mib * 1024 } else { 0 });
+        let arena = Arena::promoted_later();
+        // A region of its own (4 whole stretches), and 4 MiB + 1 of a shared one (3).
+        let mut open = arena.alloc(REGION / 4 + 1);
+        let mut done = arena.alloc(2 * HUGE_PAGE + 1);
+        open.fill(7);
+        done.fill(8);
+        let done = done.freeze();
+        arena.promote();
+        arena.settle();
+        assert_eq!(huge_kb(open.as_ptr()), Some(0), "still written: not moved");
+        assert_eq!(huge_kb(done.as_ptr()), kb(6), "THP setting {thp:?}");
+        let open = open.freeze();
+        arena.promote();
+        arena.settle();
+        assert_eq!(huge_kb(open.as_ptr()), kb(8), "THP setting {thp:?}");
+        assert!(open.iter().all(|&b| b == 7) && done.iter().all(|&b| b == 8));
     }
 
     #[test]
     fn small_chunks_share_a_huge_page_aligned_region() {
         let arena = Arena::new();
-        let a = arena.alloc(1000);
-        let b = arena.alloc(1000);
+        let a = arena.alloc(1000).freeze();
+        let b = arena.alloc(1000).freeze();
         assert!(Arc::ptr_eq(&a.region, &b.region));
         assert_eq!(b.as_ptr() as usize - a.as_ptr() as usize, 1024);
         assert_eq!(a.region.base as usize % HUGE_PAGE, 0);
-        let big = arena.alloc(REGION / 2);
+        let big = arena.alloc(REGION / 2).freeze();
         assert!(!Arc::ptr_eq(&a.region, &big.region));
         // A chunk that does not fit the rest of the region starts a new one.
-        let c = arena.alloc(REGION / 4);
-        let d = arena.alloc(REGION / 4);
-        let e = arena.alloc(REGION / 4);
-        let f = arena.alloc(REGION / 4);
+        let c = arena.alloc(REGION / 4).freeze();
+        let d = arena.alloc(REGION / 4).freeze();
+        let e = arena.alloc(REGION / 4).freeze();
+        let f = arena.alloc(REGION / 4).freeze();
         assert!(Arc::ptr_eq(&a.region, &e.region) && !Arc::ptr_eq(&a.region, &f.region));
         drop((c, d));
     }

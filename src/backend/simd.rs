@@ -271,9 +271,7 @@ impl Backend for SimdBackend {
 
     /// Moves the repacked and packed weights onto huge pages, in the background.
     fn prepared(&self) {
-        // SAFETY: a weight's chunk is written only while `prepare` builds it, before it
-        // returns; no prepared weight is written again.
-        unsafe { self.arena.promote() }
+        self.arena.promote()
     }
 
     fn settle(&self) {

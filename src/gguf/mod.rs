@@ -136,9 +136,9 @@ pub enum Array {
 
 /// An array of strings, packed: every string's bytes in one buffer and where each ends.
 ///
-/// A vocabulary is an array of 50k-260k short strings (`tokenizer.ggml.tokens`, `.merges`);
-/// one allocation for all of them instead of one each took opening the default model (map,
-/// parse, start the backend) from 10-20 ms to 5-7 (AMD Zen 4).
+/// A vocabulary is an array of 50k-260k short strings (`tokenizer.ggml.tokens`, `.merges`).
+/// Two allocations for the whole array instead of one per string took opening the default
+/// model (map, parse, start the backend) from 10-20 ms to 5-7 (AMD Zen 4).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Strings {
     text: String,

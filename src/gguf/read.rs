@@ -96,7 +96,8 @@ impl<'a> Cursor<'a> {
         from_le: fn([u8; N]) -> T,
         field: &dyn Fn() -> String,
     ) -> Result<Vec<T>, GgufError> {
-        let bytes = self.take(n * N, field)?; // `count` checked that n * N fits
+        let len = n.saturating_mul(N); // too many fails in `take`
+        let bytes = self.take(len, field)?;
         Ok(bytes
             .chunks_exact(N)
             .map(|c| from_le(c.try_into().expect("N bytes")))

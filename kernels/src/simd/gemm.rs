@@ -109,7 +109,7 @@ pub fn pack_weight(arena: &Arena, isa: Isa, w: &[f32], n: usize, k: usize) -> Pa
         n,
         k,
         nr,
-        data,
+        data: data.freeze(),
     }
 }
 

@@ -1098,7 +1098,7 @@ impl RepackedWeight {
             layout,
             n,
             k,
-            data,
+            data: data.freeze(),
             shape,
             map,
             prefetch: prefetching(),
