@@ -241,15 +241,7 @@ unsafe fn move_onto_huge_pages(base: *mut u8, span: usize, go_on: impl Fn() -> b
         while moved < span && go_on() {
             let (from, to) = (staged.add(moved), base.add(moved));
             std::ptr::copy_nonoverlapping(to, from, HUGE_PAGE);
-            let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
-            if libc::mremap(
-                from.cast(),
-                HUGE_PAGE,
-                HUGE_PAGE,
-                flags,
-                to.cast::<libc::c_void>(),
-            ) == libc::MAP_FAILED
-            {
+            if !remap_stretch(from, to) {
                 restore_after_failed_move(to, from);
                 break;
             }
@@ -260,6 +252,29 @@ unsafe fn move_onto_huge_pages(base: *mut u8, span: usize, go_on: impl Fn() -> b
         }
         libc::munmap(staged.add(moved).cast(), len - skip - moved);
     }
+}
+
+/// Moves the 2 MiB mapped at `from` over the 2 MiB at `to` (`mremap` with `MREMAP_FIXED`,
+/// which unmaps what was at `to` first). Whether it moved.
+///
+/// # Safety
+///
+/// Both are 2 MiB-aligned stretches of this process's private anonymous memory; what was at
+/// `to` is given up.
+#[cfg(target_os = "linux")]
+unsafe fn remap_stretch(from: *mut u8, to: *mut u8) -> bool {
+    let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+    // SAFETY: the caller's contract; the call changes mappings only, never a byte.
+    let at = unsafe {
+        libc::mremap(
+            from.cast(),
+            HUGE_PAGE,
+            HUGE_PAGE,
+            flags,
+            to.cast::<libc::c_void>(),
+        )
+    };
+    at != libc::MAP_FAILED
 }
 
 /// After a failed `mremap` of the staged stretch `from` over `to`: Linux unmaps the
@@ -289,14 +304,7 @@ unsafe fn restore_after_failed_move(to: *mut u8, from: *mut u8) {
             0,
         );
         let restored = if at == to.cast() {
-            let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
-            libc::mremap(
-                from.cast(),
-                HUGE_PAGE,
-                HUGE_PAGE,
-                flags,
-                to.cast::<libc::c_void>(),
-            ) != libc::MAP_FAILED
+            remap_stretch(from, to)
         } else if at != libc::MAP_FAILED {
             libc::munmap(at, HUGE_PAGE);
             same_bytes(to, from)
@@ -339,7 +347,7 @@ unsafe fn same_bytes(to: *const u8, from: *const u8) -> bool {
 /// Bytes of a region, owned alone and read only (see the module docs): a [`ChunkMut`] from
 /// an [`Arena`] once written and [`frozen`](ChunkMut::freeze), or a chunk's clone.
 pub struct Chunk {
-    /// Keeps the region alive (read only by its drop).
+    /// Keeps the region alive; a [`ChunkMut`]'s counts as being written.
     region: Arc<Region>,
     ptr: *mut u8,
     len: usize,
